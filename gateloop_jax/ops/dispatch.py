@@ -1,0 +1,99 @@
+"""The public entry point: gateloop(q, k, v, a, mode=...), and the decode step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gateloop_jax.ops import attention, chunked, recurrent, scan
+from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
+
+_MODE_FNS = {
+    "scan": scan.gateloop_scan,
+    "recurrent": recurrent.gateloop_recurrent,
+    "attention": attention.gateloop_attention,
+    "chunked": chunked.gateloop_chunked,
+}
+
+
+def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> str:
+    """The concrete mode "auto" stands for on this platform and shape.
+
+    Max-headed (d_qk = d_v = 1): "scan" - the states are as small as the inputs, and the log-depth scan is the fastest
+    portable form. Multi-head: "chunked" - memory linear in length with matrix products inside chunks, where "scan"
+    would store a d_qk x d_v state per position.
+    """
+    del platform  # Reserved for platform-specific kernels.
+    if mode != "auto":
+        return mode
+    if q_shape[-1] == 1 and v_shape[-1] == 1:
+        return "scan"
+    return "chunked"
+
+
+def gateloop(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array | PolarTransition,
+    *,
+    mode: str = "auto",
+    initial_state: jax.Array | None = None,
+    return_state: bool = False,
+    chunk_size: int | None = None,
+):
+    """GateLoop: H_n = diag(a_n) H_{n-1} + k_n^T v_n,  y_n = Re(q_n H_n), per head.
+
+    Args:
+      q, k: (b, t, h, k) real queries and keys.
+      v: (b, t, h, v) real values.
+      a: (b, t, h, k) complex transitions with |a| <= 1, or a PolarTransition(log|a|, arg a) of real (b, t, h, k)
+        arrays (what layers pass: exact for extreme gates).
+      mode: "scan" | "recurrent" | "attention" | "chunked" | "auto". All compute the same function.
+      initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
+      return_state: also return the final state H_t, (b, h, k, v) complex64.
+      chunk_size: chunk length for mode="chunked" (default 32 multi-head, 256 max-headed); any length is accepted.
+
+    Returns:
+      y (b, t, h, v) in the promoted dtype of q, k, v; with return_state, (y, final_state).
+    """
+    validate_inputs(q, k, v, a, initial_state, mode, chunk_size)
+    out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    mode = resolve_mode(mode, q.shape, v.shape)
+    # The recurrence accumulates in float32 / complex64 whatever the input dtype: a bf16 state loses ~3 significant
+    # digits per step and the error compounds over the length.
+    polar = to_polar(a)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    h0 = None if initial_state is None else initial_state.astype(jnp.complex64)
+    fn = _MODE_FNS[mode]
+    if mode == "chunked":
+        y, final = fn(q32, k32, v32, polar.log_magnitude, polar.phase, h0, chunk_size=chunk_size)
+    else:
+        y, final = fn(q32, k32, v32, polar.log_magnitude, polar.phase, h0)
+    y = y.astype(out_dtype)
+    return (y, final) if return_state else y
+
+
+def gateloop_step(q_t, k_t, v_t, a_t, state):
+    """One decode step with a carried state (O(1) per token).
+
+    Args:
+      q_t, k_t: (b, h, k) real; v_t: (b, h, v) real; a_t: (b, h, k) complex or PolarTransition; state: (b, h, k, v).
+    Returns:
+      (y_t (b, h, v) in the promoted input dtype, new state (b, h, k, v) complex64).
+    """
+    if state.shape != (*q_t.shape, v_t.shape[-1]):
+        raise ValueError(
+            f"gateloop_step: argument 'state' has shape {tuple(state.shape)}, expected "
+            f"{(*q_t.shape, v_t.shape[-1])} (batch, heads, d_qk, d_v)."
+        )
+    out_dtype = jnp.result_type(q_t.dtype, k_t.dtype, v_t.dtype)
+    polar = to_polar(a_t)
+    a_c = polar_to_complex(polar.log_magnitude, polar.phase)
+    y_t, state = recurrent.step(
+        q_t.astype(jnp.float32), k_t.astype(jnp.float32), v_t.astype(jnp.float32), a_c, state.astype(jnp.complex64)
+    )
+    return y_t.astype(out_dtype), state
+
+
+__all__ = ["gateloop", "gateloop_step", "resolve_mode", "PolarTransition", "is_elementwise"]
