@@ -1,0 +1,90 @@
+"""SentencePiece tokenizer for WikiText: training, loading, and the one encoding rule of the pipeline.
+
+Encoding rule (used at prepare time for the token files and the token counts, and by notebooks):
+every non-blank line of the raw text is stripped, encoded, and followed by EOS; blank lines carry no tokens
+(in WikiText they only separate paragraphs and headings). So EOS plays the role of the newline, and a split
+becomes one stream: line_1 EOS line_2 EOS ... The pipeline starts each split's stream with a single BOS so
+that the first real token is also a target.
+
+Ids: unk 0, bos 1, eos 2 (SentencePiece's defaults); no pad piece, padding positions carry mask 0.
+Normalisation is "identity" (no NFKC), so decoding gives back the raw characters and bits per byte refers to
+the text as distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def tokenizer_name(*, vocab_size: int, model_type: str, byte_fallback: bool) -> str:
+  """File stem of a tokenizer, e.g. spm_bpe_32000 (spm_bpe_32000_nobytes without byte fallback)."""
+  return f"spm_{model_type}_{vocab_size}" + ("" if byte_fallback else "_nobytes")
+
+
+def train_tokenizer(
+    sentences: Iterable[str],
+    model_path: str,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int = os.cpu_count() or 1,
+) -> str:
+  """Trains SentencePiece on `sentences` (one line of text each) and writes `model_path` (ends in .model).
+
+  `input_sentence_size` caps the sentences SentencePiece samples (its memory grows with the corpus; WikiText-103
+  train has ~1.2M non-blank lines). Byte fallback maps characters outside the vocabulary to byte pieces
+  instead of <unk>, so every input is encodable.
+  """
+  if not model_path.endswith(".model"):
+    raise ValueError(f"model_path must end in .model, got {model_path}")
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  # Train into a temporary directory and move, so an interrupted run never leaves a half-written model that
+  # later looks prepared.
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model_path))) as tmp:
+    prefix = os.path.join(tmp, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        character_coverage=0.9995 if byte_fallback else 1.0,
+        normalization_rule_name="identity",
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    shutil.move(prefix + ".vocab", model_path[: -len(".model")] + ".vocab")
+    shutil.move(prefix + ".model", model_path)
+  return model_path
+
+
+def load(model_path: str) -> spm.SentencePieceProcessor:
+  return spm.SentencePieceProcessor(model_file=model_path)
+
+
+def text_lines(text: str) -> list[str]:
+  """The encoded lines of a text: its non-blank lines, stripped."""
+  return [s for s in (line.strip() for line in text.split("\n")) if s]
+
+
+def encode_text(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
+  """Token ids of `text` by the rule above: each non-blank line's pieces then EOS. Shape (n,), int32."""
+  lines = text_lines(text)
+  if not lines:
+    return np.zeros((0,), np.int32)
+  ids = sp.encode(lines, out_type=int)
+  eos = sp.eos_id()
+  return np.fromiter((t for line in ids for t in (*line, eos)), np.int32, sum(len(x) + 1 for x in ids))

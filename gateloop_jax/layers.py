@@ -1,0 +1,374 @@
+"""Small Flax NNX modules: the GateLoop mixer, causal self-attention, feed-forward, and the residual block.
+
+Shape legend: b batch, t length, d d_model, h heads, k d_qk, v d_v, f mlp_dim, V vocab.
+Every mixer implements the same protocol, so the LM shell and the decoder are shared by all architectures:
+  __call__(x, *, mask=None, mode=None) -> y                 x, y: (b, t, d)
+  init_cache(batch_size, max_len) -> cache
+  prefill(x, *, mask=None, mode=None, max_len) -> (y, cache)
+  step(x_t, cache) -> (y_t, cache)                          x_t, y_t: (b, d)
+`mask` (b, t) marks real tokens; padded positions must come after the real ones of their row (right padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gateloop_jax import ops
+from gateloop_jax.models.config import ModelConfig
+from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain
+
+# ----------------------------------------------------------------------------------------------------------------
+# The transition parametrisation: pure functions, shared by the mixer, its initialisers and the inspection tools.
+
+
+def log_magnitude(gamma: jax.Array, activation: str, temperature: float) -> jax.Array:
+    """log|a| from the gate pre-activation, computed in log space (exact where |a| itself would underflow)."""
+    if activation == "sigmoid":
+        return -jax.nn.softplus(-gamma)
+    if activation == "sigmoid_tempered":
+        return -jax.nn.softplus(-gamma) / temperature
+    if activation == "lru_exp":
+        return -jnp.exp(gamma)
+    raise ValueError(f"magnitude_activation={activation!r} is not supported.")
+
+
+def inverse_log_magnitude(log_r: jax.Array, activation: str, temperature: float) -> jax.Array:
+    """The gamma with log_magnitude(gamma) = log_r (for initialisation)."""
+    if activation == "sigmoid_tempered":
+        log_r = log_r * temperature
+        activation = "sigmoid"
+    if activation == "sigmoid":
+        return log_r - jnp.log(-jnp.expm1(log_r))  # logit(r)
+    if activation == "lru_exp":
+        return jnp.log(-log_r)
+    raise ValueError(f"magnitude_activation={activation!r} is not supported.")
+
+
+def phase(theta: jax.Array, activation: str) -> jax.Array:
+    if activation == "identity":
+        return theta
+    if activation == "tanh_pi":
+        return jnp.pi * jnp.tanh(theta)
+    raise ValueError(f"phase_activation={activation!r} is not supported.")
+
+
+def inverse_phase(phi: jax.Array, activation: str) -> jax.Array:
+    if activation == "identity":
+        return phi
+    return jnp.arctanh(jnp.clip(phi / jnp.pi, -0.999, 0.999))
+
+
+def transition_bias_init(config: ModelConfig):
+    """Initialisers (key, shape, dtype) for the gamma and theta biases, per config.init."""
+    lo, hi = config.init_min_magnitude, config.init_max_magnitude
+
+    def gamma_init(key, shape, dtype=jnp.float32):
+        if config.init == "default":
+            return jnp.zeros(shape, dtype)
+        if config.init == "slow_forget":
+            # Memory timescales -1/log|a| log-uniform between those of lo and hi (10 to 1000 steps by default).
+            t_lo, t_hi = -1.0 / math.log(lo), -1.0 / math.log(hi)
+            timescale = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(t_lo), math.log(t_hi)))
+            log_r = -1.0 / timescale
+        else:  # lru_ring: |a|^2 uniform on the ring [lo^2, hi^2].
+            log_r = 0.5 * jnp.log(jax.random.uniform(key, shape, jnp.float32, lo * lo, hi * hi))
+        return inverse_log_magnitude(log_r, config.magnitude_activation, config.magnitude_temperature).astype(dtype)
+
+    def theta_init(key, shape, dtype=jnp.float32):
+        if config.init == "default":
+            return jnp.zeros(shape, dtype)
+        max_phase = config.init_max_phase if config.init == "slow_forget" else 2.0 * math.pi
+        phi = jax.random.uniform(key, shape, jnp.float32, 0.0, max_phase)
+        return inverse_phase(phi, config.phase_activation).astype(dtype)
+
+    return gamma_init, theta_init
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _projection(einsum: str, shape, axes, config: ModelConfig, rngs: nnx.Rngs, *, bias_shape=None, scale=1.0,
+                bias_init=nnx.initializers.zeros_init()):
+    """nnx.Einsum with logical-axis sharding metadata; `scale` shrinks the initial weights' variance."""
+    kernel_init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                                    in_axis=0 if einsum.startswith("btd") else (0, 1),
+                                                    out_axis=tuple(range(1, len(shape))) if einsum.startswith("btd")
+                                                    else -1)
+    return nnx.Einsum(
+        einsum,
+        kernel_shape=shape,
+        bias_shape=bias_shape,
+        dtype=_dtype(config.dtype),
+        param_dtype=_dtype(config.param_dtype),
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        bias_init=nnx.with_partitioning(bias_init, axes[-len(bias_shape):] if bias_shape else ()),
+        rngs=rngs,
+    )
+
+
+class GateLoopMixer(nnx.Module):
+    """q, k, v, gamma, theta projections -> GateLoop recurrence -> output norm -> SiLU gate -> output projection."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h = config.d_model, config.num_heads
+        dk, dv = config.head_dims
+        bias = (h, dk) if config.use_bias else None
+        bias_v = (h, dv) if config.use_bias else None
+        self.q_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
+        self.k_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
+        self.v_proj = _projection("btd,dhv->bthv", (d, h, dv), (EMBED, HEADS, V), config, rngs, bias_shape=bias_v)
+        gamma_init, theta_init = transition_bias_init(config)
+        # The data-dependent part of the transition starts small (weights at 1% of the usual variance) unless
+        # init="default", so the biases set the initial memory timescales and phases.
+        scale = 1.0 if config.init == "default" else 0.01
+        # Optional sub-modules are wrapped in nnx.data so that None and a module share one pytree status.
+        self.gamma_proj = self.theta_proj = nnx.data(None)
+        self.gamma_bias = self.theta_bias = nnx.data(None)
+        if config.transition in ("data_controlled", "real"):
+            self.gamma_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs,
+                                          bias_shape=(h, dk), scale=scale, bias_init=gamma_init)
+        if config.transition == "data_controlled":
+            self.theta_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs,
+                                          bias_shape=(h, dk), scale=scale, bias_init=theta_init)
+        if config.transition == "fixed":
+            self.gamma_bias = nnx.Param(gamma_init(rngs.params(), (h, dk)), sharding=(HEADS, QK))
+            self.theta_bias = nnx.Param(theta_init(rngs.params(), (h, dk)), sharding=(HEADS, QK))
+        self.norm = nnx.data(None)
+        if config.output_norm == "layernorm":
+            self.norm = nnx.LayerNorm(h * dv, dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),
+                                      rngs=rngs)
+        elif config.output_norm == "groupnorm":
+            self.norm = nnx.GroupNorm(h * dv, num_groups=h, dtype=_dtype(config.dtype),
+                                      param_dtype=_dtype(config.param_dtype), rngs=rngs)
+        self.gate_proj = nnx.data(None)
+        if config.output_gate:
+            self.gate_proj = _projection("btd,dhv->bthv", (d, h, dv), (EMBED, HEADS, V), config, rngs,
+                                         bias_shape=bias_v)
+        self.out_proj = _projection("bthv,hvd->btd", (h, dv, d), (HEADS, V, EMBED), config, rngs,
+                                    bias_shape=(d,) if config.use_bias else None)
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def transition(self, x: jax.Array) -> ops.PolarTransition:
+        """(log|a|, arg a), each (b, t, h, k) float32, for inputs x (b, t, d)."""
+        config = self.config
+        b, t, _ = x.shape
+        shape = (b, t, config.num_heads, config.head_dims[0])
+        zeros = jnp.zeros(shape, jnp.float32)
+        if config.transition == "none":
+            return ops.PolarTransition(zeros, zeros)
+        if config.transition == "fixed":
+            gamma = jnp.broadcast_to(self.gamma_bias[...].astype(jnp.float32), shape)
+            theta = jnp.broadcast_to(self.theta_bias[...].astype(jnp.float32), shape)
+        else:
+            gamma = self.gamma_proj(x).astype(jnp.float32)
+            theta = self.theta_proj(x).astype(jnp.float32) if self.theta_proj is not None else None
+        log_r = log_magnitude(gamma, config.magnitude_activation, config.magnitude_temperature)
+        phi = zeros if theta is None else phase(theta, config.phase_activation)
+        return ops.PolarTransition(log_r, phi)
+
+    def _inputs(self, x, mask):
+        dk = self.config.head_dims[0]
+        q = self.q_proj(x) * (dk ** -0.5)
+        k, v = self.k_proj(x), self.v_proj(x)
+        a = self.transition(x)
+        if mask is not None:
+            # Padded positions become identity steps (a = 1, k = 0): they leave the state untouched, so the state
+            # after a right-padded row equals the state at that row's last real token.
+            keep = mask[:, :, None, None]
+            k = jnp.where(keep, k, 0)
+            a = ops.PolarTransition(jnp.where(keep, a.log_magnitude, 0.0), jnp.where(keep, a.phase, 0.0))
+        q, k, v = (constrain(z, (BATCH, LENGTH, HEADS, None)) for z in (q, k, v))
+        return q, k, v, a
+
+    def _output(self, x, y):
+        b, t, h, dv = y.shape
+        if self.norm is not None:
+            y = self.norm(y.reshape(b, t, h * dv)).reshape(b, t, h, dv)
+        if self.gate_proj is not None:
+            y = y * jax.nn.silu(self.gate_proj(x))
+        return constrain(self.out_proj(y), (BATCH, LENGTH, None))
+
+    # -- the mixer protocol ----------------------------------------------------------------------------------------
+    def __call__(self, x, *, mask=None, mode=None):
+        q, k, v, a = self._inputs(x, mask)
+        y = ops.gateloop(q, k, v, a, mode=mode or self.config.mode, chunk_size=self.config.chunk_size)
+        return self._output(x, y)
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        del max_len  # The recurrent state is O(1) in the length.
+        dk, dv = self.config.head_dims
+        return jnp.zeros((batch_size, self.config.num_heads, dk, dv), jnp.complex64)
+
+    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+        del max_len
+        q, k, v, a = self._inputs(x, mask)
+        y, state = ops.gateloop(q, k, v, a, mode=mode or self.config.mode, chunk_size=self.config.chunk_size,
+                                return_state=True)
+        return self._output(x, y), state
+
+    def step(self, x_t, cache):
+        x = x_t[:, None, :]
+        q, k, v, a = self._inputs(x, None)
+        y_t, cache = ops.gateloop_step(q[:, 0], k[:, 0], v[:, 0],
+                                       ops.PolarTransition(a.log_magnitude[:, 0], a.phase[:, 0]), cache)
+        return self._output(x, y_t[:, None])[:, 0], cache
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding. x: (b, t, h, k) with k even; positions: (b, t) int."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * freqs  # (b, t, 1, half)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Softmax attention with RoPE through jax.nn.dot_product_attention; a KV cache for decoding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h = config.d_model, config.num_heads
+        dk, dv = config.head_dims
+        if dk % 2:
+            raise ValueError(f"model config: RoPE needs an even d_qk, got d_qk={dk}.")
+        bias = (h, dk) if config.use_bias else None
+        bias_v = (h, dv) if config.use_bias else None
+        self.q_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
+        self.k_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
+        self.v_proj = _projection("btd,dhv->bthv", (d, h, dv), (EMBED, HEADS, V), config, rngs, bias_shape=bias_v)
+        self.out_proj = _projection("bthv,hvd->btd", (h, dv, d), (HEADS, V, EMBED), config, rngs,
+                                    bias_shape=(d,) if config.use_bias else None)
+
+    def _implementation(self):
+        impl = self.config.attention_impl
+        return None if impl == "auto" else impl
+
+    def _qkv(self, x, positions):
+        q = rope(self.q_proj(x), positions, self.config.rope_base)
+        k = rope(self.k_proj(x), positions, self.config.rope_base)
+        return q, k, self.v_proj(x)
+
+    def __call__(self, x, *, mask=None, mode=None):
+        del mode, mask  # Right padding never influences earlier (real) positions under a causal mask.
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        return constrain(self.out_proj(y), (BATCH, LENGTH, None))
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        if max_len is None:
+            raise ValueError("CausalSelfAttention.init_cache: max_len is required for the KV cache.")
+        dk, dv = self.config.head_dims
+        h, dtype = self.config.num_heads, _dtype(self.config.dtype)
+        return {
+            "k": jnp.zeros((batch_size, max_len, h, dk), dtype),
+            "v": jnp.zeros((batch_size, max_len, h, dv), dtype),
+            "length": jnp.zeros((batch_size,), jnp.int32),
+        }
+
+    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+        b, t, _ = x.shape
+        if max_len is None or max_len < t:
+            raise ValueError(
+                f"prefill: max_len={max_len} must be given and cover the prompt ({t}) plus the tokens to decode: "
+                "the KV cache has a fixed size.")
+        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        cache = self.init_cache(b, max_len)
+        cache["k"] = cache["k"].at[:, :t].set(k.astype(cache["k"].dtype))
+        cache["v"] = cache["v"].at[:, :t].set(v.astype(cache["v"].dtype))
+        cache["length"] = (jnp.full((b,), t, jnp.int32) if mask is None else mask.sum(-1).astype(jnp.int32))
+        return self.out_proj(y), cache
+
+    def step(self, x_t, cache):
+        length = cache["length"]  # (b,): where this token goes, per row
+        q, k, v = self._qkv(x_t[:, None, :], length[:, None])
+        write = jax.vmap(lambda buf, new, pos: jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=0))
+        cache = {
+            "k": write(cache["k"], k.astype(cache["k"].dtype), length),
+            "v": write(cache["v"], v.astype(cache["v"].dtype), length),
+            "length": length + 1,
+        }
+        y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], key_value_seq_lengths=cache["length"],
+                                         implementation="xla")
+        return self.out_proj(y)[:, 0], cache
+
+
+class FeedForward(nnx.Module):
+    """Point-wise feed-forward: GELU (d -> f -> d, the paper's) or SwiGLU."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, f = config.d_model, config.hidden_dim
+        kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
+        init = nnx.initializers.lecun_normal()
+        use_bias = config.ffn == "gelu"
+        self.up = nnx.Linear(d, f, use_bias=use_bias, kernel_init=nnx.with_partitioning(init, (EMBED, MLP)),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (MLP,)), **kw)
+        self.gate = nnx.data(None)
+        if config.ffn == "swiglu":
+            self.gate = nnx.Linear(d, f, use_bias=False, kernel_init=nnx.with_partitioning(init, (EMBED, MLP)), **kw)
+        self.down = nnx.Linear(f, d, use_bias=use_bias, kernel_init=nnx.with_partitioning(init, (MLP, EMBED)),
+                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (EMBED,)), **kw)
+
+    def __call__(self, x):
+        hidden = self.up(x)
+        hidden = jax.nn.gelu(hidden) if self.gate is None else jax.nn.silu(self.gate(x)) * hidden
+        return self.down(constrain(hidden, (BATCH, LENGTH, MLP)))
+
+
+class Block(nnx.Module):
+    """Mixer and feed-forward, each with a residual connection, LayerNorm (pre or post) and dropout."""
+
+    def __init__(self, config: ModelConfig, mixer_cls, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
+        self.mixer_norm = nnx.LayerNorm(config.d_model, **kw)
+        self.mixer = mixer_cls(config, rngs=rngs)
+        self.ffn_norm = nnx.LayerNorm(config.d_model, **kw)
+        self.ffn = FeedForward(config, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def _residual(self, x, norm, fn, deterministic):
+        if self.config.norm_position == "pre":
+            out = fn(norm(x))
+            return x + self.dropout(out, deterministic=deterministic), out
+        out = fn(x)
+        return norm(x + self.dropout(out, deterministic=deterministic)), out
+
+    def __call__(self, x, *, mask=None, mode=None, deterministic=True):
+        x, _ = self._residual(x, self.mixer_norm, lambda z: self.mixer(z, mask=mask, mode=mode), deterministic)
+        x, _ = self._residual(x, self.ffn_norm, self.ffn, deterministic)
+        return x
+
+    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+        caches = []
+
+        def mix(z):
+            y, cache = self.mixer.prefill(z, mask=mask, mode=mode, max_len=max_len)
+            caches.append(cache)
+            return y
+
+        x, _ = self._residual(x, self.mixer_norm, mix, True)
+        x, _ = self._residual(x, self.ffn_norm, self.ffn, True)
+        return x, caches[0]
+
+    def step(self, x_t, cache):
+        caches = []
+
+        def mix(z):
+            y, new_cache = self.mixer.step(z, cache)
+            caches.append(new_cache)
+            return y
+
+        x_t, _ = self._residual(x_t, self.mixer_norm, mix, True)
+        x_t, _ = self._residual(x_t, self.ffn_norm, self.ffn, True)
+        return x_t, caches[0]

@@ -1,0 +1,92 @@
+"""The causal language model shell shared by every architecture: embedding, blocks, final norm, tied/untied head.
+
+The token mixer (GateLoop or softmax attention) is the only difference between architectures; the computation
+mode of GateLoop is an argument, not a different model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gateloop_jax.layers import Block, _dtype
+from gateloop_jax.models.config import ModelConfig
+from gateloop_jax.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain
+
+
+class CausalLM(nnx.Module):
+    """tokens (b, t) int -> logits (b, t, V) float32."""
+
+    def __init__(self, config: ModelConfig, mixer_cls, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
+        self.embed = nnx.Embed(
+            config.vocab_size, config.d_model,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), (VOCAB, EMBED)), **kw)
+        self.blocks = nnx.List([Block(config, mixer_cls, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = nnx.LayerNorm(config.d_model, **kw)
+        self.head = nnx.data(None)
+        if not config.tie_embeddings:
+            self.head = nnx.Linear(
+                config.d_model, config.vocab_size, use_bias=False,
+                kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (EMBED, VOCAB)), **kw)
+
+    def _embed(self, tokens):
+        x = self.embed(tokens)
+        # Unit-variance embeddings scaled like a d_model-wide activation (the tied head reuses them as weights).
+        return constrain(x * (self.config.d_model ** -0.5) * jnp.sqrt(self.config.d_model), (BATCH, LENGTH, None))
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        if self.head is None:
+            logits = self.embed.attend(x) * (self.config.d_model ** -0.5)
+        else:
+            logits = self.head(x)
+        return constrain(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
+
+    def __call__(self, tokens, *, mask=None, mode=None, deterministic=True):
+        x = self._embed(tokens)
+        for block in self.blocks:
+            if self.config.remat:
+                x = nnx.remat(lambda blk, z: blk(z, mask=mask, mode=mode, deterministic=deterministic))(block, x)
+            else:
+                x = block(x, mask=mask, mode=mode, deterministic=deterministic)
+        return self._logits(x)
+
+    # -- decoding --------------------------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        return [block.mixer.init_cache(batch_size, max_len) for block in self.blocks]
+
+    def prefill(self, tokens, *, mask=None, mode=None, max_len=None):
+        """Parallel forward over a prompt that also returns the decode cache. tokens, mask: (b, t)."""
+        x = self._embed(tokens)
+        cache = []
+        for block in self.blocks:
+            x, layer_cache = block.prefill(x, mask=mask, mode=mode, max_len=max_len)
+            cache.append(layer_cache)
+        return self._logits(x), cache
+
+    def decode_step(self, token, cache):
+        """token (b,) int -> (logits (b, V) float32, new cache)."""
+        x = self._embed(token[:, None])[:, 0]
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.step(x, layer_cache)
+            new_cache.append(layer_cache)
+        return self._logits(x[:, None])[:, 0], new_cache
+
+    def transitions(self, tokens):
+        """Per layer (log|a|, arg a), each (b, t, h, k) float32, for inspection (GateLoop mixers only)."""
+        x = self._embed(tokens)
+        out = []
+        for block in self.blocks:
+            mixer_in = block.mixer_norm(x) if self.config.norm_position == "pre" else x
+            out.append(block.mixer.transition(mixer_in))
+            x = block(x)
+        return out
+
+
+def param_count(module: nnx.Module) -> int:
+    return sum(int(jnp.size(p)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
