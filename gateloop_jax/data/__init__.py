@@ -15,8 +15,17 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from gateloop_jax.data import pipeline, synthetic
+from gateloop_jax.data import synthetic
 from gateloop_jax.data.metrics import lm_metrics
+
+# The WikiText modules (TFDS, SentencePiece) load on first use: synthetic-task runs never pay for TFDS's
+# import, and `python -m gateloop_jax.data.wikitext103` does not find its own module half-imported.
+
+
+def _pipeline():
+  from gateloop_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  return pipeline
 
 NAMES = (*synthetic.TASKS, "wikitext103")
 
@@ -43,7 +52,7 @@ def _local_batch_size(batch_size: int, field: str, process_index: int, process_c
 def default_config(name: str) -> ml_collections.ConfigDict:
   """Every field of the named task's data config, with its default and a comment (locked ConfigDict)."""
   if name == "wikitext103":
-    return pipeline.default_config()
+    return _pipeline().default_config()
   if name in synthetic.TASKS:
     return synthetic.default_config(name)
   raise ValueError(f"unknown data name {name!r}; known: {NAMES}")
@@ -52,7 +61,7 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 def vocab_size(config: Any) -> int:
   """The model vocabulary size the data needs (wikitext: read from the tokenizer file)."""
   if _check_name(config) == "wikitext103":
-    return pipeline.vocab_size(config)
+    return _pipeline().vocab_size(config)
   return synthetic.vocab_size(config)
 
 
@@ -65,7 +74,7 @@ def train_iterator(config: Any, *, global_batch_size: int, seed: int, process_in
   _local_batch_size(global_batch_size, "global_batch_size", process_index, process_count)
   kwargs = dict(global_batch_size=global_batch_size, seed=seed, process_index=process_index, process_count=process_count)
   if _check_name(config) == "wikitext103":
-    return iter(pipeline.train_dataset(config, **kwargs))
+    return iter(_pipeline().train_dataset(config, **kwargs))
   return iter(synthetic.train_dataset(config, **kwargs))
 
 
@@ -79,7 +88,7 @@ def eval_batches(config: Any, *, split: str, batch_size: int, process_index: int
   """
   _local_batch_size(batch_size, "batch_size", process_index, process_count)
   if _check_name(config) == "wikitext103":
-    return pipeline.eval_dataset(
+    return _pipeline().eval_dataset(
         config, split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
     )
   return synthetic.eval_dataset(config, batch_size=batch_size, process_index=process_index, process_count=process_count)
@@ -87,9 +96,9 @@ def eval_batches(config: Any, *, split: str, batch_size: int, process_index: int
 
 def load_tokenizer(config: Any):
   """SentencePiece processor of a wikitext103 config (for the pipeline and notebooks)."""
-  return pipeline.load_tokenizer(config)
+  return _pipeline().load_tokenizer(config)
 
 
 def split_statistics(config: Any, split: str) -> dict[str, int]:
   """{"num_words", "num_bytes", "num_tokens", ...} of a wikitext103 split, the denominators of lm_metrics."""
-  return pipeline.split_statistics(config, split)
+  return _pipeline().split_statistics(config, split)

@@ -40,8 +40,11 @@ def _batch(inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> Batch:
 
 def _random_subsets(rng: np.random.Generator, batch_size: int, population: int, k: int) -> np.ndarray:
   """k distinct integers from [0, population) per row, in uniformly random order. Shape (b, k)."""
-  # argsort of i.i.d. uniforms is a uniform random permutation; its first k entries a uniform ordered k-subset.
-  return np.argsort(rng.random((batch_size, population)), axis=1)[:, :k]
+  # The k smallest of i.i.d. uniforms are a uniform k-subset (argpartition: O(population), not a full sort);
+  # an independent random permutation of them makes the order uniform too.
+  subset = np.argpartition(rng.random((batch_size, population)), k - 1, axis=1)[:, :k]
+  order = np.argsort(rng.random((batch_size, k)), axis=1)
+  return np.take_along_axis(subset, order, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
