@@ -290,11 +290,7 @@ def prepare(
     os.makedirs(os.path.dirname(token_json), exist_ok=True)
     counts = {}
     for split in SPLITS:
-      # Encoding runs in grain's reader threads (SentencePiece releases the GIL); order is preserved.
-      docs = grain.MapDataset.source(Wikitext103(data_dir=data_dir, file_format="array_record").as_data_source(split))
-      docs = docs.map(lambda ex: tok.encode_text(sp, ex["text"].decode("utf-8")))
-      parts = list(docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)))
-      stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+      stream = _encode_split(sp, documents(data_dir, split, read_threads=read_threads), read_threads)
       # uint16 halves the file (and the page cache) whenever the vocabulary fits.
       stream = stream.astype(np.uint16 if sp.get_piece_size() <= 2**16 else np.int32)
       path = tokens_path(data_dir, name, split)
@@ -306,6 +302,18 @@ def prepare(
 
   stats = {s: split_statistics(data_dir, name, s, COMMAND) for s in SPLITS}
   return {"statistics": stats, "seconds": seconds, "tokenizer": model}
+
+
+def _encode_split(sp, texts: Iterable[str], num_threads: int, lines_per_call: int = 20_000) -> np.ndarray:
+  """The token stream of some texts, in order (tokenizer.encode_text of each, concatenated). Shape (n,)."""
+  parts, lines = [], []
+  for text in texts:
+    lines += tok.text_lines(text)
+    if len(lines) >= lines_per_call:
+      parts.append(tok.encode_lines(sp, lines, num_threads))
+      lines = []
+  parts.append(tok.encode_lines(sp, lines, num_threads))
+  return np.concatenate(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
