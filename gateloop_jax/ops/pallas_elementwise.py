@@ -1,0 +1,374 @@
+"""Max-headed GateLoop (d_qk = d_v = 1) as Pallas kernels: one complex state per channel, sequential over time.
+
+The op is bandwidth-bound (a few flops per element), so the kernels read each input once per pass and keep the state
+in registers. Each program owns `block_channels` channels of one batch row and one time segment of
+`segment_length` steps. Segments make short batches (b = 4 at t = 8192) fill the GPU; they are stitched exactly:
+within segment s the state is h_out = P_s h_in + local_s (P_s the product of the segment's transitions, local_s
+the segment's state from a zero start), so a cheap first pass computes (P_s, local_s) and the main pass starts
+each segment from its true state by folding the earlier segments' pairs (a loop of at most S steps per program).
+
+Backward (custom_vjp): the reverse-time recurrence with conj(a),
+    g_n = q_n dy_n + conj(a_{n+1}) g_{n+1},          g_T starts at the final state's cotangent,
+    dq_n = Re(h_n) dy_n,  dk_n = Re(g_n) v_n,  dv_n = Re(g_n) k_n,
+    w_n = a_n h_{n-1}:    dlog_r_n = Re(conj(g_n) w_n),  dtheta_n = Re(conj(g_n) i w_n),
+    dh0 = conj(a_0) g_0,
+segmented the same way. The forward saves the states h (re, im) for it: recomputing h_{n-1} from h_n backwards
+would divide by a, which is unstable for |a| ~ 0, and w_n is formed from h_{n-1} directly (not as h_n - k_n v_n)
+so that nothing cancels when |a| is tiny.
+
+Arithmetic is float32 whatever the input dtype (bf16 inputs are upcast on load): the state is carried over
+thousands of steps and a bf16 state would lose ~3 digits per step.
+
+Shapes: the mode contract of ops/ (q, k, log_r, theta (b, t, h, 1); v (b, t, h, 1); h0 (b, h, 1, 1) complex).
+Inside, channels are the last (contiguous) axis: arrays are (b, t, h), a program reads rows of `block_channels`
+contiguous floats, so every load is coalesced.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+
+class Config(NamedTuple):
+    """Static kernel parameters (hashable: one compiled kernel per config and shape)."""
+
+    block_channels: int = 32  # channels per program: 32 f32 = one 128-byte line per row
+    num_warps: int = 1
+    unroll: int = 8  # time steps per loop iteration: their loads are independent of the state and issue together
+    segment_length: int = 0  # time steps per program; 0 = choose from the shape (see _pick_segment_length)
+    num_stages: int = 3
+    min_programs: int = 2048  # when choosing segment_length, aim for at least this many programs
+
+
+def supported(q_shape, v_shape, platform: str) -> bool:
+    """Max-headed shapes only; GPU (Triton) or CPU (interpret mode, for tests)."""
+    return len(q_shape) == 4 and q_shape[-1] == 1 and v_shape[-1] == 1 and platform in ("gpu", "cuda", "cpu")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _pick_segment_length(b: int, t: int, h_blocks: int, cfg: Config) -> int:
+    """Longest power-of-two segment (>= unroll) that still gives cfg.min_programs programs.
+
+    Longer segments mean fewer carries to fold and no first pass at all when one segment covers t.
+    """
+    seg = _next_pow2(max(t, cfg.unroll))
+    while seg > cfg.unroll and b * h_blocks * ((t + seg - 1) // seg) < cfg.min_programs:
+        seg //= 2
+    return max(seg, cfg.unroll)
+
+
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+def _transition(lr, th):
+    m = jnp.exp(lr)
+    return m * jnp.cos(th), m * jnp.sin(th)
+
+
+def _f32(x):
+    return x.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels. Refs are whole arrays (b, t, h) / (b, S, h) / (b, h); each program computes its own offsets.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, *, seg, cb, unroll):
+    """Per segment: its state from a zero start and the product of its transitions."""
+    bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
+    t0 = si * seg
+
+    def body(j, carry):
+        hr, hi, pr, pi = carry
+        for u in range(unroll):
+            n = t0 + j * unroll + u
+            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
+            x = _f32(k_ref[bi, n, cols]) * _f32(v_ref[bi, n, cols])
+            hr, hi = _cmul(ar, ai, hr, hi)
+            hr = hr + x
+            pr, pi = _cmul(ar, ai, pr, pi)
+        return hr, hi, pr, pi
+
+    zeros = jnp.zeros((cb,), jnp.float32)
+    hr, hi, pr, pi = jax.lax.fori_loop(0, seg // unroll, body, (zeros, zeros, zeros + 1.0, zeros))
+    loc_re[bi, si, cols] = hr
+    loc_im[bi, si, cols] = hi
+    p_re[bi, si, cols] = pr
+    p_im[bi, si, cols] = pi
+
+
+def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
+    q_ref, k_ref, v_ref, lr_ref, th_ref, h0_re, h0_im = refs[:7]
+    refs = refs[7:]
+    if segmented:
+        loc_re, loc_im, p_re, p_im = refs[:4]
+        refs = refs[4:]
+    y_ref, end_re, end_im = refs[:3]
+    if save_states:
+        hs_re, hs_im = refs[3:5]
+    bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
+    t0 = si * seg
+
+    hr, hi = h0_re[bi, cols], h0_im[bi, cols]
+    if segmented:
+        # The true start of segment si: fold the (P, local) pairs of segments 0..si-1 into h0.
+        def fold(s, carry):
+            hr, hi = carry
+            hr, hi = _cmul(p_re[bi, s, cols], p_im[bi, s, cols], hr, hi)
+            return hr + loc_re[bi, s, cols], hi + loc_im[bi, s, cols]
+
+        hr, hi = jax.lax.fori_loop(0, si, fold, (hr, hi))
+
+    def body(j, carry):
+        hr, hi = carry
+        for u in range(unroll):
+            n = t0 + j * unroll + u
+            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
+            x = _f32(k_ref[bi, n, cols]) * _f32(v_ref[bi, n, cols])
+            hr, hi = _cmul(ar, ai, hr, hi)
+            hr = hr + x
+            y_ref[bi, n, cols] = _f32(q_ref[bi, n, cols]) * hr
+            if save_states:
+                hs_re[bi, n, cols] = hr
+                hs_im[bi, n, cols] = hi
+        return hr, hi
+
+    hr, hi = jax.lax.fori_loop(0, seg // unroll, body, (hr, hi))
+    end_re[bi, si, cols] = hr
+    end_im[bi, si, cols] = hi
+
+
+def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, unroll):
+    """Per segment, reverse time from a zero incoming cotangent: c <- conj(a_n) (q_n dy_n + c)."""
+    bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
+    t_last = si * seg + seg - 1
+
+    def body(j, carry):
+        cr, ci_ = carry
+        for u in range(unroll):
+            n = t_last - (j * unroll + u)
+            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
+            gr = _f32(q_ref[bi, n, cols]) * _f32(dy_ref[bi, n, cols]) + cr
+            cr, ci_ = _cmul(ar, -ai, gr, ci_)
+        return cr, ci_
+
+    zeros = jnp.zeros((cb,), jnp.float32)
+    cr, ci_ = jax.lax.fori_loop(0, seg // unroll, body, (zeros, zeros))
+    gl_re[bi, si, cols] = cr
+    gl_im[bi, si, cols] = ci_
+
+
+def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
+    (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hs_re, hs_im, h0_re, h0_im, gf_re, gf_im) = refs[:12]
+    refs = refs[12:]
+    if segmented:
+        p_re, p_im, gl_re, gl_im = refs[:4]
+        refs = refs[4:]
+    dq_ref, dk_ref, dv_ref, dlr_ref, dth_ref, c_re, c_im = refs
+    bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
+    t0 = si * seg
+    t_last = t0 + seg - 1
+
+    # Incoming cotangent at the segment's last step: the final state's cotangent carried back through the later
+    # segments, c <- conj(P_s) c + local_s for s = S-1 .. si+1.
+    cr, cim = gf_re[bi, cols], gf_im[bi, cols]
+    if segmented:
+        def fold(j, carry):
+            cr, cim = carry
+            s = num_segments - 1 - j
+            cr, cim = _cmul(p_re[bi, s, cols], -p_im[bi, s, cols], cr, cim)
+            return cr + gl_re[bi, s, cols], cim + gl_im[bi, s, cols]
+
+        cr, cim = jax.lax.fori_loop(0, num_segments - 1 - si, fold, (cr, cim))
+
+    h0r, h0i = h0_re[bi, cols], h0_im[bi, cols]
+    hr, hi = hs_re[bi, t_last, cols], hs_im[bi, t_last, cols]
+
+    def body(j, carry):
+        cr, cim, hr, hi = carry
+        for u in range(unroll):
+            n = t_last - (j * unroll + u)
+            # h_{n-1}: the saved state one step back, or h0 before the first step.
+            prev = jnp.maximum(n - 1, 0)
+            is_first = n == 0
+            pr = jnp.where(is_first, h0r, hs_re[bi, prev, cols])
+            pim = jnp.where(is_first, h0i, hs_im[bi, prev, cols])
+            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
+            q, dy = _f32(q_ref[bi, n, cols]), _f32(dy_ref[bi, n, cols])
+            gr, gi = q * dy + cr, cim
+            dq_ref[bi, n, cols] = hr * dy
+            dk_ref[bi, n, cols] = gr * _f32(v_ref[bi, n, cols])
+            dv_ref[bi, n, cols] = gr * _f32(k_ref[bi, n, cols])
+            wr, wi = _cmul(ar, ai, pr, pim)
+            dlr_ref[bi, n, cols] = gr * wr + gi * wi
+            dth_ref[bi, n, cols] = gi * wr - gr * wi
+            cr, cim = _cmul(ar, -ai, gr, gi)
+            hr, hi = pr, pim
+        return cr, cim, hr, hi
+
+    cr, cim, _, _ = jax.lax.fori_loop(0, seg // unroll, body, (cr, cim, hr, hi))
+    c_re[bi, si, cols] = cr
+    c_im[bi, si, cols] = cim
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers on padded (b, t, h) arrays.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    b: int
+    t: int  # padded length, a multiple of seg
+    h: int  # padded channels, a multiple of cb
+    seg: int
+    cb: int
+    unroll: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def num_segments(self):
+        return self.t // self.seg
+
+    @property
+    def grid(self):
+        return (self.b, self.h // self.cb, self.num_segments)
+
+
+def _call(plan: _Plan, kernel, out_shapes, *args, name):
+    params = None
+    if not plan.interpret and plgpu is not None:
+        params = plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shapes,
+        grid=plan.grid,
+        interpret=plan.interpret,
+        compiler_params=params,
+        name=name,
+    )(*args)
+
+
+def _f32_shape(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
+    b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
+    small = _f32_shape(b, s, h)
+    segmented = s > 1
+    extra = ()
+    if segmented:
+        extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th,
+                      name="gateloop_ew_fwd_local")
+        p_re, p_im = extra[2], extra[3]
+    outs = (_f32_shape(b, t, h), small, small) + ((_f32_shape(b, t, h),) * 2 if save_states else ())
+    res = _call(plan, functools.partial(_fwd_kernel, segmented=segmented, save_states=save_states, **kw), outs,
+                q, k, v, lr, th, h0re, h0im, *extra, name="gateloop_ew_fwd")
+    y, end_re, end_im = res[:3]
+    states = res[3:] if save_states else None
+    transitions = (p_re, p_im) if segmented else None
+    return y, end_re[:, -1], end_im[:, -1], states, transitions
+
+
+def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, gf_re, gf_im):
+    b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
+    small = _f32_shape(b, s, h)
+    segmented = s > 1
+    extra = ()
+    if segmented:
+        gl = _call(plan, functools.partial(_bwd_local_kernel, **kw), (small, small), q, dy, lr, th,
+                   name="gateloop_ew_bwd_local")
+        extra = (*transitions, *gl)
+    big = _f32_shape(b, t, h)
+    dq, dk, dv, dlr, dth, c_re, c_im = _call(
+        plan, functools.partial(_bwd_kernel, segmented=segmented, num_segments=s, **kw), (big,) * 5 + (small,) * 2,
+        q, k, v, lr, th, dy, *states, h0re, h0im, gf_re, gf_im, *extra, name="gateloop_ew_bwd")
+    return dq, dk, dv, dlr, dth, c_re[:, 0], c_im[:, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(plan, q, k, v, lr, th, h0re, h0im):
+    y, fre, fim, _, _ = _forward(plan, q, k, v, lr, th, h0re, h0im, save_states=False)
+    return y, fre, fim
+
+
+def _core_fwd(plan, q, k, v, lr, th, h0re, h0im):
+    y, fre, fim, states, transitions = _forward(plan, q, k, v, lr, th, h0re, h0im, save_states=True)
+    return (y, fre, fim), (q, k, v, lr, th, h0re, h0im, states, transitions)
+
+
+def _core_bwd(plan, res, cts):
+    q, k, v, lr, th, h0re, h0im, states, transitions = res
+    dy, gf_re, gf_im = cts
+    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, states, transitions, _f32(dy), _f32(gf_re), _f32(gf_im))
+    primals = (q, k, v, lr, th, h0re, h0im)
+    return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | None = None,
+                                config: Config | None = None):
+    """Mode contract: q, k, v, log_r, theta (b, t, h, 1) real; h0 (b, h, 1, 1) complex or None.
+
+    Returns (y (b, t, h, 1) float32, final state (b, h, 1, 1) complex64). Differentiable (custom_vjp) in every
+    argument, h0 included. Any t and h: they are padded internally with identity steps (a = 1, k = v = q = 0) and
+    idle channels, which change neither the outputs nor the final state.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    cfg = config or Config()
+    b, t, h, _ = q.shape
+    cb = min(cfg.block_channels, _next_pow2(h))
+    hp = -(-h // cb) * cb
+    seg = cfg.segment_length or _pick_segment_length(b, t, hp // cb, cfg)
+    unroll = min(cfg.unroll, seg)
+    if seg % unroll:
+        raise ValueError(f"segment_length {seg} must be a multiple of unroll {unroll}")
+    tp = -(-t // seg) * seg
+    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret))
+
+    def prep(x, value=0.0):
+        x = x[..., 0]
+        if tp != t or hp != h:
+            x = jnp.pad(x, ((0, 0), (0, tp - t), (0, hp - h)), constant_values=value)
+        return x
+
+    args = [prep(x) for x in (q, k, v, log_r, theta)]
+    if h0 is None:
+        h0re = h0im = jnp.zeros((b, hp), jnp.float32)
+    else:
+        h0c = h0[..., 0, 0]
+        h0re, h0im = jnp.real(h0c).astype(jnp.float32), jnp.imag(h0c).astype(jnp.float32)
+        if hp != h:
+            h0re, h0im = (jnp.pad(x, ((0, 0), (0, hp - h))) for x in (h0re, h0im))
+    y, fre, fim = _core(plan, *args, h0re, h0im)
+    final = jax.lax.complex(fre[:, :h], fim[:, :h])
+    return y[:, :t, :h, None], final[:, :, None, None]
+
+
+__all__ = ["Config", "gateloop_pallas_elementwise", "supported"]
