@@ -100,14 +100,14 @@ def copy_bandwidth():
 
 
 EW_VARIANTS = {
-    "cb32_u8": pe.Config(block_channels=32, num_warps=1, unroll=8),
-    "cb32_u16": pe.Config(block_channels=32, num_warps=1, unroll=16),
-    "cb32_u8_p4096": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=4096),
     "cb32_u8_p1024": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=1024),
-    "cb32_u8_s1": pe.Config(block_channels=32, num_warps=1, unroll=8, num_stages=1),
-    "cb64_w2_u8": pe.Config(block_channels=64, num_warps=2, unroll=8),
-    "cb128_w1_u8": pe.Config(block_channels=128, num_warps=1, unroll=8, min_programs=1024),
-    "cb128_w4_u8": pe.Config(block_channels=128, num_warps=4, unroll=8, min_programs=1024),
+    "cb32_u8_p2048": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=2048),
+    "cb32_u8_p4096": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=4096),
+    "cb32_u16_p1024": pe.Config(block_channels=32, num_warps=1, unroll=16, min_programs=1024),
+    "cb32_u16_p2048": pe.Config(block_channels=32, num_warps=1, unroll=16, min_programs=2048),
+    "cb64_w2_u8_p1024": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=1024),
+    "cb64_w2_u16_p1024": pe.Config(block_channels=64, num_warps=2, unroll=16, min_programs=1024),
+    "cb128_w4_u8_p512": pe.Config(block_channels=128, num_warps=4, unroll=8, min_programs=512),
 }
 
 

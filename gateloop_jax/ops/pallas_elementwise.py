@@ -12,9 +12,13 @@ Backward (custom_vjp): the reverse-time recurrence with conj(a),
     dq_n = Re(h_n) dy_n,  dk_n = Re(g_n) v_n,  dv_n = Re(g_n) k_n,
     w_n = a_n h_{n-1}:    dlog_r_n = Re(conj(g_n) w_n),  dtheta_n = Re(conj(g_n) i w_n),
     dh0 = conj(a_0) g_0,
-segmented the same way. The forward saves the states h (re, im) for it: recomputing h_{n-1} from h_n backwards
-would divide by a, which is unstable for |a| ~ 0, and w_n is formed from h_{n-1} directly (not as h_n - k_n v_n)
-so that nothing cancels when |a| is tiny.
+segmented the same way. The forward saves only the state before each block of `unroll` steps (1 / unroll of a
+pass); the backward recomputes the block's states forward in registers, then walks the block in reverse. (Recovering
+h_{n-1} from h_n backwards would divide by a, unstable for |a| ~ 0.) w_n is formed from h_{n-1} directly, not as
+h_n - k_n v_n, so nothing cancels when |a| is tiny.
+
+Every loop iteration issues all loads of its `unroll` steps before any store: a store to a ref the compiler cannot
+prove distinct from the inputs would otherwise hold the next step's loads back, one memory latency per step.
 
 Arithmetic is float32 whatever the input dtype (bf16 inputs are upcast on load): the state is carried over
 thousands of steps and a bf16 state would lose ~3 digits per step.
@@ -88,6 +92,12 @@ def _f32(x):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _load_rows(refs, bi, rows, cols):
+    """All loads of an unrolled block first: issued before any store, they are in flight together (a store to a ref
+    the compiler cannot prove distinct would otherwise keep the next step's loads behind it)."""
+    return [[_f32(r[bi, n, cols]) for n in rows] for r in refs]
+
+
 def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, *, seg, cb, unroll):
     """Per segment: its state from a zero start and the product of its transitions."""
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -96,12 +106,12 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
 
     def body(j, carry):
         hr, hi, pr, pi = carry
+        rows = [t0 + j * unroll + u for u in range(unroll)]
+        ks, vs, lrs, ths = _load_rows((k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            n = t0 + j * unroll + u
-            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
-            x = _f32(k_ref[bi, n, cols]) * _f32(v_ref[bi, n, cols])
+            ar, ai = _transition(lrs[u], ths[u])
             hr, hi = _cmul(ar, ai, hr, hi)
-            hr = hr + x
+            hr = hr + ks[u] * vs[u]
             pr, pi = _cmul(ar, ai, pr, pi)
         return hr, hi, pr, pi
 
@@ -121,7 +131,9 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
         refs = refs[4:]
     y_ref, end_re, end_im = refs[:3]
     if save_states:
-        hs_re, hs_im = refs[3:5]
+        # The state before each block of `unroll` steps (1 / unroll of a pass): the backward recomputes the block's
+        # states from it in registers instead of reading all states back.
+        hb_re, hb_im = refs[3:5]
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
     t0 = si * seg
@@ -138,16 +150,17 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
 
     def body(j, carry):
         hr, hi = carry
+        rows = [t0 + j * unroll + u for u in range(unroll)]
+        qs, ks, vs, lrs, ths = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
+        if save_states:
+            blk = si * (seg // unroll) + j
+            hb_re[bi, blk, cols] = hr
+            hb_im[bi, blk, cols] = hi
         for u in range(unroll):
-            n = t0 + j * unroll + u
-            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
-            x = _f32(k_ref[bi, n, cols]) * _f32(v_ref[bi, n, cols])
+            ar, ai = _transition(lrs[u], ths[u])
             hr, hi = _cmul(ar, ai, hr, hi)
-            hr = hr + x
-            y_ref[bi, n, cols] = _f32(q_ref[bi, n, cols]) * hr
-            if save_states:
-                hs_re[bi, n, cols] = hr
-                hs_im[bi, n, cols] = hi
+            hr = hr + ks[u] * vs[u]
+            y_ref[bi, rows[u], cols] = qs[u] * hr
         return hr, hi
 
     hr, hi = jax.lax.fori_loop(0, seg // unroll, body, (hr, hi))
@@ -163,10 +176,11 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
 
     def body(j, carry):
         cr, ci_ = carry
+        rows = [t_last - (j * unroll + u) for u in range(unroll)]
+        qs, dys, lrs, ths = _load_rows((q_ref, dy_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            n = t_last - (j * unroll + u)
-            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
-            gr = _f32(q_ref[bi, n, cols]) * _f32(dy_ref[bi, n, cols]) + cr
+            ar, ai = _transition(lrs[u], ths[u])
+            gr = qs[u] * dys[u] + cr
             cr, ci_ = _cmul(ar, -ai, gr, ci_)
         return cr, ci_
 
@@ -177,16 +191,15 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
 
 
 def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
-    (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hs_re, hs_im, h0_re, h0_im, gf_re, gf_im) = refs[:12]
-    refs = refs[12:]
+    (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hb_re, hb_im, gf_re, gf_im) = refs[:10]
+    refs = refs[10:]
     if segmented:
         p_re, p_im, gl_re, gl_im = refs[:4]
         refs = refs[4:]
     dq_ref, dk_ref, dv_ref, dlr_ref, dth_ref, c_re, c_im = refs
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
-    t0 = si * seg
-    t_last = t0 + seg - 1
+    blocks = seg // unroll
 
     # Incoming cotangent at the segment's last step: the final state's cotangent carried back through the later
     # segments, c <- conj(P_s) c + local_s for s = S-1 .. si+1.
@@ -200,32 +213,36 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
 
         cr, cim = jax.lax.fori_loop(0, num_segments - 1 - si, fold, (cr, cim))
 
-    h0r, h0i = h0_re[bi, cols], h0_im[bi, cols]
-    hr, hi = hs_re[bi, t_last, cols], hs_im[bi, t_last, cols]
-
     def body(j, carry):
-        cr, cim, hr, hi = carry
+        cr, cim = carry
+        blk = si * blocks + (blocks - 1 - j)  # blocks of the segment, last first
+        rows = [blk * unroll + u for u in range(unroll)]
+        qs, ks, vs, lrs, ths, dys = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref), bi, rows, cols)
+        # Recompute the block's states h_{n-1} (before each step) in registers from the saved state before the block.
+        hr, hi = hb_re[bi, blk, cols], hb_im[bi, blk, cols]
+        before, trans = [], []
         for u in range(unroll):
-            n = t_last - (j * unroll + u)
-            # h_{n-1}: the saved state one step back, or h0 before the first step.
-            prev = jnp.maximum(n - 1, 0)
-            is_first = n == 0
-            pr = jnp.where(is_first, h0r, hs_re[bi, prev, cols])
-            pim = jnp.where(is_first, h0i, hs_im[bi, prev, cols])
-            ar, ai = _transition(_f32(lr_ref[bi, n, cols]), _f32(th_ref[bi, n, cols]))
-            q, dy = _f32(q_ref[bi, n, cols]), _f32(dy_ref[bi, n, cols])
-            gr, gi = q * dy + cr, cim
-            dq_ref[bi, n, cols] = hr * dy
-            dk_ref[bi, n, cols] = gr * _f32(v_ref[bi, n, cols])
-            dv_ref[bi, n, cols] = gr * _f32(k_ref[bi, n, cols])
-            wr, wi = _cmul(ar, ai, pr, pim)
+            ar, ai = _transition(lrs[u], ths[u])
+            before.append((hr, hi))
+            trans.append((ar, ai))
+            hr, hi = _cmul(ar, ai, hr, hi)
+            hr = hr + ks[u] * vs[u]
+        for u in reversed(range(unroll)):
+            n = rows[u]
+            ar, ai = trans[u]
+            pr, pim = before[u]
+            gr, gi = qs[u] * dys[u] + cr, cim
+            dq_ref[bi, n, cols] = hr * dys[u]  # hr holds h_n here
+            dk_ref[bi, n, cols] = gr * vs[u]
+            dv_ref[bi, n, cols] = gr * ks[u]
+            wr, wi = _cmul(ar, ai, pr, pim)  # a_n h_{n-1}, formed directly: no cancellation when |a| ~ 0
             dlr_ref[bi, n, cols] = gr * wr + gi * wi
             dth_ref[bi, n, cols] = gi * wr - gr * wi
             cr, cim = _cmul(ar, -ai, gr, gi)
             hr, hi = pr, pim
-        return cr, cim, hr, hi
+        return cr, cim
 
-    cr, cim, _, _ = jax.lax.fori_loop(0, seg // unroll, body, (cr, cim, hr, hi))
+    cr, cim = jax.lax.fori_loop(0, blocks, body, (cr, cim))
     c_re[bi, si, cols] = cr
     c_im[bi, si, cols] = cim
 
@@ -283,7 +300,7 @@ def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
         extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th,
                       name="gateloop_ew_fwd_local")
         p_re, p_im = extra[2], extra[3]
-    outs = (_f32_shape(b, t, h), small, small) + ((_f32_shape(b, t, h),) * 2 if save_states else ())
+    outs = (_f32_shape(b, t, h), small, small) + ((_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ())
     res = _call(plan, functools.partial(_fwd_kernel, segmented=segmented, save_states=save_states, **kw), outs,
                 q, k, v, lr, th, h0re, h0im, *extra, name="gateloop_ew_fwd")
     y, end_re, end_im = res[:3]
@@ -305,7 +322,7 @@ def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy,
     big = _f32_shape(b, t, h)
     dq, dk, dv, dlr, dth, c_re, c_im = _call(
         plan, functools.partial(_bwd_kernel, segmented=segmented, num_segments=s, **kw), (big,) * 5 + (small,) * 2,
-        q, k, v, lr, th, dy, *states, h0re, h0im, gf_re, gf_im, *extra, name="gateloop_ew_bwd")
+        q, k, v, lr, th, dy, *states, gf_re, gf_im, *extra, name="gateloop_ew_bwd")
     return dq, dk, dv, dlr, dth, c_re[:, 0], c_im[:, 0]
 
 
