@@ -48,3 +48,37 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if not rules or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+
+
+def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
+    """A Mesh over MESH_AXES from sizes like {"data": -1, "fsdp": 1, "tensor": 1}; -1 takes the remaining devices.
+
+    Axes missing from `mesh_shape` have size 1. The product must equal the device count exactly (an idle device is
+    almost always a configuration mistake), and the error says which sizes were asked for and how many devices exist.
+    Axes are "Auto" (not explicit): XLA propagates shardings from the in/out shardings and `constrain` hints.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(mesh_shape)
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh: unknown axis name(s) {unknown}; the axes are {MESH_AXES}.")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1 (the remaining devices), got {rest} in {shape}.")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}.")
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size != -1 else 1
+    if fixed > len(devices) or len(devices) % fixed:
+        raise ValueError(
+            f"mesh: {sizes} needs {fixed} devices{' times the -1 axis' if rest else ''}, but there are "
+            f"{len(devices)} ({devices[0].platform}); choose sizes whose product divides {len(devices)}.")
+    if rest:
+        sizes[rest[0]] = len(devices) // fixed
+    elif fixed != len(devices):
+        raise ValueError(
+            f"mesh: {sizes} uses {fixed} of the {len(devices)} devices; set one axis to -1 to use them all.")
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,155 @@
+"""Checkpoints: Orbax CheckpointManager with four items per step.
+
+    <workdir>/checkpoints/<step>/
+        params/     the model parameters (nested dict, OCDBT/tensorstore; sharded writes from every process)
+        opt_state/  the optimiser state's leaves {"0": ..., "1": ...} (the tree structure comes from tx.init)
+        meta/       JSON: {"step", "config"} (the resolved config, so a checkpoint loads without its workdir)
+        data/       one JSON file per process: that process's data-iterator state (process_<i>-of-<n>.json)
+
+Saves are asynchronous (the arrays are copied to host, then written in a background thread while training goes on)
+and atomic: Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save leaves
+the previous checkpoints intact and a temporary directory that is ignored (and cleaned up on the next start).
+A checkpoint that is present but unreadable (corrupt files) is skipped with a warning and the previous one is used.
+
+Restoring takes abstract arrays (jax.ShapeDtypeStruct with a sharding): the arrays are read straight into that
+sharding, so a checkpoint written on one mesh restores onto any other (or onto one CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+ITEMS = ("params", "opt_state", "meta", "data")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Per-process JSON state of the data iterators (like grain's handler, but for any JSON-serialisable state):
+    every process writes and reads its own file, since each iterates over its own rows."""
+
+    def _path(self, directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        self._path(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
+        path = self._path(directory)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: this checkpoint was written by a different number of processes "
+                f"({sorted(p.name for p in directory.iterdir())}).")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def structure(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def flatten_opt_state(opt_state) -> dict[str, Any]:
+    # optax states contain empty nodes (MaskedNode, EmptyState) that serialise awkwardly; their leaves do not.
+    return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+
+
+def unflatten_opt_state(like, flat: Mapping[str, Any]):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(flat) != len(leaves):
+        raise ValueError(f"checkpoint has {len(flat)} optimiser-state arrays, this optimiser needs {len(leaves)}; "
+                         "was it written with a different optimizer config?")
+    return jax.tree.unflatten(treedef, [flat[str(i)] for i in range(len(leaves))])
+
+
+def checkpoint_dir(path: str) -> str:
+    """<workdir>/checkpoints if `path` is a workdir, else `path` itself (a checkpoints directory)."""
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+class Checkpointer:
+    """The trainer's view of one checkpoints directory."""
+
+    def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True, read_only=False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, *, params, opt_state, config_json: str, data_state) -> None:
+        """Starts an asynchronous save (returns once the arrays are on host); a save of the same step is a no-op."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(flatten_opt_state(opt_state)),
+            meta=ocp.args.JsonSave({"step": int(step), "config": json.loads(config_json)}),
+            data=DataStateSave(data_state),
+        ), force=True)
+
+    def restore(self, step: int, *, abstract_params=None, abstract_opt_state=None, data=True) -> dict[str, Any]:
+        """Items of checkpoint `step`, restored onto the shardings of the abstract trees given."""
+        args = {"meta": ocp.args.JsonRestore()}
+        if abstract_params is not None:
+            args["params"] = ocp.args.StandardRestore(abstract_params)
+        if abstract_opt_state is not None:
+            args["opt_state"] = ocp.args.StandardRestore(flatten_opt_state(abstract_opt_state))
+        if data:
+            args["data"] = DataStateRestore()
+        out = dict(self.manager.restore(step, args=ocp.args.Composite(**args)).items())
+        if abstract_opt_state is not None:
+            out["opt_state"] = unflatten_opt_state(abstract_opt_state, out["opt_state"])
+        return out
+
+    def restore_latest(self, **kwargs) -> tuple[int | None, dict[str, Any] | None]:
+        """The newest checkpoint that restores; unreadable ones are skipped with a warning. (None, None) if none."""
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                return step, self.restore(step, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
+                logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one.",
+                                self.directory, step, type(e).__name__, str(e)[:500])
+                print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}); falling back to the previous one.", flush=True)
+        if steps:
+            print(f"WARNING: none of the checkpoints {steps} in {self.directory} could be read; starting over.",
+                  flush=True)
+        return None, None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
