@@ -24,7 +24,16 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# Import ops/ (jax only) without the package's __init__, which pulls in the model stack (flax, ml_collections, ...):
+# the GPU image need not have those for a kernel benchmark.
+if "gateloop_jax" not in sys.modules:
+    import types
+
+    _pkg = types.ModuleType("gateloop_jax")
+    _pkg.__path__ = [os.path.join(REPO, "gateloop_jax")]
+    sys.modules["gateloop_jax"] = _pkg
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
