@@ -109,14 +109,12 @@ def copy_bandwidth():
 
 
 EW_VARIANTS = {
-    "cb32_u8_p1024": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=1024),
-    "cb32_u8_p2048": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=2048),
-    "cb32_u8_p4096": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=4096),
-    "cb32_u16_p1024": pe.Config(block_channels=32, num_warps=1, unroll=16, min_programs=1024),
-    "cb32_u16_p2048": pe.Config(block_channels=32, num_warps=1, unroll=16, min_programs=2048),
-    "cb64_w2_u8_p1024": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=1024),
-    "cb64_w2_u16_p1024": pe.Config(block_channels=64, num_warps=2, unroll=16, min_programs=1024),
-    "cb128_w4_u8_p512": pe.Config(block_channels=128, num_warps=4, unroll=8, min_programs=512),
+    "default": pe.Config(),
+    "default_again": pe.Config(),  # the same kernel timed twice: the run-to-run spread
+    "cb128_w4_u8_p1024": pe.Config(block_channels=128, num_warps=4, unroll=8, min_programs=1024),
+    "cb64_w2_u8_p2048": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=2048),
+    "cb256_w8_u8_p256": pe.Config(block_channels=256, num_warps=8, unroll=8, min_programs=256),
+    "cb32_u8_p512": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=512),  # one segment at L=1024
 }
 
 
