@@ -55,11 +55,11 @@ def get_config(arg=None):
     c.ckpt_every_steps = 1000
     if arg.runlocal:
         # CPU-sized: few enough steps for a 2-core machine in a few minutes, still to solved accuracy.
-        c.total_steps = 1500
+        c.total_steps = 3000
         c.global_batch_size = 32
-        c.log_every_steps = 25
-        c.eval_every_steps = 250
-        c.ckpt_every_steps = 500
+        c.log_every_steps = 50
+        c.eval_every_steps = 500
+        c.ckpt_every_steps = 1000
         # On CPU at this length the sequential scan is the fastest mode (the same function as the others).
         if arg.mode == "auto":
             c.model.mode = "recurrent"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+from absl import logging
 from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec
 
@@ -53,8 +54,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
     """A Mesh over MESH_AXES from sizes like {"data": -1, "fsdp": 1, "tensor": 1}; -1 takes the remaining devices.
 
-    Axes missing from `mesh_shape` have size 1. The product must equal the device count exactly (an idle device is
-    almost always a configuration mistake), and the error says which sizes were asked for and how many devices exist.
+    Axes missing from `mesh_shape` have size 1. A mesh needing more devices than exist is an error naming the sizes
+    and the device count. Explicit sizes whose product is smaller than the device count use the first devices (with
+    a warning: idle devices are usually a mistake, but it is how a one-device reference run is made on a larger host).
     Axes are "Auto" (not explicit): XLA propagates shardings from the in/out shardings and `constrain` hints.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -71,14 +73,15 @@ def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
     fixed = 1
     for size in sizes.values():
         fixed *= size if size != -1 else 1
-    if fixed > len(devices) or len(devices) % fixed:
+    if fixed > len(devices) or (rest and len(devices) % fixed):
         raise ValueError(
             f"mesh: {sizes} needs {fixed} devices{' times the -1 axis' if rest else ''}, but there are "
             f"{len(devices)} ({devices[0].platform}); choose sizes whose product divides {len(devices)}.")
     if rest:
         sizes[rest[0]] = len(devices) // fixed
     elif fixed != len(devices):
-        raise ValueError(
-            f"mesh: {sizes} uses {fixed} of the {len(devices)} devices; set one axis to -1 to use them all.")
+        logging.warning("mesh: %s uses %d of the %d devices; set one axis to -1 to use them all.", sizes, fixed,
+                        len(devices))
+        devices = devices[:fixed]
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

@@ -97,8 +97,10 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True, read_only=False):
         self.directory = os.path.abspath(directory)
+        # read_only: never create, clean up or delete anything here (a checkpoint being loaded elsewhere). Orbax's
+        # own read_only option would warn on every open, so it is expressed with the options below.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
