@@ -109,7 +109,7 @@ EW_SMALL = pe.Config(block_channels=4, unroll=4, segment_length=8)
     "t,with_h0,config",
     [
         (1, True, EW_SMALL),
-        (7, False, EW_SMALL),
+        (7, False, pe.Config()),  # the defaults, as dispatch would call it
         (37, True, pe.Config(block_channels=8, unroll=4)),  # one segment covers t: no first pass, no carry
         (64, True, EW_SMALL),
     ],
