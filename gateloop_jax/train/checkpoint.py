@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -136,18 +137,40 @@ class Checkpointer:
     def restore_latest(self, **kwargs) -> tuple[int | None, dict[str, Any] | None]:
         """The newest checkpoint that restores; unreadable ones are skipped with a warning. (None, None) if none."""
         steps = self.all_steps()
+        bad = []
         for step in reversed(steps):
             try:
-                return step, self.restore(step, **kwargs)
+                restored = self.restore(step, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
                 logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one.",
                                 self.directory, step, type(e).__name__, str(e)[:500])
                 print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}); falling back to the previous one.", flush=True)
+                      f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one.", flush=True)
+                bad.append(step)
+                continue
+            self._set_aside(bad)
+            return step, restored
+        self._set_aside(bad)
         if steps:
             print(f"WARNING: none of the checkpoints {steps} in {self.directory} could be read; starting over.",
                   flush=True)
         return None, None
+
+    def _set_aside(self, steps) -> None:
+        """Renames unreadable checkpoints to corrupt-<step>-<time> (kept for inspection): the resumed run saves
+        those steps again, and Orbax would otherwise list (and refuse to overwrite) them."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                if os.path.isdir(src):
+                    os.rename(src, os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("gateloop_jax:set_aside_corrupt_checkpoints")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

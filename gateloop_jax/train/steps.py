@@ -103,7 +103,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
         metrics = {
             "train/loss": stats["nll"] / count,
             "train/accuracy": stats["correct"] / count,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/lr": schedule(state.step),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
