@@ -174,3 +174,26 @@ def test_load_errors(trained, tmp_path):
         gateloop_jax.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gateloop_jax.load(str(tmp_path / "nowhere"))
+
+
+def test_init_from_loads_parameters_only(trained, tmp_path, capsys):
+    c = tiny(data=4, fsdp=2)
+    c.init_from, c.init_from_step = str(trained), 3
+    capsys.readouterr()
+    train_and_evaluate(c, str(tmp_path))
+    assert f"initialised from {trained}/checkpoints/3 at step 0" in capsys.readouterr().out
+    # Step 1 starts from the trained parameters, so its loss is below the scratch run's step 1.
+    assert losses(str(tmp_path))[0] < losses(str(trained))[0]
+    c.init_from_step = 9
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step 9; it has \[1, 2, 3\]"):
+        train_and_evaluate(c, str(tmp_path / "other"))
+
+
+def test_incompatible_checkpoints_are_an_error_not_a_restart(trained, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained, workdir)
+    c = tiny(data=4, fsdp=2)
+    c.model.d_model = 32  # another model: no checkpoint can restore
+    with pytest.raises(RuntimeError, match=r"none of the checkpoints \[1, 2, 3\]"):
+        train_and_evaluate(c, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]

@@ -135,25 +135,31 @@ class Checkpointer:
         return out
 
     def restore_latest(self, **kwargs) -> tuple[int | None, dict[str, Any] | None]:
-        """The newest checkpoint that restores; unreadable ones are skipped with a warning. (None, None) if none."""
+        """The newest checkpoint that restores; (None, None) if there is none.
+
+        An unreadable checkpoint is skipped with a warning when an older one restores (so the newer one is damaged,
+        not incompatible) and set aside. If none restores, that is more likely a config that no longer matches the
+        checkpoints (another model or optimizer) than damage everywhere: an error, and nothing is renamed.
+        """
         steps = self.all_steps()
-        bad = []
+        errors = []
         for step in reversed(steps):
             try:
                 restored = self.restore(step, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
-                logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one.",
+                logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
                                 self.directory, step, type(e).__name__, str(e)[:500])
                 print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
                       f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one.", flush=True)
-                bad.append(step)
+                errors.append((step, e))
                 continue
-            self._set_aside(bad)
+            self._set_aside([bad for bad, _ in errors])
             return step, restored
-        self._set_aside(bad)
         if steps:
-            print(f"WARNING: none of the checkpoints {steps} in {self.directory} could be read; starting over.",
-                  flush=True)
+            raise RuntimeError(
+                f"none of the checkpoints {steps} in {self.directory} restores with this config (a different model "
+                f"or optimizer?); use another workdir or fix the config. Newest error: {errors[0][1]!r}"
+            ) from errors[0][1]
         return None, None
 
     def _set_aside(self, steps) -> None:
