@@ -12,14 +12,17 @@ Every mixer implements the same protocol, so the LM shell and the decoder are sh
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gateloop_jax import ops
-from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain
+
+if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
+    from gateloop_jax.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transition parametrisation: pure functions, shared by the mixer, its initialisers and the inspection tools.
@@ -137,8 +140,8 @@ class GateLoopMixer(nnx.Module):
             self.theta_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs,
                                           bias_shape=(h, dk), scale=scale, bias_init=theta_init)
         if config.transition == "fixed":
-            self.gamma_bias = nnx.Param(gamma_init(rngs.params(), (h, dk)), sharding=(HEADS, QK))
-            self.theta_bias = nnx.Param(theta_init(rngs.params(), (h, dk)), sharding=(HEADS, QK))
+            self.gamma_bias = nnx.Param(gamma_init(rngs.params(), (h, dk)), out_sharding=(HEADS, QK))
+            self.theta_bias = nnx.Param(theta_init(rngs.params(), (h, dk)), out_sharding=(HEADS, QK))
         self.norm = nnx.data(None)
         if config.output_norm == "layernorm":
             self.norm = nnx.LayerNorm(h * dv, dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype),

@@ -7,6 +7,10 @@ the oracle (tests/reference.py) is NumPy float64.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# LLVM optimisation level 0: the tests use tiny shapes, where XLA's CPU compile time (not run time) dominates;
+# this cuts compile time about 6x on 2 cores. Numerics are unchanged (no fast-math either way).
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))

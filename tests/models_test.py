@@ -1,0 +1,174 @@
+"""Layers and models: every registered model trains a step, every preset builds with the advertised parameter
+count, every computation mode gives the same logits, prefill + per-token decode equals the full forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gateloop_jax import layers, ops
+from gateloop_jax.models import (MODELS, PRESETS, ModelConfig, build_model, expected_param_count, param_count,
+                                 preset_config, resolve_config)
+
+VOCAB = 64
+
+
+def tiny(name, **overrides):
+    return preset_config("test", name=name, vocab_size=VOCAB, **overrides)
+
+
+def tokens(seed, b=2, t=13):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, VOCAB)
+
+
+def loss_fn(model, inputs, targets):
+    logits = model(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_optimisation_step_lowers_the_loss(name):
+    model = build_model(tiny(name), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    batch = tokens(1, t=17)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
+        optimizer.update(model, grads)
+        return loss
+
+    before = step(model, optimizer)
+    after = loss_fn(model, inputs, targets)
+    assert np.isfinite(before) and after < before, (name, float(before), float(after))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("name", ["gateloop", "transformer"])
+def test_every_preset_builds_with_the_formula_parameter_count(preset, name):
+    config = resolve_config(preset_config(preset, name=name))
+    if name == "transformer" and config.head_dims[0] == 1:
+        config = config.replace(num_heads=config.d_model // 64, d_qk=None, d_v=None)  # max-headed makes no sense for attention
+    # Abstract build: shapes only, so the 350M preset costs no memory.
+    model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    assert param_count(model) == expected_param_count(config)
+
+
+def test_presets_have_the_advertised_sizes():
+    count = lambda p: expected_param_count(resolve_config(preset_config(p)))
+    assert 120e6 <= count("125m") <= 135e6
+    assert 330e6 <= count("350m") <= 370e6
+
+
+@pytest.mark.parametrize("layout", [dict(num_heads=2), dict(num_heads=32, d_qk=1, d_v=1)],
+                         ids=["multihead", "maxheaded"])
+def test_every_mode_gives_the_same_logits(layout):
+    model = build_model(tiny("gateloop", **layout), rngs=nnx.Rngs(0))
+    batch = tokens(2, t=21)
+    logits = {mode: model(batch, mode=mode) for mode in ops.MODES}
+    scale = float(jnp.max(jnp.abs(logits["recurrent"])))
+    for mode, value in logits.items():
+        np.testing.assert_allclose(value, logits["recurrent"], rtol=0, atol=1e-5 * scale, err_msg=mode)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prefill_then_decode_equals_full_forward(name):
+    """Batched prompts of different lengths (right padded), prefill in parallel, then one token at a time."""
+    model = build_model(tiny(name), rngs=nnx.Rngs(0))
+    b, t = 3, 16
+    seq = tokens(3, b=b, t=t)
+    full = model(seq)
+    prompt_lengths = jnp.array([5, 9, 7])
+    mask = jnp.arange(9)[None, :] < prompt_lengths[:, None]
+    prompt = jnp.where(mask, seq[:, :9], 0)
+    prefill_logits, cache = model.prefill(prompt, mask=mask, max_len=t)
+    scale = float(jnp.max(jnp.abs(full)))
+    # Prefill logits at real positions match the full forward.
+    np.testing.assert_allclose(jnp.where(mask[..., None], prefill_logits, 0), jnp.where(mask[..., None],
+                               full[:, :9], 0), atol=1e-5 * scale, rtol=0)
+    # Then each row continues from its own length.
+    step = nnx.jit(lambda model, tok, cache: model.decode_step(tok, cache))
+    for i in range(5):
+        positions = prompt_lengths + i
+        token = seq[jnp.arange(b), positions]
+        logits, cache = step(model, token, cache)
+        expected = full[jnp.arange(b), positions]
+        np.testing.assert_allclose(logits, expected, atol=1e-5 * scale, rtol=0, err_msg=f"decode step {i}")
+
+
+def test_transition_variants():
+    batch = tokens(4)
+    for transition in ("data_controlled", "fixed", "real", "none"):
+        model = build_model(tiny("gateloop", transition=transition), rngs=nnx.Rngs(0))
+        (log_r, phase), *_ = model.transitions(batch)
+        assert log_r.shape == (2, 13, 2, 16) and bool(jnp.all(log_r <= 0))
+        if transition == "none":
+            assert bool(jnp.all(log_r == 0)) and bool(jnp.all(phase == 0))
+        if transition == "real":
+            assert bool(jnp.all(phase == 0)) and bool(jnp.any(log_r < 0))
+        if transition == "fixed":  # input independent: the same at every position and in every row
+            assert bool(jnp.all(log_r == log_r[:1, :1])) and bool(jnp.all(phase == phase[:1, :1]))
+        if transition == "data_controlled":
+            assert float(jnp.std(log_r[:, :, 0, 0])) > 0
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "sigmoid_tempered", "lru_exp"])
+@pytest.mark.parametrize("init", ["slow_forget", "lru_ring"])
+def test_initial_magnitudes_follow_the_init_strategy(activation, init):
+    config = tiny("gateloop", magnitude_activation=activation, init=init, d_model=64, num_heads=4)
+    model = build_model(config, rngs=nnx.Rngs(0))
+    (log_r, phase), *_ = model.transitions(tokens(5))
+    magnitude = jnp.exp(log_r)
+    # The data-dependent weights start at 1% variance, so the biases' range holds up to a small spread.
+    assert float(jnp.min(magnitude)) >= 0.85 and float(jnp.max(magnitude)) <= 0.9999
+    if init == "slow_forget":
+        assert float(jnp.max(jnp.abs(phase))) <= 0.2
+
+
+def test_inverse_parametrisations_round_trip():
+    log_r = jnp.log(jnp.array([0.1, 0.5, 0.9, 0.999]))
+    for activation in ("sigmoid", "sigmoid_tempered", "lru_exp"):
+        gamma = layers.inverse_log_magnitude(log_r, activation, 16.0)
+        np.testing.assert_allclose(layers.log_magnitude(gamma, activation, 16.0), log_r, rtol=1e-4)
+    phi = jnp.array([-2.0, 0.0, 0.3, 3.0])
+    np.testing.assert_allclose(layers.phase(layers.inverse_phase(phi, "tanh_pi"), "tanh_pi"), phi, rtol=1e-4)
+
+
+def test_sigmoid_log_magnitude_is_exact_for_extreme_gates():
+    """log sigmoid(gamma) in log space: sigmoid(-200) underflows to 0 in float32, its log must not be -inf."""
+    log_r = layers.log_magnitude(jnp.array([-200.0, 0.0, 30.0]), "sigmoid", 1.0)
+    np.testing.assert_allclose(log_r, [-200.0, np.log(0.5), -np.exp(-30.0)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("mode", "fast", r"mode='fast' is not one of"),
+    ("transition", "learned", r"transition='learned' is not one of"),
+    ("output_norm", "groupnorm", r"output_norm='groupnorm' normalises each head over d_v, which is 1"),
+    ("num_heads", 3, r"d_model=32 is not divisible by num_heads=3"),
+    ("init_max_magnitude", 1.0, r"init_min_magnitude <= init_max_magnitude < 1"),
+])
+def test_bad_model_config_names_the_field(field, value, pattern):
+    overrides = {field: value}
+    if field == "output_norm":
+        overrides.update(num_heads=32, d_qk=1, d_v=1)
+    with pytest.raises(ValueError, match=pattern):
+        tiny("gateloop", **overrides)
+
+
+def test_unknown_field_and_name_are_errors():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['heads'\]"):
+        ModelConfig.from_mapping({"heads": 4})
+    with pytest.raises(ValueError, match=r"name='mamba' is not registered"):
+        build_model(ModelConfig(name="mamba"), rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = build_model(tiny("gateloop", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    logits = model(tokens(6))
+    assert logits.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    reference = build_model(tiny("gateloop"), rngs=nnx.Rngs(0))(tokens(6))
+    assert float(jnp.max(jnp.abs(logits - reference))) <= 0.1 * float(jnp.max(jnp.abs(reference)))
