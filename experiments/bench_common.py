@@ -262,6 +262,10 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
         output = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + \
                  ((err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or ""))
         code = -9
+    log = os.environ.get("BENCH_LOG")
+    if log:  # the whole output of every child, for the record (the device call returns only a tail)
+        with open(log, "a") as f:
+            f.write(f"\n===== {' '.join(argv)} (exit {code})\n{output}")
     if log_prefix:
         for line in output.strip().splitlines()[-5:]:
             print(f"{log_prefix} {line}", flush=True)

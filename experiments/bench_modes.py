@@ -6,12 +6,12 @@
 
 Grid: lengths 512..16384 at a fixed number of tokens per batch (batch = tokens / length, 32768 by default), two
 settings - "multihead" (8 heads, d_qk = d_v = 64) and "maxheaded" (heads = d_model = 512, d_qk = d_v = 1) - every mode
-of gateloop_jax.ops.MODES plus "auto" (a new mode added to MODES is picked up), bf16 and float32 inputs, scope "op"
-(gateloop_jax.ops.gateloop) and "layer" (gateloop_jax.layers.GateLoopMixer, d_model 512). Peers in the same run:
-causal softmax attention of the same shape through jax.nn.dot_product_attention (implementation "cudnn" and "xla";
-for the layer, the CausalSelfAttention layer), and jax-linear-attention / fla when importable (else reported as skipped
-with the reason). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and passed in polar form,
-float32, as the layer passes it; q, k, v (and the cotangent) are in the benchmark dtype.
+of gateloop_jax.ops.MODES and ops.KERNEL_MODES plus "auto" (a mode added there is picked up), bf16 and float32 inputs,
+scope "op" (gateloop_jax.ops.gateloop) and "layer" (gateloop_jax.layers.GateLoopMixer, d_model 512). Peers in the
+same run: causal softmax attention of the same shape through jax.nn.dot_product_attention (implementation "cudnn"
+and "xla"; for the layer, the CausalSelfAttention layer), and jax-linear-attention / fla when importable (else
+reported as skipped with the reason). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and
+passed in polar form, float32, as the layer passes it; q, k, v (and the cotangent) are in the benchmark dtype.
 
 Per config: compile time (separately; compiles run `--compile_workers` at a time), median of `--reps` timed runs after
 `--warmup` (block_until_ready), tokens/s, peak device memory, the memory-bandwidth bound of the op (bytes read and
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="experiments/results", help="folder for modes.json and modes.md")
     p.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+    p.add_argument("--layer_lengths", default="", help="lengths of scope=layer (default: --lengths)")
     p.add_argument("--settings", default="multihead,maxheaded")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--passes", default="fwd,fwdbwd")
@@ -221,7 +222,9 @@ def key_of(c: dict) -> str:
 def gateloop_modes(args) -> list[str]:
     from gateloop_jax import ops
 
-    return csv(args.modes) if args.modes else list(ops.MODES) + ["auto"]
+    # Kernel modes (e.g. "pallas") are listed apart from the portable MODES by the dispatcher; both are benchmarked,
+    # and a mode that does not apply to a shape is reported as skipped with the dispatcher's own error.
+    return csv(args.modes) if args.modes else list(ops.MODES) + list(getattr(ops, "KERNEL_MODES", ())) + ["auto"]
 
 
 def resolve_auto(dims: dict, t: int, b: int) -> str | None:
@@ -259,7 +262,8 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     limit = bc.memory_stats().get("bytes_limit")
 
     configs, aliases = [], []
-    for t in map(int, csv(args.lengths)):
+    lengths = csv(args.layer_lengths) if (scope == "layer" and args.layer_lengths) else csv(args.lengths)
+    for t in map(int, lengths):
         b = args.tokens // t
         base = {"scope": scope, "setting": setting, "dtype": dtype, "length": t, "batch": b, "tokens": b * t, **dims}
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
@@ -300,6 +304,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         graphdef, _ = modules[mode if mode in PEERS_SOFTMAX else "gateloop"]
         return layer_fn(graphdef, mode, c["pass"])
 
+    def ref_mode_of(c):
+        return "softmax_xla" if c["mode"] in PEERS_SOFTMAX else args.reference
+
     def input_specs(c):
         """Abstract arguments (for compiling before any input exists)."""
         t, b = c["length"], c["batch"]
@@ -339,8 +346,27 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         names_of[key_of(c)] = names
         specs = input_specs(c)
         jobs[key_of(c)] = (fn, [specs[n] for n in names])
-    workers = args.compile_workers or (4 if jax.default_backend() == "gpu" else 1)
-    compiled = bc.compile_many(jobs, workers)
+    # The references (float32 upcasts of the same inputs for the op) compile in the same batch. Where the reference
+    # is the very same program as a benchmarked config (float32 inputs, or the layer), that executable is reused.
+    ref_jobs = {}
+    for c in configs:
+        if "skipped" in c:
+            continue
+        ref_mode = ref_mode_of(c)
+        same = key_of({**c, "mode": ref_mode})
+        if scope == "layer" or dtype == "float32":
+            if same in jobs:
+                continue
+        ref_key = ("ref", c["length"], ref_mode, c["pass"])
+        if ref_key not in ref_jobs:
+            fn, names = build(c, upcast=True, mode=ref_mode)
+            specs = input_specs({**c, "mode": ref_mode})
+            ref_jobs[ref_key] = (fn, [specs[n] for n in names])
+            names_of[ref_key] = names
+    workers = args.compile_workers or (6 if jax.default_backend() == "gpu" else 1)
+    compiled = bc.compile_many({**jobs, **ref_jobs}, workers)
+    ref_executables = {k: v[0] for k, v in compiled.items() if k in ref_jobs and not isinstance(v, Exception)}
+    ref_failures = {k: v for k, v in compiled.items() if k in ref_jobs and isinstance(v, Exception)}
     executables = {}
     for c in configs:
         k = key_of(c)
@@ -429,17 +455,23 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         inputs = inputs_for(t, cs[0]["batch"])
         refs = {}
         for c in cs:
-            ref_mode = "softmax_xla" if c["mode"] in PEERS_SOFTMAX else args.reference
-            ref_key = (ref_mode, c["pass"])
+            ref_mode = ref_mode_of(c)
+            ref_key = ("ref", t, ref_mode, c["pass"])
             try:
                 if ref_key not in refs:
-                    fn, names = build(c, upcast=True, mode=ref_mode)
-                    refs[ref_key] = jax.device_get(jax.jit(fn)(*args_for({"mode": ref_mode}, inputs, names)))
+                    if ref_key in ref_failures:
+                        raise ref_failures[ref_key]
+                    if ref_key in ref_executables:
+                        exe, names = ref_executables[ref_key], names_of[ref_key]
+                    else:
+                        same = key_of({**c, "mode": ref_mode})
+                        exe, names = executables[same], names_of[same]
+                    refs[ref_key] = jax.device_get(exe(*args_for({"mode": ref_mode}, inputs, names)))
                 out = jax.device_get(executables[key_of(c)](*args_for(c, inputs, names_of[key_of(c)])))
                 c["reference"] = ref_mode if scope == "layer" else f"{ref_mode} (float32)"
                 c["error"] = bc.max_rel_error(out, refs[ref_key])
-            except Exception as err:  # noqa: BLE001
-                c["error_skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            except Exception as err:  # noqa: BLE001 - e.g. the reference does not fit or was skipped
+                c["error_skipped"] = f"reference unavailable: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
             emit({"key": key_of(c), "record": c})
         del inputs, refs
 
@@ -608,10 +640,12 @@ def main(argv=None):
 
     groups = [f"{scope}:{setting}:{dtype}" for scope in csv(args.scopes) for dtype in csv(args.dtypes)
               for setting in csv(args.settings)]
+    # The op is what the performance targets are stated for: its groups get twice the layer's share of the budget.
+    weights = [2.0 if g.startswith("op:") else 1.0 for g in groups]
     records: dict[str, dict] = {}
     for i, group in enumerate(groups):
         remaining = args.budget_s - (time.perf_counter() - start) if args.budget_s else 0.0
-        group_budget = remaining / (len(groups) - i) if args.budget_s else 0.0
+        group_budget = remaining * weights[i] / sum(weights[i:]) if args.budget_s else 0.0
         if args.budget_s and group_budget <= 5:
             records[group] = {"scope": group.split(":")[0], "group_skipped":
                               f"overall time budget (--budget_s {args.budget_s}) spent before group {group}"}
@@ -620,6 +654,7 @@ def main(argv=None):
         group_records = run_group_isolated(args, group, group_budget) if args.isolate == "group" else \
             run_group_inprocess(args, group, group_budget)
         records.update(group_records)
+        finish(result, records, copy_bps, out_path, start)  # after every group: a partial run still leaves JSON
 
     if args.isolate == "group" and result["peers"]["fla"]["status"] == "available":
         code, text = bc.run_child([os.path.abspath(__file__), "--_jsonl", "fla", "--lengths", args.lengths,
@@ -632,6 +667,17 @@ def main(argv=None):
         except (ValueError, IndexError):
             result["peers"]["fla"] = {"status": "skipped", "reason": f"fla child failed ({code}): {text[-300:]}"}
 
+    finish(result, records, copy_bps, out_path, start)
+    import plot_bench
+
+    table = plot_bench.modes_table(result, lengths=None, passes=("fwdbwd",), scopes=("op",), compact=True)
+    with open(os.path.join(args.out, "modes.md"), "w") as f:
+        f.write(plot_bench.modes_markdown(result))
+    print(table)
+    print(f"wrote {out_path} ({len(result['records'])} records) in {result['wall_s']:.0f} s")
+
+
+def finish(result, records, copy_bps, out_path, start) -> None:
     for rec in records.values():
         if "length" in rec:
             rec.update(bandwidth_bound(rec, copy_bps))
@@ -640,21 +686,11 @@ def main(argv=None):
         if "alias_of" in rec:
             target = records.get(key_of({**rec, "mode": rec["alias_of"]}))
             if target:
-                for field in ("median_s", "min_s", "tokens_per_s", "compile_s", "peak_bytes", "peak_exact", "error",
-                              "skipped", "bandwidth_bound_s", "min_bytes"):
-                    if field in target:
-                        rec[field] = target[field]
+                for field, value in target.items():
+                    rec.setdefault(field, value)
     result["records"] = list(records.values())
     result["wall_s"] = time.perf_counter() - start
     bc.write_json(out_path, result)
-
-    import plot_bench
-
-    table = plot_bench.modes_table(result, lengths=None, passes=("fwdbwd",), scopes=("op",), compact=True)
-    with open(os.path.join(args.out, "modes.md"), "w") as f:
-        f.write(plot_bench.modes_markdown(result))
-    print(table)
-    print(f"wrote {out_path} ({len(result['records'])} records) in {result['wall_s']:.0f} s")
 
 
 def run_group_isolated(args, group: str, budget: float) -> dict[str, dict]:

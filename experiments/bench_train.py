@@ -126,6 +126,7 @@ def main(argv=None):
         print(json.dumps(bench_model(args, args._model), default=bc._json_default))
         return None
     start = time.perf_counter()
+    path = os.path.join(args.out, args.json)
     result = {"benchmark": "train", "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "peak_flops": args.peak_flops, "records": []}
     for i, spec in enumerate(args.models.split(",")):
@@ -146,6 +147,7 @@ def main(argv=None):
             except Exception as err:  # noqa: BLE001
                 rec = {"model": spec, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         result["records"].append(rec)
+        bc.write_json(path, result)  # partial results survive a timeout
         if "median_s" in rec:
             print(f"{spec:<28} {rec['median_s'] * 1e3:8.1f} ms/step {rec['tokens_per_s']:10.0f} tokens/s "
                   f"MFU {rec['mfu']:.3f} peak {bc.gib(rec.get('peak_bytes'))} GiB "
@@ -161,7 +163,6 @@ def main(argv=None):
             if "mfu" in r:
                 r["mfu_measured_peak"] = r["mfu"] * args.peak_flops / mm["flops_per_s"]
     result["wall_s"] = time.perf_counter() - start
-    path = os.path.join(args.out, args.json)
     bc.write_json(path, result)
     print(f"wrote {path}")
     return result

@@ -290,6 +290,23 @@ def plot_decode(result, out_dir) -> list[str]:
     return [path]
 
 
+def merge_modes(result, results_dir):
+    """modes.json plus any modes_*.json of the same folder (e.g. the layer scope run in a second device call): records
+    of the later files are added; each file's command is listed."""
+    extra = sorted(f for f in os.listdir(results_dir) if f.startswith("modes_") and f.endswith(".json"))
+    commands = [result.get("env", {}).get("command", "?")]
+    for name in extra:
+        with open(os.path.join(results_dir, name)) as f:
+            other = json.load(f)
+        result["records"] = result.get("records", []) + other.get("records", [])
+        commands.append(other.get("env", {}).get("command", "?"))
+        if "bytes_per_s" in other.get("copy_bandwidth", {}):
+            result.setdefault("copy_bandwidth_other_runs", []).append(other["copy_bandwidth"])
+    if extra:
+        result.setdefault("env", {})["command"] = "` + `".join(commands)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default="experiments/results")
@@ -303,6 +320,8 @@ def main(argv=None):
             continue
         with open(path) as f:
             result = json.load(f)
+        if name == "modes.json":
+            result = merge_modes(result, args.results)
         parts.append(md(result))
         if plot and not args.no_plots:
             written += plot(result, args.results)

@@ -1,0 +1,107 @@
+"""The benchmarks of experiments/ at tiny size on CPU: they run, write the JSON the tables and plots read, and every
+mode agrees with the reference mode on the same inputs. (The real figures come from the H200; see
+experiments/README.md.)"""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+sys.path.insert(0, EXPERIMENTS)
+
+import bench_decode  # noqa: E402
+import bench_modes  # noqa: E402
+import bench_train  # noqa: E402
+import plot_bench  # noqa: E402
+
+ENV_KEYS = {"command", "git_commit", "platform", "device_kind", "jax", "jaxlib", "date_utc"}
+
+
+def _check_env(env):
+    assert ENV_KEYS <= set(env), ENV_KEYS - set(env)
+
+
+def test_bench_modes_tiny(tmp_path):
+    from gateloop_jax import ops
+
+    out = tmp_path / "modes"
+    bench_modes.main(["--out", str(out), "--tokens", "42", "--lengths", "21", "--settings", "multihead",
+                      "--heads", "2", "--d_head", "4", "--dtypes", "float32", "--passes", "fwd", "--scopes", "op",
+                      "--peers", "softmax_xla", "--reps", "2", "--warmup", "1", "--isolate", "none",
+                      "--copy_bytes", "65536"])
+    result = json.loads((out / "modes.json").read_text())
+    _check_env(result["env"])
+    assert result["copy_bandwidth"]["correct"] and result["copy_bandwidth"]["bytes_per_s"] > 0
+    # Peers that cannot be imported are reported with the reason, never dropped.
+    for name in ("jax-linear-attention", "fla"):
+        peer = result["peers"][name]
+        assert peer["status"] in ("available", "skipped")
+        assert peer["status"] == "available" or peer["reason"]
+    records = {r["mode"]: r for r in result["records"]}
+    kernel_modes = set(getattr(ops, "KERNEL_MODES", ()))
+    assert set(ops.MODES) | kernel_modes | {"auto", "softmax_xla"} == set(records)
+    for mode, r in records.items():
+        assert r["length"] == 21 and r["batch"] == 2 and r["dtype"] == "float32" and r["pass"] == "fwd"
+        if mode in kernel_modes and "skipped" in r:
+            assert len(r["skipped"]) > 10  # e.g. a kernel without a multi-head version: skipped with the reason
+            continue
+        assert "skipped" not in r, r.get("skipped")
+        assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0
+        assert len(r["times_s"]) == 2
+        # float32 accumulation in every mode: far under 1e-3 against the float32 recurrent reference.
+        assert r["error"]["max_rel"] < 1e-4, (mode, r["error"])
+        if r["kind"] == "gateloop":
+            assert r["bandwidth_bound_s"] > 0 and r["min_bytes"] > 0
+    assert records["auto"].get("alias_of") or records["auto"].get("resolved_mode")
+    md = (out / "modes.md").read_text()
+    assert "op fwd, multihead, float32" in md and "21" in md
+
+
+def test_bench_modes_skips_with_reason(tmp_path):
+    """A config over the per-config budget is reported as skipped with the reason."""
+    out = tmp_path / "modes"
+    bench_modes.main(["--out", str(out), "--tokens", "16", "--lengths", "16", "--settings", "maxheaded",
+                      "--d_model", "4", "--dtypes", "float32", "--passes", "fwd", "--scopes", "op",
+                      "--modes", "recurrent", "--reps", "2", "--warmup", "1", "--isolate", "none",
+                      "--config_budget_s", "0", "--copy_bytes", "65536"])
+    (record,) = json.loads((out / "modes.json").read_text())["records"]
+    assert record["skipped"].startswith("too slow") and "single_run_s" in record
+
+
+def test_bench_decode_tiny(tmp_path):
+    decode = bench_decode.main(["--out", str(tmp_path), "--models", "gateloop:test,transformer:test",
+                                "--contexts", "8,16", "--batches", "1", "--steps", "2", "--reps", "2",
+                                "--warmup", "1"])
+    _check_env(decode["env"])
+    assert len(decode["records"]) == 4
+    for r in decode["records"]:
+        assert "skipped" not in r, r.get("skipped")
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["cache_bytes"] > 0 and r["tokens_in_range"]
+    by = {(r["name"], r["context"]): r for r in decode["records"]}
+    # The recurrent cache is O(1) in the context; the KV cache grows with it.
+    assert by[("gateloop", 8)]["cache_bytes"] == by[("gateloop", 16)]["cache_bytes"]
+    assert by[("transformer", 8)]["cache_bytes"] < by[("transformer", 16)]["cache_bytes"]
+    written = plot_bench.main(["--results", str(tmp_path)])
+    assert any(p.endswith("decode.png") for p in written)
+    assert "Decode benchmark" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_train_tiny(tmp_path):
+    train = bench_train.main(["--out", str(tmp_path), "--models", "gateloop:test,transformer:test",
+                              "--mode", "recurrent", "--length", "16", "--batch", "2", "--reps", "2", "--warmup", "1",
+                              "--matmul_n", "64", "--isolate", "none"])
+    _check_env(train["env"])
+    for r in train["records"]:
+        assert "skipped" not in r, r.get("skipped")
+        assert r["finite"] and r["tokens_per_s"] > 0 and r["params"] > 0
+        assert 0 < r["mfu"] and math.isfinite(r["mfu_measured_peak"])
+    assert train["matmul"]["flops_per_s"] > 0
+    plot_bench.main(["--results", str(tmp_path), "--no_plots"])
+    assert "Training-step benchmark" in (tmp_path / "bench.md").read_text()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
