@@ -13,3 +13,4 @@ from gateloop_jax.ops import gateloop, gateloop_step  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["ops", "gateloop", "gateloop_step"]
 from gateloop_jax.checkpoint_io import load  # noqa: E402
+from gateloop_jax.decode import generate  # noqa: E402
