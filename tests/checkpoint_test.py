@@ -115,6 +115,10 @@ def tiny(steps=3, **mesh):
     return c
 
 
+# The tests sharing `trained` run on one xdist worker, so it trains once.
+TRAINED = pytest.mark.xdist_group("checkpoint_trained")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """3 steps on a data x fsdp mesh, a checkpoint after every step."""
@@ -123,6 +127,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@TRAINED
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, capsys):
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)
@@ -141,6 +146,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path,
     assert any(p.name.startswith("corrupt-3-") for p in (workdir / "checkpoints").iterdir())
 
 
+@TRAINED
 def test_restore_onto_a_different_mesh(trained, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)
@@ -149,6 +155,7 @@ def test_restore_onto_a_different_mesh(trained, tmp_path):
     np.testing.assert_allclose(losses(str(workdir))[-1], losses(str(trained))[-1], rtol=1e-4, atol=0)
 
 
+@TRAINED
 def test_load_on_one_cpu(trained):
     model, config, tokenizer = gateloop_jax.load(str(trained))
     assert tokenizer is None and config.model.vocab_size == 12
@@ -167,6 +174,7 @@ def test_load_on_one_cpu(trained):
     assert model2 is not None
 
 
+@TRAINED
 def test_load_errors(trained, tmp_path):
     with pytest.raises(ValueError, match=r"no checkpoint step 7 .*available steps: \[1, 2, 3\]"):
         gateloop_jax.load(str(trained), step=7)
@@ -176,6 +184,7 @@ def test_load_errors(trained, tmp_path):
         gateloop_jax.load(str(tmp_path / "nowhere"))
 
 
+@TRAINED
 def test_init_from_loads_parameters_only(trained, tmp_path, capsys):
     c = tiny(data=4, fsdp=2)
     c.init_from, c.init_from_step = str(trained), 3
@@ -189,6 +198,7 @@ def test_init_from_loads_parameters_only(trained, tmp_path, capsys):
         train_and_evaluate(c, str(tmp_path / "other"))
 
 
+@TRAINED
 def test_incompatible_checkpoints_are_an_error_not_a_restart(trained, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)

@@ -52,6 +52,11 @@ def one_device(tmp_path_factory):
     return losses(workdir)
 
 
+# The tests sharing the module's one-device reference run on one xdist worker, so the reference trains once.
+ONE_DEVICE = pytest.mark.xdist_group("train_one_device")
+
+
+@ONE_DEVICE
 @pytest.mark.parametrize("mesh", [dict(data=4, fsdp=2), dict(data=4, tensor=2)], ids=["data4_fsdp2", "data4_tensor2"])
 def test_sharded_matches_one_device(one_device, mesh, tmp_path):
     train_and_evaluate(tiny(**mesh), str(tmp_path))
@@ -59,6 +64,7 @@ def test_sharded_matches_one_device(one_device, mesh, tmp_path):
     np.testing.assert_allclose(losses(str(tmp_path)), one_device, rtol=1e-4, atol=0)
 
 
+@ONE_DEVICE
 def test_gradient_accumulation_matches(one_device, tmp_path):
     c = tiny()
     c.grad_accum_steps = 2
@@ -66,6 +72,7 @@ def test_gradient_accumulation_matches(one_device, tmp_path):
     np.testing.assert_allclose(losses(str(tmp_path)), one_device, rtol=1e-5, atol=0)
 
 
+@ONE_DEVICE
 def test_metrics_and_outputs(one_device, tmp_path_factory):
     workdir = [p for p in tmp_path_factory.getbasetemp().glob("one_device*")][0]
     lines = read_jsonl(str(workdir / "metrics.jsonl"))
@@ -146,6 +153,7 @@ def test_schedule_and_cadence():
     assert [s for s in range(1, 4) if every(s, 0, 3)] == [3]
 
 
+@ONE_DEVICE
 def test_bfloat16_compute_with_float32_params(one_device, tmp_path):
     c = tiny()
     c.model.dtype = "bfloat16"
