@@ -6,9 +6,10 @@ looks them up directly, so it is the reference the recurrent variants are compar
 Command (accelerator, the full size):
     python -m gateloop_jax.main --config configs/mqar.py --workdir workdirs/mqar
     python -m gateloop_jax.main --config configs/mqar.py:variant=transformer --workdir workdirs/mqar_transformer
-Expected: eval/accuracy close to 1 for variant=transformer; GateLoop (multi-head, d_qk = 32) high but below it as
-num_kv_pairs grows (the recurrent state's capacity), linear_attention lower still.
-CPU smoke run (a few minutes, K=4 pairs at length 64; expected eval/accuracy well above chance 1/128):
+Expected (the literature's pattern, not yet measured with this code): eval/accuracy close to 1 for
+variant=transformer; GateLoop (multi-head, d_qk = 32) high but below it as num_kv_pairs grows (the recurrent state's
+capacity), linear_attention lower still.
+CPU smoke run (K=4 pairs at length 64; chance is 1/128; not yet measured):
     python -m gateloop_jax.main --config configs/mqar.py:runlocal --workdir workdirs/mqar_local
 
 Arg keys: variant = gateloop | fixed | real | linear_attention | transformer; mode = the GateLoop computation mode;

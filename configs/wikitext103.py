@@ -5,9 +5,8 @@ Prepare the data once (the raw archive comes from you; nothing here downloads it
 Command (8 accelerators, e.g. one GPU node or a TPU v4-8; see docs/training.md for SLURM and pod slices):
     python -m gateloop_jax.main --config configs/wikitext103.py --workdir workdirs/wikitext103 \
         --config.data.data_dir=~/tensorflow_datasets
-Expected: the paper reports test perplexity 13.4 at ~125M parameters with an unrecoverable tokenizer and schedule;
-with this 32k SentencePiece BPE, context 1024 and 100k steps of 256k tokens, expect token-level validation perplexity
-in the high teens (compare eval/word_ppl and eval/bits_per_byte across tokenizers, not eval/ppl).
+Expected: not yet measured with this code. The paper reports test perplexity 13.4 at ~125M parameters with an
+unrecoverable tokenizer and schedule; compare eval/word_ppl and eval/bits_per_byte across tokenizers, not eval/ppl.
 Variants: variant=transformer is the softmax baseline of the same size; mode=chunked is the fast multi-head path.
 
 Arg keys: variant = gateloop | multihead | fixed | real | linear_attention | transformer; mode = the GateLoop mode;
