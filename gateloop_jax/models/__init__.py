@@ -29,7 +29,8 @@ def register(name: str, mixer_cls: type, **fixed_fields) -> None:
     MODELS[name] = (mixer_cls, fixed_fields)
 
 
-register("gateloop", GateLoopMixer, transition="data_controlled")
+# "gateloop" honours config.transition; the ablation names pin it, so a registered name alone selects them.
+register("gateloop", GateLoopMixer)
 register("gateloop_fixed", GateLoopMixer, transition="fixed")
 register("gateloop_real", GateLoopMixer, transition="real")
 register("linear_attention", GateLoopMixer, transition="none")
