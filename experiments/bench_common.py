@@ -129,12 +129,15 @@ def compile_fn(fn: Callable, abstract_args: Sequence, *, donate_argnums=()) -> t
     return compiled, seconds, analysis
 
 
-def compile_many(jobs: dict[Any, tuple[Callable, Sequence]], workers: int) -> dict[Any, tuple]:
-    """Compile several functions concurrently (XLA compiles outside the GIL). Value per key: (executable, seconds,
-    analysis) or the exception raised. Compile seconds are measured with up to `workers` compiles in flight."""
+def compile_many(jobs: dict[Any, tuple[Callable, Sequence]], workers: int, deadline: float = 0.0) -> dict[Any, tuple]:
+    """Compile several functions concurrently (XLA compiles outside the GIL), in the order of `jobs`. Value per key:
+    (executable, seconds, analysis) or the exception raised; a job not started by `deadline` (time.perf_counter())
+    gets a TimeoutError. Compile seconds are measured with up to `workers` compiles in flight."""
     results: dict[Any, tuple] = {}
 
     def one(key):
+        if deadline and time.perf_counter() > deadline:
+            return key, TimeoutError("overall time budget (--budget_s) spent before this config compiled")
         fn, args = jobs[key]
         try:
             return key, compile_fn(fn, args)

@@ -30,6 +30,7 @@ then only an upper bound). XLA's estimate is recorded beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -66,6 +67,10 @@ def parse_args(argv=None):
                    help="skip timing a config whose warm-up + reps would exceed this (estimated from one run)")
     p.add_argument("--budget_s", type=float, default=0.0, help="overall time budget (0: none), shared by the groups")
     p.add_argument("--copy_bytes", type=int, default=4 << 30, help="array size of the copy-bandwidth measurement")
+    p.add_argument("--order", choices=("memory", "priority"), default="memory",
+                   help="memory: run configs in ascending XLA memory estimate (clean peak readings); priority: "
+                        "fwdbwd first and --priority_lengths first (what a short time budget should cover)")
+    p.add_argument("--priority_lengths", default="1024,8192,4096,2048,512,16384")
     p.add_argument("--compile_workers", type=int, default=0,
                    help="concurrent compiles (0: 4 on GPU, 1 elsewhere); compile_s is measured under this load")
     p.add_argument("--isolate", choices=("group", "none"), default="group",
@@ -95,15 +100,13 @@ def setting_dims(args, setting: str) -> dict[str, int]:
     raise ValueError(f"--settings: unknown setting {setting!r}; choose multihead or maxheaded.")
 
 
-def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str) -> dict:
-    """Random op inputs on the device (never zeros): q (scaled by d_qk^-1/2), k, v, the cotangent dy in `dtype`;
-    log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32."""
+@functools.lru_cache(maxsize=None)
+def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
+    """One jitted input generator per shape (a fresh closure per call would recompile every time)."""
     import jax
     import jax.numpy as jnp
 
-    h, dk, dv = dims["heads"], dims["d_qk"], dims["d_v"]
-
-    def make(key):
+    def make_op(key):
         kq, kk, kv, kg, kp, kd = jax.random.split(key, 6)
         qk_shape, v_shape = (b, t, h, dk), (b, t, h, dv)
         return {
@@ -115,7 +118,20 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str) -> dict:
             "dy": jax.random.normal(kd, v_shape, jnp.float32).astype(dtype),
         }
 
-    return jax.jit(make)(jax.random.key(seed))
+    def make_layer(key):
+        kx, kd = jax.random.split(key)
+        return {"x": jax.random.normal(kx, (b, t, dk), jnp.float32).astype(dtype),
+                "dy": jax.random.normal(kd, (b, t, dk), jnp.float32).astype(dtype)}
+
+    return jax.jit(make_op if kind == "op" else make_layer)
+
+
+def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str) -> dict:
+    """Random op inputs on the device (never zeros): q (scaled by d_qk^-1/2), k, v, the cotangent dy in `dtype`;
+    log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32."""
+    import jax
+
+    return _jit_maker("op", b, t, dims["heads"], dims["d_qk"], dims["d_v"], dtype)(jax.random.key(seed))
 
 
 def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
@@ -192,15 +208,10 @@ def layer_fn(graphdef, mode: str, pass_: str):
 
 
 def layer_inputs(seed: int, b: int, t: int, d_model: int, dtype: str) -> dict:
+    """x and the cotangent dy, (b, t, d_model), N(0, 1) in `dtype`."""
     import jax
-    import jax.numpy as jnp
 
-    def make(key):
-        kx, kd = jax.random.split(key)
-        return {"x": jax.random.normal(kx, (b, t, d_model), jnp.float32).astype(dtype),
-                "dy": jax.random.normal(kd, (b, t, d_model), jnp.float32).astype(dtype)}
-
-    return jax.jit(make)(jax.random.key(seed))
+    return _jit_maker("layer", b, t, 0, d_model, 0, dtype)(jax.random.key(seed))
 
 
 def nbytes(tree) -> int:
@@ -273,12 +284,13 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
                 if b < 1:
                     c["skipped"] = f"length {t} exceeds --tokens {args.tokens}"
                 elif mode == "attention" and limit:
-                    # Skip without compiling when the decay tensor alone (b, h, d_qk, t, t) float32 is over twice
-                    # the card: compiling such a graph only to read XLA's estimate costs device time.
-                    decay = b * dims["heads"] * dims["d_qk"] * t * t * 4
-                    if decay > 2 * limit:
-                        c["skipped"] = (f"would need more than {decay / 2 ** 30:.0f} GiB (the (b, h, d_qk, t, t) "
-                                        f"float32 decay tensor alone), the device has {limit / 2 ** 30:.1f} GiB")
+                    # Skip without compiling what cannot fit: compiling only to read XLA's estimate costs time.
+                    # fwd holds at least the decay; fwdbwd at least the decay and its cotangent.
+                    need = b * dims["heads"] * dims["d_qk"] * t * t * 4 * (1 if pass_ == "fwd" else 2)
+                    if need > limit:
+                        c["skipped"] = (f"would need more than {need / 2 ** 30:.0f} GiB (the (b, h, d_qk, t, t) "
+                                        f"float32 decay tensor{'' if pass_ == 'fwd' else ' and its cotangent'}), "
+                                        f"the device has {limit / 2 ** 30:.1f} GiB")
                 elif mode == "auto" and auto in modes and auto != "auto":
                     c["alias_of"] = auto
                     aliases.append(c)
@@ -303,6 +315,17 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             return op_fn(mode, c["pass"], args.chunk_size, upcast=upcast)
         graphdef, _ = modules[mode if mode in PEERS_SOFTMAX else "gateloop"]
         return layer_fn(graphdef, mode, c["pass"])
+
+    length_rank = {int(t): i for i, t in enumerate(csv(args.priority_lengths))}
+
+    def priority(k):
+        """--order priority: fwdbwd before fwd, then --priority_lengths first (the lengths a report quotes)."""
+        if isinstance(k, tuple):  # ("ref", length, mode, pass)
+            _, t, _, pass_ = k
+        else:
+            _, _, _, t, _, pass_ = k.split("/")
+        t = int(t)
+        return (pass_ != "fwdbwd", length_rank.get(t, len(length_rank)), t)
 
     def ref_mode_of(c):
         return "softmax_xla" if c["mode"] in PEERS_SOFTMAX else args.reference
@@ -364,7 +387,11 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             ref_jobs[ref_key] = (fn, [specs[n] for n in names])
             names_of[ref_key] = names
     workers = args.compile_workers or (6 if jax.default_backend() == "gpu" else 1)
-    compiled = bc.compile_many({**jobs, **ref_jobs}, workers)
+    all_jobs = {**jobs, **ref_jobs}
+    if args.order == "priority":
+        all_jobs = dict(sorted(all_jobs.items(), key=lambda kv: priority(kv[0])))
+    compile_deadline = deadline - 0.5 * max(deadline - time.perf_counter(), 0.0) if deadline else 0.0
+    compiled = bc.compile_many(all_jobs, workers, compile_deadline)
     ref_executables = {k: v[0] for k, v in compiled.items() if k in ref_jobs and not isinstance(v, Exception)}
     ref_failures = {k: v for k, v in compiled.items() if k in ref_jobs and isinstance(v, Exception)}
     executables = {}
@@ -392,9 +419,14 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
 
     # -- phase 2: time, in ascending order of the memory estimate ---------------------------------------------
     error_reserve = 0.2 * max(deadline - time.perf_counter(), 0.0) if deadline else 0.0
-    order = sorted((c for c in configs if key_of(c) in executables),
-                   key=lambda c: (c.get("xla_memory", {}).get("estimated_peak_bytes", 0), c["length"]))
+    if args.order == "priority":
+        order = sorted((c for c in configs if key_of(c) in executables), key=lambda c: priority(key_of(c)))
+    else:
+        order = sorted((c for c in configs if key_of(c) in executables),
+                       key=lambda c: (c.get("xla_memory", {}).get("estimated_peak_bytes", 0), c["length"]))
     max_peak_seen = bc.memory_stats().get("peak_bytes_in_use", 0)
+    # XLA's GEMM autotuning allocates device memory while compiling: readings below this level are masked by it.
+    peak_after_compile = max_peak_seen
     last_run: dict[tuple, tuple[int, float]] = {}  # (mode, pass) -> (length, seconds of one run)
     for c in order:
         k = key_of(c)
@@ -433,6 +465,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             c["peak_bytes"] = peak
             c["peak_exact"] = peak > max_peak_seen
             c["baseline_bytes"] = baseline
+            c["peak_after_compile_bytes"] = peak_after_compile
             max_peak_seen = max(max_peak_seen, peak)
         if "median_s" in c:
             c["tokens_per_s"] = c["tokens"] / c["median_s"]
