@@ -148,6 +148,8 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1.")
     sampler = Sampler(float(temperature), top_k, top_p)
+    if sampler.temperature == 0 or sampler.top_k == 1:
+        sampler = Sampler(0.0)  # Every greedy setting shares one compiled program.
     tokens, mask = pad_prompts(prompt, prompt_mask)
     # The KV cache (Transformer) has a fixed size: the padded prompt plus every new token; GateLoop ignores it.
     max_len = tokens.shape[1] + max_new_tokens

@@ -13,15 +13,24 @@ depend on the digit (a rotation counts mod 10). The heat maps show exactly that,
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def _check_gateloop(model):
     if not all(hasattr(block.mixer, "transition") for block in model.blocks):
         raise ValueError(f"inspection: model {model.config.name!r} has no state transitions (only GateLoop mixers do).")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _transitions(graphdef, state, tokens):
+    # One compiled program instead of op-by-op dispatch (which compiles every primitive on first use).
+    return nnx.merge(graphdef, state).transitions(tokens)
 
 
 def transitions(model, tokens) -> list[dict[str, np.ndarray]]:
@@ -40,7 +49,7 @@ def transitions(model, tokens) -> list[dict[str, np.ndarray]]:
     if tokens.ndim == 1:
         tokens = tokens[None]
     out = []
-    for layer in model.transitions(tokens):
+    for layer in _transitions(*nnx.split(model), tokens):
         b, t = layer.log_magnitude.shape[:2]
         log_r = np.asarray(layer.log_magnitude, np.float32).reshape(b, t, -1)
         phase = np.asarray(layer.phase, np.float32).reshape(b, t, -1)

@@ -47,9 +47,11 @@ def prefill_mode(model):
 def test_greedy_equals_argmax_of_the_full_forward(model):
     out = np.asarray(gateloop_jax.generate(model, PROMPTS, NEW, temperature=0, mode=prefill_mode(model)))
     assert out.shape == (len(PROMPTS), NEW) and out.dtype == np.int32
-    for prompt, generated in zip(PROMPTS, out):
-        sequence = jnp.asarray([prompt + generated.tolist()])
-        logits = np.asarray(model(sequence))[0, len(prompt) - 1:len(prompt) - 1 + NEW]  # predicts generated[i]
+    # One right-padded batch of prompt + generated (padding is causally invisible to the real positions).
+    sequences, _ = pad_prompts([p + g.tolist() for p, g in zip(PROMPTS, out)])
+    full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(sequences)))
+    for prompt, generated, row in zip(PROMPTS, out, full):
+        logits = row[len(prompt) - 1:len(prompt) - 1 + NEW]  # position len-1+i predicts generated[i]
         chosen = np.take_along_axis(logits, generated[:, None], -1)[:, 0]
         np.testing.assert_array_less(logits.max(-1) - chosen, 1e-4, err_msg=f"prompt {prompt}: {generated}")
     # The random model does not just repeat one token (the check above would then be weak).
@@ -124,7 +126,7 @@ def test_transitions_and_plot(tmp_path):
     gateloop = tiny_model("gateloop")
     tokens = np.asarray([PROMPTS[2], PROMPTS[2][::-1]])
     layers = inspection.transitions(gateloop, tokens)
-    (log_r, phase), = gateloop.transitions(jnp.asarray(tokens))
+    (log_r, phase), = nnx.jit(lambda m, x: m.transitions(x))(gateloop, jnp.asarray(tokens))
     c = gateloop.config
     assert len(layers) == 1 and layers[0]["magnitude"].shape == (2, 8, c.num_heads * c.head_dims[0])
     np.testing.assert_allclose(layers[0]["magnitude"], np.exp(np.asarray(log_r)).reshape(2, 8, -1), rtol=1e-6)
