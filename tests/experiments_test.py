@@ -1,0 +1,154 @@
+"""The experiment drivers of experiments/ (memory_horizon.py, mqar.py, sweeps.py) without training: aggregation and
+plots on fabricated metrics.jsonl files, the transition profiles on fabricated arrays, and every command the drivers
+would launch parsed into a valid config by the trainer's own config flag."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+sys.path.insert(0, EXPERIMENTS)
+
+import memory_horizon  # noqa: E402
+import mqar  # noqa: E402
+import results_common as cr  # noqa: E402
+import sweeps  # noqa: E402
+import transition_plots  # noqa: E402
+
+TINY_MODEL = {"name": "gateloop", "vocab_size": 12, "d_model": 8, "num_layers": 1, "num_heads": 2, "mlp_dim": 16}
+
+
+def _fake_run(workdir, *, seed, total_steps, final, eval_every=50, wall=12.5):
+    """A workdir as the trainer + driver leave it: config.json, metrics.jsonl (train and eval rows), driver.json."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"seed": seed, "total_steps": total_steps, "model": TINY_MODEL}))
+    rows = []
+    for step in range(eval_every, total_steps + 1, eval_every):
+        rows.append({"step": step, "time": 1.0 * step, "train/loss": 1.0 / step})
+        rows.append({"step": step, "time": 1.0 * step, "eval/loss": 1.0 - final * step / total_steps,
+                     "eval/accuracy": final * step / total_steps})
+    lines = [json.dumps(r) for r in rows] + ['{"step": 9']  # a torn last line, as a live run may leave
+    (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (workdir / "driver.json").write_text(json.dumps({"wall_seconds": wall, "returncode": 0}))
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    groups = {}
+    for name, finals in (("gateloop", (0.9, 1.0)), ("fixed", (0.2, 0.4))):
+        groups[name] = []
+        for seed, final in enumerate(finals):
+            wd = tmp_path / f"{name}_s{seed}"
+            _fake_run(wd, seed=seed, total_steps=200, final=final)
+            groups[name].append(wd)
+    # An unfinished run and a run that never evaluated.
+    _fake_run(tmp_path / "real_s0", seed=0, total_steps=400, final=0.5)
+    rows = [json.loads(l) for l in (tmp_path / "real_s0" / "metrics.jsonl").read_text().splitlines()[:-1]]
+    (tmp_path / "real_s0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["step"] <= 200))
+    groups["real"] = [tmp_path / "real_s0", tmp_path / "real_s1"]
+    return groups
+
+
+def test_summarize_table_and_curves(fake_runs, tmp_path):
+    summary = cr.summarize_runs(fake_runs)
+    g = summary["models"]["gateloop"]
+    assert g["num_runs"] == 2 and g["missing"] == []
+    np.testing.assert_allclose(g["final_accuracy_mean"], 0.95, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g["final_accuracy_std"], 0.05, rtol=0, atol=1e-12)  # population std (ddof=0)
+    np.testing.assert_allclose(g["wall_seconds_mean"], 12.5, rtol=0, atol=1e-12)
+    assert g["runs"][0]["steps"] == [50, 100, 150, 200] and g["runs"][0]["complete"]
+    assert g["params"] is not None and g["params"] > 0
+    r = summary["models"]["real"]
+    assert r["num_runs"] == 1 and r["missing"] == ["real_s1"] and not r["runs"][0]["complete"]
+    assert cr.is_done(fake_runs["gateloop"][0], 200) and not cr.is_done(fake_runs["real"][0], 400)
+
+    table = cr.markdown_table(summary, {"gateloop": "GateLoop"}, title="t")
+    assert "| GateLoop |" in table and "0.950 ± 0.050" in table and "1 unfinished" in table and "real_s1" in table
+    png = tmp_path / "curves.png"
+    cr.plot_curves(summary, png, {"gateloop": "GateLoop"}, title="t")
+    assert png.stat().st_size > 1000
+
+
+def test_mqar_table_and_plot(tmp_path):
+    groups = {}
+    for m, base in (("transformer", 1.0), ("gateloop_multi_head", 0.8)):
+        for k in (4, 8):
+            wd = tmp_path / f"{m}_k{k}"
+            _fake_run(wd, seed=0, total_steps=100, final=base / (k / 4))
+            groups[f"{m}_k{k}"] = [wd]
+    summary = cr.summarize_runs(groups, count_params=False)
+    models = ["transformer", "gateloop_multi_head", "gateloop_max_headed"]
+    table = mqar.accuracy_vs_k_table(summary, models, [4, 8])
+    assert "| Transformer (4 x 16) | n/a | 1.000 | 0.500 |" in table
+    assert "not run" in table  # gateloop_max_headed has no runs
+    mqar.plot_accuracy_vs_k(summary, models, [4, 8], tmp_path / "mqar.png")
+    assert (tmp_path / "mqar.png").stat().st_size > 1000
+
+
+def test_nearest_reset_offset():
+    R = 10
+    tokens = np.array([[1, R, 2, 3, 4, R, 5], [1, 2, 3, 4, 5, 6, 7]])
+    off = transition_plots.nearest_reset_offset(tokens, R)
+    # Position 3 is equidistant from both RESETs (1 and 5): it belongs to the segment after the earlier one.
+    np.testing.assert_array_equal(off[0], [-1, 0, 1, 2, -1, 0, 1])
+    assert (off[1] > 1000).all()
+
+
+def test_transition_profiles_and_plot(tmp_path):
+    R, Q = 10, 11
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 12, size=(4, 32))
+    mag = np.where(tokens[..., None] == R, 0.0, 1.0) * np.ones((4, 32, 3))  # closes exactly on RESET
+    phase = rng.uniform(-np.pi, np.pi, size=(4, 32, 3))
+    prof = transition_plots.profiles(tokens, [{"magnitude": mag, "phase": phase}], R, 12)[0]
+    p = prof["magnitude_vs_reset_offset"]
+    assert p["offset"][transition_plots.WINDOW] == 0 and p["mean"][transition_plots.WINDOW] == 0.0
+    assert p["mean"][transition_plots.WINDOW + 1] == 1.0
+    by_tok = prof["magnitude_by_token"]["mean"]
+    assert by_tok[R] == 0.0 and by_tok[Q] == 1.0
+    heat = {"tokens": tokens[0], "labels": [str(t) for t in tokens[0]], "reset_id": R, "name": "fake",
+            "layers": [{"magnitude": mag[0], "phase": phase[0]}]}
+    png = tmp_path / "transitions.png"
+    transition_plots.plot_profiles({"gateloop": [prof], "fixed": [prof]}, heat, png,
+                                   token_names=[str(i) for i in range(10)] + ["R", "Q"], title="fake")
+    assert png.stat().st_size > 1000
+
+
+def test_driver_commands_build_valid_configs():
+    for variant in memory_horizon.VARIANTS:
+        c = cr.config_of_command(memory_horizon.command(variant, 2))
+        assert c.seed == 2 and c.total_steps == memory_horizon.TOTAL_STEPS
+        assert c.eval_every_steps == memory_horizon.EVAL_EVERY and not c.progress_bar
+    # Same size for every variant: d_model, layers, batch (the head layout of the Transformer differs, documented).
+    configs = [cr.config_of_command(memory_horizon.command(v, 0)) for v in memory_horizon.VARIANTS]
+    assert len({(c.model.d_model, c.model.num_layers, c.global_batch_size, c.total_steps) for c in configs}) == 1
+    for m in mqar.MODELS:
+        for k in mqar.NUM_KV_PAIRS:
+            c = cr.config_of_command(mqar.command(m, k, 0))
+            assert c.data.num_kv_pairs == k and c.data.seq_len >= 3 * k
+
+
+@pytest.mark.parametrize("sweep", list(sweeps.SWEEPS))
+@pytest.mark.parametrize("base", list(sweeps.BASES))
+def test_sweep_points_build_valid_configs(sweep, base):
+    field, values = sweeps.SWEEPS[sweep]
+    points = sweeps.points(sweep, base)
+    assert [p["name"] for p in points] == [str(v) for v in values]
+    for p in points:
+        config = sweeps.build_config(sweep, base, p)
+        assert config.model[field] == p["overrides"][f"model.{field}"]
+        assert config.total_steps == sweeps.BASES[base]["total_steps"]
+
+
+def test_sweep_lists_required_axes():
+    assert set(sweeps.SWEEPS["init"][1]) == {"slow_forget", "lru_ring", "default"}
+    assert set(sweeps.SWEEPS["magnitude_activation"][1]) == {"sigmoid", "sigmoid_tempered", "lru_exp"}
+    assert set(sweeps.SWEEPS["phase_activation"][1]) == {"identity", "tanh_pi"}
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(Exception, match="bogus"):
+        cr.config_of_command(["--config=configs/memory_horizon.py:runlocal", "--config.model.bogus=1"])
