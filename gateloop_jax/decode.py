@@ -88,10 +88,12 @@ def pad_prompts(prompt, prompt_mask=None) -> tuple[np.ndarray, np.ndarray]:
             tokens = tokens[None]
         if tokens.ndim != 2:
             raise ValueError(f"generate: prompt must be (b, t) or a list of lists, got shape {tokens.shape}.")
-        mask = np.ones(tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool).reshape(tokens.shape)
+        mask = (np.ones(tokens.shape, bool) if prompt_mask is None
+                else np.asarray(prompt_mask, bool).reshape(tokens.shape))
     lengths = mask.sum(-1)
     if np.any(lengths == 0):
-        raise ValueError(f"generate: every prompt needs at least one token; rows {np.flatnonzero(lengths == 0)} are empty.")
+        raise ValueError(
+            f"generate: every prompt needs at least one token; rows {np.flatnonzero(lengths == 0)} are empty.")
     if not np.array_equal(mask, np.arange(mask.shape[1])[None] < lengths[:, None]):
         raise ValueError("generate: prompt_mask must mark a prefix of each row (right padding).")
     return tokens, mask

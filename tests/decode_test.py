@@ -120,7 +120,7 @@ def test_prompt_errors():
         pad_prompts(np.ones((1, 3), np.int32), np.array([[False, True, True]]))
 
 
-# -- inspection -------------------------------------------------------------------------------------------------------
+# -- inspection ------------------------------------------------------------------------------------------------------
 
 def test_transitions_and_plot(tmp_path):
     gateloop = tiny_model("gateloop")
@@ -142,7 +142,7 @@ def test_transitions_and_plot(tmp_path):
         inspection.transitions(tiny_model("transformer"), tokens)
 
 
-# -- on a trained checkpoint --------------------------------------------------------------------------------------------
+# -- on a trained checkpoint ----------------------------------------------------------------------------------------
 
 def train_tiny(workdir):
     """A memory_horizon checkpoint at the trainer's test size (2 steps): what the CLI and the notebook load."""

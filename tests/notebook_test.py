@@ -1,4 +1,4 @@
-"""experiments/notebooks/quickstart.ipynb runs top to bottom on a tiny checkpoint (so it cannot rot as the APIs move)."""
+"""experiments/notebooks/quickstart.ipynb runs top to bottom on a tiny checkpoint, so it cannot rot as the APIs move."""
 
 import os
 
