@@ -42,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
 PEERS_SOFTMAX = ("softmax_cudnn", "softmax_xla")
+# Modes whose time at a fixed number of tokens grows ~linearly with the length (see the skip estimate in run_group).
+LENGTH_BOUND_MODES = ("recurrent", "attention")
 
 
 def parse_args(argv=None):
@@ -434,8 +436,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             c["skipped"] = "overall time budget (--budget_s) spent before this config"
             continue
         prev = last_run.get((c["mode"], c["pass"]))
-        if prev and prev[0] < c["length"]:
-            # At a fixed number of tokens no mode gets cheaper with length; the sequential modes grow ~linearly.
+        if prev and prev[0] < c["length"] and c["mode"] in LENGTH_BOUND_MODES:
+            # At a fixed number of tokens these grow ~linearly with length (sequential steps; t^2 / t work); the
+            # parallel modes stay ~flat, so they are never skipped on an extrapolation (one run decides).
             predicted = prev[1] * c["length"] / prev[0]
             runs = max(args.warmup, 1) + args.reps
             if predicted * runs > args.config_budget_s:

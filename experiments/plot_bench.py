@@ -49,6 +49,20 @@ def _cell_gib(rec) -> str:
     return f"{mark}{rec['peak_bytes'] / 2 ** 30:.2f}"
 
 
+def _memory_bytes(rec):
+    """The device's peak where the reading is this config's own (peak_exact), else XLA's compile-time estimate."""
+    if rec.get("peak_exact") and rec.get("peak_bytes"):
+        return rec["peak_bytes"]
+    return rec.get("xla_memory", {}).get("estimated_peak_bytes")
+
+
+def _cell_xla(rec) -> str:
+    if rec is None:
+        return ""
+    est = rec.get("xla_memory", {}).get("estimated_peak_bytes")
+    return "-" if est is None else f"{est / 2 ** 30:.2f}"
+
+
 def _cell_err(rec) -> str:
     if rec is None or "error" not in rec:
         return "" if rec is None else "-"
@@ -143,7 +157,8 @@ def modes_markdown(result) -> str:
         for pass_ in ("fwdbwd", "fwd"):
             for setting in settings:
                 for dtype in dtypes:
-                    for title, cell in (("time (ms)", _cell_ms), ("peak memory (GiB)", _cell_gib),
+                    for title, cell in (("time (ms)", _cell_ms), ("peak memory, device (GiB)", _cell_gib),
+                                        ("peak memory, XLA's compile-time estimate (GiB)", _cell_xla),
                                         ("max rel. error vs reference", _cell_err)):
                         grid = _grid(result, scope, pass_, setting, dtype, cell)
                         if grid is None:
@@ -234,7 +249,7 @@ def plot_modes(result, out_dir) -> list[str]:
                     for dtype, style in zip(dtypes, ("-o", "--s")):
                         pts = sorted((r["length"], r) for r in recs if r["mode"] == mode and r["dtype"] == dtype)
                         xt = [(t, r["median_s"] * 1e3) for t, r in pts if "median_s" in r]
-                        xm = [(t, r["peak_bytes"] / 2 ** 30) for t, r in pts if "peak_bytes" in r and "median_s" in r]
+                        xm = [(t, _memory_bytes(r) / 2 ** 30) for t, r in pts if _memory_bytes(r) and "median_s" in r]
                         if xt:
                             ax_t.plot(*zip(*xt), style, label=f"{mode} {dtype}", markersize=4)
                         if xm:
@@ -244,7 +259,7 @@ def plot_modes(result, out_dir) -> list[str]:
                                and r["dtype"] == dtypes[0])
                 if bound:
                     ax_t.plot(*zip(*bound), ":", color="gray", label=f"bandwidth bound {dtypes[0]}")
-                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak device memory (GiB)")):
+                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory, GiB (device peak if exact, else XLA est.)")):
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
                     ax.set_xlabel("sequence length (tokens per batch fixed)")
