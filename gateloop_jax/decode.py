@@ -126,7 +126,7 @@ def generate(
     seed: int = 0,
     prompt_mask=None,
     callback: Callable[[int, np.ndarray], None] | None = None,
-    mode: str | None = None,
+    mode: str | None = "auto",
 ) -> jax.Array:
     """Sample max_new_tokens tokens after each prompt.
 
@@ -141,8 +141,9 @@ def generate(
       prompt_mask: (b, t) bool, True on real prompt tokens (a prefix of each row); None = all real.
       callback: callback(step, tokens) with tokens (b,) int NumPy after each generated position, step = 0..n-1
         (streaming). It forces a device->host copy per token.
-      mode: GateLoop computation mode of the prefill (None = the model's configured mode; "auto" picks a parallel
-        one: scan/pallas max-headed, chunked multi-head). Decoding is always the O(1) recurrent step.
+      mode: GateLoop computation mode of the prefill. The default "auto" picks a parallel one (scan/pallas
+        max-headed, chunked multi-head) whatever mode the model trained with; None = the model's configured mode.
+        Decoding is always the O(1) recurrent step.
 
     Returns:
       tokens (b, n) int32: the generated continuation of each row (row i continues after its own last prompt token).
