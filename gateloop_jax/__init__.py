@@ -8,9 +8,9 @@ from flax import nnx
 nnx.use_eager_sharding(False)
 
 from gateloop_jax import ops  # noqa: E402
+from gateloop_jax.checkpoint_io import load  # noqa: E402
+from gateloop_jax.decode import generate  # noqa: E402
 from gateloop_jax.ops import gateloop, gateloop_step  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "gateloop", "gateloop_step"]
-from gateloop_jax.checkpoint_io import load  # noqa: E402
-from gateloop_jax.decode import generate  # noqa: E402
+__all__ = ["ops", "gateloop", "gateloop_step", "generate", "load"]
