@@ -55,7 +55,7 @@ def gateloop(
       mode: "scan" | "recurrent" | "attention" | "chunked" | "auto". All compute the same function.
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
-      chunk_size: chunk length for mode="chunked" (default 32 multi-head, 256 max-headed); any length is accepted.
+      chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed); any length is accepted.
 
     Returns:
       y (b, t, h, v) in the promoted dtype of q, k, v; with return_state, (y, final_state).
