@@ -57,36 +57,40 @@ LABELS = {
 }
 
 
-def workdir(variant: str, seed: int) -> Path:
-    return WORKROOT / f"{variant}_s{seed}"
+def workdir(variant: str, seed: int, steps: int = TOTAL_STEPS) -> Path:
+    # A budget other than the comparison's (e.g. a longer supplementary run) gets its own workdir.
+    return WORKROOT / (f"{variant}_s{seed}" + ("" if steps == TOTAL_STEPS else f"_steps{steps}"))
 
 
 def command(variant: str, seed: int, total_steps: int = TOTAL_STEPS, eval_every: int = EVAL_EVERY) -> list[str]:
     arg, overrides = VARIANTS[variant]
     overrides = {"seed": seed, "total_steps": total_steps, "eval_every_steps": eval_every,
                  "progress_bar": False, **overrides}
-    return cr.trainer_command(f"{CONFIG}:variant={arg},runlocal", workdir(variant, seed), overrides)
+    return cr.trainer_command(f"{CONFIG}:variant={arg},runlocal", workdir(variant, seed, total_steps), overrides)
 
 
 def run(args) -> None:
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: complete seeds first if time runs out
-    cr.run_jobs([(f"{v}_s{s}", command(v, s, args.steps), workdir(v, s), args.steps) for v, s in jobs],
+    cr.run_jobs([(f"{v}_s{s}", command(v, s, args.steps), workdir(v, s, args.steps), args.steps) for v, s in jobs],
                 parallel=args.parallel)
 
 
 def aggregate(args) -> dict:
-    summary = cr.summarize_runs({v: [workdir(v, s) for s in args.seeds] for v in args.variants})
+    summary = cr.summarize_runs({v: [workdir(v, s, args.steps) for s in args.seeds] for v in args.variants})
     summary["task"] = "memory_horizon"
     summary["setting"] = {
         "config": f"{CONFIG}:variant=<v>,runlocal", "total_steps": args.steps, "eval_every_steps": EVAL_EVERY,
         "seeds": list(args.seeds), "hardware": cr.hardware(), "labels": LABELS,
         "commands": {v: " ".join(command(v, args.seeds[0], args.steps)) for v in args.variants},
     }
+    stem = "memory_horizon" + ("" if args.steps == TOTAL_STEPS else f"_steps{args.steps}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cr.write_json(RESULTS / "memory_horizon.json", summary)
-    (RESULTS / "memory_horizon.md").write_text(cr.markdown_table(summary, LABELS, title="Memory horizon"))
-    cr.plot_curves(summary, RESULTS / "memory_horizon_curves.png", LABELS,
-                   title=f"Memory horizon: eval accuracy at QUERY positions ({len(args.seeds)} seeds, mean ± std)")
+    cr.write_json(RESULTS / f"{stem}.json", summary)
+    (RESULTS / f"{stem}.md").write_text(cr.markdown_table(
+        summary, LABELS, title=f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)"))
+    cr.plot_curves(summary, RESULTS / f"{stem}_curves.png", LABELS,
+                   title=f"Memory horizon: eval accuracy at QUERY positions, {args.steps} steps\n"
+                         f"(mean over seeds {','.join(map(str, args.seeds))}; shaded: min..max)")
     return summary
 
 

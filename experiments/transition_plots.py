@@ -106,7 +106,7 @@ def plot_profiles(per_model: Mapping[str, list[dict]], heatmap: Mapping[str, obj
     ax_off.set_xlabel("position - nearest RESET position (0 = the RESET token)")
     ax_off.set_ylabel("mean |a| over channels and sequences")
     ax_off.set_title("|a| around RESET", fontsize=10)
-    ax_off.legend(fontsize=7)
+    ax_off.legend(fontsize=7, loc="lower right")
     for ax, what in ((ax_tok, "mean |a|"), (ax_ph, "mean |arg a| (rad)")):
         ax.set_xlabel("input token")
         ax.set_ylabel(what)
