@@ -112,6 +112,10 @@ def plot_accuracy_vs_k(summary: dict, models, kv, path: Path) -> None:
                     ax2.plot(r["steps"], r["accuracy"], color=f"C{i}", alpha=0.4 + 0.6 * (k == max(kv)),
                              ls=["-", "--", ":", "-."][kv.index(k) % 4], label=f"{LABELS.get(m, m)}, K={k}")
         ax.plot(ks, accs, marker="o", color=f"C{i}", label=LABELS.get(m, m))
+    # Reference levels: a uniform guess over the 128 value tokens, and a guess among the K values bound in the
+    # sequence (what a model reaches that has learned "answer with a value seen earlier" but not which one).
+    ax.axhline(1 / 128, color="gray", ls=":", lw=1, label="chance (1/128)")
+    ax.plot(list(kv), [1 / k for k in kv], color="gray", ls="--", lw=1, label="1/K (a bound value at random)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(kv))
     ax.set_xticklabels([str(k) for k in kv])
