@@ -97,6 +97,20 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     return c
 
 
+# variant=<short name> in a config arg -> the registered model name (gateloop_jax.models.MODELS).
+MODEL_VARIANTS = {
+    "gateloop": "gateloop", "fixed": "gateloop_fixed", "real": "gateloop_real",
+    "linear_attention": "linear_attention", "transformer": "transformer",
+}
+
+
+def model_variant(task: str, variant: str, variants=MODEL_VARIANTS):
+    """variants[variant], or one error naming the task, the value and the choices."""
+    if variant not in variants:
+        raise ValueError(f"{task}: variant={variant!r} is not one of {sorted(variants)}.")
+    return variants[variant]
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """'variant=fixed,runlocal' -> {"variant": "fixed", "runlocal": True, ...}; keys must be in `defaults`.
 

@@ -24,19 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 
-VARIANTS = {
-    "gateloop": "gateloop", "fixed": "gateloop_fixed", "real": "gateloop_real",
-    "linear_attention": "linear_attention", "transformer": "transformer",
-}
-
-
 def get_config(arg=None):
     arg = common.parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"memory_horizon: variant={arg.variant!r} is not one of {sorted(VARIANTS)}.")
     c = common.base_config("memory_horizon")
     # The architecture under test (the registered model name of the variant).
-    c.model.name = VARIANTS[arg.variant]
+    c.model.name = common.model_variant("memory_horizon", arg.variant)
     # How the recurrence is computed (all modes compute the same function).
     c.model.mode = arg.mode
     # A small max-headed model (the paper's LM layout: one complex state per channel, d_qk = d_v = 1): the task

@@ -24,19 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 
-VARIANTS = {
-    "gateloop": "gateloop", "fixed": "gateloop_fixed", "real": "gateloop_real",
-    "linear_attention": "linear_attention", "transformer": "transformer",
-}
-
-
 def get_config(arg=None):
     arg = common.parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"mqar: variant={arg.variant!r} is not one of {sorted(VARIANTS)}.")
     c = common.base_config("mqar")
     # The architecture under test.
-    c.model.name = VARIANTS[arg.variant]
+    c.model.name = common.model_variant("mqar", arg.variant)
     # How the GateLoop recurrence is computed.
     c.model.mode = arg.mode
     # Multi-head (4 heads of 32): associative recall needs a matrix-valued state (d_qk x d_v per head).

@@ -31,9 +31,7 @@ VARIANTS = {
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
-    if arg.variant not in VARIANTS:
-        raise ValueError(f"wikitext103: variant={arg.variant!r} is not one of {sorted(VARIANTS)}.")
-    name, preset = VARIANTS[arg.variant]
+    name, preset = common.model_variant("wikitext103", arg.variant, VARIANTS)
     c = common.base_config("wikitext103")
     # The architecture: a named preset of gateloop_jax/models/presets.py (vocab_size comes from the tokenizer).
     c.model.name = name
