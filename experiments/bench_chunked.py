@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -35,6 +34,8 @@ if "gateloop_jax" not in sys.modules:  # import ops/ alone, without the model st
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+import bench_common as bc  # noqa: E402  (experiments/ is sys.path[0] when run as a script)
 
 from gateloop_jax.ops import chunked, scan  # noqa: E402
 from gateloop_jax.ops.common import polar_to_complex, reverse_exclusive_cumsum, segsum, wrap_phase  # noqa: E402
@@ -131,19 +132,8 @@ def compile_and_time(f, args, runs, reps, compiled=None):
     except Exception:  # noqa: BLE001
         pass
     out = jax.block_until_ready(compiled(*args))
-    sync, piped = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        sync.append(time.perf_counter() - t0)
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        outs = [compiled(*args) for _ in range(reps)]
-        jax.block_until_ready(outs)
-        piped.append((time.perf_counter() - t0) / reps)
-        del outs
-    r = {"ms": 1e3 * statistics.median(piped), "ms_sync": 1e3 * statistics.median(sync), "ms_min": 1e3 * min(piped),
-         "compile_s": compile_s, "mem": mem}
+    r = {**bc.time_sync_and_pipelined(compiled, args, runs=runs, reps=reps, warmup=0), "compile_s": compile_s,
+         "mem": mem}
     return r, out, compiled
 
 

@@ -181,6 +181,24 @@ def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: flo
     }
 
 
+def time_sync_and_pipelined(fn, args, *, runs: int = 10, reps: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Two medians of fn(*args) in ms: "ms_sync", one call per block_until_ready, and "ms", `reps` calls in flight
+    per sync (launch gaps hidden, the kernel-to-kernel figure); "ms_min" is the fastest pipelined run."""
+    for _ in range(warmup):
+        block(fn(*args))
+    sync, piped = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        block(fn(*args))
+        sync.append(time.perf_counter() - start)
+    for _ in range(runs):
+        start = time.perf_counter()
+        block([fn(*args) for _ in range(reps)])
+        piped.append((time.perf_counter() - start) / reps)
+    return {"ms": 1e3 * statistics.median(piped), "ms_sync": 1e3 * statistics.median(sync),
+            "ms_min": 1e3 * min(piped), "runs": runs, "reps": reps}
+
+
 def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
     """Device-memory bandwidth of a large elementwise pass (y = -x, float32): bytes read + bytes written over the
     median time. This is the ceiling the memory-bound ops are held against (METHOD.md: measure it in the same run)."""

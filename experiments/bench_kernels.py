@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -39,6 +38,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_common as bc  # noqa: E402  (experiments/ is sys.path[0] when run as a script)
+
 from gateloop_jax.ops import chunked, scan  # noqa: E402
 from gateloop_jax.ops import pallas_elementwise as pe  # noqa: E402
 
@@ -50,24 +51,6 @@ except Exception:  # noqa: BLE001 - reported, not fatal
 
 TOKENS = 32768
 INTERPRET = False  # --smoke: tiny shapes in interpret mode, to check this script on a CPU
-
-
-def timeit(fn, args, runs=10, reps=5, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    sync, piped = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        sync.append(time.perf_counter() - t0)
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(reps)]
-        jax.block_until_ready(outs)
-        piped.append((time.perf_counter() - t0) / reps)
-        del outs
-    return {"ms": 1e3 * statistics.median(piped), "ms_sync": 1e3 * statistics.median(sync),
-            "ms_min": 1e3 * min(piped), "runs": runs, "reps": reps}
 
 
 def make_inputs(key, b, t, h, dk, dv, dtype=jnp.float32):
@@ -104,7 +87,7 @@ def check(fn, ref_fn, inputs):
 def copy_bandwidth():
     x = jax.random.normal(jax.random.PRNGKey(0), (1 << 28,), jnp.float32)  # 1 GiB
     f = jax.jit(lambda x: x * 1.0000001)
-    r = timeit(f, (x,), runs=10, reps=5)
+    r = bc.time_sync_and_pipelined(f, (x,), runs=10, reps=5)
     return {"bytes": 2 * x.nbytes, "ms": r["ms"], "TBps": 2 * x.nbytes / (r["ms"] * 1e-3) / 1e12}
 
 
@@ -130,7 +113,7 @@ def bench_ew(results, variants, lengths, runs):
         peers = {"scan": scan.gateloop_scan, "chunked": chunked.gateloop_chunked}
         for name, fn in peers.items():
             try:
-                row[name] = timeit(op_fwd_bwd(fn), inputs, runs=runs)
+                row[name] = bc.time_sync_and_pipelined(op_fwd_bwd(fn), inputs, runs=runs)
             except Exception as e:  # noqa: BLE001
                 row[name] = {"error": repr(e)[:500]}
             print(L, name, row[name], flush=True)
@@ -141,7 +124,7 @@ def bench_ew(results, variants, lengths, runs):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*inputs))
                 compile_s = time.perf_counter() - t0
-                r = timeit(fn, inputs, runs=runs)
+                r = bc.time_sync_and_pipelined(fn, inputs, runs=runs)
                 r["compile_s"] = compile_s
                 r["GBps_min_bytes"] = min_bytes / (r["ms"] * 1e-3) / 1e9
             except Exception as e:  # noqa: BLE001
@@ -182,12 +165,12 @@ def bench_mh(results, variants, lengths, runs):
         try:
             q, k, v, _, _, dy = inputs
             bf = [x.astype(jnp.bfloat16) for x in (q, k, v, dy)]
-            row["cudnn_attention_bf16"] = timeit(cudnn_attention_fwd_bwd(), bf, runs=runs)
+            row["cudnn_attention_bf16"] = bc.time_sync_and_pipelined(cudnn_attention_fwd_bwd(), bf, runs=runs)
         except Exception as e:  # noqa: BLE001
             row["cudnn_attention_bf16"] = {"error": repr(e)[:500]}
         print(L, "cudnn", row["cudnn_attention_bf16"], flush=True)
         try:
-            row["chunked"] = timeit(op_fwd_bwd(chunked.gateloop_chunked), inputs, runs=runs)
+            row["chunked"] = bc.time_sync_and_pipelined(op_fwd_bwd(chunked.gateloop_chunked), inputs, runs=runs)
         except Exception as e:  # noqa: BLE001
             row["chunked"] = {"error": repr(e)[:500]}
         print(L, "chunked", row["chunked"], flush=True)
@@ -200,7 +183,7 @@ def bench_mh(results, variants, lengths, runs):
                 try:
                     t0 = time.perf_counter()
                     jax.block_until_ready(fn(*inputs))
-                    r = timeit(fn, inputs, runs=runs)
+                    r = bc.time_sync_and_pipelined(fn, inputs, runs=runs)
                     r["compile_s"] = time.perf_counter() - t0
                 except Exception as e:  # noqa: BLE001
                     r = {"error": repr(e)[:2000]}
