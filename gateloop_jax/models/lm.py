@@ -37,8 +37,8 @@ class CausalLM(nnx.Module):
 
     def _embed(self, tokens):
         x = self.embed(tokens)
-        # Unit-variance embeddings scaled like a d_model-wide activation (the tied head reuses them as weights).
-        return constrain(x * (self.config.d_model ** -0.5) * jnp.sqrt(self.config.d_model), (BATCH, LENGTH, None))
+        # Unit-variance embeddings enter the residual stream as they are; the tied head scales by d_model^-1/2 instead.
+        return constrain(x, (BATCH, LENGTH, None))
 
     def _logits(self, x):
         x = self.final_norm(x)
