@@ -1,0 +1,603 @@
+"""Multi-head GateLoop as Pallas kernels: the chunked form with exact per-channel decay, forward and backward.
+
+Per head, H_n = diag(a_n) H_{n-1} + k_n^T v_n and y_n = Re(q_n H_n), with a = e^{log_r + i theta} per key channel.
+Time is cut into chunks of C positions and chunks into sub-blocks of c = 16. With G, Phi the cumulative log|a| and
+phase, a query n and a key m <= n interact through Z_nm = e^{(G_n - G_m) + i (Phi_n - Phi_m)} per channel, and:
+
+- Key sub-block j < query sub-block i (same chunk): split at B, the position before sub-block i:
+  Z = rho_n * sigma_m * gamma, with rho_n = e^{(G_n - G_B) + i(..)} (prefix inside sub-block i), sigma_m =
+  e^{(G_end_j - G_m) + i(..)} (suffix inside sub-block j) and gamma the totals of the sub-blocks strictly between.
+  Every factor is e^{sum of log|a| <= 0}: nothing overflows for any gate in [0, 1], |a| = 0 included. The scores
+  are Re((q rho) (k sigma gamma)^T): two real matrix products (the rotation identity, key width 2 d_qk).
+- Diagonal sub-blocks (m < n inside one sub-block): e^{G_n - G_m} with G_n - G_m summed directly over (m, n] (a
+  running sum, one row at a time), never as a difference of prefix sums, so |a| ~ 0 earlier in the sub-block costs
+  no cancellation. The phase factors as cos(Phi_n - Phi_m) = cos cos + sin sin of sub-block prefixes (|Phi| <= 16 pi
+  after wrapping each step to [-pi, pi)). The m = n term is q_n . k_n exactly.
+- Between chunks only the state is carried: S_{j+1} = T_j S_j + dS_j (T_j the chunk's total transition, dS_j its
+  increment from a zero start), by a sequential kernel over chunks that keeps the state in registers.
+
+Kernels (grid axes in brackets; bh = batch x heads, n chunks, nb = C / c sub-blocks):
+  forward   _outer (bh, n): dS_j and the chunk totals -> _carry (bh, d_qk blocks): chunk-start states
+            -> _query_side (bh, n, nb): y.
+  backward  _outer (bh, n): each chunk's cotangent of its start state -> _carry reversed: the cotangent of each chunk's
+            end state -> _query_side (dq and the query halves of dlog_r, dtheta) and _key_side (dk, dv and the key
+            halves), both (bh, n, nb).
+dlog_r and dtheta use that y depends on G only through q e^{G} and k e^{-G} (and the final state through e^{G_T}):
+dL/dG_n = q_n Re(Dq_n) - k_n Re(Dk_n), dL/dPhi_n = -q_n Im(Dq_n) + k_n Im(Dk_n), where Dq, Dk are the complex
+coefficients of q and k in the loss; dlog_r is the reverse cumulative sum of dL/dG. The kernels return sums
+reversed inside each sub-block plus sub-block totals; the sum over later sub-blocks is one small XLA add.
+
+Precision: float32 arithmetic throughout. Matrix products use `Config.precision`: on GPU TF32x3 (three tf32
+tensor-core products, float32 accuracy); the 16 x 16 triangular sums are IEEE float32. In interpret mode (CPU, for
+tests) every product is float32 (Precision.HIGHEST).
+
+Shapes: the mode contract of ops/ ((b, t, h, d) arrays; h0 (b, h, d_qk, d_v) complex). d_qk and d_v are padded to
+powers of two >= 16 and t to a multiple of C with identity steps (a = 1, q = k = v = 0), which change nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+SUB = 16  # sub-block c: the smallest tile a Triton matrix product takes
+TWO_PI = 2.0 * math.pi
+
+
+class Config(NamedTuple):
+    """Static kernel parameters (hashable: one compiled kernel per config and shape)."""
+
+    chunk: int = 64  # C, a multiple of SUB: states are stored once per chunk
+    num_warps: int = 4
+    num_stages: int = 1
+    carry_block: int = 16  # d_qk rows of the state per program of the carry kernel
+    precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
+
+
+def supported(q_shape, v_shape, platform: str) -> bool:
+    """Multi-head shapes on GPU (Triton) or CPU (interpret mode, for tests)."""
+    return len(q_shape) == 4 and platform in ("gpu", "cuda", "cpu")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class _Plan(NamedTuple):
+    b: int
+    h: int
+    t: int  # padded to a multiple of chunk
+    dk: int  # padded
+    dv: int  # padded
+    chunk: int
+    num_warps: int
+    num_stages: int
+    carry_block: int
+    precision: object  # a lax precision for jnp.dot
+    interpret: bool
+
+    @property
+    def n(self):
+        return self.t // self.chunk
+
+    @property
+    def nb(self):
+        return self.chunk // SUB
+
+
+_PRECISIONS = {
+    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "ieee": jax.lax.Precision.HIGHEST,
+    "tf32": jax.lax.Precision.DEFAULT,
+}
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-kernel helpers. Tiles are (rows, d) float32; rows of a (b, t, h, d) array are read with stride h * d.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _wrap(x):
+    """Phase to [-pi, pi): e^{i x} unchanged; keeps sums of many phases small."""
+    return x - TWO_PI * jnp.floor(x * (1.0 / TWO_PI) + 0.5)
+
+
+def _dot(a, b, precision):  # a @ b
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b, precision):  # a @ b.T
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b, precision):  # a.T @ b
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _iota(shape, axis):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _prefix_suffix(x):
+    """(inclusive prefix, exclusive suffix) sums down the rows of a (c, d) tile, each entry a direct sum of its own
+    segment (triangular 0/1 matrix times x, IEEE float32): no total-minus-prefix cancellation."""
+    c = x.shape[0]
+    r, col = _iota((c, c), 0), _iota((c, c), 1)
+    lower = (col <= r).astype(jnp.float32)
+    upper = (col > r).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    return _dot(lower, x, hi), _dot(upper, x, hi)
+
+
+def _reverse_cumsum(x):
+    """Inclusive reverse cumulative sum down the rows (direct sums), and the column totals (d,)."""
+    c = x.shape[0]
+    r, col = _iota((c, c), 0), _iota((c, c), 1)
+    upper = (col >= r).astype(jnp.float32)
+    return _dot(upper, x, jax.lax.Precision.HIGHEST), jnp.sum(x, axis=0)
+
+
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+def _polar(lr, th):
+    m = jnp.exp(lr)
+    return m * jnp.cos(th), m * jnp.sin(th)
+
+
+class _Tiles(NamedTuple):
+    """One sub-block's gates: within-sub-block prefix (inclusive) and suffix (exclusive) of log|a| and phase, and the
+    sub-block totals (1, d) (phase total wrapped)."""
+
+    pre_lr: jax.Array
+    pre_th: jax.Array
+    suf_lr: jax.Array
+    suf_th: jax.Array
+    tot_lr: jax.Array
+    tot_th: jax.Array
+
+
+def _gate_tiles(lr_ref, th_ref, bi, hi, row0):
+    lr = lr_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32)
+    th = _wrap(th_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32))
+    pre_lr, suf_lr = _prefix_suffix(lr)
+    pre_th, suf_th = _prefix_suffix(th)
+    tot_lr = jnp.sum(lr, axis=0)[None, :]
+    tot_th = _wrap(jnp.sum(th, axis=0))[None, :]
+    return _Tiles(pre_lr, pre_th, suf_lr, suf_th, tot_lr, tot_th)
+
+
+def _tile(ref, bi, hi, row0):
+    return ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32)
+
+
+def _row(ref, bi, hi, row):
+    return ref[bi, pl.ds(row, 1), hi, :].astype(jnp.float32)
+
+
+def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, body, init):
+    """Walk the rows n of one diagonal sub-block with the exact pairwise decay w[m, :] = e^{G_n - G_m} (m < n, else 0).
+
+    kc, ks = k cos(Phi), k sin(Phi) with Phi the sub-block prefix phase. For each row n, calls
+    body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. (1, d) rows; returns the carry.
+    """
+    del k
+    c, d = kc.shape
+    m_idx = _iota((c, d), 0)
+    zeros_row = jnp.zeros((1, d), jnp.float32)
+
+    def step(n, state):
+        decay, phi, carry = state
+        lr_n = _row(lr_ref, bi, hi, row0 + n)
+        th_n = _wrap(_row(th_ref, bi, hi, row0 + n))
+        before = m_idx < n
+        decay = jnp.where(before, decay + lr_n, 0.0)  # sum of log|a| over (m, n], accumulated directly
+        phi = phi + th_n
+        w = jnp.where(before, jnp.exp(decay), 0.0)
+        q_n = _row(q_ref, bi, hi, row0 + n)
+        cos_n, sin_n = jnp.cos(phi), jnp.sin(phi)
+        carry = body(n, carry, w, q_n * cos_n, q_n * sin_n, cos_n, sin_n)
+        return decay, phi, carry
+
+    _, _, carry = jax.lax.fori_loop(0, c, step, (jnp.zeros((c, d), jnp.float32), zeros_row, init))
+    return carry
+
+
+def _put_row(tile, n, row):
+    """tile with row n replaced by row ((1, d) or (d,))."""
+    return jnp.where(_iota(tile.shape, 0) == n, row, tile)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb, to_end, conj, precision):
+    """Per chunk: sum_m f_m x_m^T y_m (complex (dk, dv)), with f_m = e^{(G_end - G_m) + i(..)} (to_end: the chunk's
+    increment, x = k, y = v) or conj(e^{(G_m - G_start) + i(..)}) (the cotangent of the chunk's start state from its
+    outputs, x = q, y = dy). With tot_refs, also the chunk's total log|a| and wrapped phase (its transition)."""
+    pid, j = pl.program_id(0), pl.program_id(1)
+    bi, hi = pid // h, pid % h
+    t0 = j * (nb * SUB)
+    d, e = out_re.shape[-2], out_re.shape[-1]
+    acc_re = jnp.zeros((d, e), jnp.float32)
+    acc_im = jnp.zeros((d, e), jnp.float32)
+    off_lr = jnp.zeros((1, d), jnp.float32)
+    off_th = jnp.zeros((1, d), jnp.float32)
+    order = range(nb - 1, -1, -1) if to_end else range(nb)
+    for s in order:  # static: nb = C / 16 sub-blocks
+        row0 = t0 + s * SUB
+        g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+        x, y = _tile(x_ref, bi, hi, row0), _tile(y_ref, bi, hi, row0)
+        lr, th = (g.suf_lr, g.suf_th) if to_end else (g.pre_lr, g.pre_th)
+        fr, fi = _polar(lr + off_lr, th + off_th)
+        if conj:
+            fi = -fi
+        acc_re += _dot_tn(x * fr, y, precision)
+        acc_im += _dot_tn(x * fi, y, precision)
+        off_lr = off_lr + g.tot_lr
+        off_th = _wrap(off_th + g.tot_th)
+    out_re[bi, hi, j, :, :] = acc_re
+    out_im[bi, hi, j, :, :] = acc_im
+    if tot_refs:
+        tot_lr_ref, tot_th_ref = tot_refs
+        tot_lr_ref[bi, hi, j, :] = jnp.sum(off_lr, axis=0)  # (1, d) -> (d,)
+        tot_th_ref[bi, hi, j, :] = jnp.sum(off_th, axis=0)
+
+
+def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_im, last_re, last_im, *, h, n, bd,
+                  reverse, conj):
+    """Sequential over chunks with the state in registers. Forward: out_j = S (the state entering chunk j), then
+    S = T_j S + inc_j. Reverse (cotangents): out_j = G (the cotangent of chunk j's end state), then
+    G = conj(T_j) G + inc_j. last = the final S (the final state) or G (the cotangent of the initial state)."""
+    pid, di = pl.program_id(0), pl.program_id(1)
+    bi, hi = pid // h, pid % h
+    rows = pl.ds(pl.multiple_of(di * bd, bd), bd)
+
+    def body(i, state):
+        sr, si = state
+        j = n - 1 - i if reverse else i
+        out_re[bi, hi, j, rows, :] = sr
+        out_im[bi, hi, j, rows, :] = si
+        ar = tr_ref[bi, hi, j, rows][:, None]
+        ai = ti_ref[bi, hi, j, rows][:, None]
+        if conj:
+            ai = -ai
+        sr, si = _cmul(ar, ai, sr, si)
+        return sr + inc_re[bi, hi, j, rows, :], si + inc_im[bi, hi, j, rows, :]
+
+    state = (init_re[bi, hi, rows, :].astype(jnp.float32), init_im[bi, hi, rows, :].astype(jnp.float32))
+    sr, si = jax.lax.fori_loop(0, n, body, state)
+    last_re[bi, hi, rows, :] = sr
+    last_im[bi, hi, rows, :] = si
+
+
+def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad):
+    """One query sub-block i of chunk j.
+
+    Forward (grad=False; w = v): y_i = sum_{j' <= i} A_{i j'} v_{j'} + Re(q rho eps S_j) with S_j the chunk-start
+    state. Backward (grad=True; w = dy): Dq_i, the complex coefficient of q_i in sum(dy * y), i.e. the same sums with
+    W = dy v^T in place of A and dy S^T in place of S; writes dq and the query halves of dL/dG, dL/dPhi (reverse-summed
+    inside the sub-block, plus the sub-block totals).
+    """
+    pid, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, hi = pid // h, pid % h
+    t0 = j * (nb * SUB)
+    row0 = t0 + i * SUB
+    q, k, v = _tile(q_ref, bi, hi, row0), _tile(k_ref, bi, hi, row0), _tile(v_ref, bi, hi, row0)
+    w = _tile(w_ref, bi, hi, row0) if grad else v  # dy in the backward
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+    c, d = q.shape
+    kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
+    rho_re, rho_im = _polar(g.pre_lr, g.pre_th)
+    qt_re, qt_im = q * rho_re, q * rho_im
+
+    if not grad:
+        def row_scores(n, scores, wdec, qc_n, qs_n, cos_n, sin_n):
+            row = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)  # A[n, m] for m < n
+            return _put_row(scores, n, row[None, :])
+
+        scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_scores, jnp.zeros((c, c), jnp.float32))
+        eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
+        scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
+        acc = _dot(scores, v, precision)  # (c, dv)
+    else:
+        def row_grad(n, dq, wdec, qc_n, qs_n, cos_n, sin_n):
+            dy_n = _row(w_ref, bi, hi, row0 + n)
+            wcol = jnp.sum(v * dy_n, axis=1)[:, None]  # W[n, m] = dy_n . v_m, as a column over m
+            r = jnp.sum(wcol * wdec * kc, axis=0)[None, :]
+            im = -jnp.sum(wcol * wdec * ks, axis=0)[None, :]
+            dre, dim = _cmul(cos_n, sin_n, r, im)  # e^{i Phi_n} sum_m W w k_m e^{-i Phi_m}
+            return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
+
+        zeros = jnp.zeros((c, d), jnp.float32)
+        dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (zeros, zeros))
+        acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
+
+    # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
+    def key_block(jj, carry):
+        acc, gap_lr, gap_th = carry
+        kr0 = t0 + (i - 1 - jj) * SUB
+        gk = _gate_tiles(lr_ref, th_ref, bi, hi, kr0)
+        kk, vk = _tile(k_ref, bi, hi, kr0), _tile(v_ref, bi, hi, kr0)
+        fr, fi = _polar(gk.suf_lr + gap_lr, gk.suf_th + gap_th)
+        kt_re, kt_im = kk * fr, kk * fi
+        if not grad:
+            s = _dot_nt(qt_re, kt_re, precision) - _dot_nt(qt_im, kt_im, precision)
+            acc = acc + _dot(s, vk, precision)
+        else:
+            wmat = _dot_nt(w, vk, precision)  # W = dy_i v_j'^T
+            acc = (acc[0] + _dot(wmat, kt_re, precision), acc[1] + _dot(wmat, kt_im, precision))
+        return acc, gap_lr + gk.tot_lr, _wrap(gap_th + gk.tot_th)
+
+    zero_row = jnp.zeros((1, d), jnp.float32)
+    init = acc if not grad else (acc_re, acc_im)
+    acc, off_lr, off_th = jax.lax.fori_loop(0, i, key_block, (init, zero_row, zero_row))
+
+    # The state entering the chunk, seen from sub-block i: factor eps = e^{(G_B - G_start) + i(..)}.
+    er, ei = _polar(off_lr, off_th)
+    sr, si = s_re[bi, hi, j, :, :], s_im[bi, hi, j, :, :]
+    if not grad:
+        qs_re, qs_im = _cmul(qt_re, qt_im, er, ei)
+        y = acc + _dot(qs_re, sr, precision) - _dot(qs_im, si, precision)
+        y_ref, = out_refs
+        y_ref[bi, pl.ds(row0, SUB), hi, :] = y.astype(y_ref.dtype)
+        return
+
+    m_re, m_im = acc
+    xr, xi = _cmul(er, ei, _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # eps (dy S^T)
+    m_re, m_im = m_re + xr, m_im + xi
+    tr, ti = _cmul(rho_re, rho_im, m_re, m_im)
+    dq_re, dq_im = dq_re + tr, dq_im + ti
+    dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
+    w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
+    dq_ref[bi, pl.ds(row0, SUB), hi, :] = dq_re + w_diag * k
+    dg, dg_sum = _reverse_cumsum(q * dq_re)
+    dp, dp_sum = _reverse_cumsum(-q * dq_im)
+    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
+    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
+    dg_tot[bi, hi, j * nb + i, :] = dg_sum
+    dp_tot[bi, hi, j * nb + i, :] = dp_sum
+
+
+def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
+                     dg_tot, dp_tot, *, h, nb, precision):
+    """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
+    i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
+    dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
+    pid, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, hi = pid // h, pid % h
+    t0 = j * (nb * SUB)
+    row0 = t0 + s * SUB
+    q, k, v, dy = (_tile(r, bi, hi, row0) for r in (q_ref, k_ref, v_ref, dy_ref))
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+    c, d = k.shape
+    kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
+
+    # Diagonal sub-block: for each query row n, Dk_m += W[n, m] w[m] q_n e^{i(Phi_n - Phi_m)} (e^{-i Phi_m} applied
+    # after the loop) and dv_m += A[n, m] dy_n.
+    def row_grad(n, carry, wdec, qc_n, qs_n, cos_n, sin_n):
+        tre, tim, dv = carry
+        dy_n = _row(dy_ref, bi, hi, row0 + n)
+        wcol = jnp.sum(v * dy_n, axis=1)[:, None]
+        tre = tre + wcol * wdec * qc_n
+        tim = tim + wcol * wdec * qs_n
+        a_col = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)[:, None]  # A[n, m] as a column over m
+        return tre, tim, dv + a_col * dy_n
+
+    zeros = jnp.zeros((c, d), jnp.float32)
+    tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad,
+                             (zeros, zeros, jnp.zeros(v.shape, jnp.float32)))
+    cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
+    dk_re, dk_im = _cmul(cos_m, -sin_m, tre, tim)
+
+    # Query sub-blocks i > j', nearest first: with sigma_m = e^{(G_end - G_m) + i(..)} (suffix in j'), gamma the
+    # totals in between and Qt_i = q rho (prefix in i): Dk += sigma gamma (W^T Qt), dv += A^T dy_i.
+    sg_re, sg_im = _polar(g.suf_lr, g.suf_th)
+    kt_re, kt_im = k * sg_re, k * sg_im
+
+    def query_block(ii, carry):
+        m_re, m_im, dv, gap_lr, gap_th = carry
+        qr0 = row0 + (ii + 1) * SUB
+        gq = _gate_tiles(lr_ref, th_ref, bi, hi, qr0)
+        qq, dyq = _tile(q_ref, bi, hi, qr0), _tile(dy_ref, bi, hi, qr0)
+        rr, ri = _polar(gq.pre_lr, gq.pre_th)
+        qt_re, qt_im = qq * rr, qq * ri
+        gr, gi = _polar(gap_lr, gap_th)
+        wmat_t = _dot_nt(v, dyq, precision)  # W^T[m, n] = v_m . dy_n
+        ur, ui = _cmul(gr, gi, _dot(wmat_t, qt_re, precision), _dot(wmat_t, qt_im, precision))
+        kg_re, kg_im = _cmul(kt_re, kt_im, gr, gi)
+        a_t = _dot_nt(kg_re, qt_re, precision) - _dot_nt(kg_im, qt_im, precision)  # A^T (c_keys, c_queries)
+        return m_re + ur, m_im + ui, dv + _dot(a_t, dyq, precision), gap_lr + gq.tot_lr, _wrap(gap_th + gq.tot_th)
+
+    zero_row = jnp.zeros((1, d), jnp.float32)
+    m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(
+        0, nb - 1 - s, query_block, (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row))
+    dv = dv + dv_off
+
+    # The chunk's end state: k_m contributes sigma gamma_end k_m v_m^T; its cotangent E gives Dk += gamma_end
+    # (v conj(E)^T) (times sigma below) and dv += Re(k sigma gamma_end conj(E)).
+    er, ei = e_re[bi, hi, j, :, :], e_im[bi, hi, j, :, :]
+    gr, gi = _polar(gap_lr, gap_th)
+    xr, xi = _cmul(gr, gi, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
+    m_re, m_im = m_re + xr, m_im + xi
+    ke_re, ke_im = _cmul(kt_re, kt_im, gr, gi)
+    dv = dv + _dot(ke_re, er, precision) + _dot(ke_im, ei, precision)
+    tr, ti = _cmul(sg_re, sg_im, m_re, m_im)
+    dk_re, dk_im = dk_re + tr, dk_im + ti
+
+    w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
+    dk_ref[bi, pl.ds(row0, SUB), hi, :] = dk_re + w_diag * q
+    dv_ref[bi, pl.ds(row0, SUB), hi, :] = dv + jnp.sum(q * k, axis=1)[:, None] * dy
+    dg, dg_sum = _reverse_cumsum(k * dk_re)
+    dp, dp_sum = _reverse_cumsum(-k * dk_im)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
+    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
+    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
+    dg_tot[bi, hi, j * nb + s, :] = dg_sum
+    dp_tot[bi, hi, j * nb + s, :] = dp_sum
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers on padded arrays
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _call(plan: _Plan, kernel, grid, out_shapes, *args, name):
+    params = None
+    if not plan.interpret and plgpu is not None:
+        params = plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, interpret=plan.interpret,
+                          compiler_params=params, name=name)(*args)
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _outer(plan, x, y, lr, th, *, to_end, conj, totals):
+    p = plan
+    outs = (_f32(p.b, p.h, p.n, p.dk, y.shape[-1]),) * 2 + ((_f32(p.b, p.h, p.n, p.dk),) * 2 if totals else ())
+    kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision)
+    return _call(p, kernel, (p.b * p.h, p.n), outs, x, y, lr, th, name="gateloop_mh_outer")
+
+
+def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
+    p = plan
+    bd = min(p.carry_block, p.dk)
+    outs = (_f32(p.b, p.h, p.n, p.dk, p.dv),) * 2 + (_f32(p.b, p.h, p.dk, p.dv),) * 2
+    kernel = functools.partial(_carry_kernel, h=p.h, n=p.n, bd=bd, reverse=reverse, conj=reverse)
+    return _call(p, kernel, (p.b * p.h, p.dk // bd), outs, tr, ti, inc_re, inc_im, init_re, init_im,
+                 name="gateloop_mh_carry")
+
+
+def _transitions(tot_lr, tot_th):
+    return _polar_xla(tot_lr, tot_th)
+
+
+def _polar_xla(lr, th):
+    m = jnp.exp(lr)
+    return m * jnp.cos(th), m * jnp.sin(th)
+
+
+def _forward(plan, q, k, v, lr, th, h0re, h0im):
+    p = plan
+    inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
+    tr, ti = _transitions(tot_lr, tot_th)
+    s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
+    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False)
+    y = _call(p, kernel, (p.b * p.h, p.n, p.nb), _f32(p.b, p.t, p.h, p.dv), q, k, v, lr, th, v, s_re, s_im,
+              name="gateloop_mh_fwd")
+    return y, f_re, f_im, (s_re, s_im, tr, ti)
+
+
+def _suffix_totals(tot):
+    """(b, h, blocks, d) sub-block totals -> for each sub-block, the sum over the later ones (exclusive)."""
+    rev = jnp.cumsum(tot[:, :, ::-1], axis=2)[:, :, ::-1]
+    return rev - tot  # exact enough: a difference only of partial gradients, not of exponents
+
+
+def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
+    p = plan
+    s_re, s_im, tr, ti = res
+    f_re, f_im = final
+    loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
+    e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
+    big = _f32(p.b, p.t, p.h, p.dk)
+    small = _f32(p.b, p.h, p.n * p.nb, p.dk)
+    grid = (p.b * p.h, p.n, p.nb)
+    qkern = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True)
+    dq, qg, qp, qg_tot, qp_tot = _call(p, qkern, grid, (big, big, big, small, small), q, k, v, lr, th, dy, s_re, s_im,
+                                       name="gateloop_mh_bwd_q")
+    kkern = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision)
+    dk, dv, kg, kp, kg_tot, kp_tot = _call(p, kkern, grid, (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
+                                           q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k")
+    # The final state scales with e^{G_T + i Phi_T}: its cotangent adds Re<gf, final> and Re<gf, i final> to dL/dG_T,
+    # dL/dPhi_T, which the reverse cumulative sum hands to every position.
+    end_g = jnp.sum(gf_re * f_re + gf_im * f_im, axis=-1)  # (b, h, dk)
+    end_p = jnp.sum(gf_im * f_re - gf_re * f_im, axis=-1)
+
+    def finish(qpart, kpart, qtot, ktot, end):
+        later = _suffix_totals(qtot - ktot) + end[:, :, None, :]  # (b, h, blocks, dk)
+        later = jnp.repeat(jnp.transpose(later, (0, 2, 1, 3)), SUB, axis=1)  # (b, t, h, dk)
+        return qpart - kpart + later
+
+    dlr = finish(qg, kg, qg_tot, kg_tot, end_g)
+    dth = finish(qp, kp, qp_tot, kp_tot, end_p)
+    return dq, dk, dv, dlr, dth, dh0_re, dh0_im
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(plan, q, k, v, lr, th, h0re, h0im):
+    y, f_re, f_im, _ = _forward(plan, q, k, v, lr, th, h0re, h0im)
+    return y, f_re, f_im
+
+
+def _core_fwd(plan, q, k, v, lr, th, h0re, h0im):
+    y, f_re, f_im, res = _forward(plan, q, k, v, lr, th, h0re, h0im)
+    return (y, f_re, f_im), (q, k, v, lr, th, h0re, h0im, res, (f_re, f_im))
+
+
+def _core_bwd(plan, res, cts):
+    q, k, v, lr, th, h0re, h0im, fwd_res, final = res
+    dy, gf_re, gf_im = (x.astype(jnp.float32) for x in cts)
+    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, fwd_res, final, dy, gf_re, gf_im)
+    primals = (q, k, v, lr, th, h0re, h0im)
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, primals))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None = None,
+                            interpret: bool | None = None, config: Config | None = None):
+    """Mode contract: q, k, log_r, theta (b, t, h, dk), v (b, t, h, dv) real; h0 (b, h, dk, dv) complex or None.
+
+    Returns (y (b, t, h, dv) float32, final state (b, h, dk, dv) complex64); differentiable in every argument
+    (custom_vjp). chunk_size (default Config.chunk) is rounded up to a multiple of 16.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    cfg = config or Config()
+    chunk = chunk_size or cfg.chunk
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    chunk = max(SUB, -(-min(chunk, -(-t // SUB) * SUB) // SUB) * SUB)
+    tp = -(-t // chunk) * chunk
+    dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
+    precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
+    plan = _Plan(b, h, tp, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, min(cfg.carry_block, dkp), precision,
+                 bool(interpret))
+
+    def prep(x, width):
+        x = x.astype(jnp.float32)
+        if tp != t or width != x.shape[-1]:
+            x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
+        return x
+
+    args = [prep(x, dkp) for x in (q, k)] + [prep(v, dvp)] + [prep(x, dkp) for x in (log_r, theta)]
+    if h0 is None:
+        h0re = h0im = jnp.zeros((b, h, dkp, dvp), jnp.float32)
+    else:
+        pad = ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv))
+        h0re = jnp.pad(jnp.real(h0).astype(jnp.float32), pad)
+        h0im = jnp.pad(jnp.imag(h0).astype(jnp.float32), pad)
+    y, f_re, f_im = _core(plan, *args, h0re, h0im)
+    final = jax.lax.complex(f_re[:, :, :dk, :dv], f_im[:, :, :dk, :dv])
+    return y[:, :t, :, :dv], final
+
+
+__all__ = ["Config", "gateloop_pallas_chunked", "supported"]
