@@ -189,6 +189,14 @@ def bench_mh(results, variants, lengths, runs):
                     r = {"error": repr(e)[:2000]}
                 row["pallas_" + vname] = r
                 print(L, vname, r, flush=True)
+            # Forward alone (what inference / prefill pays), default config.
+            try:
+                fwd = jax.jit(lambda q, k, v, lr, th: pc.gateloop_pallas_chunked(q, k, v, lr, th, None,
+                                                                                  interpret=INTERPRET)[0])
+                row["pallas_forward_only"] = bc.time_sync_and_pipelined(fwd, inputs[:5], runs=runs)
+            except Exception as e:  # noqa: BLE001
+                row["pallas_forward_only"] = {"error": repr(e)[:2000]}
+            print(L, "forward_only", row["pallas_forward_only"], flush=True)
         results["mh"].append(row)
     if pc is not None:
         small = make_inputs(jax.random.PRNGKey(7), 2, 512, 2, 64, 64)

@@ -205,7 +205,6 @@ def _bad_call(**overrides):
     (dict(a=jnp.zeros((2, 5, 3, 4))), r"'a' must be complex .* got dtype float32 with shape \(2, 5, 3, 4\)"),
     (dict(a=jnp.zeros((2, 5, 3, 1), jnp.complex64)), r"'a' has shape \(2, 5, 3, 1\), expected \(2, 5, 3, 4\)"),
     (dict(mode="fast"), r"unknown mode 'fast'"),
-    (dict(mode="pallas"), r"mode='pallas' has a kernel only for max-headed shapes .* got d_qk=4, d_v=2"),
     (dict(initial_state=jnp.zeros((2, 3, 4, 3), jnp.complex64)),
      r"'initial_state' has shape \(2, 3, 4, 3\), expected \(2, 3, 4, 2\)"),
     (dict(mode="scan", chunk_size=4), r"chunk_size=4 only applies to mode='chunked'"),
@@ -219,13 +218,16 @@ def test_bad_input_raises_one_clear_error(overrides, pattern):
 def test_auto_mode_resolution():
     assert ops.resolve_mode("auto", (1, 8, 512, 1), (1, 8, 512, 1), platform="cpu") == "scan"
     assert ops.resolve_mode("auto", (1, 8, 512, 1), (1, 8, 512, 1), platform="gpu") == "pallas"
-    assert ops.resolve_mode("auto", (1, 8, 8, 64), (1, 8, 8, 64)) == "chunked"
+    assert ops.resolve_mode("auto", (1, 8, 8, 64), (1, 8, 8, 64), platform="cpu") == "chunked"
+    assert ops.resolve_mode("auto", (1, 8, 8, 64), (1, 8, 8, 64), platform="gpu") == "pallas"
     assert ops.resolve_mode("recurrent", (1, 8, 8, 64), (1, 8, 8, 64)) == "recurrent"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "carried_state"])
-def test_pallas_mode_through_the_public_entry_point(with_state):
-    """mode="pallas" (max-headed kernel; Pallas interpret mode on CPU) agrees with the oracle like every mode."""
-    rng = np.random.default_rng([SEED, 19, with_state])
-    inputs = make_inputs(rng, t=23, gates="mixed", with_state=with_state, **LAYOUTS["maxheaded"])
-    check_against_oracle("pallas", inputs, rng, rtol=2e-5, grad_rtol=1e-4, tag="maxheaded t=23")
+def test_pallas_mode_through_the_public_entry_point(with_state, layout):
+    """mode="pallas" (the elementwise kernel max-headed, the chunked kernel multi-head; Pallas interpret mode on CPU)
+    agrees with the oracle like every mode."""
+    rng = np.random.default_rng([SEED, 19, with_state, len(layout)])
+    inputs = make_inputs(rng, t=23, gates="mixed", with_state=with_state, **LAYOUTS[layout])
+    check_against_oracle("pallas", inputs, rng, rtol=2e-5, grad_rtol=1e-4, tag=f"{layout} t=23")

@@ -136,3 +136,40 @@ def test_elementwise_supported():
     assert pe.supported((2, 8, 4, 1), (2, 8, 4, 1), "gpu")
     assert not pe.supported((2, 8, 4, 2), (2, 8, 4, 1), "gpu")
     assert not pe.supported((2, 8, 4, 1), (2, 8, 4, 1), "tpu")
+
+
+# ------------------------------------------------------------------------------------------------ multi-head kernel
+
+from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "t,dk,dv,chunk,with_h0",
+    [
+        (1, 4, 3, 32, True),  # a single step: one sub-block, mostly padding
+        (37, 4, 3, 16, False),  # odd length: time padding; 3 chunks of one sub-block: the carry kernels
+        (64, 5, 16, 32, True),  # 2 chunks of 2 sub-blocks: off-diagonal sub-blocks and the carry; d_qk padded
+        (50, 16, 2, 48, True),  # chunk of 3 sub-blocks (not a power of two), 2 chunks, padded length
+    ],
+)
+def test_multihead_matches_oracle(t, dk, dv, chunk, with_h0):
+    """Batch rows cycle through the gate regimes of _inputs (|a| moderate, ~1e-20, within 1e-6 of 1, both extremes
+    interleaved): y, the final state and all gradients, a final-state cotangent included."""
+    rng = np.random.default_rng([t, dk, dv, chunk])
+    args = _inputs(rng, 4, t, 2, dk, dv, with_h0=with_h0)
+    fn = lambda *a: pc.gateloop_pallas_chunked(*a, chunk_size=chunk, interpret=True)  # noqa: E731
+    _check(fn, args, F32_RTOL)
+
+
+def test_multihead_bf16_inputs():
+    rng = np.random.default_rng(5)
+    q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 20, 2, 4, 3)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    y, _ = pc.gateloop_pallas_chunked(qb, kb, vb, log_r, theta, h0, interpret=True)
+    y_ref, _ = gateloop_forward(*(np.asarray(x, np.float32) for x in (qb, kb, vb)), log_r, theta, h0)
+    assert max_rel_error(y, y_ref) < F32_RTOL
+
+
+def test_multihead_supported():
+    assert pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "gpu")
+    assert not pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "tpu")

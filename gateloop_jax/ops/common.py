@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("scan", "recurrent", "attention", "chunked")
-# Hand-written kernels computing the same function; "pallas" covers max-headed shapes (d_qk = d_v = 1) only.
+# Hand-written kernels computing the same function: "pallas" runs the elementwise kernel for max-headed shapes
+# (d_qk = d_v = 1) and the chunked kernel for multi-head shapes (Triton on GPU, interpret mode elsewhere).
 KERNEL_MODES = ("pallas",)
 
 # Below this magnitude a transition is treated as exactly forgetting: log|a| is floored here so that |a| = 0 gives a
@@ -127,17 +128,14 @@ def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
             )
         if a.shape != q.shape:
             raise _shape_error("a", a.shape, f"{q.shape} (batch, length, heads, d_qk) like q")
-    if mode == "pallas" and not (dk == 1 and v.shape[-1] == 1):
-        raise ValueError(
-            f"gateloop: mode='pallas' has a kernel only for max-headed shapes (d_qk = d_v = 1), got d_qk={dk}, "
-            f"d_v={v.shape[-1]}; use mode='chunked' (or 'auto') for multi-head shapes."
-        )
     if initial_state is not None:
         expected = (b, h, dk, v.shape[-1])
         if tuple(initial_state.shape) != expected:
             raise _shape_error("initial_state", initial_state.shape, f"{expected} (batch, heads, d_qk, d_v)")
     if chunk_size is not None:
-        if mode not in ("auto", "chunked"):
-            raise ValueError(f"gateloop: chunk_size={chunk_size} only applies to mode='chunked' or 'auto', not {mode!r}.")
+        if mode not in ("auto", "chunked", "pallas"):
+            raise ValueError(
+                f"gateloop: chunk_size={chunk_size} only applies to mode='chunked', 'pallas' or 'auto', not {mode!r}."
+            )
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"gateloop: chunk_size must be a positive int, got {chunk_size!r}.")

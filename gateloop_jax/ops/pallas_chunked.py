@@ -57,11 +57,28 @@ TWO_PI = 2.0 * math.pi
 class Config(NamedTuple):
     """Static kernel parameters (hashable: one compiled kernel per config and shape)."""
 
-    chunk: int = 64  # C, a multiple of SUB: states are stored once per chunk
+    chunk: int = 32  # C, a multiple of SUB: states are stored once per chunk
     num_warps: int = 4
     num_stages: int = 1
     carry_block: int = 16  # d_qk rows of the state per program of the carry kernel
+    unroll: bool = False  # diagonal sub-blocks: static loop over their 16 rows (loads issue together) or fori_loop
+    triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
+    ablate: str = ""  # profiling only (wrong results): skip parts of the kernels, e.g. "diag,offdiag,inter"
+
+
+# Variants timed by experiments/bench_kernels.py (the first is the default).
+VARIANTS = {
+    "default": Config(),
+    "default_again": Config(),  # the same kernel twice: the run-to-run spread
+    "c16": Config(chunk=16),
+    "c64": Config(chunk=64),
+    "w8": Config(num_warps=8),
+    "tri_tf32x3": Config(triangle="tf32x3"),
+    "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
+    "nooff": Config(ablate="offdiag"),
+    "tf32": Config(precision="tf32"),  # speed reference only: ~1e-3 error
+}
 
 
 def supported(q_shape, v_shape, platform: str) -> bool:
@@ -84,7 +101,10 @@ class _Plan(NamedTuple):
     num_stages: int
     carry_block: int
     precision: object  # a lax precision for jnp.dot
+    unroll: bool
+    tri: object  # lax precision of the triangular sums
     interpret: bool
+    ablate: str = ""
 
     @property
     def n(self):
@@ -130,23 +150,21 @@ def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _prefix_suffix(x):
-    """(inclusive prefix, exclusive suffix) sums down the rows of a (c, d) tile, each entry a direct sum of its own
-    segment (triangular 0/1 matrix times x, IEEE float32): no total-minus-prefix cancellation."""
+def _segment_sums(x, precision, prefix):
+    """Inclusive prefix (prefix=True) or exclusive suffix sums down the rows of a (c, d) tile, each entry a direct
+    sum of its own segment (triangular 0/1 matrix times x): no total-minus-prefix cancellation."""
     c = x.shape[0]
     r, col = _iota((c, c), 0), _iota((c, c), 1)
-    lower = (col <= r).astype(jnp.float32)
-    upper = (col > r).astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    return _dot(lower, x, hi), _dot(upper, x, hi)
+    tri = (col <= r) if prefix else (col > r)
+    return _dot(tri.astype(jnp.float32), x, precision)
 
 
-def _reverse_cumsum(x):
+def _reverse_cumsum(x, precision):
     """Inclusive reverse cumulative sum down the rows (direct sums), and the column totals (d,)."""
     c = x.shape[0]
     r, col = _iota((c, c), 0), _iota((c, c), 1)
     upper = (col >= r).astype(jnp.float32)
-    return _dot(upper, x, jax.lax.Precision.HIGHEST), jnp.sum(x, axis=0)
+    return _dot(upper, x, precision), jnp.sum(x, axis=0)
 
 
 def _cmul(ar, ai, br, bi):
@@ -170,11 +188,15 @@ class _Tiles(NamedTuple):
     tot_th: jax.Array
 
 
-def _gate_tiles(lr_ref, th_ref, bi, hi, row0):
+def _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, need=("pre", "suf")):
+    """need: which of the prefix / suffix pairs to form (the other is None): each is two triangular products."""
     lr = lr_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32)
     th = _wrap(th_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32))
-    pre_lr, suf_lr = _prefix_suffix(lr)
-    pre_th, suf_th = _prefix_suffix(th)
+    pre_lr = pre_th = suf_lr = suf_th = None
+    if "pre" in need:
+        pre_lr, pre_th = _segment_sums(lr, tri, True), _segment_sums(th, tri, True)
+    if "suf" in need:
+        suf_lr, suf_th = _segment_sums(lr, tri, False), _segment_sums(th, tri, False)
     tot_lr = jnp.sum(lr, axis=0)[None, :]
     tot_th = _wrap(jnp.sum(th, axis=0))[None, :]
     return _Tiles(pre_lr, pre_th, suf_lr, suf_th, tot_lr, tot_th)
@@ -188,32 +210,36 @@ def _row(ref, bi, hi, row):
     return ref[bi, pl.ds(row, 1), hi, :].astype(jnp.float32)
 
 
-def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, body, init):
+def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, body, init, unroll):
     """Walk the rows n of one diagonal sub-block with the exact pairwise decay w[m, :] = e^{G_n - G_m} (m < n, else 0).
 
-    kc, ks = k cos(Phi), k sin(Phi) with Phi the sub-block prefix phase. For each row n, calls
-    body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. (1, d) rows; returns the carry.
+    The decay is carried multiplicatively, w_n[m] = w_{n-1}[m] |a_n| (and w_n[n-1] = |a_n|): a product of the
+    factors in (m, n], with no cancellation however small an earlier |a| was, and one exp per row rather than per
+    (row, column). kc, ks = k cos(Phi), k sin(Phi) with Phi the sub-block prefix phase. For each row n calls
+    body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. as (1, d) rows; returns the carry.
+    With unroll, the 16 rows are a static Python loop: their loads do not depend on the carry and issue together.
     """
     del k
     c, d = kc.shape
     m_idx = _iota((c, d), 0)
-    zeros_row = jnp.zeros((1, d), jnp.float32)
 
     def step(n, state):
-        decay, phi, carry = state
-        lr_n = _row(lr_ref, bi, hi, row0 + n)
-        th_n = _wrap(_row(th_ref, bi, hi, row0 + n))
-        before = m_idx < n
-        decay = jnp.where(before, decay + lr_n, 0.0)  # sum of log|a| over (m, n], accumulated directly
-        phi = phi + th_n
-        w = jnp.where(before, jnp.exp(decay), 0.0)
+        w, phi, carry = state
+        a_n = jnp.exp(_row(lr_ref, bi, hi, row0 + n))
+        phi = phi + _wrap(_row(th_ref, bi, hi, row0 + n))
+        w = jnp.where(m_idx < n, jnp.where(m_idx == n - 1, 1.0, w) * a_n, 0.0)
         q_n = _row(q_ref, bi, hi, row0 + n)
         cos_n, sin_n = jnp.cos(phi), jnp.sin(phi)
         carry = body(n, carry, w, q_n * cos_n, q_n * sin_n, cos_n, sin_n)
-        return decay, phi, carry
+        return w, phi, carry
 
-    _, _, carry = jax.lax.fori_loop(0, c, step, (jnp.zeros((c, d), jnp.float32), zeros_row, init))
-    return carry
+    state = (jnp.zeros((c, d), jnp.float32), jnp.zeros((1, d), jnp.float32), init)
+    if unroll:
+        for n in range(c):
+            state = step(n, state)
+    else:
+        state = jax.lax.fori_loop(0, c, step, state)
+    return state[2]
 
 
 def _put_row(tile, n, row):
@@ -226,7 +252,7 @@ def _put_row(tile, n, row):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb, to_end, conj, precision):
+def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb, to_end, conj, precision, tri):
     """Per chunk: sum_m f_m x_m^T y_m (complex (dk, dv)), with f_m = e^{(G_end - G_m) + i(..)} (to_end: the chunk's
     increment, x = k, y = v) or conj(e^{(G_m - G_start) + i(..)}) (the cotangent of the chunk's start state from its
     outputs, x = q, y = dy). With tot_refs, also the chunk's total log|a| and wrapped phase (its transition)."""
@@ -241,7 +267,7 @@ def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb
     order = range(nb - 1, -1, -1) if to_end else range(nb)
     for s in order:  # static: nb = C / 16 sub-blocks
         row0 = t0 + s * SUB
-        g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+        g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("suf",) if to_end else ("pre",))
         x, y = _tile(x_ref, bi, hi, row0), _tile(y_ref, bi, hi, row0)
         lr, th = (g.suf_lr, g.suf_th) if to_end else (g.pre_lr, g.pre_th)
         fr, fi = _polar(lr + off_lr, th + off_th)
@@ -286,7 +312,8 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
     last_im[bi, hi, rows, :] = si
 
 
-def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad):
+def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, unroll, tri,
+                       ablate=""):
     """One query sub-block i of chunk j.
 
     Forward (grad=False; w = v): y_i = sum_{j' <= i} A_{i j'} v_{j'} + Re(q rho eps S_j) with S_j the chunk-start
@@ -300,7 +327,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     row0 = t0 + i * SUB
     q, k, v = _tile(q_ref, bi, hi, row0), _tile(k_ref, bi, hi, row0), _tile(v_ref, bi, hi, row0)
     w = _tile(w_ref, bi, hi, row0) if grad else v  # dy in the backward
-    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("pre",))
     c, d = q.shape
     kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
     rho_re, rho_im = _polar(g.pre_lr, g.pre_th)
@@ -311,7 +338,9 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
             row = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)  # A[n, m] for m < n
             return _put_row(scores, n, row[None, :])
 
-        scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_scores, jnp.zeros((c, c), jnp.float32))
+        scores = jnp.zeros((c, c), jnp.float32)
+        if "diag" not in ablate:
+            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_scores, scores, unroll)
         eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
         scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
         acc = _dot(scores, v, precision)  # (c, dv)
@@ -325,14 +354,16 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
             return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
 
         zeros = jnp.zeros((c, d), jnp.float32)
-        dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (zeros, zeros))
+        dq_re, dq_im = zeros, zeros
+        if "diag" not in ablate:
+            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (zeros, zeros), unroll)
         acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
 
     # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
     def key_block(jj, carry):
         acc, gap_lr, gap_th = carry
         kr0 = t0 + (i - 1 - jj) * SUB
-        gk = _gate_tiles(lr_ref, th_ref, bi, hi, kr0)
+        gk = _gate_tiles(lr_ref, th_ref, bi, hi, kr0, tri, ("suf",))
         kk, vk = _tile(k_ref, bi, hi, kr0), _tile(v_ref, bi, hi, kr0)
         fr, fi = _polar(gk.suf_lr + gap_lr, gk.suf_th + gap_th)
         kt_re, kt_im = kk * fr, kk * fi
@@ -346,7 +377,8 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
     zero_row = jnp.zeros((1, d), jnp.float32)
     init = acc if not grad else (acc_re, acc_im)
-    acc, off_lr, off_th = jax.lax.fori_loop(0, i, key_block, (init, zero_row, zero_row))
+    n_keys = 0 if "offdiag" in ablate else i
+    acc, off_lr, off_th = jax.lax.fori_loop(0, n_keys, key_block, (init, zero_row, zero_row))
 
     # The state entering the chunk, seen from sub-block i: factor eps = e^{(G_B - G_start) + i(..)}.
     er, ei = _polar(off_lr, off_th)
@@ -366,8 +398,8 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
     w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
     dq_ref[bi, pl.ds(row0, SUB), hi, :] = dq_re + w_diag * k
-    dg, dg_sum = _reverse_cumsum(q * dq_re)
-    dp, dp_sum = _reverse_cumsum(-q * dq_im)
+    dg, dg_sum = _reverse_cumsum(q * dq_re, tri)
+    dp, dp_sum = _reverse_cumsum(-q * dq_im, tri)
     dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
     dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
     dg_tot[bi, hi, j * nb + i, :] = dg_sum
@@ -375,7 +407,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
 
 def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
-                     dg_tot, dp_tot, *, h, nb, precision):
+                     dg_tot, dp_tot, *, h, nb, precision, unroll, tri, ablate=""):
     """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
     i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
     dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
@@ -384,7 +416,7 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     t0 = j * (nb * SUB)
     row0 = t0 + s * SUB
     q, k, v, dy = (_tile(r, bi, hi, row0) for r in (q_ref, k_ref, v_ref, dy_ref))
-    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0)
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri)
     c, d = k.shape
     kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
 
@@ -400,8 +432,9 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         return tre, tim, dv + a_col * dy_n
 
     zeros = jnp.zeros((c, d), jnp.float32)
-    tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad,
-                             (zeros, zeros, jnp.zeros(v.shape, jnp.float32)))
+    tre, tim, dv = zeros, zeros, jnp.zeros(v.shape, jnp.float32)
+    if "diag" not in ablate:
+        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (tre, tim, dv), unroll)
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
     dk_re, dk_im = _cmul(cos_m, -sin_m, tre, tim)
 
@@ -413,7 +446,7 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     def query_block(ii, carry):
         m_re, m_im, dv, gap_lr, gap_th = carry
         qr0 = row0 + (ii + 1) * SUB
-        gq = _gate_tiles(lr_ref, th_ref, bi, hi, qr0)
+        gq = _gate_tiles(lr_ref, th_ref, bi, hi, qr0, tri, ("pre",))
         qq, dyq = _tile(q_ref, bi, hi, qr0), _tile(dy_ref, bi, hi, qr0)
         rr, ri = _polar(gq.pre_lr, gq.pre_th)
         qt_re, qt_im = qq * rr, qq * ri
@@ -426,7 +459,7 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
 
     zero_row = jnp.zeros((1, d), jnp.float32)
     m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(
-        0, nb - 1 - s, query_block, (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row))
+        0, 0 if "offdiag" in ablate else nb - 1 - s, query_block, (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row))
     dv = dv + dv_off
 
     # The chunk's end state: k_m contributes sigma gamma_end k_m v_m^T; its cotangent E gives Dk += gamma_end
@@ -443,8 +476,8 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
     dk_ref[bi, pl.ds(row0, SUB), hi, :] = dk_re + w_diag * q
     dv_ref[bi, pl.ds(row0, SUB), hi, :] = dv + jnp.sum(q * k, axis=1)[:, None] * dy
-    dg, dg_sum = _reverse_cumsum(k * dk_re)
-    dp, dp_sum = _reverse_cumsum(-k * dk_im)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
+    dg, dg_sum = _reverse_cumsum(k * dk_re, tri)
+    dp, dp_sum = _reverse_cumsum(-k * dk_im, tri)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
     dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
     dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
     dg_tot[bi, hi, j * nb + s, :] = dg_sum
@@ -471,7 +504,8 @@ def _f32(*shape):
 def _outer(plan, x, y, lr, th, *, to_end, conj, totals):
     p = plan
     outs = (_f32(p.b, p.h, p.n, p.dk, y.shape[-1]),) * 2 + ((_f32(p.b, p.h, p.n, p.dk),) * 2 if totals else ())
-    kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision)
+    kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision,
+                               tri=p.tri)
     return _call(p, kernel, (p.b * p.h, p.n), outs, x, y, lr, th, name="gateloop_mh_outer")
 
 
@@ -498,7 +532,8 @@ def _forward(plan, q, k, v, lr, th, h0re, h0im):
     inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
     tr, ti = _transitions(tot_lr, tot_th)
     s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
-    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False)
+    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
+                               unroll=p.unroll, tri=p.tri, ablate=p.ablate)
     y = _call(p, kernel, (p.b * p.h, p.n, p.nb), _f32(p.b, p.t, p.h, p.dv), q, k, v, lr, th, v, s_re, s_im,
               name="gateloop_mh_fwd")
     return y, f_re, f_im, (s_re, s_im, tr, ti)
@@ -519,10 +554,12 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     big = _f32(p.b, p.t, p.h, p.dk)
     small = _f32(p.b, p.h, p.n * p.nb, p.dk)
     grid = (p.b * p.h, p.n, p.nb)
-    qkern = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True)
+    qkern = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll,
+                             tri=p.tri, ablate=p.ablate)
     dq, qg, qp, qg_tot, qp_tot = _call(p, qkern, grid, (big, big, big, small, small), q, k, v, lr, th, dy, s_re, s_im,
                                        name="gateloop_mh_bwd_q")
-    kkern = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision)
+    kkern = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, unroll=p.unroll, tri=p.tri,
+                              ablate=p.ablate)
     dk, dv, kg, kp, kg_tot, kp_tot = _call(p, kkern, grid, (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
                                            q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k")
     # The final state scales with e^{G_T + i Phi_T}: its cotangent adds Re<gf, final> and Re<gf, i final> to dL/dG_T,
@@ -579,8 +616,9 @@ def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None
     tp = -(-t // chunk) * chunk
     dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
     precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
+    tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     plan = _Plan(b, h, tp, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, min(cfg.carry_block, dkp), precision,
-                 bool(interpret))
+                 cfg.unroll, tri, bool(interpret), cfg.ablate)
 
     def prep(x, width):
         x = x.astype(jnp.float32)

@@ -1,0 +1,106 @@
+"""Per-kernel timing of the multi-head Pallas chunked op (ops/pallas_chunked.py) on a GPU: where the time goes.
+
+Usage (GPU machine): python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192]
+Each stage of the forward and backward is jitted alone on the real intermediate inputs and timed like
+bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 heads, d_qk = d_v = 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+if "gateloop_jax" not in sys.modules:  # ops/ alone: the GPU image lacks the model stack's packages
+    import types
+
+    _pkg = types.ModuleType("gateloop_jax")
+    _pkg.__path__ = [os.path.join(REPO, "gateloop_jax")]
+    sys.modules["gateloop_jax"] = _pkg
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+from bench_kernels import make_inputs  # noqa: E402
+from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
+
+
+def stages(cfg, L, interpret, runs, tokens):
+    b, h, d = tokens // L, 8, 64
+    q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
+    chunk = cfg.chunk
+    prec = jax.lax.Precision.HIGHEST if interpret else pc._PRECISIONS[cfg.precision]
+    tri = jax.lax.Precision.HIGHEST if interpret else pc._PRECISIONS[cfg.triangle]
+    p = pc._Plan(b, h, L, d, d, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block, prec, cfg.unroll, tri,
+                 interpret, cfg.ablate)
+    z = jnp.zeros((b, h, d, d), jnp.float32)
+    out = {}
+
+    def t(name, fn, *args):
+        f = jax.jit(fn)
+        res = jax.block_until_ready(f(*args))
+        out[name] = bc.time_sync_and_pipelined(f, args, runs=runs)["ms"]
+        print(f"  {name:>14s} {out[name]:8.3f} ms", flush=True)
+        return res
+
+    inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
+                               k, v, lr, th)
+    tr, ti = pc._transitions(tl, tt)
+    s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im, z, z)
+    kern = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
+                             unroll=p.unroll, tri=p.tri, ablate=p.ablate)
+    t("fwd_query", lambda *a: pc._call(p, kern, (p.b * p.h, p.n, p.nb), pc._f32(p.b, p.t, p.h, p.dv), *a,
+                                       name="q"), q, k, v, lr, th, v, s_re, s_im)
+    loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False), q, dy, lr, th)
+    e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
+    big, small = pc._f32(p.b, p.t, p.h, p.dk), pc._f32(p.b, p.h, p.n * p.nb, p.dk)
+    grid = (p.b * p.h, p.n, p.nb)
+    qk = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll, tri=p.tri, ablate=p.ablate)
+    t("bwd_query", lambda *a: pc._call(p, qk, grid, (big, big, big, small, small), *a, name="bq"),
+      q, k, v, lr, th, dy, s_re, s_im)
+    kk = functools.partial(pc._key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, unroll=p.unroll,
+                           tri=p.tri, ablate=p.ablate)
+    t("bwd_key", lambda *a: pc._call(p, kk, grid, (big, pc._f32(p.b, p.t, p.h, p.dv), big, big, small, small), *a,
+                                     name="bk"), q, k, v, lr, th, dy, e_re, e_im)
+    out["sum"] = sum(out.values())
+    full = jax.jit(lambda *a: jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret,
+                                                                             config=cfg)[0], *a[:5])[1](a[5]))
+    jax.block_until_ready(full(q, k, v, lr, th, dy))
+    out["fwd_bwd_total"] = bc.time_sync_and_pipelined(full, (q, k, v, lr, th, dy), runs=runs)["ms"]
+    print(f"  {'fwd_bwd_total':>14s} {out['fwd_bwd_total']:8.3f} ms (stages sum {out['sum']:.3f})", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    ap.add_argument("--variants", default="default")
+    ap.add_argument("--lengths", default="1024,8192")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    a = ap.parse_args()
+    tokens = 256 if a.smoke else 32768
+    results = {"env": bc.env_record(), "rows": []}
+    for vname in a.variants.split(","):
+        cfg = pc.VARIANTS[vname]
+        for L in (int(x) for x in a.lengths.split(",")):
+            L = min(L, tokens)
+            print(vname, L, cfg, flush=True)
+            try:
+                row = stages(cfg, L, a.smoke, a.runs, tokens)
+            except Exception as e:  # noqa: BLE001
+                row = {"error": repr(e)[-1500:]}
+                print(row, flush=True)
+            results["rows"].append({"variant": vname, "L": L, **row})
+    os.makedirs(a.out, exist_ok=True)
+    bc.write_json(os.path.join(a.out, "profile_pallas_chunked.json"), results)
+
+
+if __name__ == "__main__":
+    main()
