@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--mode", default="auto", help="GateLoop mode for the step")
     p.add_argument("--dtype", default="bfloat16", help="activation dtype (parameters float32)")
+    p.add_argument("--remat", action="store_true", help="rematerialise each block in the backward (long lengths)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--matmul_n", type=int, default=8192, help="size of the matmul-rate measurement (0: skip)")
@@ -60,6 +61,8 @@ def bench_model(args, spec: str) -> dict:
     config = preset_config(preset, name=name, dtype=args.dtype)
     if name != "transformer":
         config = config.replace(mode=args.mode)
+    if args.remat:
+        config = config.replace(remat=True)
     model = build_model(config, rngs=nnx.Rngs(0))
     n_params = param_count(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -133,7 +136,9 @@ def main(argv=None):
         if args.isolate == "model":
             argv_child = [os.path.abspath(__file__), "--_model", spec]
             for k, v in result["args"].items():
-                if k not in ("models", "isolate"):
+                if isinstance(v, bool):  # store_true flags take no value
+                    argv_child += [f"--{k}"] if v else []
+                elif k not in ("models", "isolate"):
                     # The matmul rate is measured once, in the first model's process.
                     argv_child += [f"--{k}", str(0 if (k == "matmul_n" and i) else v)]
             code, text = bc.run_child(argv_child, timeout_s=600)

@@ -132,6 +132,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        if self.remat and self.dropout_rate > 0.0:
+            raise ValueError(
+                f"model config: remat=True with dropout_rate={self.dropout_rate} is not supported (the rematerialised "
+                "block would replay its dropout RNG without advancing it); set dropout_rate=0 or remat=False."
+            )
 
     def replace(self, **changes) -> "ModelConfig":
         config = dataclasses.replace(self, **changes)

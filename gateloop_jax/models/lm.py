@@ -17,6 +17,22 @@ from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain
 
 
+def _remat_block(block, x, **kwargs):
+    """block(x, **kwargs) with its activations recomputed in the backward pass (jax.checkpoint of a pure function).
+
+    The block is split into (graphdef, state) and merged again inside the checkpointed function; its state is not
+    written back, which is exact because a block without dropout mutates nothing in its forward pass (ModelConfig
+    rejects remat together with dropout). nnx.remat raised a TraceContextError here when the model itself was merged
+    inside an outer jit + grad, as in the train step.
+    """
+    graphdef, state = nnx.split(block)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, **kwargs)
+
+    return jax.checkpoint(run)(state, x)
+
+
 class CausalLM(nnx.Module):
     """tokens (b, t) int -> logits (b, t, V) float32."""
 
@@ -52,7 +68,7 @@ class CausalLM(nnx.Module):
         x = self._embed(tokens)
         for block in self.blocks:
             if self.config.remat:
-                x = nnx.remat(lambda blk, z: blk(z, mask=mask, mode=mode, deterministic=deterministic))(block, x)
+                x = _remat_block(block, x, mask=mask, mode=mode, deterministic=deterministic)
             else:
                 x = block(x, mask=mask, mode=mode, deterministic=deterministic)
         return self._logits(x)
