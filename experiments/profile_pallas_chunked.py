@@ -31,8 +31,8 @@ from bench_kernels import make_inputs  # noqa: E402
 from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
 
 
-def stages(cfg, L, interpret, runs, tokens):
-    b, h, d = tokens // L, 8, 64
+def stages(cfg, L, interpret, runs, tokens, h=8):
+    b, d = max(1, tokens // L), 64
     q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
     chunk = cfg.chunk
     prec = jax.lax.Precision.HIGHEST if interpret else pc._PRECISIONS[cfg.precision]
@@ -84,8 +84,10 @@ def main():
     ap.add_argument("--lengths", default="1024,8192")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
+    ap.add_argument("--heads", type=int, default=8)
     a = ap.parse_args()
-    tokens = 256 if a.smoke else 32768
+    tokens = 256 if a.smoke else a.tokens
     results = {"env": bc.env_record(), "rows": []}
     for vname in a.variants.split(","):
         cfg = pc.VARIANTS[vname]
@@ -93,7 +95,7 @@ def main():
             L = min(L, tokens)
             print(vname, L, cfg, flush=True)
             try:
-                row = stages(cfg, L, a.smoke, a.runs, tokens)
+                row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads)
             except Exception as e:  # noqa: BLE001
                 row = {"error": repr(e)[-1500:]}
                 print(row, flush=True)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gateloop_jax import ops
-from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain
+from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
 
 if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
     from gateloop_jax.models.config import ModelConfig
@@ -198,10 +198,19 @@ class GateLoopMixer(nnx.Module):
         return constrain(self.out_proj(y), (BATCH, LENGTH, None))
 
     # -- the mixer protocol ----------------------------------------------------------------------------------------
+    def _recurrence(self, q, k, v, a, mode, return_state=False):
+        """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard."""
+        mode = ops.resolve_mode(mode or self.config.mode, q.shape, v.shape)
+        chunk_size = self.config.chunk_size if mode in ("chunked", "pallas") else None
+        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,  # noqa: E731
+                                             return_state=return_state)
+        if mode not in ops.KERNEL_MODES:
+            return fn(q, k, v, a)
+        return map_over_batch_and_heads(fn, q, k, v, a, out_ndims=(4, 3) if return_state else (4,))
+
     def __call__(self, x, *, mask=None, mode=None):
         q, k, v, a = self._inputs(x, mask)
-        y = ops.gateloop(q, k, v, a, mode=mode or self.config.mode, chunk_size=self.config.chunk_size)
-        return self._output(x, y)
+        return self._output(x, self._recurrence(q, k, v, a, mode))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         del max_len  # The recurrent state is O(1) in the length.
@@ -211,8 +220,7 @@ class GateLoopMixer(nnx.Module):
     def prefill(self, x, *, mask=None, mode=None, max_len=None):
         del max_len
         q, k, v, a = self._inputs(x, mask)
-        y, state = ops.gateloop(q, k, v, a, mode=mode or self.config.mode, chunk_size=self.config.chunk_size,
-                                return_state=True)
+        y, state = self._recurrence(q, k, v, a, mode, return_state=True)
         return self._output(x, y), state
 
     def step(self, x_t, cache):

@@ -220,6 +220,7 @@ def test_auto_mode_resolution():
     assert ops.resolve_mode("auto", (1, 8, 512, 1), (1, 8, 512, 1), platform="gpu") == "pallas"
     assert ops.resolve_mode("auto", (1, 8, 8, 64), (1, 8, 8, 64), platform="cpu") == "chunked"
     assert ops.resolve_mode("auto", (1, 8, 8, 64), (1, 8, 8, 64), platform="gpu") == "pallas"
+    assert ops.resolve_mode("auto", (1, 8, 8, 96), (1, 8, 8, 96), platform="gpu") == "chunked"  # padded: spills
     assert ops.resolve_mode("recurrent", (1, 8, 8, 64), (1, 8, 8, 64)) == "recurrent"
 
 

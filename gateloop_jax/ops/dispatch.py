@@ -30,16 +30,19 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> st
     Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.52 ms vs 1.5 ms for "scan", fwd+bwd at
     32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs, and the
     log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
-    Multi-head: on GPU the Pallas chunked kernel ("pallas": 7.5 ms vs 11.4 ms for "chunked", fwd+bwd at 32768
-    tokens x 8 heads x 64 x 64, and no per-channel decay tensor in memory); elsewhere "chunked" - memory linear in
-    length with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
+    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": 7.6-8.4 ms vs 12.1-12.3 ms for
+    "chunked", fwd+bwd at 32768 tokens x 8 heads x 64 x 64 on an H200, and no per-channel decay tensor in memory);
+    wider heads are padded to 128 there and spill registers (a 125M LM with 96-wide heads stepped 1.65x slower than
+    with "chunked" at length 131072), so they, and every other platform, get "chunked" - memory linear in length
+    with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
     """
     if mode != "auto":
         return mode
     platform = platform or jax.default_backend()
     if q_shape[-1] == 1 and v_shape[-1] == 1:
         return "pallas" if pallas_elementwise.supported(q_shape, v_shape, platform) and platform == "gpu" else "scan"
-    return "pallas" if platform == "gpu" else "chunked"
+    narrow = q_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM and v_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM
+    return "pallas" if platform == "gpu" and narrow else "chunked"
 
 
 def gateloop(

@@ -51,6 +51,10 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 SUB = 16  # sub-block c: the smallest tile a Triton matrix product takes
+# Head widths up to this run fast (H200): wider ones are padded to the next power of two, and at 128 the kernels'
+# (d_qk, d_v) state tiles no longer fit in registers (see experiments/perf_notes.md); mode="auto" uses the pure-JAX
+# chunked form for them.
+MAX_FAST_HEAD_DIM = 64
 TWO_PI = 2.0 * math.pi
 
 
@@ -74,6 +78,7 @@ VARIANTS = {
     "c16": Config(chunk=16),
     "c64": Config(chunk=64),
     "w8": Config(num_warps=8),
+    "carry4": Config(carry_block=4),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
