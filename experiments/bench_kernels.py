@@ -25,9 +25,12 @@ import traceback
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-# Import ops/ (jax only) without the package's __init__, which pulls in the model stack (flax, ml_collections, ...):
-# the GPU image need not have those for a kernel benchmark.
-if "gateloop_jax" not in sys.modules:
+# The kernels need jax alone; the package's __init__ pulls in the model stack (flax, ml_collections, ...), which the
+# GPU image need not have. (Always stubbing the package would also skip __init__'s settings in a process, e.g. the
+# test run, that later builds models.)
+try:
+    import gateloop_jax  # noqa: F401 - the real package when its dependencies are installed
+except ImportError:  # the GPU image lacks the model stack (flax, ml_collections, ...): load ops/ alone
     import types
 
     _pkg = types.ModuleType("gateloop_jax")

@@ -1,6 +1,7 @@
 """Per-kernel timing of the multi-head Pallas chunked op (ops/pallas_chunked.py) on a GPU: where the time goes.
 
-Usage (GPU machine): python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192]
+Usage (GPU machine):
+    python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192]
 Each stage of the forward and backward is jitted alone on the real intermediate inputs and timed like
 bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 heads, d_qk = d_v = 64.
 """
@@ -16,7 +17,9 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-if "gateloop_jax" not in sys.modules:  # ops/ alone: the GPU image lacks the model stack's packages
+try:
+    import gateloop_jax  # noqa: F401 - the real package when its dependencies are installed
+except ImportError:  # the GPU image lacks the model stack (flax, ml_collections, ...): load ops/ alone
     import types
 
     _pkg = types.ModuleType("gateloop_jax")
@@ -61,7 +64,8 @@ def stages(cfg, L, interpret, runs, tokens, h=8):
     e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
     big, small = pc._f32(p.b, p.t, p.h, p.dk), pc._f32(p.b, p.h, p.n * p.nb, p.dk)
     grid = (p.b * p.h, p.n, p.nb)
-    qk = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll, tri=p.tri, ablate=p.ablate)
+    qk = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll,
+                           tri=p.tri, ablate=p.ablate)
     t("bwd_query", lambda *a: pc._call(p, qk, grid, (big, big, big, small, small), *a, name="bq"),
       q, k, v, lr, th, dy, s_re, s_im)
     kk = functools.partial(pc._key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, unroll=p.unroll,
@@ -77,7 +81,7 @@ def stages(cfg, L, interpret, runs, tokens, h=8):
     return out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     ap.add_argument("--variants", default="default")
@@ -86,7 +90,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     ap.add_argument("--heads", type=int, default=8)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     tokens = 256 if a.smoke else a.tokens
     results = {"env": bc.env_record(), "rows": []}
     for vname in a.variants.split(","):
@@ -102,6 +106,7 @@ def main():
             results["rows"].append({"variant": vname, "L": L, **row})
     os.makedirs(a.out, exist_ok=True)
     bc.write_json(os.path.join(a.out, "profile_pallas_chunked.json"), results)
+    return results
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import bench_decode  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_train  # noqa: E402
 import plot_bench  # noqa: E402
+import profile_pallas_chunked  # noqa: E402
 
 ENV_KEYS = {"command", "git_commit", "platform", "device_kind", "jax", "jaxlib", "date_utc"}
 
@@ -92,7 +93,7 @@ def test_bench_decode_tiny(tmp_path):
 def test_bench_train_tiny(tmp_path):
     train = bench_train.main(["--out", str(tmp_path), "--models", "gateloop:test,transformer:test",
                               "--mode", "recurrent", "--length", "16", "--batch", "2", "--reps", "2", "--warmup", "1",
-                              "--matmul_n", "64", "--isolate", "none"])
+                              "--matmul_n", "64", "--isolate", "none", "--remat"])
     _check_env(train["env"])
     for r in train["records"]:
         assert "skipped" not in r, r.get("skipped")
@@ -101,6 +102,17 @@ def test_bench_train_tiny(tmp_path):
     assert train["matmul"]["flops_per_s"] > 0
     plot_bench.main(["--results", str(tmp_path), "--no_plots"])
     assert "Training-step benchmark" in (tmp_path / "bench.md").read_text()
+
+
+def test_profile_pallas_chunked_tiny(tmp_path):
+    """Every kernel of the multi-head Pallas op timed alone (interpret mode here), plus the whole op."""
+    res = profile_pallas_chunked.main(["--smoke", "--lengths", "32", "--runs", "1", "--out", str(tmp_path),
+                                       "--heads", "2"])
+    (row,) = res["rows"]
+    assert "error" not in row, row.get("error")
+    for stage in ("fwd_outer", "fwd_carry", "fwd_query", "bwd_outer", "bwd_carry", "bwd_query", "bwd_key"):
+        assert row[stage] > 0, stage
+    assert (tmp_path / "profile_pallas_chunked.json").exists()
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def _row(ref, bi, hi, row):
     return ref[bi, pl.ds(row, 1), hi, :].astype(jnp.float32)
 
 
-def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, body, init, unroll):
+def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init, unroll):
     """Walk the rows n of one diagonal sub-block with the exact pairwise decay w[m, :] = e^{G_n - G_m} (m < n, else 0).
 
     The decay is carried multiplicatively, w_n[m] = w_{n-1}[m] |a_n| (and w_n[n-1] = |a_n|): a product of the
@@ -224,7 +224,6 @@ def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, body, init, unroll
     body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. as (1, d) rows; returns the carry.
     With unroll, the 16 rows are a static Python loop: their loads do not depend on the carry and issue together.
     """
-    del k
     c, d = kc.shape
     m_idx = _iota((c, d), 0)
 
@@ -317,8 +316,8 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
     last_im[bi, hi, rows, :] = si
 
 
-def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, unroll, tri,
-                       ablate=""):
+def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad,
+                       unroll, tri, ablate=""):
     """One query sub-block i of chunk j.
 
     Forward (grad=False; w = v): y_i = sum_{j' <= i} A_{i j'} v_{j'} + Re(q rho eps S_j) with S_j the chunk-start
@@ -345,7 +344,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
         scores = jnp.zeros((c, c), jnp.float32)
         if "diag" not in ablate:
-            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_scores, scores, unroll)
+            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, scores, unroll)
         eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
         scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
         acc = _dot(scores, v, precision)  # (c, dv)
@@ -361,7 +360,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
         zeros = jnp.zeros((c, d), jnp.float32)
         dq_re, dq_im = zeros, zeros
         if "diag" not in ablate:
-            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (zeros, zeros), unroll)
+            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros), unroll)
         acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
 
     # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
@@ -439,7 +438,7 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     zeros = jnp.zeros((c, d), jnp.float32)
     tre, tim, dv = zeros, zeros, jnp.zeros(v.shape, jnp.float32)
     if "diag" not in ablate:
-        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, k, kc, ks, row_grad, (tre, tim, dv), unroll)
+        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (tre, tim, dv), unroll)
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
     dk_re, dk_im = _cmul(cos_m, -sin_m, tre, tim)
 
@@ -463,8 +462,9 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         return m_re + ur, m_im + ui, dv + _dot(a_t, dyq, precision), gap_lr + gq.tot_lr, _wrap(gap_th + gq.tot_th)
 
     zero_row = jnp.zeros((1, d), jnp.float32)
-    m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(
-        0, 0 if "offdiag" in ablate else nb - 1 - s, query_block, (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row))
+    n_queries = 0 if "offdiag" in ablate else nb - 1 - s
+    init = (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row)
+    m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(0, n_queries, query_block, init)
     dv = dv + dv_off
 
     # The chunk's end state: k_m contributes sigma gamma_end k_m v_m^T; its cotangent E gives Dk += gamma_end
@@ -524,12 +524,8 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
 
 
 def _transitions(tot_lr, tot_th):
-    return _polar_xla(tot_lr, tot_th)
-
-
-def _polar_xla(lr, th):
-    m = jnp.exp(lr)
-    return m * jnp.cos(th), m * jnp.sin(th)
+    """Each chunk's total transition e^{sum log|a| + i sum phase}, as (re, im) (b, h, n, d_qk); small, in XLA."""
+    return _polar(tot_lr, tot_th)
 
 
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
