@@ -64,6 +64,22 @@ def test_sharded_matches_one_device(one_device, mesh, tmp_path):
     np.testing.assert_allclose(losses(str(tmp_path)), one_device, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("head_dim", [1, 8], ids=["elementwise_kernel", "chunked_kernel"])
+def test_pallas_mode_with_remat_sharded_matches_one_device(head_dim, tmp_path):
+    """The Pallas kernels (interpret mode here) inside the full train step, rematerialised, on a data x tensor mesh:
+    the mixer maps them over (batch, head) shards with shard_map; losses equal the one-device run."""
+    runs = []
+    for i, mesh in enumerate([{}, dict(data=4, tensor=2)]):
+        c = tiny(**mesh)
+        c.model.mode = "pallas"
+        c.model.remat = True
+        c.model.d_qk = c.model.d_v = head_dim
+        train_and_evaluate(c, str(tmp_path / str(i)))
+        runs.append(losses(str(tmp_path / str(i))))
+    assert len(runs[0]) == 3 and np.all(np.isfinite(runs[0]))
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=0)
+
+
 @ONE_DEVICE
 def test_gradient_accumulation_matches(one_device, tmp_path):
     c = tiny()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from gateloop_jax.ops.common import MODES
+from gateloop_jax.ops.common import KERNEL_MODES, MODES
 
 _CHOICES = {
-    "mode": ("auto",) + MODES,
+    "mode": ("auto",) + MODES + KERNEL_MODES,
     "transition": ("data_controlled", "fixed", "real", "none"),
     "magnitude_activation": ("sigmoid", "sigmoid_tempered", "lru_exp"),
     "phase_activation": ("identity", "tanh_pi"),
