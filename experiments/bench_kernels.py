@@ -241,7 +241,10 @@ def main():
         v = list(EW_VARIANTS) if a.ew_variants == "all" else a.ew_variants.split(",")
         bench_ew(results, v, lengths, a.runs)
     if "mh" in suites:
-        v = (list(pc.VARIANTS) if pc is not None else []) if a.mh_variants == "all" else a.mh_variants.split(",")
+        if a.mh_variants == "all":  # ablations compute wrong results on purpose: profile_pallas_chunked.py only
+            v = [name for name, cfg in pc.VARIANTS.items() if not cfg.ablate] if pc is not None else []
+        else:
+            v = a.mh_variants.split(",")
         bench_mh(results, v, lengths, a.runs)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "bench_kernels.json")
