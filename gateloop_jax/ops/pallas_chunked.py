@@ -61,14 +61,16 @@ TWO_PI = 2.0 * math.pi
 class Config(NamedTuple):
     """Static kernel parameters (hashable: one compiled kernel per config and shape).
 
-    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md): 7.5 ms fwd+bwd at
-    32768 tokens x 8 heads x 64 x 64, against 8.5-8.9 for C = 64 or TF32x3 triangular sums and 9.4-11 for 8 warps.
+    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md): C = 16 with 4-row
+    carry programs, 6.77 ms fwd+bwd at 32768 tokens x 8 heads x 64 x 64 against 7.93 for C = 32 with 16-row carry
+    programs in the same run (C = 64 / 8 warps / TF32x3 triangular sums were slower still). The price of C = 16:
+    the states saved for the backward, (t / C) x d_qk x d_v per head, are twice those of C = 32.
     """
 
-    chunk: int = 32  # C, a multiple of SUB: states are stored once per chunk
+    chunk: int = 16  # C, a multiple of SUB: states are stored once per chunk
     num_warps: int = 4
     num_stages: int = 1
-    carry_block: int = 16  # d_qk rows of the state per program of the carry kernel
+    carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
     unroll: bool = False  # diagonal sub-blocks: static loop over their 16 rows (loads issue together) or fori_loop
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
@@ -79,10 +81,11 @@ class Config(NamedTuple):
 VARIANTS = {
     "default": Config(),
     "default_again": Config(),  # the same kernel twice: the run-to-run spread
-    "c16": Config(chunk=16),
+    "c32": Config(chunk=32),
+    "c32_carry16": Config(chunk=32, carry_block=16),  # the default until the last H200 call of session 2
     "c64": Config(chunk=64),
     "w8": Config(num_warps=8),
-    "carry4": Config(carry_block=4),
+    "carry16": Config(carry_block=16),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
