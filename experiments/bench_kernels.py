@@ -137,15 +137,20 @@ def bench_ew(results, variants, lengths, runs):
         results["ew"].append(row)
     # Correctness on the GPU, smaller shape, every variant (incl. multi-segment paths) against ops scan.
     small = make_inputs(jax.random.PRNGKey(7), 2, 2048, 96, 1, 1)
+    check_variants(results["ew_check"], small, {
+        name: (lambda *a, cfg=EW_VARIANTS[name]._replace(segment_length=256):
+               pe.gateloop_pallas_elementwise(*a, interpret=INTERPRET, config=cfg)) for name in variants})
+
+
+def check_variants(out, inputs, fns):
+    """Each variant's y and gradients against ops scan (float32) on the same inputs, into out[name]."""
     ref = op_fwd_bwd(scan.gateloop_scan)
-    for vname in variants:
-        cfg = EW_VARIANTS[vname]._replace(segment_length=256)
-        fn = op_fwd_bwd(lambda *a, cfg=cfg: pe.gateloop_pallas_elementwise(*a, interpret=INTERPRET, config=cfg))
+    for name, fn in fns.items():
         try:
-            results["ew_check"][vname] = check(fn, ref, small)
-        except Exception as e:  # noqa: BLE001
-            results["ew_check"][vname] = {"error": repr(e)[:2000]}
-        print("check", vname, results["ew_check"][vname], flush=True)
+            out[name] = check(op_fwd_bwd(fn), ref, inputs)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out[name] = {"error": repr(e)[:2000]}
+        print("check", name, out[name], flush=True)
 
 
 def cudnn_attention_fwd_bwd():
@@ -203,15 +208,9 @@ def bench_mh(results, variants, lengths, runs):
         results["mh"].append(row)
     if pc is not None:
         small = make_inputs(jax.random.PRNGKey(7), 2, 512, 2, 64, 64)
-        ref = op_fwd_bwd(scan.gateloop_scan)
-        for vname in variants:
-            cfg = pc.VARIANTS[vname]
-            fn = op_fwd_bwd(lambda *a, cfg=cfg: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg))
-            try:
-                results["mh_check"][vname] = check(fn, ref, small)
-            except Exception as e:  # noqa: BLE001
-                results["mh_check"][vname] = {"error": repr(e)[:2000]}
-            print("check", vname, results["mh_check"][vname], flush=True)
+        check_variants(results["mh_check"], small, {
+            name: (lambda *a, cfg=pc.VARIANTS[name]: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg))
+            for name in variants})
 
 
 def main():

@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import sys
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-try:
-    import gateloop_jax  # noqa: F401 - the real package when its dependencies are installed
-except ImportError:  # the GPU image lacks the model stack (flax, ml_collections, ...): load ops/ alone
-    import types
+# bench_kernels first: it puts the repository on sys.path and loads gateloop_jax/ops alone where the model stack
+# (flax, ml_collections, ...) is missing, as on the GPU image.
+from bench_kernels import make_inputs  # noqa: I001
 
-    _pkg = types.ModuleType("gateloop_jax")
-    _pkg.__path__ = [os.path.join(REPO, "gateloop_jax")]
-    sys.modules["gateloop_jax"] = _pkg
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import bench_common as bc  # noqa: E402
-from bench_kernels import make_inputs  # noqa: E402
-from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
+import bench_common as bc
+from gateloop_jax.ops import pallas_chunked as pc
 
 
 def stages(cfg, L, interpret, runs, tokens, h=8):
@@ -54,7 +43,7 @@ def stages(cfg, L, interpret, runs, tokens, h=8):
 
     inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
                                k, v, lr, th)
-    tr, ti = pc._transitions(tl, tt)
+    tr, ti = pc.polar_pair(tl, tt)
     s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im, z, z)
     kern = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
                              unroll=p.unroll, tri=p.tri, ablate=p.ablate)

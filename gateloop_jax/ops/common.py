@@ -59,6 +59,17 @@ def polar_to_complex(log_magnitude: jax.Array, phase: jax.Array) -> jax.Array:
     return jax.lax.complex(jnp.exp(log_magnitude) * jnp.cos(phase), jnp.exp(log_magnitude) * jnp.sin(phase))
 
 
+def cmul(ar, ai, br, bi):
+    """(ar + i ai)(br + i bi) on pairs of real arrays: the Pallas kernels carry complex numbers as (re, im)."""
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+def polar_pair(log_magnitude, phase):
+    """e^{log_magnitude + i phase} as a (re, im) pair of real arrays (polar_to_complex for kernels)."""
+    magnitude = jnp.exp(log_magnitude)
+    return magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)
+
+
 def wrap_phase(phase: jax.Array) -> jax.Array:
     """Phase mapped to [-pi, pi): e^{i phase} is unchanged, but sums of many phases stay small in magnitude.
 

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gateloop_jax.ops.common import cmul, polar_pair
+
 try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
@@ -179,15 +181,6 @@ def _reverse_cumsum(x, precision):
     return _dot(upper, x, precision), jnp.sum(x, axis=0)
 
 
-def _cmul(ar, ai, br, bi):
-    return ar * br - ai * bi, ar * bi + ai * br
-
-
-def _polar(lr, th):
-    m = jnp.exp(lr)
-    return m * jnp.cos(th), m * jnp.sin(th)
-
-
 class _Tiles(NamedTuple):
     """One sub-block's gates: within-sub-block prefix (inclusive) and suffix (exclusive) of log|a| and phase, and the
     sub-block totals (1, d) (phase total wrapped)."""
@@ -281,7 +274,7 @@ def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb
         g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("suf",) if to_end else ("pre",))
         x, y = _tile(x_ref, bi, hi, row0), _tile(y_ref, bi, hi, row0)
         lr, th = (g.suf_lr, g.suf_th) if to_end else (g.pre_lr, g.pre_th)
-        fr, fi = _polar(lr + off_lr, th + off_th)
+        fr, fi = polar_pair(lr + off_lr, th + off_th)
         if conj:
             fi = -fi
         acc_re += _dot_tn(x * fr, y, precision)
@@ -314,7 +307,7 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
         ai = ti_ref[bi, hi, j, rows][:, None]
         if conj:
             ai = -ai
-        sr, si = _cmul(ar, ai, sr, si)
+        sr, si = cmul(ar, ai, sr, si)
         return sr + inc_re[bi, hi, j, rows, :], si + inc_im[bi, hi, j, rows, :]
 
     state = (init_re[bi, hi, rows, :].astype(jnp.float32), init_im[bi, hi, rows, :].astype(jnp.float32))
@@ -341,7 +334,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("pre",))
     c, d = q.shape
     kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
-    rho_re, rho_im = _polar(g.pre_lr, g.pre_th)
+    rho_re, rho_im = polar_pair(g.pre_lr, g.pre_th)
     qt_re, qt_im = q * rho_re, q * rho_im
 
     if not grad:
@@ -361,7 +354,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
             wcol = jnp.sum(v * dy_n, axis=1)[:, None]  # W[n, m] = dy_n . v_m, as a column over m
             r = jnp.sum(wcol * wdec * kc, axis=0)[None, :]
             im = -jnp.sum(wcol * wdec * ks, axis=0)[None, :]
-            dre, dim = _cmul(cos_n, sin_n, r, im)  # e^{i Phi_n} sum_m W w k_m e^{-i Phi_m}
+            dre, dim = cmul(cos_n, sin_n, r, im)  # e^{i Phi_n} sum_m W w k_m e^{-i Phi_m}
             return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
 
         zeros = jnp.zeros((c, d), jnp.float32)
@@ -376,7 +369,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
         kr0 = t0 + (i - 1 - jj) * SUB
         gk = _gate_tiles(lr_ref, th_ref, bi, hi, kr0, tri, ("suf",))
         kk, vk = _tile(k_ref, bi, hi, kr0), _tile(v_ref, bi, hi, kr0)
-        fr, fi = _polar(gk.suf_lr + gap_lr, gk.suf_th + gap_th)
+        fr, fi = polar_pair(gk.suf_lr + gap_lr, gk.suf_th + gap_th)
         kt_re, kt_im = kk * fr, kk * fi
         if not grad:
             s = _dot_nt(qt_re, kt_re, precision) - _dot_nt(qt_im, kt_im, precision)
@@ -392,19 +385,19 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     acc, off_lr, off_th = jax.lax.fori_loop(0, n_keys, key_block, (init, zero_row, zero_row))
 
     # The state entering the chunk, seen from sub-block i: factor eps = e^{(G_B - G_start) + i(..)}.
-    er, ei = _polar(off_lr, off_th)
+    er, ei = polar_pair(off_lr, off_th)
     sr, si = s_re[bi, hi, j, :, :], s_im[bi, hi, j, :, :]
     if not grad:
-        qs_re, qs_im = _cmul(qt_re, qt_im, er, ei)
+        qs_re, qs_im = cmul(qt_re, qt_im, er, ei)
         y = acc + _dot(qs_re, sr, precision) - _dot(qs_im, si, precision)
         y_ref, = out_refs
         y_ref[bi, pl.ds(row0, SUB), hi, :] = y.astype(y_ref.dtype)
         return
 
     m_re, m_im = acc
-    xr, xi = _cmul(er, ei, _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # eps (dy S^T)
+    xr, xi = cmul(er, ei, _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # eps (dy S^T)
     m_re, m_im = m_re + xr, m_im + xi
-    tr, ti = _cmul(rho_re, rho_im, m_re, m_im)
+    tr, ti = cmul(rho_re, rho_im, m_re, m_im)
     dq_re, dq_im = dq_re + tr, dq_im + ti
     dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
     w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
@@ -447,11 +440,11 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     if "diag" not in ablate:
         tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (tre, tim, dv), unroll)
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
-    dk_re, dk_im = _cmul(cos_m, -sin_m, tre, tim)
+    dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
 
     # Query sub-blocks i > j', nearest first: with sigma_m = e^{(G_end - G_m) + i(..)} (suffix in j'), gamma the
     # totals in between and Qt_i = q rho (prefix in i): Dk += sigma gamma (W^T Qt), dv += A^T dy_i.
-    sg_re, sg_im = _polar(g.suf_lr, g.suf_th)
+    sg_re, sg_im = polar_pair(g.suf_lr, g.suf_th)
     kt_re, kt_im = k * sg_re, k * sg_im
 
     def query_block(ii, carry):
@@ -459,12 +452,12 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         qr0 = row0 + (ii + 1) * SUB
         gq = _gate_tiles(lr_ref, th_ref, bi, hi, qr0, tri, ("pre",))
         qq, dyq = _tile(q_ref, bi, hi, qr0), _tile(dy_ref, bi, hi, qr0)
-        rr, ri = _polar(gq.pre_lr, gq.pre_th)
+        rr, ri = polar_pair(gq.pre_lr, gq.pre_th)
         qt_re, qt_im = qq * rr, qq * ri
-        gr, gi = _polar(gap_lr, gap_th)
+        gr, gi = polar_pair(gap_lr, gap_th)
         wmat_t = _dot_nt(v, dyq, precision)  # W^T[m, n] = v_m . dy_n
-        ur, ui = _cmul(gr, gi, _dot(wmat_t, qt_re, precision), _dot(wmat_t, qt_im, precision))
-        kg_re, kg_im = _cmul(kt_re, kt_im, gr, gi)
+        ur, ui = cmul(gr, gi, _dot(wmat_t, qt_re, precision), _dot(wmat_t, qt_im, precision))
+        kg_re, kg_im = cmul(kt_re, kt_im, gr, gi)
         a_t = _dot_nt(kg_re, qt_re, precision) - _dot_nt(kg_im, qt_im, precision)  # A^T (c_keys, c_queries)
         return m_re + ur, m_im + ui, dv + _dot(a_t, dyq, precision), gap_lr + gq.tot_lr, _wrap(gap_th + gq.tot_th)
 
@@ -477,12 +470,12 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     # The chunk's end state: k_m contributes sigma gamma_end k_m v_m^T; its cotangent E gives Dk += gamma_end
     # (v conj(E)^T) (times sigma below) and dv += Re(k sigma gamma_end conj(E)).
     er, ei = e_re[bi, hi, j, :, :], e_im[bi, hi, j, :, :]
-    gr, gi = _polar(gap_lr, gap_th)
-    xr, xi = _cmul(gr, gi, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
+    gr, gi = polar_pair(gap_lr, gap_th)
+    xr, xi = cmul(gr, gi, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
     m_re, m_im = m_re + xr, m_im + xi
-    ke_re, ke_im = _cmul(kt_re, kt_im, gr, gi)
+    ke_re, ke_im = cmul(kt_re, kt_im, gr, gi)
     dv = dv + _dot(ke_re, er, precision) + _dot(ke_im, ei, precision)
-    tr, ti = _cmul(sg_re, sg_im, m_re, m_im)
+    tr, ti = cmul(sg_re, sg_im, m_re, m_im)
     dk_re, dk_im = dk_re + tr, dk_im + ti
 
     w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
@@ -530,15 +523,10 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
                  name="gateloop_mh_carry")
 
 
-def _transitions(tot_lr, tot_th):
-    """Each chunk's total transition e^{sum log|a| + i sum phase}, as (re, im) (b, h, n, d_qk); small, in XLA."""
-    return _polar(tot_lr, tot_th)
-
-
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
     p = plan
     inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
-    tr, ti = _transitions(tot_lr, tot_th)
+    tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
     s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
     kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
                                unroll=p.unroll, tri=p.tri, ablate=p.ablate)

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gateloop_jax.ops.common import cmul, polar_pair
+
 try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
@@ -77,15 +79,6 @@ def _pick_segment_length(b: int, t: int, h_blocks: int, cfg: Config) -> int:
     return max(seg, cfg.unroll)
 
 
-def _cmul(ar, ai, br, bi):
-    return ar * br - ai * bi, ar * bi + ai * br
-
-
-def _transition(lr, th):
-    m = jnp.exp(lr)
-    return m * jnp.cos(th), m * jnp.sin(th)
-
-
 def _f32(x):
     return x.astype(jnp.float32)
 
@@ -112,10 +105,10 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
         rows = [t0 + j * unroll + u for u in range(unroll)]
         ks, vs, lrs, ths = _load_rows((k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            ar, ai = _transition(lrs[u], ths[u])
-            hr, hi = _cmul(ar, ai, hr, hi)
+            ar, ai = polar_pair(lrs[u], ths[u])
+            hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
-            pr, pi = _cmul(ar, ai, pr, pi)
+            pr, pi = cmul(ar, ai, pr, pi)
         return hr, hi, pr, pi
 
     zeros = jnp.zeros((cb,), jnp.float32)
@@ -146,7 +139,7 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
         # The true start of segment si: fold the (P, local) pairs of segments 0..si-1 into h0.
         def fold(s, carry):
             hr, hi = carry
-            hr, hi = _cmul(p_re[bi, s, cols], p_im[bi, s, cols], hr, hi)
+            hr, hi = cmul(p_re[bi, s, cols], p_im[bi, s, cols], hr, hi)
             return hr + loc_re[bi, s, cols], hi + loc_im[bi, s, cols]
 
         hr, hi = jax.lax.fori_loop(0, si, fold, (hr, hi))
@@ -160,8 +153,8 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
             hb_re[bi, blk, cols] = hr
             hb_im[bi, blk, cols] = hi
         for u in range(unroll):
-            ar, ai = _transition(lrs[u], ths[u])
-            hr, hi = _cmul(ar, ai, hr, hi)
+            ar, ai = polar_pair(lrs[u], ths[u])
+            hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
             y_ref[bi, rows[u], cols] = qs[u] * hr
         return hr, hi
@@ -182,9 +175,9 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
         rows = [t_last - (j * unroll + u) for u in range(unroll)]
         qs, dys, lrs, ths = _load_rows((q_ref, dy_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            ar, ai = _transition(lrs[u], ths[u])
+            ar, ai = polar_pair(lrs[u], ths[u])
             gr = qs[u] * dys[u] + cr
-            cr, ci_ = _cmul(ar, -ai, gr, ci_)
+            cr, ci_ = cmul(ar, -ai, gr, ci_)
         return cr, ci_
 
     zeros = jnp.zeros((cb,), jnp.float32)
@@ -211,7 +204,7 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
         def fold(j, carry):
             cr, cim = carry
             s = num_segments - 1 - j
-            cr, cim = _cmul(p_re[bi, s, cols], -p_im[bi, s, cols], cr, cim)
+            cr, cim = cmul(p_re[bi, s, cols], -p_im[bi, s, cols], cr, cim)
             return cr + gl_re[bi, s, cols], cim + gl_im[bi, s, cols]
 
         cr, cim = jax.lax.fori_loop(0, num_segments - 1 - si, fold, (cr, cim))
@@ -225,10 +218,10 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
         hr, hi = hb_re[bi, blk, cols], hb_im[bi, blk, cols]
         before, trans = [], []
         for u in range(unroll):
-            ar, ai = _transition(lrs[u], ths[u])
+            ar, ai = polar_pair(lrs[u], ths[u])
             before.append((hr, hi))
             trans.append((ar, ai))
-            hr, hi = _cmul(ar, ai, hr, hi)
+            hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
         for u in reversed(range(unroll)):
             n = rows[u]
@@ -238,10 +231,10 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
             dq_ref[bi, n, cols] = hr * dys[u]  # hr holds h_n here
             dk_ref[bi, n, cols] = gr * vs[u]
             dv_ref[bi, n, cols] = gr * ks[u]
-            wr, wi = _cmul(ar, ai, pr, pim)  # a_n h_{n-1}, formed directly: no cancellation when |a| ~ 0
+            wr, wi = cmul(ar, ai, pr, pim)  # a_n h_{n-1}, formed directly: no cancellation when |a| ~ 0
             dlr_ref[bi, n, cols] = gr * wr + gi * wi
             dth_ref[bi, n, cols] = gi * wr - gr * wi
-            cr, cim = _cmul(ar, -ai, gr, gi)
+            cr, cim = cmul(ar, -ai, gr, gi)
             hr, hi = pr, pim
         return cr, cim
 
