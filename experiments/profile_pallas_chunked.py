@@ -9,7 +9,6 @@ bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 
 # bench_kernels first: it puts the repository on sys.path and loads gateloop_jax/ops alone where the model stack
@@ -21,16 +20,13 @@ import jax.numpy as jnp
 
 import bench_common as bc
 from gateloop_jax.ops import pallas_chunked as pc
+from gateloop_jax.ops.common import polar_pair
 
 
 def stages(cfg, L, interpret, runs, tokens, h=8):
     b, d = max(1, tokens // L), 64
     q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
-    chunk = cfg.chunk
-    prec = jax.lax.Precision.HIGHEST if interpret else pc._PRECISIONS[cfg.precision]
-    tri = jax.lax.Precision.HIGHEST if interpret else pc._PRECISIONS[cfg.triangle]
-    p = pc._Plan(b, h, L, d, d, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block, prec, cfg.unroll, tri,
-                 interpret, cfg.ablate)
+    p = pc.make_plan(cfg, b, h, L, d, d, interpret=interpret)
     z = jnp.zeros((b, h, d, d), jnp.float32)
     out = {}
 
@@ -43,24 +39,13 @@ def stages(cfg, L, interpret, runs, tokens, h=8):
 
     inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
                                k, v, lr, th)
-    tr, ti = pc.polar_pair(tl, tt)
+    tr, ti = polar_pair(tl, tt)
     s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im, z, z)
-    kern = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
-                             unroll=p.unroll, tri=p.tri, ablate=p.ablate)
-    t("fwd_query", lambda *a: pc._call(p, kern, (p.b * p.h, p.n, p.nb), pc._f32(p.b, p.t, p.h, p.dv), *a,
-                                       name="q"), q, k, v, lr, th, v, s_re, s_im)
+    t("fwd_query", lambda *a: pc._query_side(p, *a, grad=False), q, k, v, lr, th, v, s_re, s_im)
     loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False), q, dy, lr, th)
     e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
-    big, small = pc._f32(p.b, p.t, p.h, p.dk), pc._f32(p.b, p.h, p.n * p.nb, p.dk)
-    grid = (p.b * p.h, p.n, p.nb)
-    qk = functools.partial(pc._query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll,
-                           tri=p.tri, ablate=p.ablate)
-    t("bwd_query", lambda *a: pc._call(p, qk, grid, (big, big, big, small, small), *a, name="bq"),
-      q, k, v, lr, th, dy, s_re, s_im)
-    kk = functools.partial(pc._key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, unroll=p.unroll,
-                           tri=p.tri, ablate=p.ablate)
-    t("bwd_key", lambda *a: pc._call(p, kk, grid, (big, pc._f32(p.b, p.t, p.h, p.dv), big, big, small, small), *a,
-                                     name="bk"), q, k, v, lr, th, dy, e_re, e_im)
+    t("bwd_query", lambda *a: pc._query_side(p, *a, grad=True), q, k, v, lr, th, dy, s_re, s_im)
+    t("bwd_key", lambda *a: pc._key_side(p, *a), q, k, v, lr, th, dy, e_re, e_im)
     out["sum"] = sum(out.values())
     full = jax.jit(lambda *a: jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret,
                                                                              config=cfg)[0], *a[:5])[1](a[5]))

@@ -200,13 +200,13 @@ class GateLoopMixer(nnx.Module):
     # -- the mixer protocol ----------------------------------------------------------------------------------------
     def _recurrence(self, q, k, v, a, mode, return_state=False):
         """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard."""
-        mode = ops.resolve_mode(mode or self.config.mode, q.shape, v.shape)
-        chunk_size = self.config.chunk_size if mode in ("chunked", "pallas") else None
-        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,  # noqa: E731
+        mode = mode or self.config.mode
+        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size,  # noqa: E731
                                              return_state=return_state)
-        if mode not in ops.KERNEL_MODES:
+        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
             return fn(q, k, v, a)
-        return map_over_batch_and_heads(fn, q, k, v, a, out_ndims=(4, 3) if return_state else (4,))
+        out_kinds = ("sequence", "state") if return_state else ("sequence",)
+        return map_over_batch_and_heads(fn, q, k, v, a, out_kinds=out_kinds)
 
     def __call__(self, x, *, mask=None, mode=None):
         q, k, v, a = self._inputs(x, mask)

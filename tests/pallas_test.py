@@ -4,6 +4,8 @@ Shapes are tiny so the file runs in well under a minute; each case forces severa
 channel padding, several time segments and the carry between them, a carried initial state).
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 
 from reference import gateloop_backward, gateloop_forward, max_rel_error
 
+from gateloop_jax.ops import pallas_chunked as pc
 from gateloop_jax.ops import pallas_elementwise as pe
 
 # float32 accumulation over <= 64 steps: rounding grows ~ sqrt(t) * 6e-8 relative to the output scale, so 2e-5
@@ -121,17 +124,6 @@ def test_elementwise_matches_oracle(t, with_h0, config):
     _check(fn, args, F32_RTOL)
 
 
-def test_elementwise_bf16_inputs():
-    """bf16 q, k, v are upcast on load; the state stays float32, so the error is the inputs' rounding alone."""
-    rng = np.random.default_rng(3)
-    q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 33, 6, 1, 1)
-    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    y, _ = pe.gateloop_pallas_elementwise(qb, kb, vb, log_r, theta, h0, interpret=True, config=EW_SMALL)
-    # Oracle on the rounded inputs: any remaining error is the kernel's own float32 arithmetic.
-    y_ref, _ = gateloop_forward(*(np.asarray(x, np.float32) for x in (qb, kb, vb)), log_r, theta, h0)
-    assert max_rel_error(y, y_ref) < F32_RTOL
-
-
 def test_elementwise_supported():
     assert pe.supported((2, 8, 4, 1), (2, 8, 4, 1), "gpu")
     assert not pe.supported((2, 8, 4, 2), (2, 8, 4, 1), "gpu")
@@ -139,8 +131,6 @@ def test_elementwise_supported():
 
 
 # ------------------------------------------------------------------------------------------------ multi-head kernel
-
-from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -153,19 +143,27 @@ from gateloop_jax.ops import pallas_chunked as pc  # noqa: E402
     ],
 )
 def test_multihead_matches_oracle(t, dk, dv, chunk, with_h0):
-    """Batch rows cycle through the gate regimes of _inputs (|a| moderate, ~1e-20, within 1e-6 of 1, both extremes
-    interleaved): y, the final state and all gradients, a final-state cotangent included."""
+    """Batch rows cycle through the gate regimes of _inputs (|a| in [0.3, 1], ~1e-26..1e-13, within 1e-6 of 1, both
+    extremes interleaved): y, the final state and all gradients, a final-state cotangent included."""
     rng = np.random.default_rng([t, dk, dv, chunk])
     args = _inputs(rng, 4, t, 2, dk, dv, with_h0=with_h0)
     fn = lambda *a: pc.gateloop_pallas_chunked(*a, chunk_size=chunk, interpret=True)  # noqa: E731
     _check(fn, args, F32_RTOL)
 
 
-def test_multihead_bf16_inputs():
-    rng = np.random.default_rng(5)
-    q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 20, 2, 4, 3)
+@pytest.mark.parametrize("kernel", ["elementwise", "multihead"])
+def test_bf16_inputs(kernel):
+    """bf16 q, k, v are upcast on load; the state stays float32, so the error is the inputs' rounding alone."""
+    rng = np.random.default_rng(3)
+    if kernel == "elementwise":
+        q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 33, 6, 1, 1)
+        fn = functools.partial(pe.gateloop_pallas_elementwise, interpret=True, config=EW_SMALL)
+    else:
+        q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 20, 2, 4, 3)
+        fn = functools.partial(pc.gateloop_pallas_chunked, interpret=True)
     qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    y, _ = pc.gateloop_pallas_chunked(qb, kb, vb, log_r, theta, h0, interpret=True)
+    y, _ = fn(qb, kb, vb, log_r, theta, h0)
+    # Oracle on the rounded inputs: any remaining error is the kernel's own float32 arithmetic.
     y_ref, _ = gateloop_forward(*(np.asarray(x, np.float32) for x in (qb, kb, vb)), log_r, theta, h0)
     assert max_rel_error(y, y_ref) < F32_RTOL
 

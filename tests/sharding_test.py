@@ -51,12 +51,12 @@ def test_map_over_batch_and_heads_runs_per_shard():
 
     x = jnp.ones((4, 3, 6, 5))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-        y = jax.jit(lambda x: map_over_batch_and_heads(fn, x, out_ndims=(4,)))(x)
+        y = jax.jit(lambda x: map_over_batch_and_heads(fn, x, out_kinds=("sequence",)))(x)
     assert seen == [(1, 3, 3, 5)]
     np.testing.assert_array_equal(y, 2.0 * x)
     # Without a mesh: a plain call.
     seen.clear()
-    map_over_batch_and_heads(fn, x, out_ndims=(4,))
+    map_over_batch_and_heads(fn, x, out_kinds=("sequence",))
     assert seen == [(4, 3, 6, 5)]
 
 
@@ -65,5 +65,5 @@ def test_map_over_batch_and_heads_drops_axes_that_do_not_divide():
     seen = []
     x = jnp.ones((2, 3, 3, 5))  # batch 2: only "data" divides it; 3 heads: "tensor" does not
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-        jax.jit(lambda x: map_over_batch_and_heads(lambda z: seen.append(z.shape) or z, x, out_ndims=(4,)))(x)
+        jax.jit(lambda x: map_over_batch_and_heads(lambda z: seen.append(z.shape) or z, x, out_kinds=("sequence",)))(x)
     assert seen == [(1, 3, 3, 5)]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from gateloop_jax.ops import attention, chunked, pallas_chunked, pallas_elementwise, recurrent, scan
 from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
 
+
 def _pallas(q, k, v, log_r, theta, h0, chunk_size=None):
     """The Pallas kernel for the shape: elementwise (max-headed) or chunked (multi-head)."""
     if is_elementwise(q, v):

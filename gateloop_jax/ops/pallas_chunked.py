@@ -73,7 +73,6 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 1
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
-    unroll: bool = False  # diagonal sub-blocks: static loop over their 16 rows (loads issue together) or fori_loop
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
@@ -115,7 +114,6 @@ class _Plan(NamedTuple):
     num_stages: int
     carry_block: int
     precision: object  # a lax precision for jnp.dot
-    unroll: bool
     tri: object  # lax precision of the triangular sums
     interpret: bool
     ablate: str = ""
@@ -195,8 +193,7 @@ class _Tiles(NamedTuple):
 
 def _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, need=("pre", "suf")):
     """need: which of the prefix / suffix pairs to form (the other is None): each is two triangular products."""
-    lr = lr_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32)
-    th = _wrap(th_ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32))
+    lr, th = _tile(lr_ref, bi, hi, row0), _wrap(_tile(th_ref, bi, hi, row0))
     pre_lr = pre_th = suf_lr = suf_th = None
     if "pre" in need:
         pre_lr, pre_th = _segment_sums(lr, tri, True), _segment_sums(th, tri, True)
@@ -215,14 +212,14 @@ def _row(ref, bi, hi, row):
     return ref[bi, pl.ds(row, 1), hi, :].astype(jnp.float32)
 
 
-def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init, unroll):
+def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init):
     """Walk the rows n of one diagonal sub-block with the exact pairwise decay w[m, :] = e^{G_n - G_m} (m < n, else 0).
 
     The decay is carried multiplicatively, w_n[m] = w_{n-1}[m] |a_n| (and w_n[n-1] = |a_n|): a product of the
     factors in (m, n], with no cancellation however small an earlier |a| was, and one exp per row rather than per
     (row, column). kc, ks = k cos(Phi), k sin(Phi) with Phi the sub-block prefix phase. For each row n calls
     body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. as (1, d) rows; returns the carry.
-    With unroll, the 16 rows are a static Python loop: their loads do not depend on the carry and issue together.
+    (A static Python loop over the rows was 2.4x slower on the H200: register spills; perf_notes.md.)
     """
     c, d = kc.shape
     m_idx = _iota((c, d), 0)
@@ -238,11 +235,7 @@ def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init, unroll):
         return w, phi, carry
 
     state = (jnp.zeros((c, d), jnp.float32), jnp.zeros((1, d), jnp.float32), init)
-    if unroll:
-        for n in range(c):
-            state = step(n, state)
-    else:
-        state = jax.lax.fori_loop(0, c, step, state)
+    state = jax.lax.fori_loop(0, c, step, state)
     return state[2]
 
 
@@ -316,8 +309,8 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
     last_im[bi, hi, rows, :] = si
 
 
-def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad,
-                       unroll, tri, ablate=""):
+def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, tri,
+                       ablate=""):
     """One query sub-block i of chunk j.
 
     Forward (grad=False; w = v): y_i = sum_{j' <= i} A_{i j'} v_{j'} + Re(q rho eps S_j) with S_j the chunk-start
@@ -344,7 +337,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
         scores = jnp.zeros((c, c), jnp.float32)
         if "diag" not in ablate:
-            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, scores, unroll)
+            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, scores)
         eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
         scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
         acc = _dot(scores, v, precision)  # (c, dv)
@@ -360,7 +353,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
         zeros = jnp.zeros((c, d), jnp.float32)
         dq_re, dq_im = zeros, zeros
         if "diag" not in ablate:
-            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros), unroll)
+            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros))
         acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
 
     # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
@@ -411,7 +404,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
 
 def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
-                     dg_tot, dp_tot, *, h, nb, precision, unroll, tri, ablate=""):
+                     dg_tot, dp_tot, *, h, nb, precision, tri, ablate=""):
     """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
     i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
     dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
@@ -438,7 +431,7 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     zeros = jnp.zeros((c, d), jnp.float32)
     tre, tim, dv = zeros, zeros, jnp.zeros(v.shape, jnp.float32)
     if "diag" not in ablate:
-        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (tre, tim, dv), unroll)
+        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (tre, tim, dv))
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
     dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
 
@@ -523,15 +516,35 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
                  name="gateloop_mh_carry")
 
 
+def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
+    """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
+    p = plan
+    if grad:
+        big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
+        outs = (big, big, big, small, small)
+    else:
+        outs = _f32(p.b, p.t, p.h, p.dv)
+    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
+                               ablate=p.ablate)
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
+                 name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
+
+
+def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
+    """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
+    p = plan
+    big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
+    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri, ablate=p.ablate)
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
+                 q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k")
+
+
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
     p = plan
     inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
     tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
     s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
-    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=False,
-                               unroll=p.unroll, tri=p.tri, ablate=p.ablate)
-    y = _call(p, kernel, (p.b * p.h, p.n, p.nb), _f32(p.b, p.t, p.h, p.dv), q, k, v, lr, th, v, s_re, s_im,
-              name="gateloop_mh_fwd")
+    y = _query_side(p, q, k, v, lr, th, v, s_re, s_im, grad=False)
     return y, f_re, f_im, (s_re, s_im, tr, ti)
 
 
@@ -547,17 +560,8 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     f_re, f_im = final
     loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
     e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
-    big = _f32(p.b, p.t, p.h, p.dk)
-    small = _f32(p.b, p.h, p.n * p.nb, p.dk)
-    grid = (p.b * p.h, p.n, p.nb)
-    qkern = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=True, unroll=p.unroll,
-                             tri=p.tri, ablate=p.ablate)
-    dq, qg, qp, qg_tot, qp_tot = _call(p, qkern, grid, (big, big, big, small, small), q, k, v, lr, th, dy, s_re, s_im,
-                                       name="gateloop_mh_bwd_q")
-    kkern = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, unroll=p.unroll, tri=p.tri,
-                              ablate=p.ablate)
-    dk, dv, kg, kp, kg_tot, kp_tot = _call(p, kkern, grid, (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
-                                           q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k")
+    dq, qg, qp, qg_tot, qp_tot = _query_side(p, q, k, v, lr, th, dy, s_re, s_im, grad=True)
+    dk, dv, kg, kp, kg_tot, kp_tot = _key_side(p, q, k, v, lr, th, dy, e_re, e_im)
     # The final state scales with e^{G_T + i Phi_T}: its cotangent adds Re<gf, final> and Re<gf, i final> to dL/dG_T,
     # dL/dPhi_T, which the reverse cumulative sum hands to every position.
     end_g = jnp.sum(gf_re * f_re + gf_im * f_im, axis=-1)  # (b, h, dk)
@@ -571,6 +575,17 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     dlr = finish(qg, kg, qg_tot, kg_tot, end_g)
     dth = finish(qp, kp, qp_tot, kp_tot, end_p)
     return dq, dk, dv, dlr, dth, dh0_re, dh0_im
+
+
+def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int | None = None) -> _Plan:
+    """Static plan of one call: chunk = chunk_size (default cfg.chunk) capped at the length and rounded up to a
+    multiple of SUB; t padded to a whole number of chunks; d_qk, d_v padded to powers of two >= SUB."""
+    chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
+    dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
+    precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
+    tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
+    return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
+                 precision, tri, bool(interpret), cfg.ablate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -604,17 +619,10 @@ def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    cfg = config or Config()
-    chunk = chunk_size or cfg.chunk
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    chunk = max(SUB, -(-min(chunk, -(-t // SUB) * SUB) // SUB) * SUB)
-    tp = -(-t // chunk) * chunk
-    dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
-    precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
-    tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
-    plan = _Plan(b, h, tp, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, min(cfg.carry_block, dkp), precision,
-                 cfg.unroll, tri, bool(interpret), cfg.ablate)
+    plan = make_plan(config or Config(), b, h, t, dk, dv, interpret=interpret, chunk_size=chunk_size)
+    tp, dkp, dvp = plan.t, plan.dk, plan.dv
 
     def prep(x, width):
         x = x.astype(jnp.float32)
