@@ -13,7 +13,7 @@ import os
 
 # bench_kernels first: it puts the repository on sys.path and loads gateloop_jax/ops alone where the model stack
 # (flax, ml_collections, ...) is missing, as on the GPU image.
-from bench_kernels import make_inputs  # noqa: I001
+from bench_kernels import check_variants, make_inputs  # noqa: I001
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,16 @@ from gateloop_jax.ops import pallas_chunked as pc
 from gateloop_jax.ops.common import polar_pair
 
 
-def stages(cfg, L, interpret, runs, tokens, h=8):
+def with_forgetting_channels(log_r, n):
+    """The first n key channels of every head forget at every step (log|a| = -20): each sub-block of 16 rows then
+    decays by 320 nats there, beyond any tame_nats, so every diagonal sub-block takes the exact row loop."""
+    return log_r.at[..., :n].set(-20.0) if n else log_r
+
+
+def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0):
     b, d = max(1, tokens // L), 64
     q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
+    lr = with_forgetting_channels(lr, forgetting)
     p = pc.make_plan(cfg, b, h, L, d, d, interpret=interpret)
     z = jnp.zeros((b, h, d, d), jnp.float32)
     out = {}
@@ -55,6 +62,10 @@ def stages(cfg, L, interpret, runs, tokens, h=8):
     return out
 
 
+def _op(cfg, interpret):
+    return lambda q, k, v, lr, th, h0: pc.gateloop_pallas_chunked(q, k, v, lr, th, h0, interpret=interpret, config=cfg)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
@@ -64,20 +75,35 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--forgetting", default="0",
+                    help="comma list: key channels per head with log|a| = -20 (0 = the usual gates, all tame)")
+    ap.add_argument("--check", action="store_true",
+                    help="also check every variant's y and gradients against ops scan (float32), usual gates and "
+                         "2 forgetting channels, at 2 x 1024 x 8 heads x 64")
     a = ap.parse_args(argv)
     tokens = 256 if a.smoke else a.tokens
     results = {"env": bc.env_record(), "rows": []}
-    for vname in a.variants.split(","):
+    variants = a.variants.split(",")
+    if a.check:
+        b, L = (1, 32) if a.smoke else (2, 1024)
+        results["check"] = {}
+        for forgetting in (0, 2):
+            q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(1), b, L, a.heads, 64, 64)
+            inputs = (q, k, v, with_forgetting_channels(lr, forgetting), th, dy)
+            fns = {name: _op(pc.VARIANTS[name], a.smoke) for name in variants}
+            check_variants(results["check"].setdefault(f"forgetting{forgetting}", {}), inputs, fns)
+    for vname in variants:
         cfg = pc.VARIANTS[vname]
-        for L in (int(x) for x in a.lengths.split(",")):
-            L = min(L, tokens)
-            print(vname, L, cfg, flush=True)
-            try:
-                row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads)
-            except Exception as e:  # noqa: BLE001
-                row = {"error": repr(e)[-1500:]}
-                print(row, flush=True)
-            results["rows"].append({"variant": vname, "L": L, **row})
+        for forgetting in (int(x) for x in a.forgetting.split(",")):
+            for L in (int(x) for x in a.lengths.split(",")):
+                L = min(L, tokens)
+                print(vname, L, f"forgetting={forgetting}", cfg, flush=True)
+                try:
+                    row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads, forgetting)
+                except Exception as e:  # noqa: BLE001
+                    row = {"error": repr(e)[-1500:]}
+                    print(row, flush=True)
+                results["rows"].append({"variant": vname, "L": L, "forgetting": forgetting, **row})
     os.makedirs(a.out, exist_ok=True)
     bc.write_json(os.path.join(a.out, "profile_pallas_chunked.json"), results)
     return results

@@ -13,6 +13,10 @@ phase, a query n and a key m <= n interact through Z_nm = e^{(G_n - G_m) + i (Ph
   running sum, one row at a time), never as a difference of prefix sums, so |a| ~ 0 earlier in the sub-block costs
   no cancellation. The phase factors as cos(Phi_n - Phi_m) = cos cos + sin sin of sub-block prefixes (|Phi| <= 16 pi
   after wrapping each step to [-pi, pi)). The m = n term is q_n . k_n exactly.
+  That row loop is the exact fallback. A sub-block whose every channel decays by at most Config.tame_nats (16) nats
+  over its 16 rows - all of them for gates |a| >= e^-1 - instead takes two matrix products,
+  A = Re((q e^{G + i Phi}) (k e^{-G - i Phi})^T) with G, Phi the sub-block prefixes: the factors stay within e^16
+  and the relative error within ~16 x 1.2e-7. The choice is one branch per program (lax.cond -> scf.if).
 - Between chunks only the state is carried: S_{j+1} = T_j S_j + dS_j (T_j the chunk's total transition, dS_j its
   increment from a zero start), by a sequential kernel over chunks that keeps the state in registers.
 
@@ -63,18 +67,25 @@ TWO_PI = 2.0 * math.pi
 class Config(NamedTuple):
     """Static kernel parameters (hashable: one compiled kernel per config and shape).
 
-    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md): C = 16 with 4-row
-    carry programs, 6.77 ms fwd+bwd at 32768 tokens x 8 heads x 64 x 64 against 7.93 for C = 32 with 16-row carry
-    programs in the same run (C = 64 / 8 warps / TF32x3 triangular sums were slower still). The price of C = 16:
-    the states saved for the backward, (t / C) x d_qk x d_v per head, are twice those of C = 32.
+    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md, session 3): C = 16,
+    4-row carry programs, matrix-product diagonal sub-blocks when tame, 8 warps for the carries and the key side:
+    4.20 ms fwd+bwd at 32768 tokens x 8 heads x 64 x 64 (6.70 with 4 warps everywhere, 6.86 with the row loop
+    everywhere, 5.38 with C = 32, in the same runs). The price of C = 16: the states saved for the backward,
+    (t / C) x d_qk x d_v per head, are twice those of C = 32.
     """
 
     chunk: int = 16  # C, a multiple of SUB: states are stored once per chunk
-    num_warps: int = 4
+    num_warps: int = 4  # the outer and query-side kernels
+    carry_warps: int = 8  # the sequential carries
+    backward_warps: int = 8  # the backward's key side
     num_stages: int = 1
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
+    # Diagonal sub-blocks whose gates decay by at most this many nats (every channel: sum of log|a| over the 16 rows
+    # >= -tame_nats) take the matrix-product form (factors e^{+-G} stay within e^{tame_nats}; relative error ~
+    # tame_nats x 1.2e-7); others the exact row loop. 0 = always the row loop.
+    tame_nats: float = 16.0
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
 
 
@@ -86,11 +97,15 @@ VARIANTS = {
     "c32_carry16": Config(chunk=32, carry_block=16),  # the default until the last H200 call of session 2
     "c64": Config(chunk=64),
     "w8": Config(num_warps=8),
+    "w4": Config(carry_warps=4, backward_warps=4),  # the session-2 warps
     "carry16": Config(carry_block=16),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
     "tf32": Config(precision="tf32"),  # speed reference only: ~1e-3 error
+    "rowloop": Config(tame_nats=0.0),  # every diagonal sub-block by the exact row loop (the session-2 kernel)
+    "no_rowloop": Config(ablate="rowloop"),  # profiling: the matrix-product form only (wrong for wild gates)
+    "c32_rowloop": Config(chunk=32, tame_nats=0.0),
 }
 
 
@@ -117,6 +132,9 @@ class _Plan(NamedTuple):
     tri: object  # lax precision of the triangular sums
     interpret: bool
     ablate: str = ""
+    tame_nats: float = 16.0
+    carry_warps: int = 8
+    backward_warps: int = 8
 
     @property
     def n(self):
@@ -239,6 +257,29 @@ def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init):
     return state[2]
 
 
+def _if_tame(tame_nats, pre_lr, fast, slow, ablate=""):
+    """fast() when every channel of the sub-block decays by at most tame_nats over its rows (pre_lr, the inclusive
+    prefix of log|a|, is smallest on the last row), else slow(): one branch per program, both exact to ~1e-6."""
+    if tame_nats <= 0:
+        return slow()
+    if "rowloop" in ablate:  # profiling: what the unused row-loop branch costs a kernel (wrong for wild gates)
+        return fast()
+    return jax.lax.cond(jnp.min(pre_lr) >= -tame_nats, fast, slow)
+
+
+def _inverse_factors(pre_lr, pre_th, tame_nats):
+    """e^{-G - i Phi} of the sub-block prefix as (re, im). On the tame branch -G <= tame_nats, so with the factors
+    q e^{G + i Phi} the diagonal sub-block is two matrix products; the cap only keeps the unused branch finite."""
+    mag = jnp.exp(jnp.minimum(-pre_lr, tame_nats))
+    return mag * jnp.cos(pre_th), -mag * jnp.sin(pre_th)
+
+
+def _strict(c, lower):
+    """The c x c mask m < n (lower: rows n, columns m) or n > m (upper: rows m, columns n)."""
+    r, col = _iota((c, c), 0), _iota((c, c), 1)
+    return (col < r) if lower else (col > r)
+
+
 def _put_row(tile, n, row):
     """tile with row n replaced by row ((1, d) or (d,))."""
     return jnp.where(_iota(tile.shape, 0) == n, row, tile)
@@ -310,7 +351,7 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
 
 
 def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, tri,
-                       ablate=""):
+                       tame_nats, ablate=""):
     """One query sub-block i of chunk j.
 
     Forward (grad=False; w = v): y_i = sum_{j' <= i} A_{i j'} v_{j'} + Re(q rho eps S_j) with S_j the chunk-start
@@ -335,9 +376,17 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
             row = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)  # A[n, m] for m < n
             return _put_row(scores, n, row[None, :])
 
+        def slow():
+            return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, jnp.zeros((c, c), jnp.float32))
+
+        def fast():  # A = Re((q rho) (k rho^-1)^T), m < n
+            ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+            s = _dot_nt(qt_re, k * ir, precision) - _dot_nt(qt_im, k * ii, precision)
+            return jnp.where(_strict(c, True), s, 0.0)
+
         scores = jnp.zeros((c, c), jnp.float32)
         if "diag" not in ablate:
-            scores = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, scores)
+            scores = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
         eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
         scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
         acc = _dot(scores, v, precision)  # (c, dv)
@@ -351,9 +400,18 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
             return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
 
         zeros = jnp.zeros((c, d), jnp.float32)
+
+        def slow():
+            return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros))
+
+        def fast():  # Dq = rho (W_{m<n} (k rho^-1))
+            ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+            wm = jnp.where(_strict(c, True), _dot_nt(w, v, precision), 0.0)
+            return cmul(rho_re, rho_im, _dot(wm, k * ir, precision), _dot(wm, k * ii, precision))
+
         dq_re, dq_im = zeros, zeros
         if "diag" not in ablate:
-            dq_re, dq_im = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros))
+            dq_re, dq_im = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
         acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
 
     # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
@@ -374,8 +432,9 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
     zero_row = jnp.zeros((1, d), jnp.float32)
     init = acc if not grad else (acc_re, acc_im)
-    n_keys = 0 if "offdiag" in ablate else i
-    acc, off_lr, off_th = jax.lax.fori_loop(0, n_keys, key_block, (init, zero_row, zero_row))
+    acc, off_lr, off_th = init, zero_row, zero_row
+    if nb > 1 and "offdiag" not in ablate:  # static: with one sub-block per chunk the loop's body is never emitted
+        acc, off_lr, off_th = jax.lax.fori_loop(0, i, key_block, (init, zero_row, zero_row))
 
     # The state entering the chunk, seen from sub-block i: factor eps = e^{(G_B - G_start) + i(..)}.
     er, ei = polar_pair(off_lr, off_th)
@@ -404,7 +463,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
 
 def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
-                     dg_tot, dp_tot, *, h, nb, precision, tri, ablate=""):
+                     dg_tot, dp_tot, *, h, nb, precision, tri, tame_nats, ablate=""):
     """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
     i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
     dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
@@ -429,9 +488,24 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         return tre, tim, dv + a_col * dy_n
 
     zeros = jnp.zeros((c, d), jnp.float32)
-    tre, tim, dv = zeros, zeros, jnp.zeros(v.shape, jnp.float32)
+    dv_zeros = jnp.zeros(v.shape, jnp.float32)
+
+    def slow():
+        return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros, dv_zeros))
+
+    def fast():  # with Qt = q rho, rows m: e^{-G_m} W^T_{n>m} Qt (e^{-i Phi_m} applied below) and A^T_{n>m} dy
+        rr, ri = polar_pair(g.pre_lr, g.pre_th)
+        qt_re, qt_im = q * rr, q * ri
+        ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+        upper = _strict(c, False)
+        wt = jnp.where(upper, _dot_nt(v, dy, precision), 0.0)
+        a_t = jnp.where(upper, _dot_nt(k * ir, qt_re, precision) - _dot_nt(k * ii, qt_im, precision), 0.0)
+        mag = jnp.exp(jnp.minimum(-g.pre_lr, tame_nats))
+        return mag * _dot(wt, qt_re, precision), mag * _dot(wt, qt_im, precision), _dot(a_t, dy, precision)
+
+    tre, tim, dv = zeros, zeros, dv_zeros
     if "diag" not in ablate:
-        tre, tim, dv = _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (tre, tim, dv))
+        tre, tim, dv = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
     dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
 
@@ -455,9 +529,10 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         return m_re + ur, m_im + ui, dv + _dot(a_t, dyq, precision), gap_lr + gq.tot_lr, _wrap(gap_th + gq.tot_th)
 
     zero_row = jnp.zeros((1, d), jnp.float32)
-    n_queries = 0 if "offdiag" in ablate else nb - 1 - s
     init = (zeros, zeros, jnp.zeros(v.shape, jnp.float32), zero_row, zero_row)
-    m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(0, n_queries, query_block, init)
+    m_re, m_im, dv_off, gap_lr, gap_th = init
+    if nb > 1 and "offdiag" not in ablate:  # static, as in the query side
+        m_re, m_im, dv_off, gap_lr, gap_th = jax.lax.fori_loop(0, nb - 1 - s, query_block, init)
     dv = dv + dv_off
 
     # The chunk's end state: k_m contributes sigma gamma_end k_m v_m^T; its cotangent E gives Dk += gamma_end
@@ -487,10 +562,10 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _call(plan: _Plan, kernel, grid, out_shapes, *args, name):
+def _call(plan: _Plan, kernel, grid, out_shapes, *args, name, warps=None):
     params = None
     if not plan.interpret and plgpu is not None:
-        params = plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+        params = plgpu.CompilerParams(num_warps=warps or plan.num_warps, num_stages=plan.num_stages)
     return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, interpret=plan.interpret,
                           compiler_params=params, name=name)(*args)
 
@@ -513,7 +588,7 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
     outs = (_f32(p.b, p.h, p.n, p.dk, p.dv),) * 2 + (_f32(p.b, p.h, p.dk, p.dv),) * 2
     kernel = functools.partial(_carry_kernel, h=p.h, n=p.n, bd=bd, reverse=reverse, conj=reverse)
     return _call(p, kernel, (p.b * p.h, p.dk // bd), outs, tr, ti, inc_re, inc_im, init_re, init_im,
-                 name="gateloop_mh_carry")
+                 name="gateloop_mh_carry", warps=p.carry_warps)
 
 
 def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
@@ -525,7 +600,7 @@ def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     else:
         outs = _f32(p.b, p.t, p.h, p.dv)
     kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
-                               ablate=p.ablate)
+                               tame_nats=p.tame_nats, ablate=p.ablate)
     return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
                  name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
 
@@ -534,9 +609,11 @@ def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
     big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
-    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri, ablate=p.ablate)
+    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
+                               tame_nats=p.tame_nats, ablate=p.ablate)
     return _call(p, kernel, (p.b * p.h, p.n, p.nb), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
-                 q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k")
+                 q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
+
 
 
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
@@ -585,7 +662,8 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
-                 precision, tri, bool(interpret), cfg.ablate)
+                 precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
+                 cfg.backward_warps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
