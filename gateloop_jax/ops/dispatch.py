@@ -5,12 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import attention, chunked, pallas_chunked, pallas_elementwise, recurrent, scan
+from gateloop_jax.ops import attention, chunked, pallas_chunked, pallas_elementwise, pallas_tpu, recurrent, scan
 from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
 
 
-def _pallas(q, k, v, log_r, theta, h0, chunk_size=None):
-    """The Pallas kernel for the shape: elementwise (max-headed) or chunked (multi-head)."""
+def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None):
+    """The Pallas kernel for the platform and shape: on TPU the Mosaic kernel (every shape; max-headed ones are
+    padded to 128 lanes); elsewhere the Triton kernels, elementwise (max-headed) or chunked (multi-head)."""
+    if (platform or jax.default_backend()) == "tpu":
+        return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
     if is_elementwise(q, v):
         return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0)
     return pallas_chunked.gateloop_pallas_chunked(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
@@ -31,12 +34,14 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> st
     Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.52 ms vs 1.5 ms for "scan", fwd+bwd at
     32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs, and the
     log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
-    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": 7.6-8.4 ms vs 12.1-12.3 ms for
-    "chunked", fwd+bwd at 32768 tokens x 8 heads x 64 x 64 on an H200 with its C = 32 configuration, ~15% less with
-    today's C = 16 default, and a quarter of the memory);
+    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": ~4.2 ms vs ~12 ms for
+    "chunked", fwd+bwd at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md), and a quarter of
+    the memory);
     wider heads are padded to 128 there and spill registers (a 125M LM with 96-wide heads stepped 1.65x slower than
     with "chunked" at length 131072), so they, and every other platform, get "chunked" - memory linear in length
     with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
+    TPU: "pallas" runs the Mosaic kernel (ops/pallas_tpu.py), which lowers for TPU but has never run on one here,
+    so "auto" keeps the portable modes there until it is measured.
     """
     if mode != "auto":
         return mode
