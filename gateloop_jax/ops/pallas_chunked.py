@@ -474,7 +474,8 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     q, k, v, dy = (_tile(r, bi, hi, row0) for r in (q_ref, k_ref, v_ref, dy_ref))
     g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri)
     c, d = k.shape
-    kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
+    cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
+    kc, ks = k * cos_m, k * sin_m
 
     # Diagonal sub-block: for each query row n, Dk_m += W[n, m] w[m] q_n e^{i(Phi_n - Phi_m)} (e^{-i Phi_m} applied
     # after the loop) and dv_m += A[n, m] dy_n.
@@ -496,17 +497,15 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     def fast():  # with Qt = q rho, rows m: e^{-G_m} W^T_{n>m} Qt (e^{-i Phi_m} applied below) and A^T_{n>m} dy
         rr, ri = polar_pair(g.pre_lr, g.pre_th)
         qt_re, qt_im = q * rr, q * ri
-        ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+        mag = jnp.exp(jnp.minimum(-g.pre_lr, tame_nats))  # e^{-G}, as in _inverse_factors
         upper = _strict(c, False)
         wt = jnp.where(upper, _dot_nt(v, dy, precision), 0.0)
-        a_t = jnp.where(upper, _dot_nt(k * ir, qt_re, precision) - _dot_nt(k * ii, qt_im, precision), 0.0)
-        mag = jnp.exp(jnp.minimum(-g.pre_lr, tame_nats))
+        a_t = jnp.where(upper, _dot_nt(mag * kc, qt_re, precision) + _dot_nt(mag * ks, qt_im, precision), 0.0)
         return mag * _dot(wt, qt_re, precision), mag * _dot(wt, qt_im, precision), _dot(a_t, dy, precision)
 
     tre, tim, dv = zeros, zeros, dv_zeros
     if "diag" not in ablate:
         tre, tim, dv = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
-    cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
     dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
 
     # Query sub-blocks i > j', nearest first: with sigma_m = e^{(G_end - G_m) + i(..)} (suffix in j'), gamma the
