@@ -42,14 +42,24 @@ powers of two >= 16 and t to a multiple of C with identity steps (a = 1, q = k =
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gateloop_jax.ops import pallas_whole_chunk as wc
 from gateloop_jax.ops.common import cmul, polar_pair
+from gateloop_jax.ops.kernel_util import dot as _dot
+from gateloop_jax.ops.kernel_util import dot_nt as _dot_nt
+from gateloop_jax.ops.kernel_util import dot_tn as _dot_tn
+from gateloop_jax.ops.kernel_util import iota as _iota
+from gateloop_jax.ops.kernel_util import put_row as _put_row
+from gateloop_jax.ops.kernel_util import row as _row
+from gateloop_jax.ops.kernel_util import rows as _rows
+from gateloop_jax.ops.kernel_util import walk_rows as _diagonal
+from gateloop_jax.ops.kernel_util import strict as _strict
+from gateloop_jax.ops.kernel_util import wrap as _wrap
 
 try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
     from jax.experimental.pallas import triton as plgpu
@@ -61,7 +71,6 @@ SUB = 16  # sub-block c: the smallest tile a Triton matrix product takes
 # (d_qk, d_v) state tiles no longer fit in registers (see experiments/perf_notes.md); mode="auto" uses the pure-JAX
 # chunked form for them.
 MAX_FAST_HEAD_DIM = 64
-TWO_PI = 2.0 * math.pi
 
 
 class Config(NamedTuple):
@@ -87,6 +96,9 @@ class Config(NamedTuple):
     # tame_nats x 1.2e-7); others the exact row loop. 0 = always the row loop.
     tame_nats: float = 16.0
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
+    # One program per chunk (ops/pallas_whole_chunk.py): C a power of two, tame chunks (every channel decays by at
+    # most tame_nats over the chunk) as whole C x C products, the others by the exact row walk over the chunk.
+    whole_chunk: bool = False
 
 
 # Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default).
@@ -106,6 +118,20 @@ VARIANTS = {
     "rowloop": Config(tame_nats=0.0),  # every diagonal sub-block by the exact row loop (the session-2 kernel)
     "no_rowloop": Config(ablate="rowloop"),  # profiling: the matrix-product form only (wrong for wild gates)
     "c32_rowloop": Config(chunk=32, tame_nats=0.0),
+    # One program per chunk (pallas_whole_chunk.py).
+    "wc64": Config(chunk=64, whole_chunk=True),
+    "wc64_w8": Config(chunk=64, whole_chunk=True, num_warps=8),
+    "wc64_bw4": Config(chunk=64, whole_chunk=True, backward_warps=4),
+    "wc32": Config(chunk=32, whole_chunk=True),
+    "wc32_w8": Config(chunk=32, whole_chunk=True, num_warps=8),
+    "wc64_rowloop": Config(chunk=64, whole_chunk=True, tame_nats=0.0),  # every chunk by the exact row walk
+    "wc32_rowloop": Config(chunk=32, whole_chunk=True, tame_nats=0.0),
+    "wc32_w8_nocond": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="rowloop"),
+    "wc32_w8_nodiag": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="diag"),
+    "wc32_w8_mm": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="prefix_mm"),
+    "wc64_w8_nocond": Config(chunk=64, whole_chunk=True, num_warps=8, ablate="rowloop"),
+    "wc64_w8_mm": Config(chunk=64, whole_chunk=True, num_warps=8, ablate="prefix_mm"),
+    "wc64_w16": Config(chunk=64, whole_chunk=True, num_warps=16, backward_warps=16),
 }
 
 
@@ -135,6 +161,7 @@ class _Plan(NamedTuple):
     tame_nats: float = 16.0
     carry_warps: int = 8
     backward_warps: int = 8
+    whole_chunk: bool = False
 
     @property
     def n(self):
@@ -142,7 +169,12 @@ class _Plan(NamedTuple):
 
     @property
     def nb(self):
-        return self.chunk // SUB
+        return 1 if self.whole_chunk else self.chunk // SUB
+
+    @property
+    def blocks(self):
+        """Blocks per (batch, head) with one gradient partial-sum total each: chunks, or sub-blocks."""
+        return self.n * self.nb
 
 
 _PRECISIONS = {
@@ -154,30 +186,6 @@ _PRECISIONS = {
 # --------------------------------------------------------------------------------------------------------------------
 # In-kernel helpers. Tiles are (rows, d) float32; rows of a (b, t, h, d) array are read with stride h * d.
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _wrap(x):
-    """Phase to [-pi, pi): e^{i x} unchanged; keeps sums of many phases small."""
-    return x - TWO_PI * jnp.floor(x * (1.0 / TWO_PI) + 0.5)
-
-
-def _dot(a, b, precision):  # a @ b
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot_nt(a, b, precision):  # a @ b.T
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b, precision):  # a.T @ b
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
-def _iota(shape, axis):
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
 def _segment_sums(x, precision, prefix):
@@ -223,38 +231,7 @@ def _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, need=("pre", "suf")):
 
 
 def _tile(ref, bi, hi, row0):
-    return ref[bi, pl.ds(row0, SUB), hi, :].astype(jnp.float32)
-
-
-def _row(ref, bi, hi, row):
-    return ref[bi, pl.ds(row, 1), hi, :].astype(jnp.float32)
-
-
-def _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init):
-    """Walk the rows n of one diagonal sub-block with the exact pairwise decay w[m, :] = e^{G_n - G_m} (m < n, else 0).
-
-    The decay is carried multiplicatively, w_n[m] = w_{n-1}[m] |a_n| (and w_n[n-1] = |a_n|): a product of the
-    factors in (m, n], with no cancellation however small an earlier |a| was, and one exp per row rather than per
-    (row, column). kc, ks = k cos(Phi), k sin(Phi) with Phi the sub-block prefix phase. For each row n calls
-    body(n, carry, w, qc_n, qs_n, cos_n, sin_n) with qc_n = q_n cos(Phi_n) etc. as (1, d) rows; returns the carry.
-    (A static Python loop over the rows was 2.4x slower on the H200: register spills; perf_notes.md.)
-    """
-    c, d = kc.shape
-    m_idx = _iota((c, d), 0)
-
-    def step(n, state):
-        w, phi, carry = state
-        a_n = jnp.exp(_row(lr_ref, bi, hi, row0 + n))
-        phi = phi + _wrap(_row(th_ref, bi, hi, row0 + n))
-        w = jnp.where(m_idx < n, jnp.where(m_idx == n - 1, 1.0, w) * a_n, 0.0)
-        q_n = _row(q_ref, bi, hi, row0 + n)
-        cos_n, sin_n = jnp.cos(phi), jnp.sin(phi)
-        carry = body(n, carry, w, q_n * cos_n, q_n * sin_n, cos_n, sin_n)
-        return w, phi, carry
-
-    state = (jnp.zeros((c, d), jnp.float32), jnp.zeros((1, d), jnp.float32), init)
-    state = jax.lax.fori_loop(0, c, step, state)
-    return state[2]
+    return _rows(ref, bi, hi, row0, SUB)
 
 
 def _if_tame(tame_nats, pre_lr, fast, slow, ablate=""):
@@ -272,17 +249,6 @@ def _inverse_factors(pre_lr, pre_th, tame_nats):
     q e^{G + i Phi} the diagonal sub-block is two matrix products; the cap only keeps the unused branch finite."""
     mag = jnp.exp(jnp.minimum(-pre_lr, tame_nats))
     return mag * jnp.cos(pre_th), -mag * jnp.sin(pre_th)
-
-
-def _strict(c, lower):
-    """The c x c mask m < n (lower: rows n, columns m) or n > m (upper: rows m, columns n)."""
-    r, col = _iota((c, c), 0), _iota((c, c), 1)
-    return (col < r) if lower else (col > r)
-
-
-def _put_row(tile, n, row):
-    """tile with row n replaced by row ((1, d) or (d,))."""
-    return jnp.where(_iota(tile.shape, 0) == n, row, tile)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -576,8 +542,12 @@ def _f32(*shape):
 def _outer(plan, x, y, lr, th, *, to_end, conj, totals):
     p = plan
     outs = (_f32(p.b, p.h, p.n, p.dk, y.shape[-1]),) * 2 + ((_f32(p.b, p.h, p.n, p.dk),) * 2 if totals else ())
-    kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision,
-                               tri=p.tri)
+    if p.whole_chunk:
+        kernel = functools.partial(wc.outer_kernel, h=p.h, c=p.chunk, to_end=to_end, conj=conj,
+                                   precision=p.precision, tri=p.tri, tame_nats=p.tame_nats, ablate=p.ablate)
+    else:
+        kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision,
+                                   tri=p.tri)
     return _call(p, kernel, (p.b * p.h, p.n), outs, x, y, lr, th, name="gateloop_mh_outer")
 
 
@@ -594,23 +564,36 @@ def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
     if grad:
-        big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
+        big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.blocks, p.dk)
         outs = (big, big, big, small, small)
     else:
         outs = _f32(p.b, p.t, p.h, p.dv)
-    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
-                               tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
+    if p.whole_chunk:
+        kernel = functools.partial(wc.query_side_kernel, h=p.h, c=p.chunk, precision=p.precision, grad=grad,
+                                   tri=p.tri, tame_nats=p.tame_nats, ablate=p.ablate)
+    else:
+        kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
+                                   tame_nats=p.tame_nats, ablate=p.ablate)
+    return _call(p, kernel, _grid(p), outs, q, k, v, lr, th, w, s_re, s_im,
                  name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
+
+
+def _grid(p):
+    """The query and key sides: a program per chunk, or per sub-block of a chunk."""
+    return (p.b * p.h, p.n) if p.whole_chunk else (p.b * p.h, p.n, p.nb)
 
 
 def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
-    big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
-    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
-                               tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, (p.b * p.h, p.n, p.nb), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
+    big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.blocks, p.dk)
+    if p.whole_chunk:
+        kernel = functools.partial(wc.key_side_kernel, h=p.h, c=p.chunk, precision=p.precision, tri=p.tri,
+                                   tame_nats=p.tame_nats, ablate=p.ablate)
+    else:
+        kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
+                                   tame_nats=p.tame_nats, ablate=p.ablate)
+    return _call(p, kernel, _grid(p), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
                  q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
 
 
@@ -645,7 +628,7 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
 
     def finish(qpart, kpart, qtot, ktot, end):
         later = _suffix_totals(qtot - ktot) + end[:, :, None, :]  # (b, h, blocks, dk)
-        later = jnp.repeat(jnp.transpose(later, (0, 2, 1, 3)), SUB, axis=1)  # (b, t, h, dk)
+        later = jnp.repeat(jnp.transpose(later, (0, 2, 1, 3)), p.t // p.blocks, axis=1)  # (b, t, h, dk)
         return qpart - kpart + later
 
     dlr = finish(qg, kg, qg_tot, kg_tot, end_g)
@@ -655,14 +638,18 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
 
 def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int | None = None) -> _Plan:
     """Static plan of one call: chunk = chunk_size (default cfg.chunk) capped at the length and rounded up to a
-    multiple of SUB; t padded to a whole number of chunks; d_qk, d_v padded to powers of two >= SUB."""
-    chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
+    multiple of SUB (whole_chunk: to a power of two >= SUB); t padded to a whole number of chunks; d_qk, d_v padded
+    to powers of two >= SUB."""
+    if cfg.whole_chunk:
+        chunk = min(_next_pow2(max(SUB, chunk_size or cfg.chunk)), max(SUB, _next_pow2(t)))
+    else:
+        chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
     dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
     precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps)
+                 cfg.backward_warps, cfg.whole_chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

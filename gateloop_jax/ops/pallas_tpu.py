@@ -57,7 +57,6 @@ in interpret mode, which the tests use.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -65,9 +64,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from gateloop_jax.ops import kernel_util as ku
 from gateloop_jax.ops.common import cmul, polar_pair
 
-TWO_PI = 2.0 * math.pi
 LANES = 128  # TPU vector lane width: the last dim of a VMEM block
 SUBLANES = 8  # TPU sublane count: row offsets of value slices stay multiples of it
 # log|a| is clamped here (|a| = e^{-1e30} is 0 in float32 all the same): the segment sums are 0/1 matrix products, and
@@ -105,22 +104,11 @@ class _Plan(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------------
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _dot(a, b):  # a @ b
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _dot_nt(a, b):  # a @ b.T
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):  # a.T @ b
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _iota(shape, axis):
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+# Every product at float32 accuracy: Mosaic's MXU passes at HIGHEST (the Triton kernels pick theirs per Config).
+_dot = functools.partial(ku.dot, precision=_HIGHEST)  # a @ b
+_dot_nt = functools.partial(ku.dot_nt, precision=_HIGHEST)  # a @ b.T
+_dot_tn = functools.partial(ku.dot_tn, precision=_HIGHEST)  # a.T @ b
+_iota, _wrap, _put_row = ku.iota, ku.wrap, ku.put_row
 
 
 def _sub_index(rows, c, nb):
@@ -130,11 +118,6 @@ def _sub_index(rows, c, nb):
     for s in range(1, nb):
         out = out + (rows >= s * c).astype(jnp.int32)
     return out
-
-
-def _wrap(x):
-    """Phase to [-pi, pi): e^{i x} unchanged, and sums of a few wrapped phases stay small for cos / sin."""
-    return x - TWO_PI * jnp.floor(x * (1.0 / TWO_PI) + 0.5)
 
 
 def _select(mask, pair, other):
@@ -190,10 +173,6 @@ def _diagonal_rows(lr_ref, th_ref, r0, c, d, body, carry):
         w = cmul(*_select(m_idx == n - 1, (1.0, 0.0), w), *a_n)  # rows >= n stay 0; row n-1 restarts at a_n
         carry = body(n, carry, _select(m_idx == n, (1.0, 0.0), w))
     return carry
-
-
-def _put_row(tile, n, row):
-    return jnp.where(_iota(tile.shape, 0) == n, row, tile)
 
 
 # --------------------------------------------------------------------------------------------------------------------
