@@ -195,3 +195,13 @@ def test_multihead_whole_chunk_matches_oracle(t, chunk, tame_nats):
     cfg = pc.Config(chunk=chunk, whole_chunk=True, tame_nats=tame_nats)
     fn = lambda *a: pc.gateloop_pallas_chunked(*a, interpret=True, config=cfg)  # noqa: E731
     _check(fn, args, F32_RTOL)
+
+
+@pytest.mark.parametrize("withhold", [False, True])
+def test_elementwise_chained_matches_oracle(withhold):
+    """Config.chain (one pass per direction, decoupled look-back) in interpret mode; chain_withhold makes two segments
+    in three keep their finished value back, so the look-back composes maps as it would behind slow programs."""
+    rng = np.random.default_rng(11)
+    args = _inputs(rng, 4, 37, 6, 1, 1)
+    cfg = pe.Config(block_channels=4, unroll=4, chain=True, chain_segment=8, chain_withhold=withhold)
+    _check(lambda *a: pe.gateloop_pallas_elementwise(*a, interpret=True, config=cfg), args, F32_RTOL)
