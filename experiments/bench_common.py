@@ -150,16 +150,20 @@ def compile_many(jobs: dict[Any, tuple[Callable, Sequence]], workers: int, deadl
     return results
 
 
-def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None) -> dict[str, Any]:
+def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None,
+               pipeline: int = 0) -> dict[str, Any]:
     """Median wall time of call() synchronised with block_until_ready, after warm-up.
 
     When budget_s is given, the first warm-up run decides: if warm-up + reps runs would exceed it, timing stops there
     and the result says so (with the one run's time as the estimate) instead of blocking the benchmark.
+    pipeline > 0 also times `pipeline` calls in flight per synchronisation ("pipelined_median_s", per call): the
+    host's launch gaps then overlap the device's work, as in a training loop; the synchronised figure counts them,
+    which matters for ops of a millisecond or less.
     """
     start = time.perf_counter()
     block(call())
     first = time.perf_counter() - start
-    total_runs = max(warmup - 1, 0) + reps
+    total_runs = max(warmup - 1, 0) + reps * (1 + pipeline)
     if budget_s is not None and first * total_runs > budget_s:
         return {"skipped": f"too slow: one run took {first:.3g} s, {total_runs} more would take "
                            f"{first * total_runs:.3g} s (budget {budget_s:.3g} s per config)",
@@ -171,7 +175,7 @@ def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: flo
         start = time.perf_counter()
         block(call())
         times.append(time.perf_counter() - start)
-    return {
+    out = {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -179,6 +183,14 @@ def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: flo
         "reps": reps,
         "warmup": warmup,
     }
+    if pipeline > 0:
+        piped = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            block([call() for _ in range(pipeline)])
+            piped.append((time.perf_counter() - start) / pipeline)
+        out.update(pipelined_median_s=statistics.median(piped), pipeline=pipeline)
+    return out
 
 
 def time_sync_and_pipelined(fn, args, *, runs: int = 10, reps: int = 5, warmup: int = 2) -> dict[str, Any]:

@@ -101,15 +101,6 @@ EW_VARIANTS = {
     "cb64_w2_u8_p2048": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=2048),
     "cb256_w8_u8_p256": pe.Config(block_channels=256, num_warps=8, unroll=8, min_programs=256),
     "cb32_u8_p512": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=512),  # one segment at L=1024
-    # One pass per direction (chained scan, decoupled look-back): chain_segment steps per program, in registers.
-    "chain16": pe.Config(chain=True, chain_segment=16),
-    "chain32": pe.Config(chain=True, chain_segment=32),
-    "chain8": pe.Config(chain=True, chain_segment=8),
-    "chain16_cb64_w2": pe.Config(chain=True, chain_segment=16, block_channels=64, num_warps=2),
-    "chain32_u16": pe.Config(chain=True, chain_segment=32, unroll=16),
-    "chain16_pid": pe.Config(chain=True, chain_segment=16, chain_ticket=False),  # program id order, no ticket
-    "chain32_pid": pe.Config(chain=True, chain_segment=32, chain_ticket=False),
-    "chain8_pid": pe.Config(chain=True, chain_segment=8, chain_ticket=False),
 }
 
 

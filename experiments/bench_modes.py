@@ -14,7 +14,8 @@ reported as skipped with the reason). The transition is complex (|a| in [0.5, 0.
 passed in polar form, float32, as the layer passes it; q, k, v (and the cotangent) are in the benchmark dtype.
 
 Per config: compile time (separately; compiles run `--compile_workers` at a time), median of `--reps` timed runs after
-`--warmup` (block_until_ready), tokens/s, peak device memory, the memory-bandwidth bound of the op (bytes read and
+`--warmup` (block_until_ready; with `--pipeline N`, default 5, also the median per call of N calls in flight per
+synchronisation, which hides the host's launch gaps as a training loop does), tokens/s, peak device memory, the memory-bandwidth bound of the op (bytes read and
 written once at the copy bandwidth measured in the same run), and the max relative error against `--reference`
 (mode "recurrent", in float32 on the same inputs, for GateLoop; the "xla" implementation in float32 for softmax).
 A config is never silently dropped: it is measured, or skipped with the reason (XLA's compile-time memory estimate
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="recurrent", help="mode the errors are measured against")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--pipeline", type=int, default=5,
+                   help="also time this many calls in flight per sync (pipelined_median_s); 0: synchronised only")
     p.add_argument("--config_budget_s", type=float, default=10.0,
                    help="skip timing a config whose warm-up + reps would exceed this (estimated from one run)")
     p.add_argument("--budget_s", type=float, default=0.0, help="overall time budget (0: none), shared by the groups")
@@ -456,7 +459,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         exe = executables[k]
         try:
             timing = bc.time_calls(lambda: exe(*call_args), warmup=args.warmup, reps=args.reps,
-                                   budget_s=args.config_budget_s)
+                                   budget_s=args.config_budget_s, pipeline=args.pipeline)
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at run time
             timing = {"skipped": f"run failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         c.update(timing)
@@ -474,7 +477,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             c["tokens_per_s"] = c["tokens"] / c["median_s"]
         del inputs, call_args
         emit({"key": k, "record": c})
-        print(f"[{group}] {k}: {c.get('median_s', float('nan')) * 1e3:.3f} ms {c.get('skipped', '')}", flush=True)
+        piped = f" ({c['pipelined_median_s'] * 1e3:.3f} pipelined)" if "pipelined_median_s" in c else ""
+        print(f"[{group}] {k}: {c.get('median_s', float('nan')) * 1e3:.3f} ms{piped} {c.get('skipped', '')}",
+              flush=True)
 
     # -- phase 3: errors against the reference, re-running each executable on the same inputs -------------------
     by_length = {}

@@ -36,7 +36,8 @@ def _cell_ms(rec) -> str:
     if rec is None:
         return ""
     if "median_s" in rec:
-        return f"{rec['median_s'] * 1e3:.3g}"
+        piped = f" [{rec['pipelined_median_s'] * 1e3:.3g}]" if "pipelined_median_s" in rec else ""
+        return f"{rec['median_s'] * 1e3:.3g}{piped}"
     if "single_run_s" in rec:
         return f"({rec['single_run_s'] * 1e3:.3g})"
     return _short_reason(rec)
@@ -130,7 +131,7 @@ def modes_table(result, lengths=None, passes=("fwd", "fwdbwd"), scopes=("op", "l
                     if grid is None:
                         continue
                     out.append(f"\n{scope} {pass_} {setting} {dtype}: median ms "
-                               "(mem/slow/budget/skip = skipped, (x) = one run)")
+                               "(mem/slow/budget/skip = skipped, (x) = one run, [x] = pipelined)")
                     out.append(_text_table(*grid))
     return "\n".join(out)
 
@@ -149,7 +150,8 @@ def modes_markdown(result) -> str:
         lines.append("")
     for name, st in result.get("peers", {}).items():
         lines.append(f"- peer {name}: {st['status']}" + (f" ({st['reason']})" if st.get("reason") else ""))
-    lines += ["", "Cells: median ms; `mem` = skipped, would not fit (XLA's estimate); `slow` = skipped, over the "
+    lines += ["", "Cells: median ms of synchronised calls, [x] = per call with several calls in flight (pipelined: "
+              "launch gaps hidden); `mem` = skipped, would not fit (XLA's estimate); `slow` = skipped, over the "
               "per-config budget ((x) = the one run's ms); `budget` = the overall time budget ran out; "
               "memory in GiB from the device's peak counter, `≤` = an upper bound (see bench_modes.py).", ""]
     settings, dtypes = _settings_dtypes(result)

@@ -52,6 +52,7 @@ def test_bench_modes_tiny(tmp_path):
         assert "skipped" not in r, r.get("skipped")
         assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0
         assert len(r["times_s"]) == 2
+        assert r["pipelined_median_s"] > 0 and r["pipeline"] == 5  # --pipeline's default: both timings per config
         # float32 accumulation in every mode: far under 1e-3 against the float32 recurrent reference.
         assert r["error"]["max_rel"] < 1e-4, (mode, r["error"])
         if r["kind"] == "gateloop":

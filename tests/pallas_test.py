@@ -184,24 +184,3 @@ def test_bf16_inputs(kernel):
 def test_multihead_supported():
     assert pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "gpu")
     assert not pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "tpu")
-
-
-@pytest.mark.parametrize("t,chunk,tame_nats", [(37, 32, 16.0), (64, 32, 0.0), (50, 64, 16.0)])
-def test_multihead_whole_chunk_matches_oracle(t, chunk, tame_nats):
-    """Config.whole_chunk (one program per chunk): every gate regime of _inputs across the batch rows, so that tame
-    chunks take the product form and the others the row walk in the same call (tame_nats = 0: the walk alone)."""
-    rng = np.random.default_rng([t, chunk])
-    args = _inputs(rng, 4, t, 2, 5, 3)
-    cfg = pc.Config(chunk=chunk, whole_chunk=True, tame_nats=tame_nats)
-    fn = lambda *a: pc.gateloop_pallas_chunked(*a, interpret=True, config=cfg)  # noqa: E731
-    _check(fn, args, F32_RTOL)
-
-
-@pytest.mark.parametrize("withhold", [False, True])
-def test_elementwise_chained_matches_oracle(withhold):
-    """Config.chain (one pass per direction, decoupled look-back) in interpret mode; chain_withhold makes two segments
-    in three keep their finished value back, so the look-back composes maps as it would behind slow programs."""
-    rng = np.random.default_rng(11)
-    args = _inputs(rng, 4, 37, 6, 1, 1)
-    cfg = pe.Config(block_channels=4, unroll=4, chain=True, chain_segment=8, chain_withhold=withhold)
-    _check(lambda *a: pe.gateloop_pallas_elementwise(*a, interpret=True, config=cfg), args, F32_RTOL)

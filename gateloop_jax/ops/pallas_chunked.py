@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gateloop_jax.ops import pallas_whole_chunk as wc
 from gateloop_jax.ops.common import cmul, polar_pair
 from gateloop_jax.ops.kernel_util import dot as _dot
 from gateloop_jax.ops.kernel_util import dot_nt as _dot_nt
@@ -57,8 +56,8 @@ from gateloop_jax.ops.kernel_util import iota as _iota
 from gateloop_jax.ops.kernel_util import put_row as _put_row
 from gateloop_jax.ops.kernel_util import row as _row
 from gateloop_jax.ops.kernel_util import rows as _rows
-from gateloop_jax.ops.kernel_util import walk_rows as _diagonal
 from gateloop_jax.ops.kernel_util import strict as _strict
+from gateloop_jax.ops.kernel_util import walk_rows as _diagonal
 from gateloop_jax.ops.kernel_util import wrap as _wrap
 
 try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
@@ -96,9 +95,6 @@ class Config(NamedTuple):
     # tame_nats x 1.2e-7); others the exact row loop. 0 = always the row loop.
     tame_nats: float = 16.0
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
-    # One program per chunk (ops/pallas_whole_chunk.py): C a power of two, tame chunks (every channel decays by at
-    # most tame_nats over the chunk) as whole C x C products, the others by the exact row walk over the chunk.
-    whole_chunk: bool = False
 
 
 # Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default).
@@ -118,20 +114,6 @@ VARIANTS = {
     "rowloop": Config(tame_nats=0.0),  # every diagonal sub-block by the exact row loop (the session-2 kernel)
     "no_rowloop": Config(ablate="rowloop"),  # profiling: the matrix-product form only (wrong for wild gates)
     "c32_rowloop": Config(chunk=32, tame_nats=0.0),
-    # One program per chunk (pallas_whole_chunk.py).
-    "wc64": Config(chunk=64, whole_chunk=True),
-    "wc64_w8": Config(chunk=64, whole_chunk=True, num_warps=8),
-    "wc64_bw4": Config(chunk=64, whole_chunk=True, backward_warps=4),
-    "wc32": Config(chunk=32, whole_chunk=True),
-    "wc32_w8": Config(chunk=32, whole_chunk=True, num_warps=8),
-    "wc64_rowloop": Config(chunk=64, whole_chunk=True, tame_nats=0.0),  # every chunk by the exact row walk
-    "wc32_rowloop": Config(chunk=32, whole_chunk=True, tame_nats=0.0),
-    "wc32_w8_nocond": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="rowloop"),
-    "wc32_w8_nodiag": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="diag"),
-    "wc32_w8_mm": Config(chunk=32, whole_chunk=True, num_warps=8, ablate="prefix_mm"),
-    "wc64_w8_nocond": Config(chunk=64, whole_chunk=True, num_warps=8, ablate="rowloop"),
-    "wc64_w8_mm": Config(chunk=64, whole_chunk=True, num_warps=8, ablate="prefix_mm"),
-    "wc64_w16": Config(chunk=64, whole_chunk=True, num_warps=16, backward_warps=16),
 }
 
 
@@ -161,7 +143,6 @@ class _Plan(NamedTuple):
     tame_nats: float = 16.0
     carry_warps: int = 8
     backward_warps: int = 8
-    whole_chunk: bool = False
 
     @property
     def n(self):
@@ -169,12 +150,7 @@ class _Plan(NamedTuple):
 
     @property
     def nb(self):
-        return 1 if self.whole_chunk else self.chunk // SUB
-
-    @property
-    def blocks(self):
-        """Blocks per (batch, head) with one gradient partial-sum total each: chunks, or sub-blocks."""
-        return self.n * self.nb
+        return self.chunk // SUB
 
 
 _PRECISIONS = {
@@ -542,12 +518,8 @@ def _f32(*shape):
 def _outer(plan, x, y, lr, th, *, to_end, conj, totals):
     p = plan
     outs = (_f32(p.b, p.h, p.n, p.dk, y.shape[-1]),) * 2 + ((_f32(p.b, p.h, p.n, p.dk),) * 2 if totals else ())
-    if p.whole_chunk:
-        kernel = functools.partial(wc.outer_kernel, h=p.h, c=p.chunk, to_end=to_end, conj=conj,
-                                   precision=p.precision, tri=p.tri, tame_nats=p.tame_nats, ablate=p.ablate)
-    else:
-        kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision,
-                                   tri=p.tri)
+    kernel = functools.partial(_outer_kernel, h=p.h, nb=p.nb, to_end=to_end, conj=conj, precision=p.precision,
+                               tri=p.tri)
     return _call(p, kernel, (p.b * p.h, p.n), outs, x, y, lr, th, name="gateloop_mh_outer")
 
 
@@ -564,36 +536,23 @@ def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
     if grad:
-        big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.blocks, p.dk)
+        big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
         outs = (big, big, big, small, small)
     else:
         outs = _f32(p.b, p.t, p.h, p.dv)
-    if p.whole_chunk:
-        kernel = functools.partial(wc.query_side_kernel, h=p.h, c=p.chunk, precision=p.precision, grad=grad,
-                                   tri=p.tri, tame_nats=p.tame_nats, ablate=p.ablate)
-    else:
-        kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
-                                   tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, _grid(p), outs, q, k, v, lr, th, w, s_re, s_im,
+    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
+                               tame_nats=p.tame_nats, ablate=p.ablate)
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
                  name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
-
-
-def _grid(p):
-    """The query and key sides: a program per chunk, or per sub-block of a chunk."""
-    return (p.b * p.h, p.n) if p.whole_chunk else (p.b * p.h, p.n, p.nb)
 
 
 def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
-    big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.blocks, p.dk)
-    if p.whole_chunk:
-        kernel = functools.partial(wc.key_side_kernel, h=p.h, c=p.chunk, precision=p.precision, tri=p.tri,
-                                   tame_nats=p.tame_nats, ablate=p.ablate)
-    else:
-        kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
-                                   tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, _grid(p), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
+    big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
+    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
+                               tame_nats=p.tame_nats, ablate=p.ablate)
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
                  q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
 
 
@@ -628,7 +587,7 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
 
     def finish(qpart, kpart, qtot, ktot, end):
         later = _suffix_totals(qtot - ktot) + end[:, :, None, :]  # (b, h, blocks, dk)
-        later = jnp.repeat(jnp.transpose(later, (0, 2, 1, 3)), p.t // p.blocks, axis=1)  # (b, t, h, dk)
+        later = jnp.repeat(jnp.transpose(later, (0, 2, 1, 3)), SUB, axis=1)  # (b, t, h, dk)
         return qpart - kpart + later
 
     dlr = finish(qg, kg, qg_tot, kg_tot, end_g)
@@ -638,18 +597,14 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
 
 def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int | None = None) -> _Plan:
     """Static plan of one call: chunk = chunk_size (default cfg.chunk) capped at the length and rounded up to a
-    multiple of SUB (whole_chunk: to a power of two >= SUB); t padded to a whole number of chunks; d_qk, d_v padded
-    to powers of two >= SUB."""
-    if cfg.whole_chunk:
-        chunk = min(_next_pow2(max(SUB, chunk_size or cfg.chunk)), max(SUB, _next_pow2(t)))
-    else:
-        chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
+    multiple of SUB; t padded to a whole number of chunks; d_qk, d_v padded to powers of two >= SUB."""
+    chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
     dkp, dvp = max(SUB, _next_pow2(dk)), max(SUB, _next_pow2(dv))
     precision = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.precision]
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps, cfg.whole_chunk)
+                 cfg.backward_warps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -57,14 +57,6 @@ class Config(NamedTuple):
     segment_length: int = 0  # time steps per program; 0 = choose from the shape (see _pick_segment_length)
     num_stages: int = 3
     min_programs: int = 512  # when choosing segment_length, aim for at least this many programs
-    # Single pass per direction (chained scan with decoupled look-back, see _chain_start): each program owns
-    # chain_segment steps, held in registers, and takes its start state from the programs before it.
-    chain: bool = False
-    chain_segment: int = 16
-    # Tests only: two segments in three (not the last in scan order) never publish their finished value, as if they
-    # were slow, so that successors must look back through two maps (interpret mode runs programs in order).
-    chain_withhold: bool = False
-    chain_ticket: bool = True
 
 
 def supported(q_shape, v_shape, platform: str) -> bool:
@@ -252,181 +244,6 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Chained kernels (Config.chain): one pass per direction. The segmented kernels above read the inputs twice per
-# direction (a first pass for the segments' (P, local) pairs, then the main pass); here a program reads its segment
-# once into registers, publishes the segment's affine map x_out = M x_in + L, finds its start value by looking back
-# over the maps and finished values its predecessors published (decoupled look-back, as in single-pass GPU prefix
-# scans), publishes its own finished value, and runs the main pass from registers.
-#
-# Progress: programs take a ticket from an atomic counter and derive their segment from it, segments in scan order
-# fastest, so a program only ever waits for programs holding smaller tickets, which have started and wait only for
-# smaller tickets themselves. Visibility: each channel's values and flag are written and read by the same thread with
-# GPU-scope acquire-release atomics (the flag after the values, read before them), so no cross-thread fence is needed.
-# --------------------------------------------------------------------------------------------------------------------
-
-_PENDING, _MAP_READY, _VALUE_READY = 0, 1, 2
-# Buffers of the chain, zero-initialised inputs aliased to the kernel's last outputs: finished value (re, im), map
-# M (re, im), L (re, im), each (b, segments, channels); the ticket counter (1,) and the flags (b, segments, channels).
-_CHAIN_BUFFERS = 8
-
-
-def _ticket(tick_ref, num_segments, n_cblocks, reverse, use_ticket):
-    """(batch, channel block, segment) of this program, in the order programs start (use_ticket=False: trust the
-    hardware to start programs in program-id order)."""
-    if use_ticket:
-        tk = plgpu.atomic_add(tick_ref, (jnp.int32(0),), jnp.int32(1))
-    else:
-        tk = pl.program_id(0)
-    s = tk % num_segments
-    rest = tk // num_segments
-    if reverse:
-        s = num_segments - 1 - s
-    return rest // n_cblocks, rest % n_cblocks, s
-
-
-def _publish(refs, flag_ref, idx, values, keep=None):
-    """Values into their (zero-initialised, written-once) slots, then the flag one step up: all by atomic adds, which
-    every Pallas backend and interpret mode implement, and 0 + x is exactly x. keep = 0 publishes nothing."""
-    one = jnp.ones(values[0].shape, jnp.int32)
-    if keep is not None:
-        values, one = [x * keep.astype(jnp.float32) for x in values], one * keep.astype(jnp.int32)
-    for r, x in zip(refs, values):
-        plgpu.atomic_add(r, idx, x)
-    plgpu.atomic_add(flag_ref, idx, one)
-
-
-def _keep_value(position, num_segments, withhold):
-    """Config.chain_withhold: whether this segment (position in scan order) publishes its finished value."""
-    if not withhold:
-        return None
-    return jnp.where((position % 3 != 0) & (position != num_segments - 1), 0, 1)
-
-
-def _chain_start(flag_ref, map_refs, value_refs, bi, s, cols, first, init, reverse):
-    """The value entering segment s: init (h0 or the final state's cotangent) for the first segment in scan order,
-    else found by looking back. x_in(s) = A x_out(j) + B over j = the predecessors, nearest first: a finished value
-    X_j ends the walk (x_in = A X_j + B); a map (M_j, L_j) only extends it (A <- A M_j, B <- A L_j + B)."""
-    step = 1 if reverse else -1
-    zeros = jnp.zeros(init[0].shape, jnp.float32)
-    izeros = jnp.zeros(init[0].shape, jnp.int32)
-    done = jnp.where(first, 1, izeros)
-
-    # Loop conditions are scalars carried in the state, computed in the body: a while loop whose condition reduces
-    # a vector hung on the H200 (experiments/spin_probe.py), one testing a carried scalar did not.
-    def wait(j):  # spin until the predecessor j published at least its map, in every channel
-        def spin(st):
-            flags = plgpu.atomic_add(flag_ref, (bi, j, cols), izeros)
-            return flags, jnp.min(flags) == _PENDING
-
-        return jax.lax.while_loop(lambda st: st[1], spin, (izeros, True))[0]
-
-    def read(ref, j):
-        return plgpu.atomic_add(ref, (bi, j, cols), zeros)
-
-    def body(state):
-        j, ar, ai, br, bim, xr, xi, done, _ = state
-        flags = wait(j)
-        ready = (flags == _VALUE_READY) & (done == 0)
-        more = (flags == _MAP_READY) & (done == 0)
-        vr, vi = read(value_refs[0], j), read(value_refs[1], j)
-        mr, mi, lr_, li_ = (read(r, j) for r in map_refs)
-        fr, fi = cmul(ar, ai, vr, vi)
-        xr, xi = jnp.where(ready, fr + br, xr), jnp.where(ready, fi + bim, xi)
-        nr, ni = cmul(ar, ai, lr_, li_)
-        br, bim = jnp.where(more, nr + br, br), jnp.where(more, ni + bim, bim)
-        ar, ai = jnp.where(more, ar * mr - ai * mi, ar), jnp.where(more, ar * mi + ai * mr, ai)
-        done = jnp.where(ready, 1, done)
-        return j + step, ar, ai, br, bim, xr, xi, done, jnp.min(done) == 0
-
-    state = (s + step, zeros + 1.0, zeros, zeros, zeros, init[0], init[1], done, jnp.logical_not(first))
-    state = jax.lax.while_loop(lambda st: st[-1], body, state)
-    return state[5], state[6]
-
-
-def _fwd_chain_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, h0_re, h0_im, *refs, seg, cb, unroll,
-                      n_cblocks, num_segments, withhold, use_ticket, save_states):
-    refs = refs[_CHAIN_BUFFERS:]  # the aliased inputs: the same buffers as the last outputs
-    y_ref = refs[0]
-    hb = refs[1:3] if save_states else None
-    x_re, x_im, m_re, m_im, l_re, l_im, tick, flag = refs[3 if save_states else 1:]
-    bi, ci, si = _ticket(tick, num_segments, n_cblocks, reverse=False, use_ticket=use_ticket)
-    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
-    rows = [si * seg + u for u in range(seg)]
-    qs, ks, vs, lrs, ths = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
-    trans = [polar_pair(lrs[u], ths[u]) for u in range(seg)]
-
-    zeros = jnp.zeros((cb,), jnp.float32)
-    mr, mi, lr_, li_ = zeros + 1.0, zeros, zeros, zeros
-    for u in range(seg):
-        mr, mi = cmul(*trans[u], mr, mi)
-        lr_, li_ = cmul(*trans[u], lr_, li_)
-        lr_ = lr_ + ks[u] * vs[u]
-    idx = (bi, si, cols)
-    _publish((m_re, m_im, l_re, l_im), flag, idx, (mr, mi, lr_, li_))
-    hr, hi = _chain_start(flag, (m_re, m_im, l_re, l_im), (x_re, x_im), bi, si, cols, si == 0,
-                          (h0_re[bi, cols], h0_im[bi, cols]), reverse=False)
-    er, ei = cmul(mr, mi, hr, hi)
-    _publish((x_re, x_im), flag, idx, (er + lr_, ei + li_), _keep_value(si, num_segments, withhold))
-
-    for u in range(seg):
-        if save_states and u % unroll == 0:  # the state before each block of `unroll` steps, for the backward
-            blk = rows[u] // unroll
-            hb[0][bi, blk, cols] = hr
-            hb[1][bi, blk, cols] = hi
-        hr, hi = cmul(*trans[u], hr, hi)
-        hr = hr + ks[u] * vs[u]
-        y_ref[bi, rows[u], cols] = qs[u] * hr
-
-
-def _bwd_chain_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hb_re, hb_im, gf_re, gf_im, *refs, seg, cb, unroll,
-                      n_cblocks, num_segments, withhold, use_ticket):
-    """The reverse recurrence (module docstring) with the same chaining, segments last first. A segment's finished
-    value is the cotangent leaving it towards the earlier ones; segment 0's is dh0."""
-    dq_ref, dk_ref, dv_ref, dlr_ref, dth_ref, x_re, x_im, m_re, m_im, l_re, l_im, tick, flag = refs[_CHAIN_BUFFERS:]
-    bi, ci, si = _ticket(tick, num_segments, n_cblocks, reverse=True, use_ticket=use_ticket)
-    cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
-    rows = [si * seg + u for u in range(seg)]
-    qs, ks, vs, lrs, ths, dys = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref), bi, rows, cols)
-    saved = {b0: (hb_re[bi, rows[b0] // unroll, cols], hb_im[bi, rows[b0] // unroll, cols]) for b0 in range(0, seg, unroll)}
-    trans = [polar_pair(lrs[u], ths[u]) for u in range(seg)]
-
-    zeros = jnp.zeros((cb,), jnp.float32)
-    mr, mi, lr_, li_ = zeros + 1.0, zeros, zeros, zeros
-    for u in reversed(range(seg)):  # from a zero start: c <- conj(a_n) (q_n dy_n + c); M = prod conj(a_n)
-        ar, ai = trans[u]
-        lr_, li_ = cmul(ar, -ai, qs[u] * dys[u] + lr_, li_)
-        mr, mi = cmul(ar, -ai, mr, mi)
-    idx = (bi, si, cols)
-    _publish((m_re, m_im, l_re, l_im), flag, idx, (mr, mi, lr_, li_))
-    cr, cim = _chain_start(flag, (m_re, m_im, l_re, l_im), (x_re, x_im), bi, si, cols, si == num_segments - 1,
-                           (gf_re[bi, cols], gf_im[bi, cols]), reverse=True)
-    er, ei = cmul(mr, mi, cr, cim)
-    _publish((x_re, x_im), flag, idx, (er + lr_, ei + li_), _keep_value(num_segments - 1 - si, num_segments, withhold))
-
-    # Main pass, blocks of the segment last first: recompute each block's states from the state saved before it.
-    for b0 in reversed(range(0, seg, unroll)):
-        hr, hi = saved[b0]
-        before = []
-        for u in range(b0, b0 + unroll):
-            before.append((hr, hi))
-            hr, hi = cmul(*trans[u], hr, hi)
-            hr = hr + ks[u] * vs[u]
-        for u in reversed(range(b0, b0 + unroll)):
-            n = rows[u]
-            ar, ai = trans[u]
-            pr, pim = before[u - b0]
-            gr, gi = qs[u] * dys[u] + cr, cim
-            dq_ref[bi, n, cols] = hr * dys[u]  # hr holds h_n here
-            dk_ref[bi, n, cols] = gr * vs[u]
-            dv_ref[bi, n, cols] = gr * ks[u]
-            wr, wi = cmul(ar, ai, pr, pim)  # a_n h_{n-1}, formed directly: no cancellation when |a| ~ 0
-            dlr_ref[bi, n, cols] = gr * wr + gi * wi
-            dth_ref[bi, n, cols] = gi * wr - gr * wi
-            cr, cim = cmul(ar, -ai, gr, gi)
-            hr, hi = pr, pim
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers on padded (b, t, h) arrays.
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -441,9 +258,6 @@ class _Plan(NamedTuple):
     num_warps: int
     num_stages: int
     interpret: bool
-    chain: bool = False
-    chain_withhold: bool = False
-    chain_ticket: bool = True
 
     @property
     def num_segments(self):
@@ -454,49 +268,18 @@ class _Plan(NamedTuple):
         return (self.b, self.h // self.cb, self.num_segments)
 
 
-def _call(plan: _Plan, kernel, out_shapes, *args, name, grid=None, aliases=None):
+def _call(plan: _Plan, kernel, out_shapes, *args, name):
     params = None
     if not plan.interpret and plgpu is not None:
         params = plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
     return pl.pallas_call(
         kernel,
         out_shape=out_shapes,
-        grid=grid or plan.grid,
+        grid=plan.grid,
         interpret=plan.interpret,
         compiler_params=params,
-        input_output_aliases=aliases or {},
         name=name,
     )(*args)
-
-
-def _chain_call(plan: _Plan, kernel, big_outs, *args, name):
-    """A chained kernel: 1-D grid (programs find their segment by ticket), the ticket counter and the flags passed in
-    as zeros and aliased to the last two outputs; returns big_outs' arrays, then the finished values (re, im)."""
-    b, h, s = plan.b, plan.h, plan.num_segments
-    buffers = (jnp.zeros((b, s, h), jnp.float32),) * 6 + (jnp.zeros((1,), jnp.int32), jnp.zeros((b, s, h), jnp.int32))
-    outs = tuple(big_outs) + tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in buffers)
-    aliases = {len(args) + i: len(big_outs) + i for i in range(_CHAIN_BUFFERS)}
-    kw = dict(seg=plan.seg, cb=plan.cb, unroll=plan.unroll, n_cblocks=h // plan.cb, num_segments=s,
-              withhold=plan.chain_withhold, use_ticket=plan.chain_ticket)
-    res = _call(plan, functools.partial(kernel, **kw), outs, *args, *buffers, name=name,
-                grid=(b * (h // plan.cb) * s,), aliases=aliases)
-    n = len(big_outs)
-    return res[:n], res[n], res[n + 1]
-
-
-def _forward_chain(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
-    b, t, h = plan.b, plan.t, plan.h
-    big = (_f32_shape(b, t, h),) + ((_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ())
-    kernel = functools.partial(_fwd_chain_kernel, save_states=save_states)
-    outs, x_re, x_im = _chain_call(plan, kernel, big, q, k, v, lr, th, h0re, h0im, name="gateloop_ew_fwd_chain")
-    return outs[0], x_re[:, -1], x_im[:, -1], (outs[1:] if save_states else None), None
-
-
-def _backward_chain(plan: _Plan, q, k, v, lr, th, states, dy, gf_re, gf_im):
-    big = (_f32_shape(plan.b, plan.t, plan.h),) * 5
-    grads, x_re, x_im = _chain_call(plan, _bwd_chain_kernel, big, q, k, v, lr, th, dy, *states, gf_re, gf_im,
-                                    name="gateloop_ew_bwd_chain")
-    return (*grads, x_re[:, 0], x_im[:, 0])
 
 
 def _f32_shape(*shape):
@@ -504,8 +287,6 @@ def _f32_shape(*shape):
 
 
 def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
-    if plan.chain:
-        return _forward_chain(plan, q, k, v, lr, th, h0re, h0im, save_states)
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
     kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
     small = _f32_shape(b, s, h)
@@ -525,8 +306,6 @@ def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
 
 
 def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, gf_re, gf_im):
-    if plan.chain:
-        return _backward_chain(plan, q, k, v, lr, th, states, dy, gf_re, gf_im)
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
     kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
     small = _f32_shape(b, s, h)
@@ -579,16 +358,12 @@ def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | 
     b, t, h, _ = q.shape
     cb = min(cfg.block_channels, _next_pow2(h))
     hp = -(-h // cb) * cb
-    if cfg.chain:
-        seg = min(cfg.chain_segment, _next_pow2(max(t, cfg.unroll)))
-    else:
-        seg = cfg.segment_length or _pick_segment_length(b, t, hp // cb, cfg)
+    seg = cfg.segment_length or _pick_segment_length(b, t, hp // cb, cfg)
     unroll = min(cfg.unroll, seg)
     if seg % unroll:
         raise ValueError(f"segment_length {seg} must be a multiple of unroll {unroll}")
     tp = -(-t // seg) * seg
-    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret), cfg.chain,
-                 cfg.chain_withhold, cfg.chain_ticket)
+    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret))
 
     def prep(x, value=0.0):
         x = x[..., 0]
