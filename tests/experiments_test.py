@@ -152,3 +152,20 @@ def test_sweep_lists_required_axes():
 def test_unknown_override_is_an_error():
     with pytest.raises(Exception, match="bogus"):
         cr.config_of_command(["--config=configs/memory_horizon.py:runlocal", "--config.model.bogus=1"])
+
+
+def test_tame_fraction():
+    import tame_fraction
+
+    # 2 heads x 2 channels, 32 steps: blocks of 16. Head 1's channel 3 forgets in the second block only.
+    lr = np.full((1, 32, 4), -0.6)
+    lr[0, 20, 3] = -20.0
+    # Blocks of 16: 9.6 nats everywhere except (block 1, head 1): 29 nats.
+    assert tame_fraction.tame_fraction(lr, heads=2, block=16, nats=16.0) == 0.75
+    # One block of 32: head 0 decays 19.2 nats, head 1 38.6.
+    assert tame_fraction.tame_fraction(lr, heads=2, block=32, nats=16.0) == 0.0
+    assert tame_fraction.tame_fraction(lr, heads=2, block=32, nats=30.0) == 0.5
+    with pytest.raises(ValueError, match="heads=3"):
+        tame_fraction.tame_fraction(lr, heads=3, block=16, nats=16.0)
+    # The one untame tile of 16 has one channel of two over the threshold.
+    assert tame_fraction.untame_channel_share(lr, heads=2, block=16, nats=16.0) == 0.5

@@ -1,0 +1,89 @@
+"""How often the multi-head Pallas kernel takes its fast path with learned gates.
+
+The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
+sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats (16) nats over its rows - and
+by the exact row loop otherwise (1.5x slower over the op, perf_notes.md session 3). This reads a trained workdir's
+transitions on its eval data and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of
+16 (the kernel's) and, for comparison, 32 and 64 rows.
+
+    python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json]
+
+Shape legend: b batch, t length, h heads, k d_qk (channels = h * k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def tame_fraction(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
+    """Fraction of (b, head, block) tiles of log_r (b, t, h * k) in which every channel's sum of log|a| over the
+    block's rows is >= -nats (the kernel's test: the sub-block's inclusive prefix is smallest on its last row).
+    The tail of t beyond whole blocks is left out."""
+    b, t, channels = log_r.shape
+    if channels % heads:
+        raise ValueError(f"tame_fraction: {channels} channels do not split into heads={heads}")
+    n = t // block
+    if n == 0:
+        raise ValueError(f"tame_fraction: length {t} is shorter than one block of {block}")
+    sums = np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
+    return float((sums >= -nats).all(-1).mean())
+
+
+def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
+    """Among the untame tiles (tame_fraction), the mean share of a head's channels that decay by more than nats:
+    how much of a tile an exact path restricted to the forgetting channels would have to cover (nan: none untame)."""
+    b, t, channels = log_r.shape
+    n = t // block
+    sums = np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
+    over = sums < -nats  # (b, n, heads, k)
+    untame = over.any(-1)
+    return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
+
+
+def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64) -> dict:
+    import gateloop_jax
+    from gateloop_jax import inspection
+    from gateloop_jax.data import synthetic
+
+    model, config, _ = gateloop_jax.load(workdir, tokenizer=False)
+    if config.model.d_qk == 1 and config.model.d_v == 1:
+        raise ValueError(f"{workdir}: a max-headed model (d_qk = d_v = 1) runs the elementwise kernel, which has no "
+                         "tame / untame forms; train a multi-head one (e.g. --config.model.d_qk=16)")
+    d = config.data
+    batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM)
+    layers = inspection.transitions(model, np.asarray(batch["inputs"]))
+    out = {"workdir": str(workdir), "task": d.name, "heads": config.model.num_heads, "d_qk": config.model.d_qk,
+           "tame_nats": nats, "layers": []}
+    for layer in layers:
+        lr = layer["log_magnitude"]
+        out["layers"].append({
+            "tame_fraction": {str(bl): tame_fraction(lr, config.model.num_heads, bl, nats) for bl in blocks
+                              if bl <= lr.shape[1]},
+            "untame_channel_share": {str(bl): untame_channel_share(lr, config.model.num_heads, bl, nats)
+                                     for bl in blocks if bl <= lr.shape[1]},
+            "log_magnitude_quantiles": {str(p): float(np.quantile(lr, p)) for p in (0.01, 0.1, 0.5, 0.9)},
+        })
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="JSON path (default: print only)")
+    p.add_argument("--nats", type=float, default=16.0)
+    a = p.parse_args(argv)
+    result = measure(a.workdir, nats=a.nats)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
