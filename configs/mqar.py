@@ -9,7 +9,8 @@ Command (accelerator, the full size):
 Expected (the literature's pattern, not yet measured with this code): eval/accuracy close to 1 for
 variant=transformer; GateLoop (multi-head, d_qk = 32) high but below it as num_kv_pairs grows (the recurrent state's
 capacity), linear_attention lower still.
-CPU smoke run (K=4 pairs at length 64; chance is 1/128; not yet measured):
+CPU smoke run (K=4 pairs at length 64; chance is 1/128; measured: GateLoop still at chance after its 1000 steps,
+the Transformer at ~1/K - too few steps to learn the task, see experiments/README.md, MQAR):
     python -m gateloop_jax.main --config configs/mqar.py:runlocal --workdir workdirs/mqar_local
 
 Arg keys: variant = gateloop | fixed | real | linear_attention | transformer; mode = the GateLoop computation mode;
