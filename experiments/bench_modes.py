@@ -15,8 +15,9 @@ passed in polar form, float32, as the layer passes it; q, k, v (and the cotangen
 
 Per config: compile time (separately; compiles run `--compile_workers` at a time), median of `--reps` timed runs after
 `--warmup` (block_until_ready; with `--pipeline N`, default 5, also the median per call of N calls in flight per
-synchronisation, which hides the host's launch gaps as a training loop does), tokens/s, peak device memory, the memory-bandwidth bound of the op (bytes read and
-written once at the copy bandwidth measured in the same run), and the max relative error against `--reference`
+synchronisation, which hides the host's launch gaps as a training loop does), tokens/s, peak device memory, the
+memory-bandwidth bound of the op (bytes read and written once at the copy bandwidth measured in the same run), and
+the max relative error against `--reference`
 (mode "recurrent", in float32 on the same inputs, for GateLoop; the "xla" implementation in float32 for softmax).
 A config is never silently dropped: it is measured, or skipped with the reason (XLA's compile-time memory estimate
 over the card, too slow for the per-config budget, a compile error, the overall time budget).
