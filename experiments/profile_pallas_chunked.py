@@ -1,7 +1,8 @@
 """Per-kernel timing of the multi-head Pallas chunked op (ops/pallas_chunked.py) on a GPU: where the time goes.
 
 Usage (GPU machine):
-    python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192]
+    python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192] \
+        [--forgetting 0,2] [--gates_file results/gates_memory_horizon_multihead.npz:layer1] [--check]
 Each stage of the forward and backward is jitted alone on the real intermediate inputs and timed like
 bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 heads, d_qk = d_v = 64.
 """
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 import bench_common as bc
+import numpy as np
+from tame_fraction import tile_gates
 from gateloop_jax.ops import pallas_chunked as pc
 from gateloop_jax.ops.common import polar_pair
 
@@ -29,10 +32,19 @@ def with_forgetting_channels(log_r, n):
     return log_r.at[..., :n].set(-20.0) if n else log_r
 
 
-def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0):
+def load_gates(spec):
+    """"path.npz:layerN" (tame_fraction.py --save_gates) -> that layer's learned log|a|, (b0, t0, channels)."""
+    path, _, layer = spec.partition(":")
+    with np.load(path) as f:
+        return np.asarray(f[layer or "layer0"], np.float32)
+
+
+def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None):
     b, d = max(1, tokens // L), 64
     q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
     lr = with_forgetting_channels(lr, forgetting)
+    if gates is not None:  # learned gates tiled to this shape instead of the random ones
+        lr = jnp.asarray(tile_gates(gates, b, L, h, d))
     p = pc.make_plan(cfg, b, h, L, d, d, interpret=interpret)
     z = jnp.zeros((b, h, d, d), jnp.float32)
     out = {}
@@ -77,6 +89,10 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--forgetting", default="0",
                     help="comma list: key channels per head with log|a| = -20 (0 = the usual gates, all tame)")
+    ap.add_argument("--gates_file", default="",
+                    help="path.npz:layerN from tame_fraction.py --save_gates: also time (and --check) every variant "
+                         "on those learned gates, tiled to the shape (e.g. "
+                         "results/gates_memory_horizon_multihead.npz:layer1)")
     ap.add_argument("--check", action="store_true",
                     help="also check every variant's y and gradients against ops scan (float32), usual gates and "
                          "2 forgetting channels, at 2 x 1024 x 8 heads x 64")
@@ -87,23 +103,29 @@ def main(argv=None):
     if a.check:
         b, L = (1, 32) if a.smoke else (2, 1024)
         results["check"] = {}
-        for forgetting in (0, 2):
+        cases = [("forgetting0", 0), ("forgetting2", 2)] + ([("gates_file", None)] if a.gates_file else [])
+        for case, forgetting in cases:
             q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(1), b, L, a.heads, 64, 64)
-            inputs = (q, k, v, with_forgetting_channels(lr, forgetting), th, dy)
+            lr = (with_forgetting_channels(lr, forgetting) if forgetting is not None
+                  else jnp.asarray(tile_gates(load_gates(a.gates_file), b, L, a.heads, 64)))
             fns = {name: _op(pc.VARIANTS[name], a.smoke) for name in variants}
-            check_variants(results["check"].setdefault(f"forgetting{forgetting}", {}), inputs, fns)
+            check_variants(results["check"].setdefault(case, {}), (q, k, v, lr, th, dy), fns)
+    gate_sets = [(f"forgetting={x}", int(x), None) for x in a.forgetting.split(",")]
+    if a.gates_file:
+        gate_sets.append((a.gates_file, 0, load_gates(a.gates_file)))
     for vname in variants:
         cfg = pc.VARIANTS[vname]
-        for forgetting in (int(x) for x in a.forgetting.split(",")):
+        for gate_name, forgetting, gates in gate_sets:
             for L in (int(x) for x in a.lengths.split(",")):
                 L = min(L, tokens)
-                print(vname, L, f"forgetting={forgetting}", cfg, flush=True)
+                print(vname, L, gate_name, cfg, flush=True)
                 try:
-                    row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads, forgetting)
+                    row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads, forgetting, gates)
                 except Exception as e:  # noqa: BLE001
                     row = {"error": repr(e)[-1500:]}
                     print(row, flush=True)
-                results["rows"].append({"variant": vname, "L": L, "forgetting": forgetting, **row})
+                results["rows"].append({"variant": vname, "L": L, "forgetting": forgetting, "gates": gate_name,
+                                        **row})
     os.makedirs(a.out, exist_ok=True)
     bc.write_json(os.path.join(a.out, "profile_pallas_chunked.json"), results)
     return results

@@ -6,7 +6,11 @@ by the exact row loop otherwise (1.5x slower over the op, perf_notes.md session 
 transitions on its eval data (synthetic tasks: data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of
 16 (the kernel's) and, for comparison, 32 and 64 rows.
 
-    python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json]
+    python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json] \
+        [--save_gates experiments/results/gates_X.npz]
+
+--save_gates keeps the learned log|a| (one array per layer, (b, t, h * k), float16) so that the GPU profiler can time
+the kernel on them (profile_pallas_chunked.py --gates_file), where the model stack is not installed.
 
 Shape legend: b batch, t length, h heads, k d_qk (channels = h * k).
 """
@@ -45,7 +49,17 @@ def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float)
     return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
 
 
-def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64) -> dict:
+def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
+    """A (b, t, h, k) log|a| array made of log_r (b0, t0, c0) repeated cyclically along batch, time and channels:
+    learned gate statistics at a benchmark's shape (each tile of rows sees the model's own sequences)."""
+    b0, t0, c0 = log_r.shape
+    rows = np.arange(b)[:, None] % b0, np.arange(t)[None, :] % t0
+    out = np.asarray(log_r, np.float32)[rows[0], rows[1]]  # (b, t, c0)
+    return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
+
+
+def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64,
+            save_gates: str | None = None) -> dict:
     import gateloop_jax
     from gateloop_jax import inspection
     from gateloop_jax.data import synthetic
@@ -57,6 +71,9 @@ def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: i
     d = config.data
     batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM)
     layers = inspection.transitions(model, np.asarray(batch["inputs"]))
+    if save_gates:
+        np.savez_compressed(save_gates, **{f"layer{i}": l["log_magnitude"][:16].astype(np.float16)
+                                           for i, l in enumerate(layers)})
     out = {"workdir": str(workdir), "task": d.name, "heads": config.model.num_heads, "d_qk": config.model.d_qk,
            "tame_nats": nats, "layers": []}
     for layer in layers:
@@ -76,8 +93,9 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     p.add_argument("--nats", type=float, default=16.0)
+    p.add_argument("--save_gates", default=None, help="npz path: the learned log|a| of 16 eval sequences per layer")
     a = p.parse_args(argv)
-    result = measure(a.workdir, nats=a.nats)
+    result = measure(a.workdir, nats=a.nats, save_gates=a.save_gates)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

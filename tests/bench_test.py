@@ -107,12 +107,15 @@ def test_bench_train_tiny(tmp_path):
 
 def test_profile_pallas_chunked_tiny(tmp_path):
     """Every kernel of the multi-head Pallas op timed alone (interpret mode here), plus the whole op."""
+    gates = os.path.join(EXPERIMENTS, "results", "gates_memory_horizon_multihead.npz") + ":layer1"
     res = profile_pallas_chunked.main(["--smoke", "--lengths", "32", "--runs", "1", "--out", str(tmp_path),
-                                       "--heads", "2"])
-    (row,) = res["rows"]
-    assert "error" not in row, row.get("error")
-    for stage in ("fwd_outer", "fwd_carry", "fwd_query", "bwd_outer", "bwd_carry", "bwd_query", "bwd_key"):
-        assert row[stage] > 0, stage
+                                       "--heads", "2", "--gates_file", gates])
+    # The random gates, then the learned ones (tame_fraction.py --save_gates) tiled to the shape.
+    assert [r["gates"] for r in res["rows"]] == ["forgetting=0", gates]
+    for row in res["rows"]:
+        assert "error" not in row, row.get("error")
+        for stage in ("fwd_outer", "fwd_carry", "fwd_query", "bwd_outer", "bwd_carry", "bwd_query", "bwd_key"):
+            assert row[stage] > 0, stage
     assert (tmp_path / "profile_pallas_chunked.json").exists()
 
 

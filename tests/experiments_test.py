@@ -169,3 +169,14 @@ def test_tame_fraction():
         tame_fraction.tame_fraction(lr, heads=3, block=16, nats=16.0)
     # The one untame tile of 16 has one channel of two over the threshold.
     assert tame_fraction.untame_channel_share(lr, heads=2, block=16, nats=16.0) == 0.5
+
+
+def test_tile_gates():
+    import tame_fraction
+
+    src = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (b0, t0, channels)
+    out = tame_fraction.tile_gates(src, b=3, t=7, h=3, k=2)
+    assert out.shape == (3, 7, 3, 2)
+    # Batch row 2 is source row 0, position 5 is source position 2, channel 5 (head 2, column 1) is channel 1.
+    assert out[2, 5, 2, 1] == src[0, 2, 1]
+    assert out[1, 3, 0, 0] == src[1, 0, 0]
