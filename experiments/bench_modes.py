@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="recurrent", help="mode the errors are measured against")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gates_file", default="",
+                   help="scope op: log|a| from a trained model (path.npz:layerN, tame_fraction.py --save_gates) tiled "
+                        "to each shape, instead of the random gates; the kernels' speed depends on the gates")
     p.add_argument("--pipeline", type=int, default=5,
                    help="also time this many calls in flight per sync (pipelined_median_s); 0: synchronised only")
     p.add_argument("--config_budget_s", type=float, default=10.0,
@@ -132,12 +135,19 @@ def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
     return jax.jit(make_op if kind == "op" else make_layer)
 
 
-def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str) -> dict:
+def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str = "") -> dict:
     """Random op inputs on the device (never zeros): q (scaled by d_qk^-1/2), k, v, the cotangent dy in `dtype`;
-    log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32."""
+    log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32. With gates_file
+    ("path.npz:layerN", tame_fraction.py --save_gates), log|a| is a trained model's instead, tiled to the shape."""
     import jax
+    import jax.numpy as jnp
 
-    return _jit_maker("op", b, t, dims["heads"], dims["d_qk"], dims["d_v"], dtype)(jax.random.key(seed))
+    inputs = _jit_maker("op", b, t, dims["heads"], dims["d_qk"], dims["d_v"], dtype)(jax.random.key(seed))
+    if gates_file:
+        from tame_fraction import load_gates, tile_gates
+
+        inputs["log_magnitude"] = jnp.asarray(tile_gates(load_gates(gates_file), b, t, dims["heads"], dims["d_qk"]))
+    return inputs
 
 
 def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
@@ -282,7 +292,8 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     lengths = csv(args.layer_lengths) if (scope == "layer" and args.layer_lengths) else csv(args.lengths)
     for t in map(int, lengths):
         b = args.tokens // t
-        base = {"scope": scope, "setting": setting, "dtype": dtype, "length": t, "batch": b, "tokens": b * t, **dims}
+        base = {"scope": scope, "setting": setting, "dtype": dtype, "length": t, "batch": b, "tokens": b * t, **dims,
+                "gates": (args.gates_file or "random") if scope == "op" else "the layer's own"}
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
         for mode in modes + [p for p in peers if p not in modes]:
             for pass_ in passes:
@@ -353,7 +364,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     def inputs_for(t, b):
         seed = 1000 + t  # the same inputs for every mode at this length
         if scope == "op":
-            return op_inputs(seed, b, t, dims, dtype)
+            return op_inputs(seed, b, t, dims, dtype, args.gates_file)
         x = layer_inputs(seed, b, t, dims["d_model"], dtype)
         return x
 

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import bench_common as bc
-import numpy as np
-from tame_fraction import tile_gates
+from tame_fraction import load_gates, tile_gates
 from gateloop_jax.ops import pallas_chunked as pc
 from gateloop_jax.ops.common import polar_pair
 
@@ -30,13 +29,6 @@ def with_forgetting_channels(log_r, n):
     """The first n key channels of every head forget at every step (log|a| = -20): each sub-block of 16 rows then
     decays by 320 nats there, beyond any tame_nats, so every diagonal sub-block takes the exact row loop."""
     return log_r.at[..., :n].set(-20.0) if n else log_r
-
-
-def load_gates(spec):
-    """"path.npz:layerN" (tame_fraction.py --save_gates) -> that layer's learned log|a|, (b0, t0, channels)."""
-    path, _, layer = spec.partition(":")
-    with np.load(path) as f:
-        return np.asarray(f[layer or "layer0"], np.float32)
 
 
 def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None):

@@ -58,6 +58,13 @@ def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
     return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
 
 
+def load_gates(spec: str) -> np.ndarray:
+    """"path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
+    path, _, layer = spec.partition(":")
+    with np.load(path) as f:
+        return np.asarray(f[layer or "layer0"], np.float32)
+
+
 def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64,
             save_gates: str | None = None) -> dict:
     import gateloop_jax

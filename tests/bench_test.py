@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -60,6 +61,28 @@ def test_bench_modes_tiny(tmp_path):
     assert records["auto"].get("alias_of") or records["auto"].get("resolved_mode")
     md = (out / "modes.md").read_text()
     assert "op fwd, multihead, float32" in md and "21" in md
+
+
+def test_bench_modes_learned_gates(tmp_path):
+    """--gates_file: a trained model's log|a| (tame_fraction.py --save_gates) tiled to the shape replaces the random
+    gates; every mode still agrees with the reference on them."""
+    gates = os.path.join(EXPERIMENTS, "results", "gates_memory_horizon_multihead.npz") + ":layer1"
+    out = tmp_path / "modes"
+    bench_modes.main(["--out", str(out), "--tokens", "32", "--lengths", "32", "--settings", "multihead",
+                      "--heads", "2", "--d_head", "4", "--dtypes", "float32", "--passes", "fwdbwd", "--scopes", "op",
+                      "--modes", "scan,chunked", "--peers", "", "--reps", "1", "--warmup", "1", "--isolate", "none",
+                      "--copy_bytes", "65536", "--gates_file", gates])
+    records = json.loads((out / "modes.json").read_text())["records"]
+    assert {r["mode"] for r in records} == {"scan", "chunked"}
+    import tame_fraction
+
+    dims = {"heads": 2, "d_qk": 4, "d_v": 4}
+    inputs = bench_modes.op_inputs(1032, 1, 32, dims, "float32", gates)
+    want = tame_fraction.tile_gates(tame_fraction.load_gates(gates), 1, 32, 2, 4)
+    np.testing.assert_array_equal(np.asarray(inputs["log_magnitude"]), want)
+    for r in records:
+        assert r["gates"] == gates and "skipped" not in r, r.get("skipped")
+        assert r["error"]["max_rel"] < 1e-4, r["error"]
 
 
 def test_bench_modes_skips_with_reason(tmp_path):
