@@ -81,7 +81,9 @@ class Config(NamedTuple):
     4-row carry programs, matrix-product diagonal sub-blocks when tame, 8 warps for the carries and the key side:
     4.20 ms fwd+bwd at 32768 tokens x 8 heads x 64 x 64 (6.70 with 4 warps everywhere, 6.86 with the row loop
     everywhere, 5.38 with C = 32, in the same runs). The price of C = 16: the states saved for the backward,
-    (t / C) x d_qk x d_v per head, are twice those of C = 32.
+    (t / C) x d_qk x d_v per head, are twice those of C = 32. Those timings used random gates on which every
+    sub-block is tame; tame_nats (32 since session 4, set from a trained model's gates, not yet timed) decides
+    how many sub-blocks of a real model get the fast form.
     """
 
     chunk: int = 16  # C, a multiple of SUB: states are stored once per chunk
