@@ -92,6 +92,7 @@ def main(argv=None):
     tokens = 256 if a.smoke else a.tokens
     results = {"env": bc.env_record(), "rows": []}
     variants = a.variants.split(",")
+    learned = load_gates(a.gates_file) if a.gates_file else None
     if a.check:
         b, L = (1, 32) if a.smoke else (2, 1024)
         results["check"] = {}
@@ -99,12 +100,12 @@ def main(argv=None):
         for case, forgetting in cases:
             q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(1), b, L, a.heads, 64, 64)
             lr = (with_forgetting_channels(lr, forgetting) if forgetting is not None
-                  else jnp.asarray(tile_gates(load_gates(a.gates_file), b, L, a.heads, 64)))
+                  else jnp.asarray(tile_gates(learned, b, L, a.heads, 64)))
             fns = {name: _op(pc.VARIANTS[name], a.smoke) for name in variants}
             check_variants(results["check"].setdefault(case, {}), (q, k, v, lr, th, dy), fns)
     gate_sets = [(f"forgetting={x}", int(x), None) for x in a.forgetting.split(",")]
     if a.gates_file:
-        gate_sets.append((a.gates_file, 0, load_gates(a.gates_file)))
+        gate_sets.append((a.gates_file, 0, learned))
     for vname in variants:
         cfg = pc.VARIANTS[vname]
         for gate_name, forgetting, gates in gate_sets:

@@ -1,10 +1,11 @@
 """How often the multi-head Pallas kernel takes its fast path with learned gates.
 
 The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
-sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats (16) nats over its rows - and
-by the exact row loop otherwise (1.5x slower over the op, perf_notes.md session 3). This reads a trained workdir's
-transitions on its eval data (synthetic tasks: data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of
-16 (the kernel's) and, for comparison, 32 and 64 rows.
+sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (32 since
+session 4; --nats, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
+the op, perf_notes.md session 3). This reads a trained workdir's transitions on its eval data (synthetic tasks:
+data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of 16 (the
+kernel's) and, for comparison, 32 and 64 rows.
 
     python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json] \
         [--save_gates experiments/results/gates_X.npz]
@@ -24,27 +25,28 @@ from pathlib import Path
 import numpy as np
 
 
-def tame_fraction(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
-    """Fraction of (b, head, block) tiles of log_r (b, t, h * k) in which every channel's sum of log|a| over the
-    block's rows is >= -nats (the kernel's test: the sub-block's inclusive prefix is smallest on its last row).
-    The tail of t beyond whole blocks is left out."""
+def _block_sums(log_r: np.ndarray, heads: int, block: int) -> np.ndarray:
+    """log_r (b, t, h * k) -> each channel's sum of log|a| over each block of rows, (b, blocks, h, k); the tail of t
+    beyond whole blocks is left out."""
     b, t, channels = log_r.shape
     if channels % heads:
         raise ValueError(f"tame_fraction: {channels} channels do not split into heads={heads}")
     n = t // block
     if n == 0:
         raise ValueError(f"tame_fraction: length {t} is shorter than one block of {block}")
-    sums = np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
-    return float((sums >= -nats).all(-1).mean())
+    return np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
+
+
+def tame_fraction(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
+    """Fraction of (b, head, block) tiles of log_r (b, t, h * k) in which every channel's sum of log|a| over the
+    block's rows is >= -nats (the kernel's test: the sub-block's inclusive prefix is smallest on its last row)."""
+    return float((_block_sums(log_r, heads, block) >= -nats).all(-1).mean())
 
 
 def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
     """Among the untame tiles (tame_fraction), the mean share of a head's channels that decay by more than nats:
     how much of a tile an exact path restricted to the forgetting channels would have to cover (nan: none untame)."""
-    b, t, channels = log_r.shape
-    n = t // block
-    sums = np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
-    over = sums < -nats  # (b, n, heads, k)
+    over = _block_sums(log_r, heads, block) < -nats  # (b, n, heads, k)
     untame = over.any(-1)
     return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
 
