@@ -1,8 +1,8 @@
 """How often the multi-head Pallas kernel takes its fast path with learned gates.
 
 The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
-sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (32 since
-session 4; --nats, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
+sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 since
+session 5; --nats, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
 the op, perf_notes.md session 3). This reads a trained workdir's transitions on its eval data (synthetic tasks:
 data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of 16 (the
 kernel's) and, for comparison, 32 and 64 rows.
