@@ -182,6 +182,26 @@ def test_bf16_inputs(kernel):
     assert max_rel_error(y, y_ref) < F32_RTOL
 
 
+def test_elementwise_bf16_gradients():
+    """The max-headed kernel stores each gradient in its input's dtype: bf16 inputs get bf16 gradients, which equal the
+    oracle's gradients at the rounded inputs up to that one rounding at the store (relative 2^-9 of an element, so
+    2^-8 of the largest leaves margin for the float32 arithmetic)."""
+    rng = np.random.default_rng(5)
+    q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 33, 6, 1, 1)
+    inputs = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, log_r, theta)]
+
+    def loss(*xs):
+        y, _ = pe.gateloop_pallas_elementwise(*xs, None, interpret=True, config=EW_SMALL)
+        return jnp.sum(y * dy)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs)
+    rounded = [np.asarray(x, np.float32) for x in inputs]
+    ref = gateloop_backward(*rounded, None, dy)
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, ref):
+        assert g.dtype == jnp.bfloat16, name
+        assert max_rel_error(np.asarray(g, np.float32), r) < 2.0**-8, (name, max_rel_error(np.asarray(g, np.float32), r))
+
+
 def test_multihead_supported():
     assert pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "gpu")
     assert not pc.supported((2, 8, 4, 64), (2, 8, 4, 64), "tpu")

@@ -21,7 +21,8 @@ Every loop iteration issues all loads of its `unroll` steps before any store: a 
 prove distinct from the inputs would otherwise hold the next step's loads back, one memory latency per step.
 
 Arithmetic is float32 whatever the input dtype (bf16 inputs are upcast on load): the state is carried over
-thousands of steps and a bf16 state would lose ~3 digits per step.
+thousands of steps and a bf16 state would lose ~3 digits per step. Gradients are stored in their input's dtype
+(rounded once, at the store), so bf16 inputs also halve the gradients' bytes and need no cast after the kernel.
 
 Shapes: the mode contract of ops/ (q, k, log_r, theta (b, t, h, 1); v (b, t, h, 1); h0 (b, h, 1, 1) complex).
 Inside, channels are the last (contiguous) axis: arrays are (b, t, h), a program reads rows of `block_channels`
@@ -228,12 +229,13 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
             ar, ai = trans[u]
             pr, pim = before[u]
             gr, gi = qs[u] * dys[u] + cr, cim
-            dq_ref[bi, n, cols] = hr * dys[u]  # hr holds h_n here
-            dk_ref[bi, n, cols] = gr * vs[u]
-            dv_ref[bi, n, cols] = gr * ks[u]
+            # Gradients are stored in their primal's dtype (bf16 inputs: half the bytes, no XLA cast pass after).
+            dq_ref[bi, n, cols] = (hr * dys[u]).astype(dq_ref.dtype)  # hr holds h_n here
+            dk_ref[bi, n, cols] = (gr * vs[u]).astype(dk_ref.dtype)
+            dv_ref[bi, n, cols] = (gr * ks[u]).astype(dv_ref.dtype)
             wr, wi = cmul(ar, ai, pr, pim)  # a_n h_{n-1}, formed directly: no cancellation when |a| ~ 0
-            dlr_ref[bi, n, cols] = gr * wr + gi * wi
-            dth_ref[bi, n, cols] = gi * wr - gr * wi
+            dlr_ref[bi, n, cols] = (gr * wr + gi * wi).astype(dlr_ref.dtype)
+            dth_ref[bi, n, cols] = (gi * wr - gr * wi).astype(dth_ref.dtype)
             cr, cim = cmul(ar, -ai, gr, gi)
             hr, hi = pr, pim
         return cr, cim
@@ -315,9 +317,9 @@ def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy,
         gl = _call(plan, functools.partial(_bwd_local_kernel, **kw), (small, small), q, dy, lr, th,
                    name="gateloop_ew_bwd_local")
         extra = (*transitions, *gl)
-    big = _f32_shape(b, t, h)
+    grads = tuple(jax.ShapeDtypeStruct((b, t, h), x.dtype) for x in (q, k, v, lr, th))
     dq, dk, dv, dlr, dth, c_re, c_im = _call(
-        plan, functools.partial(_bwd_kernel, segmented=segmented, num_segments=s, **kw), (big,) * 5 + (small,) * 2,
+        plan, functools.partial(_bwd_kernel, segmented=segmented, num_segments=s, **kw), grads + (small,) * 2,
         q, k, v, lr, th, dy, *states, gf_re, gf_im, *extra, name="gateloop_ew_bwd")
     return dq, dk, dv, dlr, dth, c_re[:, 0], c_im[:, 0]
 
