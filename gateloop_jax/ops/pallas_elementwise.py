@@ -157,7 +157,7 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
             ar, ai = polar_pair(lrs[u], ths[u])
             hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
-            y_ref[bi, rows[u], cols] = qs[u] * hr
+            y_ref[bi, rows[u], cols] = (qs[u] * hr).astype(y_ref.dtype)
         return hr, hi
 
     hr, hi = jax.lax.fori_loop(0, seg // unroll, body, (hr, hi))
@@ -260,6 +260,7 @@ class _Plan(NamedTuple):
     num_warps: int
     num_stages: int
     interpret: bool
+    y_dtype: object = jnp.float32
 
     @property
     def num_segments(self):
@@ -298,7 +299,7 @@ def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
         extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th,
                       name="gateloop_ew_fwd_local")
         p_re, p_im = extra[2], extra[3]
-    outs = (_f32_shape(b, t, h), small, small) + ((_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ())
+    outs = (jax.ShapeDtypeStruct((b, t, h), plan.y_dtype), small, small) + ((_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ())
     res = _call(plan, functools.partial(_fwd_kernel, segmented=segmented, save_states=save_states, **kw), outs,
                 q, k, v, lr, th, h0re, h0im, *extra, name="gateloop_ew_fwd")
     y, end_re, end_im = res[:3]
@@ -338,7 +339,8 @@ def _core_fwd(plan, q, k, v, lr, th, h0re, h0im):
 def _core_bwd(plan, res, cts):
     q, k, v, lr, th, h0re, h0im, states, transitions = res
     dy, gf_re, gf_im = cts
-    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, states, transitions, _f32(dy), _f32(gf_re), _f32(gf_im))
+    # dy goes in as it comes (bf16 with a bf16 y): the kernels upcast it on load.
+    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, _f32(gf_re), _f32(gf_im))
     primals = (q, k, v, lr, th, h0re, h0im)
     return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
 
@@ -347,11 +349,12 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | None = None,
-                                config: Config | None = None):
+                                config: Config | None = None, out_dtype=jnp.float32):
     """Mode contract: q, k, v, log_r, theta (b, t, h, 1) real; h0 (b, h, 1, 1) complex or None.
 
-    Returns (y (b, t, h, 1) float32, final state (b, h, 1, 1) complex64). Differentiable (custom_vjp) in every
-    argument, h0 included. Any t and h: they are padded internally with identity steps (a = 1, k = v = q = 0) and
+    Returns (y (b, t, h, 1) in out_dtype (float32 by default; ops.gateloop asks for its output dtype, so bf16 inputs
+    cost no cast pass), final state (b, h, 1, 1) complex64). Differentiable (custom_vjp) in every argument, h0
+    included. Any t and h: they are padded internally with identity steps (a = 1, k = v = q = 0) and
     idle channels, which change neither the outputs nor the final state.
     """
     if interpret is None:
@@ -365,7 +368,7 @@ def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | 
     if seg % unroll:
         raise ValueError(f"segment_length {seg} must be a multiple of unroll {unroll}")
     tp = -(-t // seg) * seg
-    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret))
+    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret), jnp.dtype(out_dtype))
 
     def prep(x, value=0.0):
         x = x[..., 0]
