@@ -182,17 +182,26 @@ def test_bf16_inputs(kernel):
     assert max_rel_error(y, y_ref) < F32_RTOL
 
 
-def test_elementwise_bf16_gradients():
-    """The max-headed kernel stores each gradient in its input's dtype: bf16 inputs get bf16 gradients, which equal the
-    oracle's gradients at the rounded inputs up to that one rounding at the store (relative 2^-9 of an element, so
-    2^-8 of the largest leaves margin for the float32 arithmetic)."""
+@pytest.mark.parametrize("kernel", ["elementwise", "multihead"])
+def test_bf16_gradients(kernel):
+    """bf16 inputs go into the kernels uncast and their gradients come out in bf16 (stored once, rounded at the
+    store), equal to the oracle's gradients at the rounded inputs up to that rounding: relative 2^-9 of an element,
+    so 2^-8 of the largest leaves margin for the float32 arithmetic. y is asked for in bf16 too (out_dtype, what
+    ops.gateloop passes), so dy comes back in bf16 and the kernels upcast it on load."""
     rng = np.random.default_rng(5)
-    q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 33, 6, 1, 1)
+    if kernel == "elementwise":
+        q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 33, 6, 1, 1)
+        fn = functools.partial(pe.gateloop_pallas_elementwise, interpret=True, config=EW_SMALL)
+    else:
+        q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 40, 2, 8, 5)
+        fn = functools.partial(pc.gateloop_pallas_chunked, interpret=True)
     inputs = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, log_r, theta)]
+    dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float32)  # y's cotangent arrives in bf16: the oracle gets it so
 
     def loss(*xs):
-        y, _ = pe.gateloop_pallas_elementwise(*xs, None, interpret=True, config=EW_SMALL)
-        return jnp.sum(y * dy)
+        y, _ = fn(*xs, None, out_dtype=jnp.bfloat16)
+        assert y.dtype == jnp.bfloat16
+        return jnp.sum(y.astype(jnp.float32) * dy)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs)
     rounded = [np.asarray(x, np.float32) for x in inputs]

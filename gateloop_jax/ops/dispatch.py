@@ -12,12 +12,13 @@ from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_co
 def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32):
     """The Pallas kernel for the platform and shape: on TPU the Mosaic kernel (every shape; max-headed ones are
     padded to 128 lanes); elsewhere the Triton kernels, elementwise (max-headed) or chunked (multi-head). y is in
-    out_dtype where the kernel writes it so (the elementwise one), else float32."""
+    out_dtype from the Triton kernels, float32 from the TPU one."""
     if (platform or jax.default_backend()) == "tpu":
         return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
     if is_elementwise(q, v):
         return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, out_dtype=out_dtype)
-    return pallas_chunked.gateloop_pallas_chunked(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
+    return pallas_chunked.gateloop_pallas_chunked(q, k, v, log_r, theta, h0, chunk_size=chunk_size,
+                                                  out_dtype=out_dtype)
 
 
 _MODE_FNS = {

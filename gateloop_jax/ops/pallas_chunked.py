@@ -151,6 +151,7 @@ class _Plan(NamedTuple):
     tame_nats: float = 48.0
     carry_warps: int = 8
     backward_warps: int = 8
+    y_dtype: object = jnp.float32
 
     @property
     def n(self):
@@ -403,7 +404,7 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     dq_re, dq_im = dq_re + tr, dq_im + ti
     dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
     w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
-    dq_ref[bi, pl.ds(row0, SUB), hi, :] = dq_re + w_diag * k
+    dq_ref[bi, pl.ds(row0, SUB), hi, :] = (dq_re + w_diag * k).astype(dq_ref.dtype)
     dg, dg_sum = _reverse_cumsum(q * dq_re, tri)
     dp, dp_sum = _reverse_cumsum(-q * dq_im, tri)
     dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
@@ -496,8 +497,8 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     dk_re, dk_im = dk_re + tr, dk_im + ti
 
     w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
-    dk_ref[bi, pl.ds(row0, SUB), hi, :] = dk_re + w_diag * q
-    dv_ref[bi, pl.ds(row0, SUB), hi, :] = dv + jnp.sum(q * k, axis=1)[:, None] * dy
+    dk_ref[bi, pl.ds(row0, SUB), hi, :] = (dk_re + w_diag * q).astype(dk_ref.dtype)
+    dv_ref[bi, pl.ds(row0, SUB), hi, :] = (dv + jnp.sum(q * k, axis=1)[:, None] * dy).astype(dv_ref.dtype)
     dg, dg_sum = _reverse_cumsum(k * dk_re, tri)
     dp, dp_sum = _reverse_cumsum(-k * dk_im, tri)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
     dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
@@ -543,11 +544,11 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
 def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
-    if grad:
+    if grad:  # dq in q's dtype (rounded once, at the store); the dL/dG, dL/dPhi parts stay float32
         big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
-        outs = (big, big, big, small, small)
+        outs = (jax.ShapeDtypeStruct(big.shape, q.dtype), big, big, small, small)
     else:
-        outs = _f32(p.b, p.t, p.h, p.dv)
+        outs = jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), p.y_dtype)
     kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
     return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
@@ -560,7 +561,8 @@ def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
     kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, (p.b * p.h, p.n, p.nb), (big, _f32(p.b, p.t, p.h, p.dv), big, big, small, small),
+    grads = (jax.ShapeDtypeStruct(big.shape, k.dtype), jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), v.dtype))
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), grads + (big, big, small, small),
                  q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
 
 
@@ -603,7 +605,8 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     return dq, dk, dv, dlr, dth, dh0_re, dh0_im
 
 
-def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int | None = None) -> _Plan:
+def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int | None = None,
+              y_dtype=jnp.float32) -> _Plan:
     """Static plan of one call: chunk = chunk_size (default cfg.chunk) capped at the length and rounded up to a
     multiple of SUB; t padded to a whole number of chunks; d_qk, d_v padded to powers of two >= SUB."""
     chunk = max(SUB, -(-min(chunk_size or cfg.chunk, -(-t // SUB) * SUB) // SUB) * SUB)
@@ -612,7 +615,7 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps)
+                 cfg.backward_warps, jnp.dtype(y_dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -628,7 +631,7 @@ def _core_fwd(plan, q, k, v, lr, th, h0re, h0im):
 
 def _core_bwd(plan, res, cts):
     q, k, v, lr, th, h0re, h0im, fwd_res, final = res
-    dy, gf_re, gf_im = (x.astype(jnp.float32) for x in cts)
+    dy, (gf_re, gf_im) = cts[0], (x.astype(jnp.float32) for x in cts[1:])  # dy as it comes: upcast on load
     grads = _backward(plan, q, k, v, lr, th, h0re, h0im, fwd_res, final, dy, gf_re, gf_im)
     primals = (q, k, v, lr, th, h0re, h0im)
     return tuple(g.astype(x.dtype) for g, x in zip(grads, primals))
@@ -638,21 +641,22 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None = None,
-                            interpret: bool | None = None, config: Config | None = None):
+                            interpret: bool | None = None, config: Config | None = None, out_dtype=jnp.float32):
     """Mode contract: q, k, log_r, theta (b, t, h, dk), v (b, t, h, dv) real; h0 (b, h, dk, dv) complex or None.
 
-    Returns (y (b, t, h, dv) float32, final state (b, h, dk, dv) complex64); differentiable in every argument
-    (custom_vjp). chunk_size (default Config.chunk) is rounded up to a multiple of 16.
+    Returns (y (b, t, h, dv) in out_dtype, float32 by default, final state (b, h, dk, dv) complex64); differentiable
+    in every argument (custom_vjp). chunk_size (default Config.chunk) is rounded up to a multiple of 16. Inputs go
+    into the kernels in their own dtype (bf16 ones are upcast on load) and q, k, v's gradients come out in it.
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     b, t, h, dk = q.shape
     dv = v.shape[-1]
-    plan = make_plan(config or Config(), b, h, t, dk, dv, interpret=interpret, chunk_size=chunk_size)
+    plan = make_plan(config or Config(), b, h, t, dk, dv, interpret=interpret, chunk_size=chunk_size,
+                     y_dtype=out_dtype)
     tp, dkp, dvp = plan.t, plan.dk, plan.dv
 
     def prep(x, width):
-        x = x.astype(jnp.float32)
         if tp != t or width != x.shape[-1]:
             x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
         return x
