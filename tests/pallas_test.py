@@ -151,6 +151,18 @@ def test_multihead_matches_oracle(t, dk, dv, chunk, with_h0):
     _check(fn, args, F32_RTOL)
 
 
+@pytest.mark.parametrize("t,carry_unroll", [(128, 4), (96, 4), (48, 8)])
+def test_multihead_carry_unroll(t, carry_unroll):
+    """Config.carry_unroll: the sequential carries take several chunks per loop iteration (loads ahead of stores),
+    forward and reversed; 8 or 6 chunks of 16 with unroll 4 (a whole and a partial divisor: gcd 4 and 2), 3 with
+    unroll 8 (gcd 1). With h0 and a final-state cotangent: both carries' ends are checked."""
+    rng = np.random.default_rng([t, carry_unroll])
+    args = _inputs(rng, 4, t, 2, 8, 5, with_h0=True)
+    cfg = pc.Config(carry_unroll=carry_unroll)
+    fn = lambda *a: pc.gateloop_pallas_chunked(*a, interpret=True, config=cfg)  # noqa: E731
+    _check(fn, args, F32_RTOL)
+
+
 @pytest.mark.parametrize("tame_nats", [0.0, 16.0, 32.0, 48.0, 64.0])
 def test_multihead_diagonal_forms(tame_nats):
     """The two forms of the diagonal sub-blocks, each alone: tame_nats = 0 forces the exact row loop everywhere; with

@@ -4,6 +4,7 @@ became an i1 operand of an atomic) is caught without a GPU. Interpret mode (pall
 checks that the kernels the GPU runs are well-formed Triton IR."""
 
 import contextlib
+import functools
 
 import pytest
 
@@ -49,10 +50,12 @@ def lower_fwd_bwd_for_cuda(fn, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["elementwise", "multihead"])
+@pytest.mark.parametrize("kernel", ["elementwise", "multihead", "multihead_carry_u4"])
 def test_triton_kernels_lower_and_verify(kernel, dtype):
+    unrolled = functools.partial(pc.gateloop_pallas_chunked, config=pc.Config(carry_unroll=4))
     fn, d, expected = {"elementwise": (pe.gateloop_pallas_elementwise, 1, 4),  # fwd: local + main; bwd: the same
-                       "multihead": (pc.gateloop_pallas_chunked, 64, 7)}[kernel]  # 3 forward, 4 backward
+                       "multihead": (pc.gateloop_pallas_chunked, 64, 7),  # 3 forward, 4 backward
+                       "multihead_carry_u4": (unrolled, 64, 7)}[kernel]
     with verified_modules() as names:
         lower_fwd_bwd_for_cuda(fn, d, dtype)
     assert len(names) == expected, names

@@ -44,6 +44,7 @@ powers of two >= 16 and t to a multiple of C with identity steps (a = 1, q = k =
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -92,6 +93,10 @@ class Config(NamedTuple):
     backward_warps: int = 8  # the backward's key side
     num_stages: int = 1
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
+    # Chunks per iteration of the carry loop, all their loads issued before any store (as the max-headed kernel does):
+    # one store per step otherwise holds the next step's loads back, one memory latency per chunk. 1 = the timed
+    # behaviour (0.43-0.45 ms per carry at L = 8192, ~1.6x its bytes at copy bandwidth); 8 is not yet timed.
+    carry_unroll: int = 1
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
     # Diagonal sub-blocks whose gates decay by at most this many nats (every channel: sum of log|a| over the 16 rows
@@ -113,6 +118,8 @@ VARIANTS = {
     "w8": Config(num_warps=8),
     "w4": Config(carry_warps=4, backward_warps=4),  # the session-2 warps
     "carry16": Config(carry_block=16),
+    "carry_u4": Config(carry_unroll=4),  # session 5, not yet timed: the carry's loads ahead of its stores
+    "carry_u8": Config(carry_unroll=8),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
@@ -152,6 +159,7 @@ class _Plan(NamedTuple):
     carry_warps: int = 8
     backward_warps: int = 8
     y_dtype: object = jnp.float32
+    carry_unroll: int = 1
 
     @property
     def n(self):
@@ -275,28 +283,30 @@ def _outer_kernel(x_ref, y_ref, lr_ref, th_ref, out_re, out_im, *tot_refs, h, nb
 
 
 def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_im, last_re, last_im, *, h, n, bd,
-                  reverse, conj):
+                  reverse, conj, unroll):
     """Sequential over chunks with the state in registers. Forward: out_j = S (the state entering chunk j), then
     S = T_j S + inc_j. Reverse (cotangents): out_j = G (the cotangent of chunk j's end state), then
-    G = conj(T_j) G + inc_j. last = the final S (the final state) or G (the cotangent of the initial state)."""
+    G = conj(T_j) G + inc_j. last = the final S (the final state) or G (the cotangent of the initial state).
+    Each loop iteration takes `unroll` chunks (n is a multiple of it) and loads all their inputs before its first
+    store: the stores go to refs the compiler cannot prove distinct from the inputs, so a load after one waits."""
     pid, di = pl.program_id(0), pl.program_id(1)
     bi, hi = pid // h, pid % h
     rows = pl.ds(pl.multiple_of(di * bd, bd), bd)
 
     def body(i, state):
         sr, si = state
-        j = n - 1 - i if reverse else i
-        out_re[bi, hi, j, rows, :] = sr
-        out_im[bi, hi, j, rows, :] = si
-        ar = tr_ref[bi, hi, j, rows][:, None]
-        ai = ti_ref[bi, hi, j, rows][:, None]
-        if conj:
-            ai = -ai
-        sr, si = cmul(ar, ai, sr, si)
-        return sr + inc_re[bi, hi, j, rows, :], si + inc_im[bi, hi, j, rows, :]
+        chunks = [n - 1 - (i * unroll + u) if reverse else i * unroll + u for u in range(unroll)]
+        loaded = [(tr_ref[bi, hi, j, rows][:, None], ti_ref[bi, hi, j, rows][:, None], inc_re[bi, hi, j, rows, :],
+                   inc_im[bi, hi, j, rows, :]) for j in chunks]
+        for j, (ar, ai, xr, xi) in zip(chunks, loaded):
+            out_re[bi, hi, j, rows, :] = sr
+            out_im[bi, hi, j, rows, :] = si
+            sr, si = cmul(ar, -ai if conj else ai, sr, si)
+            sr, si = sr + xr, si + xi
+        return sr, si
 
     state = (init_re[bi, hi, rows, :].astype(jnp.float32), init_im[bi, hi, rows, :].astype(jnp.float32))
-    sr, si = jax.lax.fori_loop(0, n, body, state)
+    sr, si = jax.lax.fori_loop(0, n // unroll, body, state)
     last_re[bi, hi, rows, :] = sr
     last_im[bi, hi, rows, :] = si
 
@@ -536,7 +546,8 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
     p = plan
     bd = min(p.carry_block, p.dk)
     outs = (_f32(p.b, p.h, p.n, p.dk, p.dv),) * 2 + (_f32(p.b, p.h, p.dk, p.dv),) * 2
-    kernel = functools.partial(_carry_kernel, h=p.h, n=p.n, bd=bd, reverse=reverse, conj=reverse)
+    unroll = math.gcd(p.n, p.carry_unroll)  # a divisor of the number of chunks, at most carry_unroll
+    kernel = functools.partial(_carry_kernel, h=p.h, n=p.n, bd=bd, reverse=reverse, conj=reverse, unroll=unroll)
     return _call(p, kernel, (p.b * p.h, p.dk // bd), outs, tr, ti, inc_re, inc_im, init_re, init_im,
                  name="gateloop_mh_carry", warps=p.carry_warps)
 
@@ -615,7 +626,7 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps, jnp.dtype(y_dtype))
+                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
