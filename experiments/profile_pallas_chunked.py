@@ -48,13 +48,21 @@ def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None):
         print(f"  {name:>14s} {out[name]:8.3f} ms", flush=True)
         return res
 
-    inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
-                               k, v, lr, th)
-    tr, ti = polar_pair(tl, tt)
-    s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im, z, z)
+    if cfg.fused_state:  # one state-pass kernel per direction in place of outer + carry
+        s_re, s_im, _, _ = t("fwd_state", lambda *a: pc._state_pass(p, *a, reverse=False), k, v, lr, th, z, z)
+    else:
+        inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
+                                   k, v, lr, th)
+        tr, ti = polar_pair(tl, tt)
+        s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im,
+                                   z, z)
     t("fwd_query", lambda *a: pc._query_side(p, *a, grad=False), q, k, v, lr, th, v, s_re, s_im)
-    loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False), q, dy, lr, th)
-    e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
+    if cfg.fused_state:
+        e_re, e_im, _, _ = t("bwd_state", lambda *a: pc._state_pass(p, *a, reverse=True), q, dy, lr, th, z, z)
+    else:
+        loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False),
+                           q, dy, lr, th)
+        e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
     t("bwd_query", lambda *a: pc._query_side(p, *a, grad=True), q, k, v, lr, th, dy, s_re, s_im)
     t("bwd_key", lambda *a: pc._key_side(p, *a), q, k, v, lr, th, dy, e_re, e_im)
     out["sum"] = sum(out.values())

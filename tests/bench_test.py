@@ -142,5 +142,16 @@ def test_profile_pallas_chunked_tiny(tmp_path):
     assert (tmp_path / "profile_pallas_chunked.json").exists()
 
 
+def test_profile_pallas_chunked_fused_variant(tmp_path):
+    """A fused_state variant is profiled with its one state-pass kernel per direction in place of outer + carry."""
+    res = profile_pallas_chunked.main(["--smoke", "--lengths", "32", "--runs", "1", "--out", str(tmp_path),
+                                       "--heads", "2", "--variants", "fused_u4"])
+    [row] = res["rows"]
+    assert "error" not in row, row.get("error")
+    for stage in ("fwd_state", "fwd_query", "bwd_state", "bwd_query", "bwd_key"):
+        assert row[stage] > 0, stage
+    assert "fwd_outer" not in row and "bwd_carry" not in row
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -97,6 +97,11 @@ class Config(NamedTuple):
     # one store per step otherwise holds the next step's loads back, one memory latency per chunk. 1 = the timed
     # behaviour (0.43-0.45 ms per carry at L = 8192, ~1.6x its bytes at copy bandwidth); 8 is not yet timed.
     carry_unroll: int = 1
+    # One kernel per direction for the state pass instead of _outer (chunk increments to memory) + _carry: each
+    # program owns carry_block rows of the state, computes every chunk's increment and transition for its rows from
+    # the inputs and folds them in at once; the increments never go through memory (0.5 GB written and read per
+    # direction at L = 8192 here). Session 5: tested on CPU, not yet timed.
+    fused_state: bool = False
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
     # Diagonal sub-blocks whose gates decay by at most this many nats (every channel: sum of log|a| over the 16 rows
@@ -120,6 +125,10 @@ VARIANTS = {
     "carry16": Config(carry_block=16),
     "carry_u4": Config(carry_unroll=4),  # session 5, not yet timed: the carry's loads ahead of its stores
     "carry_u8": Config(carry_unroll=8),
+    "fused": Config(fused_state=True),  # session 5, not yet timed: outer + carry in one kernel per direction
+    "fused_u4": Config(fused_state=True, carry_unroll=4),
+    "fused_u8": Config(fused_state=True, carry_unroll=8),
+    "fused_b16_u4": Config(fused_state=True, carry_block=16, carry_unroll=4),  # matrix products, 4x fewer programs
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
@@ -160,6 +169,7 @@ class _Plan(NamedTuple):
     backward_warps: int = 8
     y_dtype: object = jnp.float32
     carry_unroll: int = 1
+    fused_state: bool = False
 
     @property
     def n(self):
@@ -517,6 +527,76 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     dp_tot[bi, hi, j * nb + s, :] = dp_sum
 
 
+def _tn(a, b, precision):
+    """a^T b for (m, p), (m, e) tiles: a matrix product when p reaches the Triton minimum of 16, else a broadcast
+    multiply and a sum over m (exact float32)."""
+    if a.shape[1] >= SUB:
+        return _dot_tn(a, b, precision)
+    return jnp.sum(a[:, :, None] * b[:, None, :], axis=0)
+
+
+def _direct_sums(x, tri, prefix):
+    """_segment_sums for any width: inclusive prefix or exclusive suffix sums down the rows, each a direct sum."""
+    if x.shape[1] >= SUB:
+        return _segment_sums(x, tri, prefix)
+    c = x.shape[0]
+    r, col = _iota((c, c), 0), _iota((c, c), 1)
+    keep = (col <= r) if prefix else (col > r)
+    return jnp.sum(jnp.where(keep[:, :, None], x[None, :, :], 0.0), axis=1)
+
+
+def _state_pass_kernel(x_ref, y_ref, lr_ref, th_ref, init_re, init_im, out_re, out_im, last_re, last_im, *, h, n, nb,
+                       bd, reverse, unroll, precision, tri):
+    """_outer and _carry fused for bd rows (key channels) of the state. Forward (x = k, y = v): out_j = S, the
+    state entering chunk j, then S = T_j S + sum_m e^{(G_end - G_m) + i(..)} k_m^T v_m. Reverse (x = q, y = dy):
+    out_j = G, the cotangent of chunk j's end state, then G = conj(T_j) G + sum_n conj(e^{(G_n - G_start) + i(..)})
+    q_n^T dy_n. The chunk terms are _outer's sums in _outer's order; each loop iteration forms those of `unroll`
+    chunks (independent of the state, all loads first) before folding them in one by one."""
+    pid, di = pl.program_id(0), pl.program_id(1)
+    bi, hi = pid // h, pid % h
+    cols = pl.ds(pl.multiple_of(di * bd, bd), bd)
+    e = out_re.shape[-1]
+
+    def chunk_terms(j):
+        acc_re = jnp.zeros((bd, e), jnp.float32)
+        acc_im = jnp.zeros((bd, e), jnp.float32)
+        off_lr = jnp.zeros((1, bd), jnp.float32)
+        off_th = jnp.zeros((1, bd), jnp.float32)
+        for s in (range(nb) if reverse else range(nb - 1, -1, -1)):  # static: nb = C / 16 sub-blocks
+            row0 = j * (nb * SUB) + s * SUB
+            rows = pl.ds(row0, SUB)
+            lr = lr_ref[bi, rows, hi, cols].astype(jnp.float32)
+            th = _wrap(th_ref[bi, rows, hi, cols].astype(jnp.float32))
+            g_lr, g_th = _direct_sums(lr, tri, reverse), _direct_sums(th, tri, reverse)
+            fr, fi = polar_pair(g_lr + off_lr, g_th + off_th)
+            if reverse:
+                fi = -fi
+            x = x_ref[bi, rows, hi, cols].astype(jnp.float32)
+            y = _tile(y_ref, bi, hi, row0)
+            acc_re += _tn(x * fr, y, precision)
+            acc_im += _tn(x * fi, y, precision)
+            off_lr = off_lr + jnp.sum(lr, axis=0)[None, :]
+            off_th = _wrap(off_th + _wrap(jnp.sum(th, axis=0))[None, :])
+        tr, ti = polar_pair(jnp.sum(off_lr, axis=0)[:, None], jnp.sum(off_th, axis=0)[:, None])  # (bd, 1)
+        return tr, (-ti if reverse else ti), acc_re, acc_im
+
+    def body(i, state):
+        sr, si = state
+        chunks = [n - 1 - (i * unroll + u) if reverse else i * unroll + u for u in range(unroll)]
+        terms = [chunk_terms(j) for j in chunks]
+        for j, (ar, ai, xr, xi) in zip(chunks, terms):
+            out_re[bi, hi, j, cols, :] = sr
+            out_im[bi, hi, j, cols, :] = si
+            sr, si = cmul(ar, ai, sr, si)
+            sr, si = sr + xr, si + xi
+        return sr, si
+
+    state = (init_re[bi, hi, cols, :].astype(jnp.float32), init_im[bi, hi, cols, :].astype(jnp.float32))
+    sr, si = jax.lax.fori_loop(0, n // unroll, body, state)
+    last_re[bi, hi, cols, :] = sr
+    last_im[bi, hi, cols, :] = si
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers on padded arrays
 # --------------------------------------------------------------------------------------------------------------------
@@ -552,6 +632,19 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
                  name="gateloop_mh_carry", warps=p.carry_warps)
 
 
+def _state_pass(plan, x, y, lr, th, init_re, init_im, *, reverse):
+    """Config.fused_state: forward (x = k, y = v, init = h0) the chunk-start states and the final state; reverse
+    (x = q, y = dy, init = the final state's cotangent) the chunk-end cotangents and dh0."""
+    p = plan
+    bd = min(p.carry_block, p.dk)
+    unroll = math.gcd(p.n, p.carry_unroll)
+    outs = (_f32(p.b, p.h, p.n, p.dk, p.dv),) * 2 + (_f32(p.b, p.h, p.dk, p.dv),) * 2
+    kernel = functools.partial(_state_pass_kernel, h=p.h, n=p.n, nb=p.nb, bd=bd, reverse=reverse, unroll=unroll,
+                               precision=p.precision, tri=p.tri)
+    return _call(p, kernel, (p.b * p.h, p.dk // bd), outs, x, y, lr, th, init_re, init_im,
+                 name="gateloop_mh_state_bwd" if reverse else "gateloop_mh_state", warps=p.carry_warps)
+
+
 def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
@@ -580,9 +673,13 @@ def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
 
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
     p = plan
-    inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
-    tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
-    s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
+    if p.fused_state:
+        s_re, s_im, f_re, f_im = _state_pass(p, k, v, lr, th, h0re, h0im, reverse=False)
+        tr = ti = None  # the backward's state pass forms the transitions again
+    else:
+        inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
+        tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
+        s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
     y = _query_side(p, q, k, v, lr, th, v, s_re, s_im, grad=False)
     return y, f_re, f_im, (s_re, s_im, tr, ti)
 
@@ -597,8 +694,11 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     p = plan
     s_re, s_im, tr, ti = res
     f_re, f_im = final
-    loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
-    e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
+    if p.fused_state:
+        e_re, e_im, dh0_re, dh0_im = _state_pass(p, q, dy, lr, th, gf_re, gf_im, reverse=True)
+    else:
+        loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
+        e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
     dq, qg, qp, qg_tot, qp_tot = _query_side(p, q, k, v, lr, th, dy, s_re, s_im, grad=True)
     dk, dv, kg, kp, kg_tot, kp_tot = _key_side(p, q, k, v, lr, th, dy, e_re, e_im)
     # The final state scales with e^{G_T + i Phi_T}: its cotangent adds Re<gf, final> and Re<gf, i final> to dL/dG_T,
@@ -626,7 +726,7 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll)
+                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll, cfg.fused_state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
