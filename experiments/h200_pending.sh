@@ -13,8 +13,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 short() { grep -av Warning "$1" | cut -c1-200 | tail -"$2"; }
 
-(cd experiments && timeout 300 python profile_pallas_chunked.py --out "$OUT" --check --lengths 1024,8192 \
-    --variants default,carry_u4,carry_u8,fused,fused_u4,fused_u8,fused_b16_u4 > "$OUT/profile.log" 2>&1)
+(cd experiments && timeout 360 python profile_pallas_chunked.py --out "$OUT" --check --lengths 1024,8192 \
+    --variants default,carry_u4,carry_u8,fused_u4,fused_u8,fused_b8_u4,fused_b16_u4 > "$OUT/profile.log" 2>&1)
 echo "== profile rc=$?"; short "$OUT/profile.log" 60
 mv "$OUT/profile_pallas_chunked.json" "$OUT/profile_pallas_chunked_pending.json" 2>/dev/null
 

@@ -128,6 +128,7 @@ VARIANTS = {
     "fused": Config(fused_state=True),  # session 5, not yet timed: outer + carry in one kernel per direction
     "fused_u4": Config(fused_state=True, carry_unroll=4),
     "fused_u8": Config(fused_state=True, carry_unroll=8),
+    "fused_b8_u4": Config(fused_state=True, carry_block=8, carry_unroll=4),
     "fused_b16_u4": Config(fused_state=True, carry_block=16, carry_unroll=4),  # matrix products, 4x fewer programs
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
