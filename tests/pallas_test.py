@@ -239,7 +239,8 @@ def test_bf16_gradients(kernel):
     ref = gateloop_backward(*rounded, None, dy)
     for name, g, r in zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, ref):
         assert g.dtype == jnp.bfloat16, name
-        assert max_rel_error(np.asarray(g, np.float32), r) < 2.0**-8, (name, max_rel_error(np.asarray(g, np.float32), r))
+        err = max_rel_error(np.asarray(g, np.float32), r)
+        assert err < 2.0**-8, (name, err)
 
 
 def test_multihead_supported():

@@ -91,9 +91,9 @@ def gateloop(
     polar = to_polar(a)
     kw = {"chunk_size": chunk_size} if mode in ("chunked", "pallas") else {}
     if mode == "pallas":
-        # The kernels' wrappers upcast, the max-headed one on load inside the kernel, which also writes y and the
-        # gradients in the inputs' dtype: bf16 inputs then cost no cast pass around it (fwd+bwd with bf16 inputs
-        # 0.725 -> 0.49 ms, below float32's 0.53; 32768 tokens x 512 channels, H200, session 5).
+        # The Triton kernels read q, k, v as they are (upcast on load) and write y and the gradients in the inputs'
+        # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,
+        # below float32's 0.53; 32768 tokens x 512 channels, H200, session 5). The TPU kernel's wrapper upcasts.
         kw["out_dtype"] = out_dtype
     else:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))

@@ -299,7 +299,8 @@ def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
         extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th,
                       name="gateloop_ew_fwd_local")
         p_re, p_im = extra[2], extra[3]
-    outs = (jax.ShapeDtypeStruct((b, t, h), plan.y_dtype), small, small) + ((_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ())
+    states = (_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ()
+    outs = (jax.ShapeDtypeStruct((b, t, h), plan.y_dtype), small, small) + states
     res = _call(plan, functools.partial(_fwd_kernel, segmented=segmented, save_states=save_states, **kw), outs,
                 q, k, v, lr, th, h0re, h0im, *extra, name="gateloop_ew_fwd")
     y, end_re, end_im = res[:3]
