@@ -51,7 +51,7 @@ def lower_fwd_bwd_for_cuda(fn, d, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kernel", ["elementwise", "multihead", "multihead_carry_u4", "multihead_fused",
-                                    "multihead_fused_b16"])
+                                    "multihead_fused_b16", "multihead_step64", "multihead_step64_fused"])
 def test_triton_kernels_lower_and_verify(kernel, dtype):
     def multihead(**config):
         return functools.partial(pc.gateloop_pallas_chunked, config=pc.Config(**config))
@@ -60,7 +60,9 @@ def test_triton_kernels_lower_and_verify(kernel, dtype):
                        "multihead": (multihead(), 64, 7),  # 3 forward, 4 backward
                        "multihead_carry_u4": (multihead(carry_unroll=4), 64, 7),
                        "multihead_fused": (multihead(fused_state=True, carry_unroll=4), 64, 5),  # 2 + 3
-                       "multihead_fused_b16": (multihead(fused_state=True, carry_block=16), 64, 5)}[kernel]
+                       "multihead_fused_b16": (multihead(fused_state=True, carry_block=16), 64, 5),
+                       "multihead_step64": (multihead(chunk=64, step_state=True), 64, 7),
+                       "multihead_step64_fused": (multihead(chunk=64, step_state=True, fused_state=True), 64, 5)}[kernel]
     with verified_modules() as names:
         lower_fwd_bwd_for_cuda(fn, d, dtype)
     assert len(names) == expected, names

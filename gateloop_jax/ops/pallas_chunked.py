@@ -102,6 +102,11 @@ class Config(NamedTuple):
     # the inputs and folds them in at once; the increments never go through memory (0.5 GB written and read per
     # direction at L = 8192 here). Session 5: tested on CPU, not yet timed.
     fused_state: bool = False
+    # Query and key sides: one program per chunk walking its C / 16 sub-blocks in order with the state (backward: its
+    # cotangent) in registers, instead of one program per sub-block with the off-diagonal sub-block pairs: O(nb)
+    # state updates instead of O(nb^2) pair products, and states stored once per chunk. Matters for chunk > 16.
+    # Session 5: tested on CPU, not yet timed.
+    step_state: bool = False
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
     # Diagonal sub-blocks whose gates decay by at most this many nats (every channel: sum of log|a| over the 16 rows
@@ -130,6 +135,9 @@ VARIANTS = {
     "fused_u8": Config(fused_state=True, carry_unroll=8),
     "fused_b8_u4": Config(fused_state=True, carry_block=8, carry_unroll=4),
     "fused_b16_u4": Config(fused_state=True, carry_block=16, carry_unroll=4),  # matrix products, 4x fewer programs
+    "step32": Config(chunk=32, step_state=True),  # session 5, not yet timed: sub-blocks walked with the state
+    "step64": Config(chunk=64, step_state=True),
+    "step64_fused_u4": Config(chunk=64, step_state=True, fused_state=True, carry_unroll=4),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
@@ -171,6 +179,7 @@ class _Plan(NamedTuple):
     y_dtype: object = jnp.float32
     carry_unroll: int = 1
     fused_state: bool = False
+    step_state: bool = False
 
     @property
     def n(self):
@@ -322,6 +331,80 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
     last_im[bi, hi, rows, :] = si
 
 
+def _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, kc, ks, rho, qt, *, grad, precision,
+                    tame_nats, ablate):
+    """The query side's diagonal sub-block: keys m <= n of the same 16 rows, exact for any gate (row loop) or by
+    matrix products when tame. Forward: (A + diag(q . k)) v, (c, dv). Backward: the complex coefficient of q from
+    W[n, m] = dy_n . v_m, m < n, as (re, im) (c, d_qk); the m = n term is added at the store."""
+    c, d = q.shape
+    if not grad:
+        def row_scores(n, scores, wdec, qc_n, qs_n, cos_n, sin_n):
+            row = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)  # A[n, m] for m < n
+            return _put_row(scores, n, row[None, :])
+
+        def slow():
+            return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, jnp.zeros((c, c), jnp.float32))
+
+        def fast():  # A = Re((q rho) (k rho^-1)^T), m < n
+            ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+            s = _dot_nt(qt[0], k * ir, precision) - _dot_nt(qt[1], k * ii, precision)
+            return jnp.where(_strict(c, True), s, 0.0)
+
+        scores = jnp.zeros((c, c), jnp.float32)
+        if "diag" not in ablate:
+            scores = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
+        eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
+        scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
+        return _dot(scores, v, precision)  # (c, dv)
+
+    def row_grad(n, dq, wdec, qc_n, qs_n, cos_n, sin_n):
+        dy_n = _row(w_ref, bi, hi, row0 + n)
+        wcol = jnp.sum(v * dy_n, axis=1)[:, None]  # W[n, m] = dy_n . v_m, as a column over m
+        r = jnp.sum(wcol * wdec * kc, axis=0)[None, :]
+        im = -jnp.sum(wcol * wdec * ks, axis=0)[None, :]
+        dre, dim = cmul(cos_n, sin_n, r, im)  # e^{i Phi_n} sum_m W w k_m e^{-i Phi_m}
+        return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
+
+    zeros = jnp.zeros((c, d), jnp.float32)
+
+    def slow():
+        return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros))
+
+    def fast():  # Dq = rho (W_{m<n} (k rho^-1))
+        ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
+        wm = jnp.where(_strict(c, True), _dot_nt(w, v, precision), 0.0)
+        return cmul(rho[0], rho[1], _dot(wm, k * ir, precision), _dot(wm, k * ii, precision))
+
+    if "diag" in ablate:
+        return zeros, zeros
+    return _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
+
+
+def _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, bi, hi, row0, grad, tri, need=("pre",)):
+    """One query sub-block's tiles: q, k, v, w (dy in the backward, else v), its gate tiles, k's phase parts
+    kc, ks, and rho = e^{G + i Phi} (sub-block prefix) with q rho."""
+    q, k, v = _tile(q_ref, bi, hi, row0), _tile(k_ref, bi, hi, row0), _tile(v_ref, bi, hi, row0)
+    w = _tile(w_ref, bi, hi, row0) if grad else v
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, need)
+    kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
+    rho = polar_pair(g.pre_lr, g.pre_th)
+    return q, k, v, w, g, kc, ks, rho, (q * rho[0], q * rho[1])
+
+
+def _store_dq(out_refs, bi, hi, row0, slot, q, k, v, w, dq_re, dq_im, tri):
+    """dq (the diagonal m = n term added) and the query halves of dL/dG, dL/dPhi, reverse-summed inside the
+    sub-block, with their totals in sub-block slot `slot`."""
+    dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
+    w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
+    dq_ref[bi, pl.ds(row0, SUB), hi, :] = (dq_re + w_diag * k).astype(dq_ref.dtype)
+    dg, dg_sum = _reverse_cumsum(q * dq_re, tri)
+    dp, dp_sum = _reverse_cumsum(-q * dq_im, tri)
+    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
+    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
+    dg_tot[bi, hi, slot, :] = dg_sum
+    dp_tot[bi, hi, slot, :] = dp_sum
+
+
 def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, tri,
                        tame_nats, ablate=""):
     """One query sub-block i of chunk j.
@@ -335,55 +418,16 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     bi, hi = pid // h, pid % h
     t0 = j * (nb * SUB)
     row0 = t0 + i * SUB
-    q, k, v = _tile(q_ref, bi, hi, row0), _tile(k_ref, bi, hi, row0), _tile(v_ref, bi, hi, row0)
-    w = _tile(w_ref, bi, hi, row0) if grad else v  # dy in the backward
-    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("pre",))
+    q, k, v, w, g, kc, ks, (rho_re, rho_im), (qt_re, qt_im) = _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref,
+                                                                           w_ref, bi, hi, row0, grad, tri)
     c, d = q.shape
-    kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
-    rho_re, rho_im = polar_pair(g.pre_lr, g.pre_th)
-    qt_re, qt_im = q * rho_re, q * rho_im
-
+    diag = _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, kc, ks, (rho_re, rho_im),
+                           (qt_re, qt_im), grad=grad, precision=precision, tame_nats=tame_nats, ablate=ablate)
     if not grad:
-        def row_scores(n, scores, wdec, qc_n, qs_n, cos_n, sin_n):
-            row = jnp.sum(wdec * (qc_n * kc + qs_n * ks), axis=1)  # A[n, m] for m < n
-            return _put_row(scores, n, row[None, :])
-
-        def slow():
-            return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_scores, jnp.zeros((c, c), jnp.float32))
-
-        def fast():  # A = Re((q rho) (k rho^-1)^T), m < n
-            ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
-            s = _dot_nt(qt_re, k * ir, precision) - _dot_nt(qt_im, k * ii, precision)
-            return jnp.where(_strict(c, True), s, 0.0)
-
-        scores = jnp.zeros((c, c), jnp.float32)
-        if "diag" not in ablate:
-            scores = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
-        eye = (_iota((c, c), 0) == _iota((c, c), 1)).astype(jnp.float32)
-        scores = scores + eye * jnp.sum(q * k, axis=1)[:, None]  # m = n: q_n . k_n, no decay, no phase
-        acc = _dot(scores, v, precision)  # (c, dv)
+        acc = diag
     else:
-        def row_grad(n, dq, wdec, qc_n, qs_n, cos_n, sin_n):
-            dy_n = _row(w_ref, bi, hi, row0 + n)
-            wcol = jnp.sum(v * dy_n, axis=1)[:, None]  # W[n, m] = dy_n . v_m, as a column over m
-            r = jnp.sum(wcol * wdec * kc, axis=0)[None, :]
-            im = -jnp.sum(wcol * wdec * ks, axis=0)[None, :]
-            dre, dim = cmul(cos_n, sin_n, r, im)  # e^{i Phi_n} sum_m W w k_m e^{-i Phi_m}
-            return _put_row(dq[0], n, dre), _put_row(dq[1], n, dim)
-
+        dq_re, dq_im = diag
         zeros = jnp.zeros((c, d), jnp.float32)
-
-        def slow():
-            return _diagonal(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, row_grad, (zeros, zeros))
-
-        def fast():  # Dq = rho (W_{m<n} (k rho^-1))
-            ir, ii = _inverse_factors(g.pre_lr, g.pre_th, tame_nats)
-            wm = jnp.where(_strict(c, True), _dot_nt(w, v, precision), 0.0)
-            return cmul(rho_re, rho_im, _dot(wm, k * ir, precision), _dot(wm, k * ii, precision))
-
-        dq_re, dq_im = zeros, zeros
-        if "diag" not in ablate:
-            dq_re, dq_im = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
         acc_re, acc_im = zeros, zeros  # sum over key sub-blocks of W K', before the factor rho
 
     # Key sub-blocks j' < i, nearest first, accumulating the totals of the sub-blocks in between (gamma).
@@ -422,35 +466,70 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     xr, xi = cmul(er, ei, _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # eps (dy S^T)
     m_re, m_im = m_re + xr, m_im + xi
     tr, ti = cmul(rho_re, rho_im, m_re, m_im)
-    dq_re, dq_im = dq_re + tr, dq_im + ti
-    dq_ref, dg_ref, dp_ref, dg_tot, dp_tot = out_refs
-    w_diag = jnp.sum(w * v, axis=1)[:, None]  # W[n, n]
-    dq_ref[bi, pl.ds(row0, SUB), hi, :] = (dq_re + w_diag * k).astype(dq_ref.dtype)
-    dg, dg_sum = _reverse_cumsum(q * dq_re, tri)
-    dp, dp_sum = _reverse_cumsum(-q * dq_im, tri)
-    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
-    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
-    dg_tot[bi, hi, j * nb + i, :] = dg_sum
-    dp_tot[bi, hi, j * nb + i, :] = dp_sum
+    _store_dq(out_refs, bi, hi, row0, j * nb + i, q, k, v, w, dq_re + tr, dq_im + ti, tri)
 
 
-def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
-                     dg_tot, dp_tot, *, h, nb, precision, tri, tame_nats, ablate=""):
-    """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
-    i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
-    dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
-    pid, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _sub_block_increment(x, y, lr_sums, th_sums, precision, conj):
+    """sum_m f_m x_m^T y_m over one sub-block, f = e^{lr_sums + i th_sums} (conjugated if conj): (d_x, d_y) complex."""
+    fr, fi = polar_pair(lr_sums, th_sums)
+    if conj:
+        fi = -fi
+    return _dot_tn(x * fr, y, precision), _dot_tn(x * fi, y, precision)
+
+
+def _transition_column(g, conj):
+    """The sub-block's total transition e^{tot_lr + i tot_th} as a (d, 1) column (conjugated if conj)."""
+    tr, ti = polar_pair(jnp.sum(g.tot_lr, axis=0)[:, None], jnp.sum(g.tot_th, axis=0)[:, None])
+    return tr, (-ti if conj else ti)
+
+
+def _query_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, tri,
+                       tame_nats, ablate=""):
+    """Config.step_state: all nb sub-blocks of chunk j in one program, in order, the state in registers. Sub-block i
+    sees S_i, the state entering it: y_i = (diagonal) + Re(q rho S_i) (backward: Dq_i from dy S_i^T); then
+    S_{i+1} = T_i S_i + sum_m sigma_m k_m^T v_m. Earlier sub-blocks of the chunk reach i only through S_i, so there
+    are no off-diagonal sub-block pairs: O(nb) state updates instead of O(nb^2) pair products."""
+    pid, j = pl.program_id(0), pl.program_id(1)
     bi, hi = pid // h, pid % h
-    t0 = j * (nb * SUB)
-    row0 = t0 + s * SUB
+
+    def sub_block(i, state):
+        sr, si = state
+        row0 = j * (nb * SUB) + i * SUB
+        q, k, v, w, g, kc, ks, rho, qt = _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, bi, hi, row0, grad,
+                                                      tri, ("pre", "suf"))
+        diag = _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, kc, ks, rho, qt,
+                               grad=grad, precision=precision, tame_nats=tame_nats, ablate=ablate)
+        if not grad:
+            y = diag + _dot(qt[0], sr, precision) - _dot(qt[1], si, precision)
+            y_ref, = out_refs
+            y_ref[bi, pl.ds(row0, SUB), hi, :] = y.astype(y_ref.dtype)
+        else:
+            tr, ti = cmul(rho[0], rho[1], _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # rho (dy S^T)
+            _store_dq(out_refs, bi, hi, row0, j * nb + i, q, k, v, w, diag[0] + tr, diag[1] + ti, tri)
+        ar, ai = _transition_column(g, conj=False)
+        xr, xi = _sub_block_increment(k, v, g.suf_lr, g.suf_th, precision, conj=False)
+        sr, si = cmul(ar, ai, sr, si)
+        return sr + xr, si + xi
+
+    jax.lax.fori_loop(0, nb, sub_block, (s_re[bi, hi, j, :, :], s_im[bi, hi, j, :, :]))
+
+
+def _key_tiles(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, bi, hi, row0, tri):
+    """One key sub-block's tiles: q, k, v, dy, its gate tiles (prefix and suffix), the prefix phase's cos, sin and
+    k's phase parts kc, ks."""
     q, k, v, dy = (_tile(r, bi, hi, row0) for r in (q_ref, k_ref, v_ref, dy_ref))
     g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri)
-    c, d = k.shape
     cos_m, sin_m = jnp.cos(g.pre_th), jnp.sin(g.pre_th)
-    kc, ks = k * cos_m, k * sin_m
+    return q, k, v, dy, g, cos_m, sin_m, k * cos_m, k * sin_m
 
-    # Diagonal sub-block: for each query row n, Dk_m += W[n, m] w[m] q_n e^{i(Phi_n - Phi_m)} (e^{-i Phi_m} applied
-    # after the loop) and dv_m += A[n, m] dy_n.
+
+def _key_diagonal(q_ref, lr_ref, th_ref, dy_ref, bi, hi, row0, q, v, dy, g, kc, ks, *, precision, tame_nats, ablate):
+    """The key side's diagonal sub-block (queries n > m of the same 16 rows): (tre, tim), the coefficient of k
+    before the factor e^{-i Phi_m}, and dv's diagonal part A^T dy."""
+    c, d = q.shape
+
+    # For each query row n: Dk_m += W[n, m] w[m] q_n e^{i(Phi_n - Phi_m)} (e^{-i Phi_m} applied by the caller) and
+    # dv_m += A[n, m] dy_n.
     def row_grad(n, carry, wdec, qc_n, qs_n, cos_n, sin_n):
         tre, tim, dv = carry
         dy_n = _row(dy_ref, bi, hi, row0 + n)
@@ -475,9 +554,39 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
         a_t = jnp.where(upper, _dot_nt(mag * kc, qt_re, precision) + _dot_nt(mag * ks, qt_im, precision), 0.0)
         return mag * _dot(wt, qt_re, precision), mag * _dot(wt, qt_im, precision), _dot(a_t, dy, precision)
 
-    tre, tim, dv = zeros, zeros, dv_zeros
-    if "diag" not in ablate:
-        tre, tim, dv = _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
+    if "diag" in ablate:
+        return zeros, zeros, dv_zeros
+    return _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
+
+
+def _store_dk(bi, hi, row0, slot, q, k, v, dy, dk_re, dk_im, dv, outs, tri):
+    """dk, dv (diagonal m = n terms added) and the key halves of dL/dG, dL/dPhi with their totals in slot `slot`."""
+    dk_ref, dv_ref, dg_ref, dp_ref, dg_tot, dp_tot = outs
+    w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
+    dk_ref[bi, pl.ds(row0, SUB), hi, :] = (dk_re + w_diag * q).astype(dk_ref.dtype)
+    dv_ref[bi, pl.ds(row0, SUB), hi, :] = (dv + jnp.sum(q * k, axis=1)[:, None] * dy).astype(dv_ref.dtype)
+    dg, dg_sum = _reverse_cumsum(k * dk_re, tri)
+    dp, dp_sum = _reverse_cumsum(-k * dk_im, tri)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
+    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
+    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
+    dg_tot[bi, hi, slot, :] = dg_sum
+    dp_tot[bi, hi, slot, :] = dp_sum
+
+
+def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk_ref, dv_ref, dg_ref, dp_ref,
+                     dg_tot, dp_tot, *, h, nb, precision, tri, tame_nats, ablate=""):
+    """Backward, one key sub-block j' of chunk j: Dk (complex coefficient of k) and dv from the query sub-blocks
+    i >= j' of the chunk and from the cotangent E of the chunk's end state; writes dk, dv and the key halves of
+    dL/dG, dL/dPhi (reverse-summed inside the sub-block, plus totals)."""
+    pid, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, hi = pid // h, pid % h
+    t0 = j * (nb * SUB)
+    row0 = t0 + s * SUB
+    q, k, v, dy, g, cos_m, sin_m, kc, ks = _key_tiles(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, bi, hi, row0, tri)
+    c, d = k.shape
+    zeros = jnp.zeros((c, d), jnp.float32)
+    tre, tim, dv = _key_diagonal(q_ref, lr_ref, th_ref, dy_ref, bi, hi, row0, q, v, dy, g, kc, ks,
+                                 precision=precision, tame_nats=tame_nats, ablate=ablate)
     dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
 
     # Query sub-blocks i > j', nearest first: with sigma_m = e^{(G_end - G_m) + i(..)} (suffix in j'), gamma the
@@ -515,17 +624,39 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
     ke_re, ke_im = cmul(kt_re, kt_im, gr, gi)
     dv = dv + _dot(ke_re, er, precision) + _dot(ke_im, ei, precision)
     tr, ti = cmul(sg_re, sg_im, m_re, m_im)
-    dk_re, dk_im = dk_re + tr, dk_im + ti
+    _store_dk(bi, hi, row0, j * nb + s, q, k, v, dy, dk_re + tr, dk_im + ti, dv,
+              (dk_ref, dv_ref, dg_ref, dp_ref, dg_tot, dp_tot), tri)
 
-    w_diag = jnp.sum(dy * v, axis=1)[:, None]  # W[m, m]
-    dk_ref[bi, pl.ds(row0, SUB), hi, :] = (dk_re + w_diag * q).astype(dk_ref.dtype)
-    dv_ref[bi, pl.ds(row0, SUB), hi, :] = (dv + jnp.sum(q * k, axis=1)[:, None] * dy).astype(dv_ref.dtype)
-    dg, dg_sum = _reverse_cumsum(k * dk_re, tri)
-    dp, dp_sum = _reverse_cumsum(-k * dk_im, tri)  # finish() subtracts the key half: dL/dPhi = -q Im Dq + k Im Dk
-    dg_ref[bi, pl.ds(row0, SUB), hi, :] = dg
-    dp_ref[bi, pl.ds(row0, SUB), hi, :] = dp
-    dg_tot[bi, hi, j * nb + s, :] = dg_sum
-    dp_tot[bi, hi, j * nb + s, :] = dp_sum
+
+def _key_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, *outs, h, nb, precision, tri, tame_nats,
+                     ablate=""):
+    """Config.step_state, backward key side: all nb sub-blocks of chunk j in one program, last first, with E, the
+    cotangent of the state leaving the current sub-block, in registers (E of the chunk's end state to start). Key
+    sub-block i: Dk += sigma (v conj(E)^T), dv += Re(k sigma conj(E)) and the diagonal; then E <- conj(T_i) E +
+    sum_n conj(rho_n) q_n^T dy_n, the cotangent of the state entering i. Later sub-blocks reach i only through E."""
+    pid, j = pl.program_id(0), pl.program_id(1)
+    bi, hi = pid // h, pid % h
+
+    def sub_block(ii, state):
+        er, ei = state
+        i = nb - 1 - ii
+        row0 = j * (nb * SUB) + i * SUB
+        q, k, v, dy, g, cos_m, sin_m, kc, ks = _key_tiles(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, bi, hi, row0,
+                                                          tri)
+        tre, tim, dv = _key_diagonal(q_ref, lr_ref, th_ref, dy_ref, bi, hi, row0, q, v, dy, g, kc, ks,
+                                     precision=precision, tame_nats=tame_nats, ablate=ablate)
+        dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
+        sg_re, sg_im = polar_pair(g.suf_lr, g.suf_th)
+        kt_re, kt_im = k * sg_re, k * sg_im
+        dv = dv + _dot(kt_re, er, precision) + _dot(kt_im, ei, precision)
+        tr, ti = cmul(sg_re, sg_im, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
+        _store_dk(bi, hi, row0, j * nb + i, q, k, v, dy, dk_re + tr, dk_im + ti, dv, outs, tri)
+        ar, ai = _transition_column(g, conj=True)
+        xr, xi = _sub_block_increment(q, dy, g.pre_lr, g.pre_th, precision, conj=True)
+        er, ei = cmul(ar, ai, er, ei)
+        return er + xr, ei + xi
+
+    jax.lax.fori_loop(0, nb, sub_block, (e_re[bi, hi, j, :, :], e_im[bi, hi, j, :, :]))
 
 
 def _tn(a, b, precision):
@@ -654,9 +785,11 @@ def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
         outs = (jax.ShapeDtypeStruct(big.shape, q.dtype), big, big, small, small)
     else:
         outs = jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), p.y_dtype)
-    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
+    body, grid = (_query_step_kernel, (p.b * p.h, p.n)) if p.step_state else (_query_side_kernel,
+                                                                               (p.b * p.h, p.n, p.nb))
+    kernel = functools.partial(body, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
+    return _call(p, kernel, grid, outs, q, k, v, lr, th, w, s_re, s_im,
                  name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
 
 
@@ -664,10 +797,11 @@ def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
     big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
-    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
+    body, grid = (_key_step_kernel, (p.b * p.h, p.n)) if p.step_state else (_key_side_kernel, (p.b * p.h, p.n, p.nb))
+    kernel = functools.partial(body, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
     grads = (jax.ShapeDtypeStruct(big.shape, k.dtype), jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), v.dtype))
-    return _call(p, kernel, (p.b * p.h, p.n, p.nb), grads + (big, big, small, small),
+    return _call(p, kernel, grid, grads + (big, big, small, small),
                  q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
 
 
@@ -727,7 +861,7 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll, cfg.fused_state)
+                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll, cfg.fused_state, cfg.step_state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
