@@ -28,6 +28,9 @@ Kernels (grid axes in brackets; bh = batch x heads, n chunks, nb = C / c sub-blo
   backward  _outer (bh, n): each chunk's cotangent of its start state -> _carry reversed: the cotangent of each chunk's
             end state -> _query_side (dq and the query halves of dlog_r, dtheta) and _key_side (dk, dv and the key
             halves), both (bh, n, nb).
+  Untimed alternatives (Config): fused_state replaces _outer + _carry by one _state_pass (bh, d_qk blocks) per
+  direction; step_state makes the query and key sides (bh, n), each program walking its chunk's sub-blocks with the
+  state or its cotangent in registers instead of summing off-diagonal sub-block pairs.
 dlog_r and dtheta use that y depends on G only through q e^{G} and k e^{-G} (and the final state through e^{G_T}):
 dL/dG_n = q_n Re(Dq_n) - k_n Re(Dk_n), dL/dPhi_n = -q_n Im(Dq_n) + k_n Im(Dk_n), where Dq, Dk are the complex
 coefficients of q and k in the loss; dlog_r is the reverse cumulative sum of dL/dG. The kernels return sums
