@@ -216,16 +216,18 @@ def test_multihead_diagonal_forms(tame_nats):
     _check(fn, (q, k, v, log_r, theta, h0, dy, dfinal), F32_RTOL)
 
 
+def _kernel_case(kernel, rng, t_multihead=20):
+    """Inputs and the interpret-mode kernel for the dtype tests: max-headed (6 channels, 33 steps) or multi-head."""
+    if kernel == "elementwise":
+        return _inputs(rng, 2, 33, 6, 1, 1), functools.partial(pe.gateloop_pallas_elementwise, interpret=True,
+                                                                config=EW_SMALL)
+    return _inputs(rng, 2, t_multihead, 2, 8, 5), functools.partial(pc.gateloop_pallas_chunked, interpret=True)
+
+
 @pytest.mark.parametrize("kernel", ["elementwise", "multihead"])
 def test_bf16_inputs(kernel):
     """bf16 q, k, v are upcast on load; the state stays float32, so the error is the inputs' rounding alone."""
-    rng = np.random.default_rng(3)
-    if kernel == "elementwise":
-        q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 33, 6, 1, 1)
-        fn = functools.partial(pe.gateloop_pallas_elementwise, interpret=True, config=EW_SMALL)
-    else:
-        q, k, v, log_r, theta, h0, _, _ = _inputs(rng, 2, 20, 2, 4, 3)
-        fn = functools.partial(pc.gateloop_pallas_chunked, interpret=True)
+    (q, k, v, log_r, theta, h0, _, _), fn = _kernel_case(kernel, np.random.default_rng(3))
     qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
     y, _ = fn(qb, kb, vb, log_r, theta, h0)
     # Oracle on the rounded inputs: any remaining error is the kernel's own float32 arithmetic.
@@ -239,13 +241,7 @@ def test_bf16_gradients(kernel):
     store), equal to the oracle's gradients at the rounded inputs up to that rounding: relative 2^-9 of an element,
     so 2^-8 of the largest leaves margin for the float32 arithmetic. y is asked for in bf16 too (out_dtype, what
     ops.gateloop passes), so dy comes back in bf16 and the kernels upcast it on load."""
-    rng = np.random.default_rng(5)
-    if kernel == "elementwise":
-        q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 33, 6, 1, 1)
-        fn = functools.partial(pe.gateloop_pallas_elementwise, interpret=True, config=EW_SMALL)
-    else:
-        q, k, v, log_r, theta, _, dy, _ = _inputs(rng, 2, 40, 2, 8, 5)
-        fn = functools.partial(pc.gateloop_pallas_chunked, interpret=True)
+    (q, k, v, log_r, theta, _, dy, _), fn = _kernel_case(kernel, np.random.default_rng(5), t_multihead=40)
     inputs = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, log_r, theta)]
     dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float32)  # y's cotangent arrives in bf16: the oracle gets it so
 

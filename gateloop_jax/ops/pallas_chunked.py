@@ -310,28 +310,40 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
     """Sequential over chunks with the state in registers. Forward: out_j = S (the state entering chunk j), then
     S = T_j S + inc_j. Reverse (cotangents): out_j = G (the cotangent of chunk j's end state), then
     G = conj(T_j) G + inc_j. last = the final S (the final state) or G (the cotangent of the initial state).
-    Each loop iteration takes `unroll` chunks (n is a multiple of it) and loads all their inputs before its first
-    store: the stores go to refs the compiler cannot prove distinct from the inputs, so a load after one waits."""
+    The fold, `unroll` chunks per iteration with their loads first, is _fold_chunks."""
     pid, di = pl.program_id(0), pl.program_id(1)
     bi, hi = pid // h, pid % h
     rows = pl.ds(pl.multiple_of(di * bd, bd), bd)
 
+    def terms(j):
+        ar, ai = tr_ref[bi, hi, j, rows][:, None], ti_ref[bi, hi, j, rows][:, None]
+        return ar, (-ai if conj else ai), inc_re[bi, hi, j, rows, :], inc_im[bi, hi, j, rows, :]
+
+    _fold_chunks(terms, (init_re, init_im), (out_re, out_im), (last_re, last_im), bi, hi, rows, n=n, unroll=unroll,
+                 reverse=reverse)
+
+
+def _fold_chunks(terms, init, outs, lasts, bi, hi, rows, *, n, unroll, reverse):
+    """The sequential fold of _carry_kernel and _state_pass_kernel, over the chunks in scan order (last first when
+    reverse): out_j = the state entering chunk j, then state <- a_j state + x_j with (a_j re, im, x_j re, im) =
+    terms(j), a_j a (rows, 1) column; lasts = the state after the last chunk. Each iteration forms the terms of
+    `unroll` chunks (n is a multiple of it) before its first store: the stores go to refs the compiler cannot prove
+    distinct from the inputs, so a load issued after one waits for it."""
     def body(i, state):
         sr, si = state
         chunks = [n - 1 - (i * unroll + u) if reverse else i * unroll + u for u in range(unroll)]
-        loaded = [(tr_ref[bi, hi, j, rows][:, None], ti_ref[bi, hi, j, rows][:, None], inc_re[bi, hi, j, rows, :],
-                   inc_im[bi, hi, j, rows, :]) for j in chunks]
-        for j, (ar, ai, xr, xi) in zip(chunks, loaded):
-            out_re[bi, hi, j, rows, :] = sr
-            out_im[bi, hi, j, rows, :] = si
-            sr, si = cmul(ar, -ai if conj else ai, sr, si)
+        formed = [terms(j) for j in chunks]
+        for j, (ar, ai, xr, xi) in zip(chunks, formed):
+            outs[0][bi, hi, j, rows, :] = sr
+            outs[1][bi, hi, j, rows, :] = si
+            sr, si = cmul(ar, ai, sr, si)
             sr, si = sr + xr, si + xi
         return sr, si
 
-    state = (init_re[bi, hi, rows, :].astype(jnp.float32), init_im[bi, hi, rows, :].astype(jnp.float32))
+    state = tuple(x[bi, hi, rows, :].astype(jnp.float32) for x in init)
     sr, si = jax.lax.fori_loop(0, n // unroll, body, state)
-    last_re[bi, hi, rows, :] = sr
-    last_im[bi, hi, rows, :] = si
+    lasts[0][bi, hi, rows, :] = sr
+    lasts[1][bi, hi, rows, :] = si
 
 
 def _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, kc, ks, rho, qt, *, grad, precision,
@@ -715,21 +727,8 @@ def _state_pass_kernel(x_ref, y_ref, lr_ref, th_ref, init_re, init_im, out_re, o
         tr, ti = polar_pair(jnp.sum(off_lr, axis=0)[:, None], jnp.sum(off_th, axis=0)[:, None])  # (bd, 1)
         return tr, (-ti if reverse else ti), acc_re, acc_im
 
-    def body(i, state):
-        sr, si = state
-        chunks = [n - 1 - (i * unroll + u) if reverse else i * unroll + u for u in range(unroll)]
-        terms = [chunk_terms(j) for j in chunks]
-        for j, (ar, ai, xr, xi) in zip(chunks, terms):
-            out_re[bi, hi, j, cols, :] = sr
-            out_im[bi, hi, j, cols, :] = si
-            sr, si = cmul(ar, ai, sr, si)
-            sr, si = sr + xr, si + xi
-        return sr, si
-
-    state = (init_re[bi, hi, cols, :].astype(jnp.float32), init_im[bi, hi, cols, :].astype(jnp.float32))
-    sr, si = jax.lax.fori_loop(0, n // unroll, body, state)
-    last_re[bi, hi, cols, :] = sr
-    last_im[bi, hi, cols, :] = si
+    _fold_chunks(chunk_terms, (init_re, init_im), (out_re, out_im), (last_re, last_im), bi, hi, cols, n=n,
+                 unroll=unroll, reverse=reverse)
 
 
 # --------------------------------------------------------------------------------------------------------------------
