@@ -485,16 +485,17 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
 
 
 def _sub_block_increment(x, y, lr_sums, th_sums, precision, conj):
-    """sum_m f_m x_m^T y_m over one sub-block, f = e^{lr_sums + i th_sums} (conjugated if conj): (d_x, d_y) complex."""
+    """sum_m f_m x_m^T y_m over one sub-block, f = e^{lr_sums + i th_sums} (conjugated if conj): (d_x, d_y) complex.
+    x may be narrower than 16 columns (the fused state pass's row blocks): see _tn."""
     fr, fi = polar_pair(lr_sums, th_sums)
     if conj:
         fi = -fi
-    return _dot_tn(x * fr, y, precision), _dot_tn(x * fi, y, precision)
+    return _tn(x * fr, y, precision), _tn(x * fi, y, precision)
 
 
-def _transition_column(g, conj):
-    """The sub-block's total transition e^{tot_lr + i tot_th} as a (d, 1) column (conjugated if conj)."""
-    tr, ti = polar_pair(jnp.sum(g.tot_lr, axis=0)[:, None], jnp.sum(g.tot_th, axis=0)[:, None])
+def _transition_column(tot_lr, tot_th, conj):
+    """A total transition e^{tot_lr + i tot_th}, given as (1, d) rows, as a (d, 1) column (conjugated if conj)."""
+    tr, ti = polar_pair(jnp.sum(tot_lr, axis=0)[:, None], jnp.sum(tot_th, axis=0)[:, None])
     return tr, (-ti if conj else ti)
 
 
@@ -521,7 +522,7 @@ def _query_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
         else:
             tr, ti = cmul(rho[0], rho[1], _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # rho (dy S^T)
             _store_dq(out_refs, bi, hi, row0, j * nb + i, q, k, v, w, diag[0] + tr, diag[1] + ti, tri)
-        ar, ai = _transition_column(g, conj=False)
+        ar, ai = _transition_column(g.tot_lr, g.tot_th, conj=False)
         xr, xi = _sub_block_increment(k, v, g.suf_lr, g.suf_th, precision, conj=False)
         sr, si = cmul(ar, ai, sr, si)
         return sr + xr, si + xi
@@ -666,7 +667,7 @@ def _key_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, *o
         dv = dv + _dot(kt_re, er, precision) + _dot(kt_im, ei, precision)
         tr, ti = cmul(sg_re, sg_im, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
         _store_dk(bi, hi, row0, j * nb + i, q, k, v, dy, dk_re + tr, dk_im + ti, dv, outs, tri)
-        ar, ai = _transition_column(g, conj=True)
+        ar, ai = _transition_column(g.tot_lr, g.tot_th, conj=True)
         xr, xi = _sub_block_increment(q, dy, g.pre_lr, g.pre_th, precision, conj=True)
         er, ei = cmul(ar, ai, er, ei)
         return er + xr, ei + xi
@@ -715,17 +716,13 @@ def _state_pass_kernel(x_ref, y_ref, lr_ref, th_ref, init_re, init_im, out_re, o
             lr = lr_ref[bi, rows, hi, cols].astype(jnp.float32)
             th = _wrap(th_ref[bi, rows, hi, cols].astype(jnp.float32))
             g_lr, g_th = _direct_sums(lr, tri, reverse), _direct_sums(th, tri, reverse)
-            fr, fi = polar_pair(g_lr + off_lr, g_th + off_th)
-            if reverse:
-                fi = -fi
             x = x_ref[bi, rows, hi, cols].astype(jnp.float32)
-            y = _tile(y_ref, bi, hi, row0)
-            acc_re += _tn(x * fr, y, precision)
-            acc_im += _tn(x * fi, y, precision)
+            xr, xi = _sub_block_increment(x, _tile(y_ref, bi, hi, row0), g_lr + off_lr, g_th + off_th, precision,
+                                          conj=reverse)
+            acc_re, acc_im = acc_re + xr, acc_im + xi
             off_lr = off_lr + jnp.sum(lr, axis=0)[None, :]
             off_th = _wrap(off_th + _wrap(jnp.sum(th, axis=0))[None, :])
-        tr, ti = polar_pair(jnp.sum(off_lr, axis=0)[:, None], jnp.sum(off_th, axis=0)[:, None])  # (bd, 1)
-        return tr, (-ti if reverse else ti), acc_re, acc_im
+        return (*_transition_column(off_lr, off_th, conj=reverse), acc_re, acc_im)
 
     _fold_chunks(chunk_terms, (init_re, init_im), (out_re, out_im), (last_re, last_im), bi, hi, cols, n=n,
                  unroll=unroll, reverse=reverse)
