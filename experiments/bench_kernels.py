@@ -103,13 +103,10 @@ EW_VARIANTS = {
     "cb32_u8_p512": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=512),  # one segment at L=1024
     # Session 6 (H200, fwd+bwd pipelined ms at L = 1024 / 8192; default 0.564 / 0.551, again 0.548 / 0.567): two or
     # four channels per thread (independent chains to interleave) did not help: 0.577 / 0.589 and 0.847 / 0.907.
-    # (A Config.trig field, measured once and dropped: PTX sin / cos.approx 0.744 / 0.741, and no cos / sin at all
-    # 0.693 / 0.697, both slower than the libdevice functions: the trigonometry is not what bounds the kernel.)
+    # (A Config.trig field, measured once and dropped, commit 78df046: PTX sin / cos.approx 0.744 / 0.741, and no
+    # cos / sin at all 0.693 / 0.697, both slower than libdevice's: the trigonometry is not what bounds the kernel.)
     "cb256_w4": pe.Config(block_channels=256, num_warps=4),
     "cb512_w4": pe.Config(block_channels=512, num_warps=4),
-    "trig_approx": pe.Config(trig="approx"),
-    "trig_none": pe.Config(trig="none"),
-    "cb256_w4_approx": pe.Config(block_channels=256, num_warps=4, trig="approx"),
 }
 
 

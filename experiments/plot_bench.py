@@ -249,7 +249,8 @@ def plot_modes(result, out_dir) -> list[str]:
                     if mode == "auto":
                         continue
                     for dtype, style in zip(dtypes, ("-o", "--s")):
-                        pts = sorted((r["length"], r) for r in recs if r["mode"] == mode and r["dtype"] == dtype)
+                        pts = sorted(((r["length"], r) for r in recs if r["mode"] == mode and r["dtype"] == dtype),
+                                     key=lambda p: p[0])
                         xt = [(t, r["median_s"] * 1e3) for t, r in pts if "median_s" in r]
                         xm = [(t, _memory_bytes(r) / 2 ** 30) for t, r in pts if _memory_bytes(r) and "median_s" in r]
                         if xt:
@@ -307,15 +308,22 @@ def plot_decode(result, out_dir) -> list[str]:
     return [path]
 
 
+def _config_key(record):
+    return tuple(record.get(k) for k in ("scope", "setting", "pass", "mode", "dtype", "length"))
+
+
 def merge_modes(result, results_dir):
     """modes.json plus any modes_*.json of the same folder (e.g. the layer scope run in a second device call): records
-    of the later files are added; each file's command is listed."""
+    of the later files are added, each replacing an earlier record of the same configuration (a re-run supersedes);
+    each file's command is listed."""
     extra = sorted(f for f in os.listdir(results_dir) if f.startswith("modes_") and f.endswith(".json"))
     commands = [result.get("env", {}).get("command", "?")]
     for name in extra:
         with open(os.path.join(results_dir, name)) as f:
             other = json.load(f)
-        result["records"] = result.get("records", []) + other.get("records", [])
+        newer = {_config_key(r) for r in other.get("records", [])}
+        result["records"] = [r for r in result.get("records", []) if _config_key(r) not in newer] + other.get(
+            "records", [])
         commands.append(other.get("env", {}).get("command", "?"))
         if "bytes_per_s" in other.get("copy_bandwidth", {}):
             result.setdefault("copy_bandwidth_other_runs", []).append(other["copy_bandwidth"])

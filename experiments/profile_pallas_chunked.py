@@ -2,7 +2,8 @@
 
 Usage (GPU machine):
     python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192] \
-        [--forgetting 0,2] [--gates_file results/gates_memory_horizon_multihead.npz:layer1] [--check]
+        [--forgetting 0,2] [--gates_file results/gates_memory_horizon_multihead.npz:layer1] \
+        [--dtypes float32,bfloat16] [--check]
 Each stage of the forward and backward is jitted alone on the real intermediate inputs and timed like
 bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 heads, d_qk = d_v = 64.
 """
@@ -31,13 +32,15 @@ def with_forgetting_channels(log_r, n):
     return log_r.at[..., :n].set(-20.0) if n else log_r
 
 
-def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None):
+def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None, dtype="float32"):
     b, d = max(1, tokens // L), 64
     q, k, v, lr, th, dy = make_inputs(jax.random.PRNGKey(0), b, L, h, d, d)
+    # As ops.gateloop passes them: q, k, v and the cotangent in the model's dtype, y in it too; gates float32.
+    q, k, v, dy = (x.astype(dtype) for x in (q, k, v, dy))
     lr = with_forgetting_channels(lr, forgetting)
     if gates is not None:  # learned gates tiled to this shape instead of the random ones
         lr = jnp.asarray(tile_gates(gates, b, L, h, d))
-    p = pc.make_plan(cfg, b, h, L, d, d, interpret=interpret)
+    p = pc.make_plan(cfg, b, h, L, d, d, interpret=interpret, y_dtype=dtype)
     z = jnp.zeros((b, h, d, d), jnp.float32)
     out = {}
 
@@ -48,26 +51,19 @@ def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None):
         print(f"  {name:>14s} {out[name]:8.3f} ms", flush=True)
         return res
 
-    if cfg.fused_state:  # one state-pass kernel per direction in place of outer + carry
-        s_re, s_im, _, _ = t("fwd_state", lambda *a: pc._state_pass(p, *a, reverse=False), k, v, lr, th, z, z)
-    else:
-        inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
-                                   k, v, lr, th)
-        tr, ti = polar_pair(tl, tt)
-        s_re, s_im, f_re, f_im = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im,
-                                   z, z)
+    inc_re, inc_im, tl, tt = t("fwd_outer", lambda *a: pc._outer(p, *a, to_end=True, conj=False, totals=True),
+                               k, v, lr, th)
+    tr, ti = polar_pair(tl, tt)
+    s_re, s_im, _, _ = t("fwd_carry", lambda *a: pc._carry(p, *a, reverse=False), tr, ti, inc_re, inc_im, z, z)
     t("fwd_query", lambda *a: pc._query_side(p, *a, grad=False), q, k, v, lr, th, v, s_re, s_im)
-    if cfg.fused_state:
-        e_re, e_im, _, _ = t("bwd_state", lambda *a: pc._state_pass(p, *a, reverse=True), q, dy, lr, th, z, z)
-    else:
-        loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False),
-                           q, dy, lr, th)
-        e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
+    loc_re, loc_im = t("bwd_outer", lambda *a: pc._outer(p, *a, to_end=False, conj=True, totals=False),
+                       q, dy, lr, th)
+    e_re, e_im, _, _ = t("bwd_carry", lambda *a: pc._carry(p, *a, reverse=True), tr, ti, loc_re, loc_im, z, z)
     t("bwd_query", lambda *a: pc._query_side(p, *a, grad=True), q, k, v, lr, th, dy, s_re, s_im)
     t("bwd_key", lambda *a: pc._key_side(p, *a), q, k, v, lr, th, dy, e_re, e_im)
     out["sum"] = sum(out.values())
-    full = jax.jit(lambda *a: jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret,
-                                                                             config=cfg)[0], *a[:5])[1](a[5]))
+    full = jax.jit(lambda *a: jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret, config=cfg,
+                                                                             out_dtype=dtype)[0], *a[:5])[1](a[5]))
     jax.block_until_ready(full(q, k, v, lr, th, dy))
     out["fwd_bwd_total"] = bc.time_sync_and_pipelined(full, (q, k, v, lr, th, dy), runs=runs)["ms"]
     print(f"  {'fwd_bwd_total':>14s} {out['fwd_bwd_total']:8.3f} ms (stages sum {out['sum']:.3f})", flush=True)
@@ -87,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (CPU)")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dtypes", default="float32", help="q, k, v, dy and y dtypes, e.g. float32,bfloat16")
     ap.add_argument("--forgetting", default="0",
                     help="comma list: key channels per head with log|a| = -20 (0 = the usual gates, all tame)")
     ap.add_argument("--gates_file", default="",
@@ -117,16 +114,17 @@ def main(argv=None):
     for vname in variants:
         cfg = pc.VARIANTS[vname]
         for gate_name, forgetting, gates in gate_sets:
-            for L in (int(x) for x in a.lengths.split(",")):
-                L = min(L, tokens)
-                print(vname, L, gate_name, cfg, flush=True)
-                try:
-                    row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads, forgetting, gates)
-                except Exception as e:  # noqa: BLE001
-                    row = {"error": repr(e)[-1500:]}
-                    print(row, flush=True)
-                results["rows"].append({"variant": vname, "L": L, "forgetting": forgetting, "gates": gate_name,
-                                        **row})
+            for dtype in a.dtypes.split(","):
+                for L in (int(x) for x in a.lengths.split(",")):
+                    L = min(L, tokens)
+                    print(vname, L, gate_name, dtype, cfg, flush=True)
+                    try:
+                        row = stages(cfg, L, a.smoke, a.runs, tokens, a.heads, forgetting, gates, dtype)
+                    except Exception as e:  # noqa: BLE001
+                        row = {"error": repr(e)[-1500:]}
+                        print(row, flush=True)
+                    results["rows"].append({"variant": vname, "L": L, "forgetting": forgetting, "gates": gate_name,
+                                            "dtype": dtype, **row})
     os.makedirs(a.out, exist_ok=True)
     bc.write_json(os.path.join(a.out, "profile_pallas_chunked.json"), results)
     return results

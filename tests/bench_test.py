@@ -61,6 +61,13 @@ def test_bench_modes_tiny(tmp_path):
     assert records["auto"].get("alias_of") or records["auto"].get("resolved_mode")
     md = (out / "modes.md").read_text()
     assert "op fwd, multihead, float32" in md and "21" in md
+    # A later modes_*.json re-running a configuration supersedes its record: one point per length in the plots.
+    rerun = dict(result, records=[dict(records["scan"], median_s=123.0)])
+    (out / "modes_rerun.json").write_text(json.dumps(rerun))
+    merged = plot_bench.merge_modes(json.loads((out / "modes.json").read_text()), str(out))
+    scans = [r for r in merged["records"] if r["mode"] == "scan"]
+    assert [r["median_s"] for r in scans] == [123.0] and len(merged["records"]) == len(result["records"])
+    assert any(p.endswith("modes_op_fwd_multihead.png") for p in plot_bench.main(["--results", str(out)]))
 
 
 def test_bench_modes_learned_gates(tmp_path):
@@ -142,15 +149,16 @@ def test_profile_pallas_chunked_tiny(tmp_path):
     assert (tmp_path / "profile_pallas_chunked.json").exists()
 
 
-def test_profile_pallas_chunked_fused_variant(tmp_path):
-    """A fused_state variant is profiled with its one state-pass kernel per direction in place of outer + carry."""
+def test_profile_pallas_chunked_variant(tmp_path):
+    """--variants picks a non-default config (here 8 chunks per carry step), profiled stage by stage; --dtypes runs
+    the stages on bf16 q, k, v and cotangent as ops.gateloop passes them."""
     res = profile_pallas_chunked.main(["--smoke", "--lengths", "32", "--runs", "1", "--out", str(tmp_path),
-                                       "--heads", "2", "--variants", "fused_u4"])
+                                       "--heads", "2", "--variants", "carry_u8", "--dtypes", "bfloat16"])
     [row] = res["rows"]
+    assert row["variant"] == "carry_u8" and row["dtype"] == "bfloat16"
     assert "error" not in row, row.get("error")
-    for stage in ("fwd_state", "fwd_query", "bwd_state", "bwd_query", "bwd_key"):
+    for stage in ("fwd_outer", "fwd_carry", "fwd_query", "bwd_outer", "bwd_carry", "bwd_query", "bwd_key"):
         assert row[stage] > 0, stage
-    assert "fwd_outer" not in row and "bwd_carry" not in row
 
 
 if __name__ == "__main__":

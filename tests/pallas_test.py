@@ -163,45 +163,6 @@ def test_multihead_carry_unroll(t, carry_unroll):
     _check(fn, args, F32_RTOL)
 
 
-@pytest.mark.parametrize(
-    "t,chunk,carry_block,carry_unroll",
-    [
-        (128, 16, 4, 4),  # 8 chunks of one sub-block, 4-row programs (broadcast products), 4 chunks per iteration
-        (96, 16, 16, 4),  # 16-row programs (matrix products), unroll 4 on 6 chunks: 2 per iteration
-        (100, 32, 4, 1),  # chunks of 2 sub-blocks, padded length
-        (90, 48, 8, 2),  # chunks of 3 sub-blocks, 8-row programs
-    ],
-)
-def test_multihead_fused_state_pass(t, chunk, carry_block, carry_unroll):
-    """Config.fused_state: each direction's state pass in one kernel (chunk increments and transitions formed per
-    program, never stored), against the oracle with h0 and a final-state cotangent, over all gate regimes."""
-    rng = np.random.default_rng([t, chunk, carry_block])
-    args = _inputs(rng, 4, t, 2, 8, 5, with_h0=True)
-    cfg = pc.Config(fused_state=True, carry_block=carry_block, carry_unroll=carry_unroll)
-    fn = lambda *a: pc.gateloop_pallas_chunked(*a, chunk_size=chunk, interpret=True, config=cfg)  # noqa: E731
-    _check(fn, args, F32_RTOL)
-
-
-@pytest.mark.parametrize(
-    "t,chunk,fused,tame_nats",
-    [
-        (100, 32, False, 48.0),  # 2 sub-blocks per chunk, padded length, both diagonal forms by gate regime
-        (130, 64, False, 0.0),  # 4 sub-blocks, every diagonal on the exact row loop
-        (90, 48, True, 48.0),  # 3 sub-blocks, with the fused state pass
-        (20, 16, False, 48.0),  # one sub-block per chunk: the same function as the default kernels
-    ],
-)
-def test_multihead_step_state(t, chunk, fused, tame_nats):
-    """Config.step_state: the query and key sides walk each chunk's sub-blocks with the state (its cotangent) in
-    registers instead of summing off-diagonal sub-block pairs; against the oracle with h0 and a final-state
-    cotangent, over all gate regimes."""
-    rng = np.random.default_rng([t, chunk, int(fused)])
-    args = _inputs(rng, 4, t, 2, 8, 5, with_h0=True)
-    cfg = pc.Config(step_state=True, fused_state=fused, carry_unroll=2, tame_nats=tame_nats)
-    fn = lambda *a: pc.gateloop_pallas_chunked(*a, chunk_size=chunk, interpret=True, config=cfg)  # noqa: E731
-    _check(fn, args, F32_RTOL)
-
-
 @pytest.mark.parametrize("tame_nats", [0.0, 16.0, 32.0, 48.0, 64.0])
 def test_multihead_diagonal_forms(tame_nats):
     """The two forms of the diagonal sub-blocks, each alone: tame_nats = 0 forces the exact row loop everywhere; with

@@ -28,9 +28,6 @@ Kernels (grid axes in brackets; bh = batch x heads, n chunks, nb = C / c sub-blo
   backward  _outer (bh, n): each chunk's cotangent of its start state -> _carry reversed: the cotangent of each chunk's
             end state -> _query_side (dq and the query halves of dlog_r, dtheta) and _key_side (dk, dv and the key
             halves), both (bh, n, nb).
-  Untimed alternatives (Config): fused_state replaces _outer + _carry by one _state_pass (bh, d_qk blocks) per
-  direction; step_state makes the query and key sides (bh, n), each program walking its chunk's sub-blocks with the
-  state or its cotangent in registers instead of summing off-diagonal sub-block pairs.
 dlog_r and dtheta use that y depends on G only through q e^{G} and k e^{-G} (and the final state through e^{G_T}):
 dL/dG_n = q_n Re(Dq_n) - k_n Re(Dk_n), dL/dPhi_n = -q_n Im(Dq_n) + k_n Im(Dk_n), where Dq, Dk are the complex
 coefficients of q and k in the loss; dlog_r is the reverse cumulative sum of dL/dG. The kernels return sums
@@ -97,19 +94,9 @@ class Config(NamedTuple):
     num_stages: int = 1
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
     # Chunks per iteration of the carry loop, all their loads issued before any store (as the max-headed kernel does):
-    # one store per step otherwise holds the next step's loads back, one memory latency per chunk. 1 = the timed
-    # behaviour (0.43-0.45 ms per carry at L = 8192, ~1.6x its bytes at copy bandwidth); 8 is not yet timed.
-    carry_unroll: int = 1
-    # One kernel per direction for the state pass instead of _outer (chunk increments to memory) + _carry: each
-    # program owns carry_block rows of the state, computes every chunk's increment and transition for its rows from
-    # the inputs and folds them in at once; the increments never go through memory (0.5 GB written and read per
-    # direction at L = 8192 here). Session 5: tested on CPU, not yet timed.
-    fused_state: bool = False
-    # Query and key sides: one program per chunk walking its C / 16 sub-blocks in order with the state (backward: its
-    # cotangent) in registers, instead of one program per sub-block with the off-diagonal sub-block pairs: O(nb)
-    # state updates instead of O(nb^2) pair products, and states stored once per chunk. Matters for chunk > 16.
-    # Session 5: tested on CPU, not yet timed.
-    step_state: bool = False
+    # one store per step otherwise holds the next step's loads back, one memory latency per chunk. H200, session 6,
+    # L = 8192: 1 -> 4 takes each carry from 0.42-0.45 to 0.35-0.36 ms (fwd+bwd 4.07-4.17 -> 4.00); 8 is no better.
+    carry_unroll: int = 4
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
     # Diagonal sub-blocks whose gates decay by at most this many nats (every channel: sum of log|a| over the 16 rows
@@ -121,7 +108,10 @@ class Config(NamedTuple):
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
 
 
-# Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default).
+# Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default). Two
+# session-5 alternatives were timed on the H200 in session 6 and removed (code at commit ae99aef): fused_state (outer
+# + carry in one kernel per direction, 245 ms fwd+bwd against 4.0) and step_state (query and key sides walking each
+# chunk's sub-blocks with the state in registers, C = 32 / 64: 6.4 / 7.1 ms against 4.0).
 VARIANTS = {
     "default": Config(),
     "default_again": Config(),  # the same kernel twice: the run-to-run spread
@@ -131,16 +121,8 @@ VARIANTS = {
     "w8": Config(num_warps=8),
     "w4": Config(carry_warps=4, backward_warps=4),  # the session-2 warps
     "carry16": Config(carry_block=16),
-    "carry_u4": Config(carry_unroll=4),  # session 5, not yet timed: the carry's loads ahead of its stores
+    "carry_u1": Config(carry_unroll=1),  # the default until session 6: one chunk per carry step
     "carry_u8": Config(carry_unroll=8),
-    "fused": Config(fused_state=True),  # session 5, not yet timed: outer + carry in one kernel per direction
-    "fused_u4": Config(fused_state=True, carry_unroll=4),
-    "fused_u8": Config(fused_state=True, carry_unroll=8),
-    "fused_b8_u4": Config(fused_state=True, carry_block=8, carry_unroll=4),
-    "fused_b16_u4": Config(fused_state=True, carry_block=16, carry_unroll=4),  # matrix products, 4x fewer programs
-    "step32": Config(chunk=32, step_state=True),  # session 5, not yet timed: sub-blocks walked with the state
-    "step64": Config(chunk=64, step_state=True),
-    "step64_fused_u4": Config(chunk=64, step_state=True, fused_state=True, carry_unroll=4),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
@@ -180,9 +162,7 @@ class _Plan(NamedTuple):
     carry_warps: int = 8
     backward_warps: int = 8
     y_dtype: object = jnp.float32
-    carry_unroll: int = 1
-    fused_state: bool = False
-    step_state: bool = False
+    carry_unroll: int = 4
 
     @property
     def n(self):
@@ -324,9 +304,9 @@ def _carry_kernel(tr_ref, ti_ref, inc_re, inc_im, init_re, init_im, out_re, out_
 
 
 def _fold_chunks(terms, init, outs, lasts, bi, hi, rows, *, n, unroll, reverse):
-    """The sequential fold of _carry_kernel and _state_pass_kernel, over the chunks in scan order (last first when
-    reverse): out_j = the state entering chunk j, then state <- a_j state + x_j with (a_j re, im, x_j re, im) =
-    terms(j), a_j a (rows, 1) column; lasts = the state after the last chunk. Each iteration forms the terms of
+    """The sequential fold of _carry_kernel, over the chunks in scan order (last first when reverse): out_j = the
+    state entering chunk j, then state <- a_j state + x_j with (a_j re, im, x_j re, im) = terms(j), a_j a (rows, 1)
+    column; lasts = the state after the last chunk. Each iteration forms the terms of
     `unroll` chunks (n is a multiple of it) before its first store: the stores go to refs the compiler cannot prove
     distinct from the inputs, so a load issued after one waits for it."""
     def body(i, state):
@@ -484,52 +464,6 @@ def _query_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *
     _store_dq(out_refs, bi, hi, row0, j * nb + i, q, k, v, w, dq_re + tr, dq_im + ti, tri)
 
 
-def _sub_block_increment(x, y, lr_sums, th_sums, precision, conj):
-    """sum_m f_m x_m^T y_m over one sub-block, f = e^{lr_sums + i th_sums} (conjugated if conj): (d_x, d_y) complex.
-    x may be narrower than 16 columns (the fused state pass's row blocks): see _tn."""
-    fr, fi = polar_pair(lr_sums, th_sums)
-    if conj:
-        fi = -fi
-    return _tn(x * fr, y, precision), _tn(x * fi, y, precision)
-
-
-def _transition_column(tot_lr, tot_th, conj):
-    """A total transition e^{tot_lr + i tot_th}, given as (1, d) rows, as a (d, 1) column (conjugated if conj)."""
-    tr, ti = polar_pair(jnp.sum(tot_lr, axis=0)[:, None], jnp.sum(tot_th, axis=0)[:, None])
-    return tr, (-ti if conj else ti)
-
-
-def _query_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, s_re, s_im, *out_refs, h, nb, precision, grad, tri,
-                       tame_nats, ablate=""):
-    """Config.step_state: all nb sub-blocks of chunk j in one program, in order, the state in registers. Sub-block i
-    sees S_i, the state entering it: y_i = (diagonal) + Re(q rho S_i) (backward: Dq_i from dy S_i^T); then
-    S_{i+1} = T_i S_i + sum_m sigma_m k_m^T v_m. Earlier sub-blocks of the chunk reach i only through S_i, so there
-    are no off-diagonal sub-block pairs: O(nb) state updates instead of O(nb^2) pair products."""
-    pid, j = pl.program_id(0), pl.program_id(1)
-    bi, hi = pid // h, pid % h
-
-    def sub_block(i, state):
-        sr, si = state
-        row0 = j * (nb * SUB) + i * SUB
-        q, k, v, w, g, kc, ks, rho, qt = _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, bi, hi, row0, grad,
-                                                      tri, ("pre", "suf"))
-        diag = _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, kc, ks, rho, qt,
-                               grad=grad, precision=precision, tame_nats=tame_nats, ablate=ablate)
-        if not grad:
-            y = diag + _dot(qt[0], sr, precision) - _dot(qt[1], si, precision)
-            y_ref, = out_refs
-            y_ref[bi, pl.ds(row0, SUB), hi, :] = y.astype(y_ref.dtype)
-        else:
-            tr, ti = cmul(rho[0], rho[1], _dot_nt(w, sr, precision), _dot_nt(w, si, precision))  # rho (dy S^T)
-            _store_dq(out_refs, bi, hi, row0, j * nb + i, q, k, v, w, diag[0] + tr, diag[1] + ti, tri)
-        ar, ai = _transition_column(g.tot_lr, g.tot_th, conj=False)
-        xr, xi = _sub_block_increment(k, v, g.suf_lr, g.suf_th, precision, conj=False)
-        sr, si = cmul(ar, ai, sr, si)
-        return sr + xr, si + xi
-
-    jax.lax.fori_loop(0, nb, sub_block, (s_re[bi, hi, j, :, :], s_im[bi, hi, j, :, :]))
-
-
 def _key_tiles(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, bi, hi, row0, tri):
     """One key sub-block's tiles: q, k, v, dy, its gate tiles (prefix and suffix), the prefix phase's cos, sin and
     k's phase parts kc, ks."""
@@ -644,90 +578,6 @@ def _key_side_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, dk
               (dk_ref, dv_ref, dg_ref, dp_ref, dg_tot, dp_tot), tri)
 
 
-def _key_step_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, e_re, e_im, *outs, h, nb, precision, tri, tame_nats,
-                     ablate=""):
-    """Config.step_state, backward key side: all nb sub-blocks of chunk j in one program, last first, with E, the
-    cotangent of the state leaving the current sub-block, in registers (E of the chunk's end state to start). Key
-    sub-block i: Dk += sigma (v conj(E)^T), dv += Re(k sigma conj(E)) and the diagonal; then E <- conj(T_i) E +
-    sum_n conj(rho_n) q_n^T dy_n, the cotangent of the state entering i. Later sub-blocks reach i only through E."""
-    pid, j = pl.program_id(0), pl.program_id(1)
-    bi, hi = pid // h, pid % h
-
-    def sub_block(ii, state):
-        er, ei = state
-        i = nb - 1 - ii
-        row0 = j * (nb * SUB) + i * SUB
-        q, k, v, dy, g, cos_m, sin_m, kc, ks = _key_tiles(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, bi, hi, row0,
-                                                          tri)
-        tre, tim, dv = _key_diagonal(q_ref, lr_ref, th_ref, dy_ref, bi, hi, row0, q, v, dy, g, kc, ks,
-                                     precision=precision, tame_nats=tame_nats, ablate=ablate)
-        dk_re, dk_im = cmul(cos_m, -sin_m, tre, tim)
-        sg_re, sg_im = polar_pair(g.suf_lr, g.suf_th)
-        kt_re, kt_im = k * sg_re, k * sg_im
-        dv = dv + _dot(kt_re, er, precision) + _dot(kt_im, ei, precision)
-        tr, ti = cmul(sg_re, sg_im, _dot_nt(v, er, precision), -_dot_nt(v, ei, precision))
-        _store_dk(bi, hi, row0, j * nb + i, q, k, v, dy, dk_re + tr, dk_im + ti, dv, outs, tri)
-        ar, ai = _transition_column(g.tot_lr, g.tot_th, conj=True)
-        xr, xi = _sub_block_increment(q, dy, g.pre_lr, g.pre_th, precision, conj=True)
-        er, ei = cmul(ar, ai, er, ei)
-        return er + xr, ei + xi
-
-    jax.lax.fori_loop(0, nb, sub_block, (e_re[bi, hi, j, :, :], e_im[bi, hi, j, :, :]))
-
-
-def _tn(a, b, precision):
-    """a^T b for (m, p), (m, e) tiles: a matrix product when p reaches the Triton minimum of 16, else a broadcast
-    multiply and a sum over m (exact float32)."""
-    if a.shape[1] >= SUB:
-        return _dot_tn(a, b, precision)
-    return jnp.sum(a[:, :, None] * b[:, None, :], axis=0)
-
-
-def _direct_sums(x, tri, prefix):
-    """_segment_sums for any width: inclusive prefix or exclusive suffix sums down the rows, each a direct sum."""
-    if x.shape[1] >= SUB:
-        return _segment_sums(x, tri, prefix)
-    c = x.shape[0]
-    r, col = _iota((c, c), 0), _iota((c, c), 1)
-    keep = (col <= r) if prefix else (col > r)
-    return jnp.sum(jnp.where(keep[:, :, None], x[None, :, :], 0.0), axis=1)
-
-
-def _state_pass_kernel(x_ref, y_ref, lr_ref, th_ref, init_re, init_im, out_re, out_im, last_re, last_im, *, h, n, nb,
-                       bd, reverse, unroll, precision, tri):
-    """_outer and _carry fused for bd rows (key channels) of the state. Forward (x = k, y = v): out_j = S, the
-    state entering chunk j, then S = T_j S + sum_m e^{(G_end - G_m) + i(..)} k_m^T v_m. Reverse (x = q, y = dy):
-    out_j = G, the cotangent of chunk j's end state, then G = conj(T_j) G + sum_n conj(e^{(G_n - G_start) + i(..)})
-    q_n^T dy_n. The chunk terms are _outer's sums in _outer's order; each loop iteration forms those of `unroll`
-    chunks (independent of the state, all loads first) before folding them in one by one."""
-    pid, di = pl.program_id(0), pl.program_id(1)
-    bi, hi = pid // h, pid % h
-    cols = pl.ds(pl.multiple_of(di * bd, bd), bd)
-    e = out_re.shape[-1]
-
-    def chunk_terms(j):
-        acc_re = jnp.zeros((bd, e), jnp.float32)
-        acc_im = jnp.zeros((bd, e), jnp.float32)
-        off_lr = jnp.zeros((1, bd), jnp.float32)
-        off_th = jnp.zeros((1, bd), jnp.float32)
-        for s in (range(nb) if reverse else range(nb - 1, -1, -1)):  # static: nb = C / 16 sub-blocks
-            row0 = j * (nb * SUB) + s * SUB
-            rows = pl.ds(row0, SUB)
-            lr = lr_ref[bi, rows, hi, cols].astype(jnp.float32)
-            th = _wrap(th_ref[bi, rows, hi, cols].astype(jnp.float32))
-            g_lr, g_th = _direct_sums(lr, tri, reverse), _direct_sums(th, tri, reverse)
-            x = x_ref[bi, rows, hi, cols].astype(jnp.float32)
-            xr, xi = _sub_block_increment(x, _tile(y_ref, bi, hi, row0), g_lr + off_lr, g_th + off_th, precision,
-                                          conj=reverse)
-            acc_re, acc_im = acc_re + xr, acc_im + xi
-            off_lr = off_lr + jnp.sum(lr, axis=0)[None, :]
-            off_th = _wrap(off_th + _wrap(jnp.sum(th, axis=0))[None, :])
-        return (*_transition_column(off_lr, off_th, conj=reverse), acc_re, acc_im)
-
-    _fold_chunks(chunk_terms, (init_re, init_im), (out_re, out_im), (last_re, last_im), bi, hi, cols, n=n,
-                 unroll=unroll, reverse=reverse)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # pallas_call wrappers on padded arrays
 # --------------------------------------------------------------------------------------------------------------------
@@ -763,19 +613,6 @@ def _carry(plan, tr, ti, inc_re, inc_im, init_re, init_im, *, reverse):
                  name="gateloop_mh_carry", warps=p.carry_warps)
 
 
-def _state_pass(plan, x, y, lr, th, init_re, init_im, *, reverse):
-    """Config.fused_state: forward (x = k, y = v, init = h0) the chunk-start states and the final state; reverse
-    (x = q, y = dy, init = the final state's cotangent) the chunk-end cotangents and dh0."""
-    p = plan
-    bd = min(p.carry_block, p.dk)
-    unroll = math.gcd(p.n, p.carry_unroll)
-    outs = (_f32(p.b, p.h, p.n, p.dk, p.dv),) * 2 + (_f32(p.b, p.h, p.dk, p.dv),) * 2
-    kernel = functools.partial(_state_pass_kernel, h=p.h, n=p.n, nb=p.nb, bd=bd, reverse=reverse, unroll=unroll,
-                               precision=p.precision, tri=p.tri)
-    return _call(p, kernel, (p.b * p.h, p.dk // bd), outs, x, y, lr, th, init_re, init_im,
-                 name="gateloop_mh_state_bwd" if reverse else "gateloop_mh_state", warps=p.carry_warps)
-
-
 def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
     """Forward (w = v): y. Backward (w = dy): dq, the query halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
@@ -784,11 +621,9 @@ def _query_side(plan, q, k, v, lr, th, w, s_re, s_im, *, grad):
         outs = (jax.ShapeDtypeStruct(big.shape, q.dtype), big, big, small, small)
     else:
         outs = jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), p.y_dtype)
-    body, grid = (_query_step_kernel, (p.b * p.h, p.n)) if p.step_state else (_query_side_kernel,
-                                                                               (p.b * p.h, p.n, p.nb))
-    kernel = functools.partial(body, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
+    kernel = functools.partial(_query_side_kernel, h=p.h, nb=p.nb, precision=p.precision, grad=grad, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
-    return _call(p, kernel, grid, outs, q, k, v, lr, th, w, s_re, s_im,
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), outs, q, k, v, lr, th, w, s_re, s_im,
                  name="gateloop_mh_bwd_q" if grad else "gateloop_mh_fwd")
 
 
@@ -796,24 +631,18 @@ def _key_side(plan, q, k, v, lr, th, dy, e_re, e_im):
     """Backward: dk, dv, the key halves of dL/dG, dL/dPhi and their sub-block totals."""
     p = plan
     big, small = _f32(p.b, p.t, p.h, p.dk), _f32(p.b, p.h, p.n * p.nb, p.dk)
-    body, grid = (_key_step_kernel, (p.b * p.h, p.n)) if p.step_state else (_key_side_kernel, (p.b * p.h, p.n, p.nb))
-    kernel = functools.partial(body, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
+    kernel = functools.partial(_key_side_kernel, h=p.h, nb=p.nb, precision=p.precision, tri=p.tri,
                                tame_nats=p.tame_nats, ablate=p.ablate)
     grads = (jax.ShapeDtypeStruct(big.shape, k.dtype), jax.ShapeDtypeStruct((p.b, p.t, p.h, p.dv), v.dtype))
-    return _call(p, kernel, grid, grads + (big, big, small, small),
+    return _call(p, kernel, (p.b * p.h, p.n, p.nb), grads + (big, big, small, small),
                  q, k, v, lr, th, dy, e_re, e_im, name="gateloop_mh_bwd_k", warps=p.backward_warps)
-
 
 
 def _forward(plan, q, k, v, lr, th, h0re, h0im):
     p = plan
-    if p.fused_state:
-        s_re, s_im, f_re, f_im = _state_pass(p, k, v, lr, th, h0re, h0im, reverse=False)
-        tr = ti = None  # the backward's state pass forms the transitions again
-    else:
-        inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
-        tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
-        s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
+    inc_re, inc_im, tot_lr, tot_th = _outer(p, k, v, lr, th, to_end=True, conj=False, totals=True)
+    tr, ti = polar_pair(tot_lr, tot_th)  # each chunk's total transition, (b, h, n, d_qk): small, in XLA
+    s_re, s_im, f_re, f_im = _carry(p, tr, ti, inc_re, inc_im, h0re, h0im, reverse=False)
     y = _query_side(p, q, k, v, lr, th, v, s_re, s_im, grad=False)
     return y, f_re, f_im, (s_re, s_im, tr, ti)
 
@@ -828,11 +657,8 @@ def _backward(plan, q, k, v, lr, th, h0re, h0im, res, final, dy, gf_re, gf_im):
     p = plan
     s_re, s_im, tr, ti = res
     f_re, f_im = final
-    if p.fused_state:
-        e_re, e_im, dh0_re, dh0_im = _state_pass(p, q, dy, lr, th, gf_re, gf_im, reverse=True)
-    else:
-        loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
-        e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
+    loc_re, loc_im = _outer(p, q, dy, lr, th, to_end=False, conj=True, totals=False)
+    e_re, e_im, dh0_re, dh0_im = _carry(p, tr, ti, loc_re, loc_im, gf_re, gf_im, reverse=True)
     dq, qg, qp, qg_tot, qp_tot = _query_side(p, q, k, v, lr, th, dy, s_re, s_im, grad=True)
     dk, dv, kg, kp, kg_tot, kp_tot = _key_side(p, q, k, v, lr, th, dy, e_re, e_im)
     # The final state scales with e^{G_T + i Phi_T}: its cotangent adds Re<gf, final> and Re<gf, i final> to dL/dG_T,
@@ -860,7 +686,7 @@ def make_plan(cfg: Config, b, h, t, dk, dv, *, interpret: bool, chunk_size: int 
     tri = jax.lax.Precision.HIGHEST if interpret else _PRECISIONS[cfg.triangle]
     return _Plan(b, h, -(-t // chunk) * chunk, dkp, dvp, chunk, cfg.num_warps, cfg.num_stages, cfg.carry_block,
                  precision, tri, bool(interpret), cfg.ablate, float(cfg.tame_nats), cfg.carry_warps,
-                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll, cfg.fused_state, cfg.step_state)
+                 cfg.backward_warps, jnp.dtype(y_dtype), cfg.carry_unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -58,9 +58,6 @@ class Config(NamedTuple):
     segment_length: int = 0  # time steps per program; 0 = choose from the shape (see _pick_segment_length)
     num_stages: int = 3
     min_programs: int = 512  # when choosing segment_length, aim for at least this many programs
-    # cos / sin of the phases: "precise" (libdevice), "approx" (PTX sin / cos.approx after wrapping the phase to
-    # [-pi, pi]; interpret mode computes "precise"), or "none" (profiling only, wrong results).
-    trig: str = "precise"
 
 
 def supported(q_shape, v_shape, platform: str) -> bool:
@@ -87,22 +84,6 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
-def _approx(op, x):
-    [out] = plgpu.elementwise_inline_asm(f"{op}.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct.like(x)])
-    return out
-
-
-def _polar(log_r, theta, trig):
-    if trig == "precise":
-        return polar_pair(log_r, theta)
-    magnitude = jnp.exp(log_r)
-    if trig == "none":
-        return magnitude, magnitude * (0.01 * theta)
-    theta = theta - (2.0 * jnp.pi) * jnp.floor(theta * (0.5 / jnp.pi) + 0.5)
-    return magnitude * _approx("cos", theta), magnitude * _approx("sin", theta)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Kernels. Refs are whole arrays (b, t, h) / (b, S, h) / (b, h); each program computes its own offsets.
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,7 +95,7 @@ def _load_rows(refs, bi, rows, cols):
     return [[_f32(r[bi, n, cols]) for n in rows] for r in refs]
 
 
-def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, *, seg, cb, unroll, trig):
+def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, *, seg, cb, unroll):
     """Per segment: its state from a zero start and the product of its transitions."""
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
@@ -125,7 +106,7 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
         rows = [t0 + j * unroll + u for u in range(unroll)]
         ks, vs, lrs, ths = _load_rows((k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            ar, ai = _polar(lrs[u], ths[u], trig)
+            ar, ai = polar_pair(lrs[u], ths[u])
             hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
             pr, pi = cmul(ar, ai, pr, pi)
@@ -139,7 +120,7 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
     p_im[bi, si, cols] = pi
 
 
-def _fwd_kernel(*refs, seg, cb, unroll, trig, segmented, save_states):
+def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
     q_ref, k_ref, v_ref, lr_ref, th_ref, h0_re, h0_im = refs[:7]
     refs = refs[7:]
     if segmented:
@@ -173,7 +154,7 @@ def _fwd_kernel(*refs, seg, cb, unroll, trig, segmented, save_states):
             hb_re[bi, blk, cols] = hr
             hb_im[bi, blk, cols] = hi
         for u in range(unroll):
-            ar, ai = _polar(lrs[u], ths[u], trig)
+            ar, ai = polar_pair(lrs[u], ths[u])
             hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
             y_ref[bi, rows[u], cols] = (qs[u] * hr).astype(y_ref.dtype)
@@ -184,7 +165,7 @@ def _fwd_kernel(*refs, seg, cb, unroll, trig, segmented, save_states):
     end_im[bi, si, cols] = hi
 
 
-def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, unroll, trig):
+def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, unroll):
     """Per segment, reverse time from a zero incoming cotangent: c <- conj(a_n) (q_n dy_n + c)."""
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
@@ -195,7 +176,7 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
         rows = [t_last - (j * unroll + u) for u in range(unroll)]
         qs, dys, lrs, ths = _load_rows((q_ref, dy_ref, lr_ref, th_ref), bi, rows, cols)
         for u in range(unroll):
-            ar, ai = _polar(lrs[u], ths[u], trig)
+            ar, ai = polar_pair(lrs[u], ths[u])
             gr = qs[u] * dys[u] + cr
             cr, ci_ = cmul(ar, -ai, gr, ci_)
         return cr, ci_
@@ -206,7 +187,7 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
     gl_im[bi, si, cols] = ci_
 
 
-def _bwd_kernel(*refs, seg, cb, unroll, trig, segmented, num_segments):
+def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
     (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hb_re, hb_im, gf_re, gf_im) = refs[:10]
     refs = refs[10:]
     if segmented:
@@ -238,7 +219,7 @@ def _bwd_kernel(*refs, seg, cb, unroll, trig, segmented, num_segments):
         hr, hi = hb_re[bi, blk, cols], hb_im[bi, blk, cols]
         before, trans = [], []
         for u in range(unroll):
-            ar, ai = _polar(lrs[u], ths[u], trig)
+            ar, ai = polar_pair(lrs[u], ths[u])
             before.append((hr, hi))
             trans.append((ar, ai))
             hr, hi = cmul(ar, ai, hr, hi)
@@ -280,7 +261,6 @@ class _Plan(NamedTuple):
     num_stages: int
     interpret: bool
     y_dtype: object = jnp.float32
-    trig: str = "precise"
 
     @property
     def num_segments(self):
@@ -311,7 +291,7 @@ def _f32_shape(*shape):
 
 def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
-    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll, trig=plan.trig)
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
     small = _f32_shape(b, s, h)
     segmented = s > 1
     extra = ()
@@ -331,7 +311,7 @@ def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
 
 def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, gf_re, gf_im):
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
-    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll, trig=plan.trig)
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
     small = _f32_shape(b, s, h)
     segmented = s > 1
     extra = ()
@@ -389,9 +369,7 @@ def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | 
     if seg % unroll:
         raise ValueError(f"segment_length {seg} must be a multiple of unroll {unroll}")
     tp = -(-t // seg) * seg
-    trig = "precise" if interpret and cfg.trig == "approx" else cfg.trig
-    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret), jnp.dtype(out_dtype),
-                 trig)
+    plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret), jnp.dtype(out_dtype))
 
     def prep(x, value=0.0):
         x = x[..., 0]
