@@ -151,7 +151,12 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
 
 
 def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
-    """(fn, argument names). fwd -> y; fwdbwd -> the five input gradients (y is not needed by the backward pass)."""
+    """(fn, argument names). fwd -> y; fwdbwd -> (y, the five input gradients): what a training step computes.
+
+    y must be an output of fwdbwd: GateLoop's backward does not read y, so with only the gradients returned XLA drops
+    the kernels that compute nothing but y (the multi-head Pallas op's forward query side, ~0.7 ms of ~4.7 on an
+    H200) and the timing flatters GateLoop against attention, whose backward reads its output. Up to session 6 this
+    function returned the gradients alone (experiments/perf_notes.md, session 6)."""
     import jax
     import jax.numpy as jnp
 
@@ -181,7 +186,7 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     def fwdbwd(*xs):
         *inputs, dy = xs
         y, vjp = jax.vjp(forward, *inputs)
-        return vjp(dy.astype(y.dtype))
+        return y, *vjp(dy.astype(y.dtype))
 
     return fwdbwd, names + ("dy",)
 
@@ -204,7 +209,7 @@ def layer_module(mode: str, dims: dict, dtype: str):
 
 
 def layer_fn(graphdef, mode: str, pass_: str):
-    """fwd(params, x) -> y; fwdbwd(params, x, dy) -> (grads of params, grad of x)."""
+    """fwd(params, x) -> y; fwdbwd(params, x, dy) -> (y, grads of params, grad of x): y too, see op_fn."""
     import jax
     from flax import nnx
 
@@ -218,7 +223,7 @@ def layer_fn(graphdef, mode: str, pass_: str):
 
     def fwdbwd(params, x, dy):
         y, vjp = jax.vjp(forward, params, x)
-        return vjp(dy.astype(y.dtype))
+        return y, *vjp(dy.astype(y.dtype))
 
     return fwdbwd, ("params", "x", "dy")
 
@@ -627,7 +632,7 @@ def fla_peers(args) -> list[dict]:
 
 def bandwidth_bound(c: dict, copy_bps: float | None) -> dict:
     """Bytes an op must move at least (inputs read once, outputs written once) and that time at the copy bandwidth.
-    fwd: q, k, v, log|a|, arg a in, y out. fwdbwd: the same inputs and dy in, their five gradients out."""
+    fwd: q, k, v, log|a|, arg a in, y out. fwdbwd: the same inputs and dy in, y and their five gradients out."""
     if c["scope"] != "op" or c["kind"] != "gateloop":
         return {}
     item = {"bfloat16": 2, "float32": 4}.get(c["dtype"], 4)
@@ -635,7 +640,9 @@ def bandwidth_bound(c: dict, copy_bps: float | None) -> dict:
     n_v = c["tokens"] * c["heads"] * c["d_v"]
     inputs = (2 * n_qk + n_v) * item + 2 * n_qk * 4
     y = n_v * item
-    moved = inputs + y if c["pass"] == "fwd" else 2 * inputs + y
+    # fwdbwd: the inputs and dy read, y and the gradients (the inputs' sizes) written. (Up to session 6: 2 inputs + y,
+    # one y short.)
+    moved = inputs + y if c["pass"] == "fwd" else 2 * inputs + 2 * y
     out = {"min_bytes": moved}
     if copy_bps:
         out["bandwidth_bound_s"] = moved / copy_bps
@@ -671,7 +678,7 @@ def main(argv=None):
                   "time: median of reps timed runs after warm-up, each synchronised with block_until_ready",
                   "peak_bytes: device.memory_stats()['peak_bytes_in_use'] after the config, in a fresh process per "
                   "(scope, setting, dtype); peak_exact false means an earlier config of that process peaked higher",
-                  "error: max|out-ref|/max|ref| (max over outputs: y for fwd, the input gradients for fwdbwd) against "
+                  "error: max|out-ref|/max|ref| (max over outputs: y for fwd, y and the input gradients for fwdbwd) against "
                   "the reference on the same inputs",
                   "compile_s: measured with up to compile_workers compiles in flight",
                   "inputs exceed the 60 MB L2 of an H200 at the default sizes, so they are not rotated"]}

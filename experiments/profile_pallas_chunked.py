@@ -62,8 +62,12 @@ def stages(cfg, L, interpret, runs, tokens, h=8, forgetting=0, gates=None, dtype
     t("bwd_query", lambda *a: pc._query_side(p, *a, grad=True), q, k, v, lr, th, dy, s_re, s_im)
     t("bwd_key", lambda *a: pc._key_side(p, *a), q, k, v, lr, th, dy, e_re, e_im)
     out["sum"] = sum(out.values())
-    full = jax.jit(lambda *a: jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret, config=cfg,
-                                                                             out_dtype=dtype)[0], *a[:5])[1](a[5]))
+    def fwd_bwd(q, k, v, lr, th, dy):  # y and the five gradients: without y returned, XLA drops the fwd query kernel
+        y, pull = jax.vjp(lambda *x: pc.gateloop_pallas_chunked(*x, None, interpret=interpret, config=cfg,
+                                                                out_dtype=dtype)[0], q, k, v, lr, th)
+        return y, *pull(dy)
+
+    full = jax.jit(fwd_bwd)
     jax.block_until_ready(full(q, k, v, lr, th, dy))
     out["fwd_bwd_total"] = bc.time_sync_and_pipelined(full, (q, k, v, lr, th, dy), runs=runs)["ms"]
     print(f"  {'fwd_bwd_total':>14s} {out['fwd_bwd_total']:8.3f} ms (stages sum {out['sum']:.3f})", flush=True)

@@ -70,6 +70,25 @@ def test_bench_modes_tiny(tmp_path):
     assert any(p.endswith("modes_op_fwd_multihead.png") for p in plot_bench.main(["--results", str(out)]))
 
 
+def test_bench_modes_fwdbwd_computes_y():
+    """fwd+bwd returns y with the gradients, as a training step needs it. GateLoop's backward does not read y, so a
+    timing of the gradients alone lets XLA drop y's kernels (the multi-head Pallas op's forward query side) and
+    flatters GateLoop against attention, whose backward reads its output."""
+    import jax.numpy as jnp
+
+    from gateloop_jax import ops
+
+    dims = {"heads": 2, "d_qk": 4, "d_v": 4}
+    inputs = bench_modes.op_inputs(3, 1, 16, dims, "float32")
+    fwdbwd, names = bench_modes.op_fn("scan", "fwdbwd", None)
+    y, *grads = fwdbwd(*(inputs[n] for n in names))
+    a = ops.PolarTransition(inputs["log_magnitude"], inputs["phase"])
+    want = ops.gateloop(inputs["q"], inputs["k"], inputs["v"], a, mode="scan")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=0, atol=0)
+    assert [g.shape for g in grads] == [inputs[n].shape for n in names[:-1]]
+    assert jnp.all(jnp.isfinite(jnp.stack([jnp.sum(g) for g in grads])))
+
+
 def test_bench_modes_learned_gates(tmp_path):
     """--gates_file: a trained model's log|a| (tame_fraction.py --save_gates) tiled to the shape replaces the random
     gates; every mode still agrees with the reference on them."""

@@ -33,12 +33,12 @@ _MODE_FNS = {
 def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> str:
     """The concrete mode "auto" stands for on this platform and shape.
 
-    Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.52 ms vs 1.5 ms for "scan", fwd+bwd at
-    32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs, and the
-    log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
-    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": ~4.2 ms vs ~12 ms for
-    "chunked", fwd+bwd at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md), and a quarter of
-    the memory);
+    Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.56 ms vs 1.6 ms for "scan", y and the
+    gradients at 32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs,
+    and the log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
+    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": 4.7 ms vs 11.5 ms for
+    "chunked", y and the gradients at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md,
+    session 6), and a quarter of the memory);
     wider heads are padded to 128 there and spill registers (a 125M LM with 96-wide heads stepped 1.65x slower than
     with "chunked" at length 131072), so they, and every other platform, get "chunked" - memory linear in length
     with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
