@@ -95,7 +95,7 @@ class Config(NamedTuple):
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
     # Chunks per iteration of the carry loop, all their loads issued before any store (as the max-headed kernel does):
     # one store per step otherwise holds the next step's loads back, one memory latency per chunk. H200, session 6,
-    # L = 8192: 1 -> 4 takes each carry from 0.42-0.45 to 0.35-0.36 ms (fwd+bwd 4.07-4.17 -> 4.00); 8 is no better.
+    # L = 8192: 1 -> 4 takes each carry from 0.42-0.45 to 0.35-0.36 ms (0.07-0.17 ms of the op); 8 is no better.
     carry_unroll: int = 4
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
     precision: str = "tf32x3"  # matrix products on GPU: "tf32x3" (float32 accuracy), "ieee", or "tf32" (fast, ~1e-3)
@@ -110,8 +110,8 @@ class Config(NamedTuple):
 
 # Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default). Two
 # session-5 alternatives were timed on the H200 in session 6 and removed (code at commit ae99aef): fused_state (outer
-# + carry in one kernel per direction, 245 ms fwd+bwd against 4.0) and step_state (query and key sides walking each
-# chunk's sub-blocks with the state in registers, C = 32 / 64: 6.4 / 7.1 ms against 4.0).
+# + carry in one kernel per direction, 245 ms fwd+bwd against 4.0, both without y) and step_state (query and key
+# sides walking each chunk's sub-blocks with the state in registers, C = 32 / 64: 6.4 / 7.1 ms against 4.0).
 VARIANTS = {
     "default": Config(),
     "default_again": Config(),  # the same kernel twice: the run-to-run spread
