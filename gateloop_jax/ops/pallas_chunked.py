@@ -375,12 +375,12 @@ def _query_diagonal(q_ref, lr_ref, th_ref, w_ref, bi, hi, row0, q, k, v, w, g, k
     return _if_tame(tame_nats, g.pre_lr, fast, slow, ablate)
 
 
-def _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, bi, hi, row0, grad, tri, need=("pre",)):
+def _query_tiles(q_ref, k_ref, v_ref, lr_ref, th_ref, w_ref, bi, hi, row0, grad, tri):
     """One query sub-block's tiles: q, k, v, w (dy in the backward, else v), its gate tiles, k's phase parts
     kc, ks, and rho = e^{G + i Phi} (sub-block prefix) with q rho."""
     q, k, v = _tile(q_ref, bi, hi, row0), _tile(k_ref, bi, hi, row0), _tile(v_ref, bi, hi, row0)
     w = _tile(w_ref, bi, hi, row0) if grad else v
-    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, need)
+    g = _gate_tiles(lr_ref, th_ref, bi, hi, row0, tri, ("pre",))
     kc, ks = k * jnp.cos(g.pre_th), k * jnp.sin(g.pre_th)
     rho = polar_pair(g.pre_lr, g.pre_th)
     return q, k, v, w, g, kc, ks, rho, (q * rho[0], q * rho[1])
