@@ -28,10 +28,15 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
     ],
-    # Peer kernels for experiments/bench_modes.py. jax-linear-attention is optional: the benchmark reports it as
-    # skipped when it is not importable (it is not on PyPI at the time of writing; install it from source).
     "bench": [
         "tabulate>=0.9",
+    ],
+    # The peer kernels experiments/bench_modes.py times beside GateLoop's on a GPU (reported as skipped where not
+    # importable): jax-linear-attention's Mosaic GPU GLA (Hopper, Python >= 3.12, pins jax 0.11.2) and fla's Triton
+    # chunk_gla / chunk_hgrn (PyTorch). Not part of `make` (the pins and PyTorch are heavy): pip install -e ".[peers]".
+    "peers": [
+        "jax-linear-attention>=0.1.0; python_version >= '3.12'",
+        "fla-core[cuda]>=0.6",
     ],
 }
 

@@ -245,20 +245,21 @@ def matmul_rate(n: int, *, reps: int = 10) -> dict[str, Any]:
 def max_rel_error(out, ref) -> dict[str, float]:
     """Errors of `out` against `ref` (host arrays or pytrees of them), the worst over the leaves:
     max_rel = max|out - ref| / max|ref| (normwise, so near-zero entries do not blow it up), rel_l2 = |out-ref|/|ref|.
-    Non-finite outputs give inf."""
+    Non-finite outputs give inf. leaf_max_rel: max_rel of each leaf, in tree order (which output is the worst)."""
     import jax
     import numpy as np
 
-    worst_max, worst_l2 = 0.0, 0.0
+    worst_max, worst_l2, per_leaf = 0.0, 0.0, []
     for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
         o = np.asarray(o, np.float64)
         r = np.asarray(r, np.float64)
         if not np.all(np.isfinite(o)):
             return {"max_rel": float("inf"), "rel_l2": float("inf")}
         scale = max(float(np.max(np.abs(r))), 1e-30)
-        worst_max = max(worst_max, float(np.max(np.abs(o - r))) / scale)
+        per_leaf.append(float(np.max(np.abs(o - r))) / scale)
+        worst_max = max(worst_max, per_leaf[-1])
         worst_l2 = max(worst_l2, float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30)))
-    return {"max_rel": worst_max, "rel_l2": worst_l2}
+    return {"max_rel": worst_max, "rel_l2": worst_l2, "leaf_max_rel": per_leaf}
 
 
 def write_json(path: str, obj: Any) -> None:

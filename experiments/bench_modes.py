@@ -10,7 +10,9 @@ of gateloop_jax.ops.MODES and ops.KERNEL_MODES plus "auto" (a mode added there i
 scope "op" (gateloop_jax.ops.gateloop) and "layer" (gateloop_jax.layers.GateLoopMixer, d_model 512). Peers in the
 same run: causal softmax attention of the same shape through jax.nn.dot_product_attention (implementation "cudnn"
 and "xla"; for the layer, the CausalSelfAttention layer), and jax-linear-attention / fla when importable (else
-reported as skipped with the reason). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and
+reported as skipped with the reason): modes jla_gateloop (GateLoop through jla's Mosaic GPU GLA kernel by the rotation
+identity, gateloop_through_gla; its error is measured like GateLoop's) and jla_gla (real-gated GLA at key width d_qk,
+a different function, timed only), and fla's chunk_gla / chunk_hgrn in a PyTorch child (fla_peers). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and
 passed in polar form, float32, as the layer passes it; q, k, v (and the cotangent) are in the benchmark dtype.
 
 Per config: compile time (separately; compiles run `--compile_workers` at a time), median of `--reps` timed runs after
@@ -44,6 +46,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
 PEERS_SOFTMAX = ("softmax_cudnn", "softmax_xla")
+# jax-linear-attention's Mosaic GPU GLA kernel (module `jla`, Hopper, bf16): GateLoop through it by the rotation
+# identity (key width 2 d_qk; the issue's "GateLoop through jax-linear-attention"), and plain real-gated GLA at key
+# width d_qk (what complex transitions are to cost no more than).
+PEERS_JLA = ("jla_gateloop", "jla_gla")
+PEER_MODES = PEERS_SOFTMAX + PEERS_JLA
 # Modes whose time at a fixed number of tokens grows ~linearly with the length (see the skip estimate in run_group).
 LENGTH_BOUND_MODES = ("recurrent", "attention")
 
@@ -59,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--scopes", default="op,layer")
     p.add_argument("--modes", default="", help="comma list; default gateloop_jax.ops.MODES + auto")
-    p.add_argument("--peers", default="softmax_cudnn,softmax_xla", help="softmax peers (multihead only)")
+    p.add_argument("--peers", default="softmax_cudnn,softmax_xla,jla_gateloop,jla_gla",
+                   help="peers in the same run (multihead only; the jla_* ones scope op, where `jla` is importable)")
     p.add_argument("--heads", type=int, default=8, help="multihead: number of heads")
     p.add_argument("--d_head", type=int, default=64, help="multihead: d_qk = d_v")
     p.add_argument("--d_model", type=int, default=512, help="maxheaded heads, and the layer's d_model")
@@ -150,6 +158,54 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
     return inputs
 
 
+def gateloop_through_gla(q, k, v, log_magnitude, phase, gla):
+    """GateLoop computed by a real-gated GLA kernel of twice the key width: the rotation identity.
+
+    With Phi_t = sum_{s <= t} theta_s per key channel, the transition from step s to t is |a|-product times
+    e^{i (Phi_t - Phi_s)}, and Re e^{i (Phi_t - Phi_s)} = cos Phi_t cos Phi_s + sin Phi_t sin Phi_s. So
+    y = GLA([q cos Phi, q sin Phi], [k cos Phi, k sin Phi], v) with log|a| repeated as the log-decay and scale 1:
+    how a library of real-gated kernels runs GateLoop. `gla(q, k, v, g) -> y` at those widths; q, k, v are cast to
+    v's dtype after the rotation. The phases are absolute (cumulative over the whole sequence), so float32 cos / sin
+    lose accuracy as |Phi| grows with the length; gateloop_jax's kernels use chunk-relative phases instead."""
+    import jax.numpy as jnp
+
+    cumulative = jnp.cumsum(phase, axis=1)
+    cos, sin = jnp.cos(cumulative), jnp.sin(cumulative)
+
+    def rotate(x):
+        x = x.astype(jnp.float32)
+        return jnp.concatenate([x * cos, x * sin], axis=-1).astype(v.dtype)
+
+    return gla(rotate(q), rotate(k), v, jnp.concatenate([log_magnitude, log_magnitude], axis=-1))
+
+
+def jla_gla(q, k, v, g):
+    """jax-linear-attention's Mosaic GPU GLA kernel, scale 1 (its ValueError, e.g. for float32 q, k, v, is raised
+    at trace time and reported as the config's compile error)."""
+    from jla import ops as jla_ops
+
+    y, _ = jla_ops.linear_attention("gla", q, k, v, g=g, scale=1.0, impl="mosaic_gpu")
+    return y
+
+
+def jla_unavailable() -> str | None:
+    """Why the jla_* peers cannot run here (None if they can)."""
+    import jax
+
+    try:
+        found = importlib.util.find_spec("jla") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return "jax-linear-attention (module jla) is not installed"
+    if jax.default_backend() != "gpu":
+        return f"jax-linear-attention's kernels need a Hopper GPU (backend here: {jax.default_backend()})"
+    # jla registers its kernels on its first call, and sets its loaded flag before the import finishes: the
+    # concurrent compiles (threads) then found no "mosaic_gpu" GLA (H200, session 7). Import them here, once.
+    import jla.ops.mosaic_gpu  # noqa: F401
+    return None
+
+
 def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     """(fn, argument names). fwd -> y; fwdbwd -> (y, the five input gradients): what a training step computes.
 
@@ -171,6 +227,18 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
         names = ("q", "k", "v")
+    elif mode == "jla_gateloop":
+
+        def forward(q, k, v, log_magnitude, phase):
+            return gateloop_through_gla(q, k, v, log_magnitude, phase, jla_gla)
+
+        names = ("q", "k", "v", "log_magnitude", "phase")
+    elif mode == "jla_gla":
+        # Real gates at key width d_qk: a different function (no phase), timed for its speed only.
+        def forward(q, k, v, log_magnitude):
+            return jla_gla(q, k, v, log_magnitude)
+
+        names = ("q", "k", "v", "log_magnitude")
     else:
         kw = {"chunk_size": chunk_size} if (mode == "chunked" and chunk_size) else {}
 
@@ -289,6 +357,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     dims = setting_dims(args, setting)
     modes = gateloop_modes(args)
     peers = csv(args.peers) if setting == "multihead" else []
+    if scope == "layer":
+        peers = [p for p in peers if p in PEERS_SOFTMAX]  # the jla peers are ops, with no layer here
+    jla_missing = jla_unavailable() if any(p in PEERS_JLA for p in peers) else None
     passes = csv(args.passes)
     group_start = time.perf_counter()
     limit = bc.memory_stats().get("bytes_limit")
@@ -302,9 +373,11 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
         for mode in modes + [p for p in peers if p not in modes]:
             for pass_ in passes:
-                c = {**base, "mode": mode, "pass": pass_, "kind": "peer" if mode in PEERS_SOFTMAX else "gateloop"}
+                c = {**base, "mode": mode, "pass": pass_, "kind": "peer" if mode in PEER_MODES else "gateloop"}
                 if b < 1:
                     c["skipped"] = f"length {t} exceeds --tokens {args.tokens}"
+                elif mode in PEERS_JLA and jla_missing:
+                    c["skipped"] = jla_missing
                 elif mode == "attention" and limit:
                     # Skip without compiling what cannot fit: compiling only to read XLA's estimate costs time.
                     # fwd holds at least the decay; fwdbwd at least the decay and its cotangent.
@@ -350,6 +423,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         return (pass_ != "fwdbwd", length_rank.get(t, len(length_rank)), t)
 
     def ref_mode_of(c):
+        """The mode c's error is measured against; None for jla_gla, a different function (real gates)."""
+        if c["mode"] == "jla_gla":
+            return None
         return "softmax_xla" if c["mode"] in PEERS_SOFTMAX else args.reference
 
     def input_specs(c):
@@ -398,6 +474,8 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         if "skipped" in c:
             continue
         ref_mode = ref_mode_of(c)
+        if ref_mode is None:
+            continue
         same = key_of({**c, "mode": ref_mode})
         if scope == "layer" or dtype == "float32":
             if same in jobs:
@@ -514,6 +592,10 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         refs = {}
         for c in cs:
             ref_mode = ref_mode_of(c)
+            if ref_mode is None:
+                c["error_skipped"] = "no reference: real gates (no phase), a different function, timed for speed"
+                emit({"key": key_of(c), "record": c})
+                continue
             ref_key = ("ref", t, ref_mode, c["pass"])
             try:
                 if ref_key not in refs:
@@ -528,6 +610,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
                 out = jax.device_get(executables[key_of(c)](*args_for(c, inputs, names_of[key_of(c)])))
                 c["reference"] = ref_mode if scope == "layer" else f"{ref_mode} (float32)"
                 c["error"] = bc.max_rel_error(out, refs[ref_key])
+                if scope == "op" and c["pass"] == "fwdbwd":  # name the leaves: y, then the inputs' gradients
+                    labels = ["y"] + [f"d{n}" for n in names_of[key_of(c)][:-1]]
+                    c["error"]["per_output"] = dict(zip(labels, c["error"].pop("leaf_max_rel")))
             except Exception as err:  # noqa: BLE001 - e.g. the reference does not fit or was skipped
                 c["error_skipped"] = f"reference unavailable: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
             emit({"key": key_of(c), "record": c})
@@ -548,9 +633,9 @@ def peer_status() -> dict[str, dict]:
     """Optional peers: importable or skipped with the reason (nothing is installed or fetched here)."""
     status = {}
     for name, module, note in (
-        ("jax-linear-attention", "jax_linear_attention",
-         "not importable (not on PyPI; install from source into the 'bench' extra to compare)"),
-        ("fla", "fla", "flash-linear-attention (Triton/PyTorch: chunk_gla, chunk_hgrn) is not installed"),
+        ("jax-linear-attention", "jla",
+         "not importable (pip install jax-linear-attention: Python >= 3.12, jax 0.11.2, a Hopper GPU)"),
+        ("fla", "fla", "flash-linear-attention (fla-core: Triton/PyTorch chunk_gla, chunk_hgrn) is not installed"),
     ):
         try:
             found = importlib.util.find_spec(module) is not None
@@ -560,10 +645,11 @@ def peer_status() -> dict[str, dict]:
         if not found:
             status[name]["reason"] = note
     if status["fla"]["status"] == "available":
-        status["fla"]["note"] = "importable: measured by experiments/bench_modes.py --fla (PyTorch, CUDA only)"
+        status["fla"]["note"] = ("importable: chunk_gla (key width 2 d_qk) and chunk_hgrn timed in a PyTorch child "
+                                 "after the groups (fla_peers; CUDA only, --isolate group)")
     if status["jax-linear-attention"]["status"] == "available":
-        status["jax-linear-attention"] = {"status": "skipped", "module": "jax_linear_attention",
-                                          "reason": "importable, but no adapter to its GLA kernel is written yet"}
+        status["jax-linear-attention"]["note"] = ("importable: modes jla_gateloop (GateLoop by the rotation identity, "
+                                                  "key width 2 d_qk) and jla_gla (real gates, key width d_qk)")
     return status
 
 
@@ -785,7 +871,7 @@ def run_group_isolated(args, group: str, budget: float) -> dict[str, dict]:
         for k in lost:
             scope, setting, dtype, length, mode, pass_ = k.split("/")
             records[k] = {"scope": scope, "setting": setting, "dtype": dtype, "length": int(length), "mode": mode,
-                          "pass": pass_, "kind": "peer" if mode in PEERS_SOFTMAX else "gateloop",
+                          "pass": pass_, "kind": "peer" if mode in PEER_MODES else "gateloop",
                           "skipped": f"process died running it (exit {code}): {text.strip()[-300:]}"}
         crashed |= lost
         if not lost:

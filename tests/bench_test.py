@@ -89,6 +89,56 @@ def test_bench_modes_fwdbwd_computes_y():
     assert jnp.all(jnp.isfinite(jnp.stack([jnp.sum(g) for g in grads])))
 
 
+def test_gateloop_through_gla_is_gateloop():
+    """The rotation identity the jla_gateloop peer relies on: a real-gated GLA of key width 2 d_qk on the rotated q, k
+    computes GateLoop, forward and every gradient (the phase's through the cumulative sum). The GLA here is the
+    float64 oracle (forward) and gateloop_jax's scan mode (gradients), each with zero phase; odd length, extreme
+    gates. Tolerance 2e-5: float32 cos / sin of cumulative phases up to ~20 rad (2e-6) and float32 products."""
+    import jax
+    import jax.numpy as jnp
+
+    from gateloop_jax import ops
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from reference import gateloop_backward, gateloop_forward, max_rel_error
+
+    rng = np.random.default_rng(7)
+    b, t, h, dk, dv = 2, 37, 2, 3, 4
+    q, k = (rng.normal(size=(b, t, h, dk)).astype(np.float32) for _ in range(2))
+    v, dy = (rng.normal(size=(b, t, h, dv)).astype(np.float32) for _ in range(2))
+    log_r = np.log(rng.choice([1e-6, 0.5, 0.999999], size=(b, t, h, dk))).astype(np.float32)
+    theta = rng.uniform(-np.pi, np.pi, size=(b, t, h, dk)).astype(np.float32)
+
+    def oracle_gla(q2, k2, v2, g2):
+        return gateloop_forward(q2, k2, v2, g2, np.zeros(np.shape(g2)))[0]
+
+    y = bench_modes.gateloop_through_gla(q, k, v, log_r, theta, oracle_gla)
+    want, _ = gateloop_forward(q, k, v, log_r, theta)
+    assert max_rel_error(y, want) < 2e-5
+
+    def scan_gla(q2, k2, v2, g2):
+        return ops.gateloop(q2, k2, v2, ops.PolarTransition(g2, jnp.zeros_like(g2)), mode="scan")
+
+    y, vjp = jax.vjp(lambda *xs: bench_modes.gateloop_through_gla(*xs, scan_gla), q, k, v, log_r, theta)
+    grads = vjp(jnp.asarray(dy))
+    want_grads = gateloop_backward(q, k, v, log_r, theta, None, dy)[:5]
+    for name, got, ref in zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, want_grads):
+        assert max_rel_error(got, ref) < 2e-5, name
+
+
+def test_bench_modes_jla_peers_skip_with_reason(tmp_path):
+    """Without jax-linear-attention (or a Hopper GPU) its peers are reported as skipped with the reason."""
+    out = tmp_path / "modes"
+    bench_modes.main(["--out", str(out), "--tokens", "16", "--lengths", "16", "--settings", "multihead",
+                      "--heads", "2", "--d_head", "4", "--dtypes", "bfloat16", "--passes", "fwdbwd", "--scopes", "op",
+                      "--modes", "scan", "--peers", "jla_gateloop,jla_gla", "--reps", "1", "--warmup", "1",
+                      "--isolate", "none", "--copy_bytes", "65536"])
+    records = {r["mode"]: r for r in json.loads((out / "modes.json").read_text())["records"]}
+    assert set(records) == {"scan", "jla_gateloop", "jla_gla"}
+    for mode in bench_modes.PEERS_JLA:
+        assert "jax-linear-attention" in records[mode]["skipped"] and records[mode]["kind"] == "peer"
+
+
 def test_bench_modes_learned_gates(tmp_path):
     """--gates_file: a trained model's log|a| (tame_fraction.py --save_gates) tiled to the shape replaces the random
     gates; every mode still agrees with the reference on them."""
@@ -109,6 +159,9 @@ def test_bench_modes_learned_gates(tmp_path):
     for r in records:
         assert r["gates"] == gates and "skipped" not in r, r.get("skipped")
         assert r["error"]["max_rel"] < 1e-4, r["error"]
+        # fwd+bwd errors are also given per output, named.
+        assert list(r["error"]["per_output"]) == ["y", "dq", "dk", "dv", "dlog_magnitude", "dphase"]
+        assert max(r["error"]["per_output"].values()) == r["error"]["max_rel"]
 
 
 def test_bench_modes_skips_with_reason(tmp_path):
