@@ -10,9 +10,9 @@ of gateloop_jax.ops.MODES and ops.KERNEL_MODES plus "auto" (a mode added there i
 scope "op" (gateloop_jax.ops.gateloop) and "layer" (gateloop_jax.layers.GateLoopMixer, d_model 512). Peers in the
 same run: causal softmax attention of the same shape through jax.nn.dot_product_attention (implementation "cudnn"
 and "xla"; for the layer, the CausalSelfAttention layer), and jax-linear-attention / fla when importable (else
-reported as skipped with the reason): modes jla_gateloop (GateLoop through jla's Mosaic GPU GLA kernel by the rotation
-identity, gateloop_through_gla; its error is measured like GateLoop's) and jla_gla (real-gated GLA at key width d_qk,
-a different function, timed only), and fla's chunk_gla / chunk_hgrn in a PyTorch child (fla_peers). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and
+reported as skipped with the reason): jla_gla (jla's Mosaic GPU GLA kernel with real gates at key width d_qk, a
+different function, timed only; GateLoop through that kernel is the kernel mode "gla_rotation"), and fla's chunk_gla /
+chunk_hgrn in a PyTorch child (fla_peers). The transition is complex (|a| in [0.5, 0.9975], phases in [-pi, pi)) and
 passed in polar form, float32, as the layer passes it; q, k, v (and the cotangent) are in the benchmark dtype.
 
 Per config: compile time (separately; compiles run `--compile_workers` at a time), median of `--reps` timed runs after
@@ -46,10 +46,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
 PEERS_SOFTMAX = ("softmax_cudnn", "softmax_xla")
-# jax-linear-attention's Mosaic GPU GLA kernel (module `jla`, Hopper, bf16): GateLoop through it by the rotation
-# identity (key width 2 d_qk; the issue's "GateLoop through jax-linear-attention"), and plain real-gated GLA at key
-# width d_qk (what complex transitions are to cost no more than).
-PEERS_JLA = ("jla_gateloop", "jla_gla")
+# jax-linear-attention's Mosaic GPU GLA kernel (module `jla`, Hopper, bf16) with real gates at key width d_qk: what
+# complex transitions are to cost no more than. GateLoop through that kernel (the rotation identity, key width 2 d_qk;
+# the issue's "GateLoop through jax-linear-attention", "jla_gateloop" in session 7's results) is the kernel mode
+# "gla_rotation" of gateloop_jax.ops, benchmarked with the other modes.
+PEERS_JLA = ("jla_gla",)
 PEER_MODES = PEERS_SOFTMAX + PEERS_JLA
 # Modes whose time at a fixed number of tokens grows ~linearly with the length (see the skip estimate in run_group).
 LENGTH_BOUND_MODES = ("recurrent", "attention")
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--scopes", default="op,layer")
     p.add_argument("--modes", default="", help="comma list; default gateloop_jax.ops.MODES + auto")
-    p.add_argument("--peers", default="softmax_cudnn,softmax_xla,jla_gateloop,jla_gla",
+    p.add_argument("--peers", default="softmax_cudnn,softmax_xla,jla_gla",
                    help="peers in the same run (multihead only; the jla_* ones scope op, where `jla` is importable)")
     p.add_argument("--heads", type=int, default=8, help="multihead: number of heads")
     p.add_argument("--d_head", type=int, default=64, help="multihead: d_qk = d_v")
@@ -158,36 +159,6 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
     return inputs
 
 
-def gateloop_through_gla(q, k, v, log_magnitude, phase, gla):
-    """GateLoop computed by a real-gated GLA kernel of twice the key width: the rotation identity.
-
-    With Phi_t = sum_{s <= t} theta_s per key channel, the transition from step s to t is |a|-product times
-    e^{i (Phi_t - Phi_s)}, and Re e^{i (Phi_t - Phi_s)} = cos Phi_t cos Phi_s + sin Phi_t sin Phi_s. So
-    y = GLA([q cos Phi, q sin Phi], [k cos Phi, k sin Phi], v) with log|a| repeated as the log-decay and scale 1:
-    how a library of real-gated kernels runs GateLoop. `gla(q, k, v, g) -> y` at those widths; q, k, v are cast to
-    v's dtype after the rotation. The phases are absolute (cumulative over the whole sequence), so float32 cos / sin
-    lose accuracy as |Phi| grows with the length; gateloop_jax's kernels use chunk-relative phases instead."""
-    import jax.numpy as jnp
-
-    cumulative = jnp.cumsum(phase, axis=1)
-    cos, sin = jnp.cos(cumulative), jnp.sin(cumulative)
-
-    def rotate(x):
-        x = x.astype(jnp.float32)
-        return jnp.concatenate([x * cos, x * sin], axis=-1).astype(v.dtype)
-
-    return gla(rotate(q), rotate(k), v, jnp.concatenate([log_magnitude, log_magnitude], axis=-1))
-
-
-def jla_gla(q, k, v, g):
-    """jax-linear-attention's Mosaic GPU GLA kernel, scale 1 (its ValueError, e.g. for float32 q, k, v, is raised
-    at trace time and reported as the config's compile error)."""
-    from jla import ops as jla_ops
-
-    y, _ = jla_ops.linear_attention("gla", q, k, v, g=g, scale=1.0, impl="mosaic_gpu")
-    return y
-
-
 def jla_unavailable() -> str | None:
     """Why the jla_* peers cannot run here (None if they can)."""
     import jax
@@ -200,9 +171,6 @@ def jla_unavailable() -> str | None:
         return "jax-linear-attention (module jla) is not installed"
     if jax.default_backend() != "gpu":
         return f"jax-linear-attention's kernels need a Hopper GPU (backend here: {jax.default_backend()})"
-    # jla registers its kernels on its first call, and sets its loaded flag before the import finishes: the
-    # concurrent compiles (threads) then found no "mosaic_gpu" GLA (H200, session 7). Import them here, once.
-    import jla.ops.mosaic_gpu  # noqa: F401
     return None
 
 
@@ -217,6 +185,7 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     import jax.numpy as jnp
 
     from gateloop_jax import ops
+    from gateloop_jax.ops import gla_rotation
 
     if mode in PEERS_SOFTMAX:
         impl = mode.split("_", 1)[1]
@@ -227,16 +196,10 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
         names = ("q", "k", "v")
-    elif mode == "jla_gateloop":
-
-        def forward(q, k, v, log_magnitude, phase):
-            return gateloop_through_gla(q, k, v, log_magnitude, phase, jla_gla)
-
-        names = ("q", "k", "v", "log_magnitude", "phase")
     elif mode == "jla_gla":
         # Real gates at key width d_qk: a different function (no phase), timed for its speed only.
         def forward(q, k, v, log_magnitude):
-            return jla_gla(q, k, v, log_magnitude)
+            return gla_rotation.jla_gla(q, k, v, log_magnitude, None)[0]
 
         names = ("q", "k", "v", "log_magnitude")
     else:
@@ -648,8 +611,8 @@ def peer_status() -> dict[str, dict]:
         status["fla"]["note"] = ("importable: chunk_gla (key width 2 d_qk) and chunk_hgrn timed in a PyTorch child "
                                  "after the groups (fla_peers; CUDA only, --isolate group)")
     if status["jax-linear-attention"]["status"] == "available":
-        status["jax-linear-attention"]["note"] = ("importable: modes jla_gateloop (GateLoop by the rotation identity, "
-                                                  "key width 2 d_qk) and jla_gla (real gates, key width d_qk)")
+        status["jax-linear-attention"]["note"] = ("importable: peer jla_gla (real gates, key width d_qk) and mode "
+                                                  "gla_rotation (GateLoop through its kernel, key width 2 d_qk)")
     return status
 
 

@@ -89,54 +89,33 @@ def test_bench_modes_fwdbwd_computes_y():
     assert jnp.all(jnp.isfinite(jnp.stack([jnp.sum(g) for g in grads])))
 
 
-def test_gateloop_through_gla_is_gateloop():
-    """The rotation identity the jla_gateloop peer relies on: a real-gated GLA of key width 2 d_qk on the rotated q, k
-    computes GateLoop, forward and every gradient (the phase's through the cumulative sum). The GLA here is the
-    float64 oracle (forward) and gateloop_jax's scan mode (gradients), each with zero phase; odd length, extreme
-    gates. Tolerance 2e-5: float32 cos / sin of cumulative phases up to ~20 rad (2e-6) and float32 products."""
-    import jax
-    import jax.numpy as jnp
-
-    from gateloop_jax import ops
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from reference import gateloop_backward, gateloop_forward, max_rel_error
-
-    rng = np.random.default_rng(7)
-    b, t, h, dk, dv = 2, 37, 2, 3, 4
-    q, k = (rng.normal(size=(b, t, h, dk)).astype(np.float32) for _ in range(2))
-    v, dy = (rng.normal(size=(b, t, h, dv)).astype(np.float32) for _ in range(2))
-    log_r = np.log(rng.choice([1e-6, 0.5, 0.999999], size=(b, t, h, dk))).astype(np.float32)
-    theta = rng.uniform(-np.pi, np.pi, size=(b, t, h, dk)).astype(np.float32)
-
-    def oracle_gla(q2, k2, v2, g2):
-        return gateloop_forward(q2, k2, v2, g2, np.zeros(np.shape(g2)))[0]
-
-    y = bench_modes.gateloop_through_gla(q, k, v, log_r, theta, oracle_gla)
-    want, _ = gateloop_forward(q, k, v, log_r, theta)
-    assert max_rel_error(y, want) < 2e-5
-
-    def scan_gla(q2, k2, v2, g2):
-        return ops.gateloop(q2, k2, v2, ops.PolarTransition(g2, jnp.zeros_like(g2)), mode="scan")
-
-    y, vjp = jax.vjp(lambda *xs: bench_modes.gateloop_through_gla(*xs, scan_gla), q, k, v, log_r, theta)
-    grads = vjp(jnp.asarray(dy))
-    want_grads = gateloop_backward(q, k, v, log_r, theta, None, dy)[:5]
-    for name, got, ref in zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, want_grads):
-        assert max_rel_error(got, ref) < 2e-5, name
-
-
 def test_bench_modes_jla_peers_skip_with_reason(tmp_path):
-    """Without jax-linear-attention (or a Hopper GPU) its peers are reported as skipped with the reason."""
+    """Without jax-linear-attention (or a Hopper GPU) its peer, and mode gla_rotation which runs its kernel, are
+    reported as skipped with the reason."""
     out = tmp_path / "modes"
     bench_modes.main(["--out", str(out), "--tokens", "16", "--lengths", "16", "--settings", "multihead",
                       "--heads", "2", "--d_head", "4", "--dtypes", "bfloat16", "--passes", "fwdbwd", "--scopes", "op",
-                      "--modes", "scan", "--peers", "jla_gateloop,jla_gla", "--reps", "1", "--warmup", "1",
+                      "--modes", "scan,gla_rotation", "--peers", "jla_gla", "--reps", "1", "--warmup", "1",
                       "--isolate", "none", "--copy_bytes", "65536"])
     records = {r["mode"]: r for r in json.loads((out / "modes.json").read_text())["records"]}
-    assert set(records) == {"scan", "jla_gateloop", "jla_gla"}
-    for mode in bench_modes.PEERS_JLA:
-        assert "jax-linear-attention" in records[mode]["skipped"] and records[mode]["kind"] == "peer"
+    assert set(records) == {"scan", "gla_rotation", "jla_gla"}
+    assert "jax-linear-attention" in records["jla_gla"]["skipped"] and records["jla_gla"]["kind"] == "peer"
+    assert "mode='gla_rotation' cannot run here" in records["gla_rotation"]["skipped"]
+    assert records["gla_rotation"]["kind"] == "gateloop"
+
+
+def test_check_gla_rotation_records_why_it_cannot_run(tmp_path):
+    """On a machine without jax-linear-attention's kernel every check records the mode's own error, and the JSON is
+    written (on the H200 the same script measured the mode: results/s7_gla_rotation_h200.json)."""
+    import check_gla_rotation
+
+    out = check_gla_rotation.main(["--out", str(tmp_path), "--shapes", "2x16", "--heads", "2", "--d_head", "64",
+                                   "--layer_shape", "1x8"])
+    _check_env(out["env"])
+    (row,) = out["rows"]
+    assert "mode='gla_rotation' cannot run here" in row["error"]
+    assert "mode='gla_rotation' cannot run here" in out["layer"]["layer_error"]
+    assert json.loads((tmp_path / "s7_gla_rotation_h200.json").read_text())["rows"] == out["rows"]
 
 
 def test_bench_modes_learned_gates(tmp_path):

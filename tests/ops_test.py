@@ -62,7 +62,8 @@ def run_mode(mode, q, k, v, log_r, theta, h0, dy, chunk_size=None):
     return forward_and_grads(f32(q), f32(k), f32(v), f32(log_r), f32(theta), h0_j, f32(dy))
 
 
-def check_against_oracle(mode, inputs, rng, *, rtol, grad_rtol, chunk_size=None, tag=""):
+def check_against_oracle(mode, inputs, rng, *, rtol, grad_rtol, chunk_size=None, tag="", grad_rtol_for=None):
+    """grad_rtol_for: {input name: tolerance} where one gradient needs its own (justified where it is passed)."""
     q, k, v, log_r, theta, h0 = inputs
     dy = rng.normal(size=v.shape)
     ref_y, ref_states = gateloop_forward(q, k, v, log_r, theta, h0)
@@ -87,7 +88,8 @@ def check_against_oracle(mode, inputs, rng, *, rtol, grad_rtol, chunk_size=None,
             continue
         assert np.all(np.isfinite(g)), f"grad {name} not finite ({where})"
         gerr = max_rel_error(g, ref)
-        assert gerr <= grad_rtol, f"grad {name} error {gerr:.2e} > {grad_rtol:.0e} ({where})"
+        tol = (grad_rtol_for or {}).get(name, grad_rtol)
+        assert gerr <= tol, f"grad {name} error {gerr:.2e} > {tol:.0e} ({where})"
 
 
 # (length, gates, carried state): lengths 1, odd, chunk-crossing; every gate regime with and without a carried state,

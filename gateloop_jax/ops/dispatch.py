@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import attention, chunked, pallas_chunked, pallas_elementwise, pallas_tpu, recurrent, scan
+from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise, pallas_tpu,
+                              recurrent, scan)
 from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
 
 
@@ -27,6 +28,7 @@ _MODE_FNS = {
     "attention": attention.gateloop_attention,
     "chunked": chunked.gateloop_chunked,
     "pallas": _pallas,
+    "gla_rotation": gla_rotation.gateloop_gla_rotation,
 }
 
 
@@ -44,6 +46,8 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> st
     with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
     TPU: "pallas" runs the Mosaic kernel (ops/pallas_tpu.py), which lowers for TPU but has never run on one here,
     so "auto" keeps the portable modes there until it is measured.
+    Never "gla_rotation" (jax-linear-attention's kernel behind the rotation identity): 2.1-2.3x faster than "pallas"
+    for bf16 multi-head on an H200, but its phase gradient is bf16-accurate only (ops/gla_rotation.py).
     """
     if mode != "auto":
         return mode
@@ -72,9 +76,11 @@ def gateloop(
       v: (b, t, h, v) real values.
       a: (b, t, h, k) complex transitions with |a| <= 1, or a PolarTransition(log|a|, arg a) of real (b, t, h, k)
         arrays (what layers pass: exact for extreme gates).
-      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "auto". All compute the same function;
-        "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto" the fastest
-        mode for the platform and shape (resolve_mode).
+      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "auto". All compute the
+        same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto"
+        the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs jax-linear-attention's GLA
+        kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase gradients bf16-accurate:
+        ops/gla_rotation.py); it is never picked by "auto".
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head
@@ -86,6 +92,10 @@ def gateloop(
     validate_inputs(q, k, v, a, initial_state, mode, chunk_size)
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     mode = resolve_mode(mode, q.shape, v.shape)
+    if mode == "gla_rotation":
+        reason = gla_rotation.unsupported_reason(q.shape, v.shape, out_dtype)
+        if reason:
+            raise ValueError(f"gateloop: mode='gla_rotation' cannot run here: {reason}.")
     # The recurrence accumulates in float32 / complex64 whatever the input dtype: a bf16 state loses ~3 significant
     # digits per step and the error compounds over the length.
     polar = to_polar(a)
@@ -95,7 +105,7 @@ def gateloop(
         # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,
         # below float32's 0.53; 32768 tokens x 512 channels, H200, session 5). The TPU kernel's wrapper upcasts.
         kw["out_dtype"] = out_dtype
-    else:
+    elif mode != "gla_rotation":  # whose kernel takes bf16 q, k, v only (it rotates them in float32 first)
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     h0 = None if initial_state is None else initial_state.astype(jnp.complex64)
     y, final = _MODE_FNS[mode](q, k, v, polar.log_magnitude, polar.phase, h0, **kw)
