@@ -159,21 +159,6 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
     return inputs
 
 
-def jla_unavailable() -> str | None:
-    """Why the jla_* peers cannot run here (None if they can)."""
-    import jax
-
-    try:
-        found = importlib.util.find_spec("jla") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return "jax-linear-attention (module jla) is not installed"
-    if jax.default_backend() != "gpu":
-        return f"jax-linear-attention's kernels need a Hopper GPU (backend here: {jax.default_backend()})"
-    return None
-
-
 def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     """(fn, argument names). fwd -> y; fwdbwd -> (y, the five input gradients): what a training step computes.
 
@@ -322,7 +307,12 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     peers = csv(args.peers) if setting == "multihead" else []
     if scope == "layer":
         peers = [p for p in peers if p in PEERS_SOFTMAX]  # the jla peers are ops, with no layer here
-    jla_missing = jla_unavailable() if any(p in PEERS_JLA for p in peers) else None
+    if any(p in PEERS_JLA for p in peers):
+        from gateloop_jax.ops import gla_rotation
+
+        jla_missing = gla_rotation.kernel_unavailable()
+    else:
+        jla_missing = None
     passes = csv(args.passes)
     group_start = time.perf_counter()
     limit = bc.memory_stats().get("bytes_limit")

@@ -35,8 +35,8 @@ _WIDTHS = (64, 128)
 _LANES = 128
 
 
-def unsupported_reason(q_shape, v_shape, dtype, platform: str | None = None) -> str | None:
-    """Why mode "gla_rotation" cannot run this call (None if it can): the fix is named in the message."""
+def kernel_unavailable(platform: str | None = None) -> str | None:
+    """Why jax-linear-attention's GLA kernel cannot run on this machine (None if it can)."""
     platform = platform or jax.default_backend()
     try:
         installed = importlib.util.find_spec("jla") is not None
@@ -47,6 +47,14 @@ def unsupported_reason(q_shape, v_shape, dtype, platform: str | None = None) -> 
                 "Python >= 3.12, jax 0.11.2, a Hopper GPU); use mode='pallas' or 'auto'")
     if platform != "gpu":
         return f"jax-linear-attention's kernel needs a Hopper GPU, the backend is {platform!r}; use mode='auto'"
+    return None
+
+
+def unsupported_reason(q_shape, v_shape, dtype, platform: str | None = None) -> str | None:
+    """Why mode "gla_rotation" cannot run this call (None if it can): the fix is named in the message."""
+    reason = kernel_unavailable(platform)
+    if reason:
+        return reason
     if jnp.dtype(dtype) != jnp.bfloat16:
         return f"the kernel takes bf16 q, k, v, got {jnp.dtype(dtype).name}; cast them, or use mode='pallas'"
     heads, d_qk, d_v = q_shape[2], q_shape[3], v_shape[3]
