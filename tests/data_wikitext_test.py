@@ -20,31 +20,31 @@ DOCUMENTS = {"train": 6, "validation": 2, "test": 2}
 
 
 def raw_text(split):
-  with open(os.path.join(FIXTURE, wt.SPLIT_FILES[split]), encoding="utf-8", newline="") as f:
-    return f.read()
+    with open(os.path.join(FIXTURE, wt.SPLIT_FILES[split]), encoding="utf-8", newline="") as f:
+        return f.read()
 
 
 def make_archive(directory, members=None):
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, wt.ARCHIVE)
-  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-    for name in members or wt.SPLIT_FILES.values():
-      zf.write(os.path.join(FIXTURE, name), f"{wt.RAW_DIR}/{name}")
-  return path
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, wt.ARCHIVE)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in members or wt.SPLIT_FILES.values():
+            zf.write(os.path.join(FIXTURE, name), f"{wt.RAW_DIR}/{name}")
+    return path
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("wikitext")
-  make_archive(str(tmp / "manual"))
-  wt.prepare(str(tmp / "data"), str(tmp / "manual"), vocab_size=VOCAB)
-  c = data.default_config("wikitext103")
-  c.data_dir, c.vocab_size, c.seq_len = str(tmp / "data"), VOCAB, SEQ_LEN
-  return c
+    tmp = tmp_path_factory.mktemp("wikitext")
+    make_archive(str(tmp / "manual"))
+    wt.prepare(str(tmp / "data"), str(tmp / "manual"), vocab_size=VOCAB)
+    c = data.default_config("wikitext103")
+    c.data_dir, c.vocab_size, c.seq_len = str(tmp / "data"), VOCAB, SEQ_LEN
+    return c
 
 
 def tokens(config, split):
-  return np.asarray(pipeline.load_tokens(config, split)).astype(np.int64)
+    return np.asarray(pipeline.load_tokens(config, split)).astype(np.int64)
 
 
 # --- builder and statistics -------------------------------------------------------------------------------
@@ -52,159 +52,169 @@ def tokens(config, split):
 
 @pytest.mark.parametrize("split", wt.SPLITS)
 def test_builder_keeps_articles_in_order_byte_for_byte(config, split):
-  texts = list(wt.documents(config.data_dir, split))
-  assert len(texts) == DOCUMENTS[split]
-  assert "".join(texts) == raw_text(split)
-  assert all(wt.is_title(t.split("\n")[1 if i == 0 else 0]) for i, t in enumerate(texts))
+    texts = list(wt.documents(config.data_dir, split))
+    assert len(texts) == DOCUMENTS[split]
+    assert "".join(texts) == raw_text(split)
+    assert all(wt.is_title(t.split("\n")[1 if i == 0 else 0]) for i, t in enumerate(texts))
 
 
 @pytest.mark.parametrize("split", wt.SPLITS)
 def test_split_statistics(config, split):
-  raw = raw_text(split)
-  stats = data.split_statistics(config, split)
-  assert stats["num_words"] == len(raw.split())
-  assert stats["num_bytes"] == os.path.getsize(os.path.join(FIXTURE, wt.SPLIT_FILES[split]))
-  assert stats["num_lines"] == raw.count("\n")
-  assert stats["num_documents"] == DOCUMENTS[split]
-  assert stats["num_tokens"] == len(tokens(config, split))
+    raw = raw_text(split)
+    stats = data.split_statistics(config, split)
+    assert stats["num_words"] == len(raw.split())
+    assert stats["num_bytes"] == os.path.getsize(os.path.join(FIXTURE, wt.SPLIT_FILES[split]))
+    assert stats["num_lines"] == raw.count("\n")
+    assert stats["num_documents"] == DOCUMENTS[split]
+    assert stats["num_tokens"] == len(tokens(config, split))
 
 
 def test_fixture_figures(config):
-  # The figures the fixture was written to have (words: whitespace-separated tokens).
-  words = {s: data.split_statistics(config, s)["num_words"] for s in wt.SPLITS}
-  assert words == {"train": 1364, "validation": 171, "test": 170}
+    # The figures the fixture was written to have (words: whitespace-separated tokens).
+    words = {s: data.split_statistics(config, s)["num_words"] for s in wt.SPLITS}
+    assert words == {"train": 1364, "validation": 171, "test": 170}
 
 
 @pytest.mark.parametrize("split", wt.SPLITS)
 def test_token_stream_is_the_encoded_lines(config, split):
-  sp = data.load_tokenizer(config)
-  expected = []
-  for line in raw_text(split).split("\n"):
-    if line.strip():
-      expected += sp.encode(line.strip()) + [sp.eos_id()]
-  np.testing.assert_array_equal(tokens(config, split), expected)
-  assert data.vocab_size(config) == VOCAB
-  # Identity normalisation and byte fallback: decoding gives the text back (whitespace aside).
-  assert sp.decode(sp.encode(raw_text(split).split("\n")[1].strip())) == raw_text(split).split("\n")[1].strip()
+    sp = data.load_tokenizer(config)
+    expected = []
+    for line in raw_text(split).split("\n"):
+        if line.strip():
+            expected += sp.encode(line.strip()) + [sp.eos_id()]
+    np.testing.assert_array_equal(tokens(config, split), expected)
+    assert data.vocab_size(config) == VOCAB
+    # Identity normalisation and byte fallback: decoding gives the text back (whitespace aside).
+    assert sp.decode(sp.encode(raw_text(split).split("\n")[1].strip())) == raw_text(split).split("\n")[1].strip()
 
 
 # --- packing, eval coverage, training order, resume ------------------------------------------------------
 
 
 def window_index(p, process_count, batch, row, local):
-  """Global window index of row `row` of local batch `batch` on process p (round-robin dealing)."""
-  return p + process_count * (batch * local + row)
+    """Global window index of row `row` of local batch `batch` on process p (round-robin dealing)."""
+    return p + process_count * (batch * local + row)
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])
 @pytest.mark.parametrize("process_count,batch_size", [(1, 4), (2, 4), (4, 8)])
 def test_eval_covers_every_token_exactly_once(config, split, process_count, batch_size):
-  local = batch_size // process_count
-  windows = {}
-  counts = set()
-  for p in range(process_count):
-    batches = list(data.eval_batches(config, split=split, batch_size=batch_size, process_index=p, process_count=process_count))
-    counts.add(len(batches))
-    for k, b in enumerate(batches):
-      assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (local, SEQ_LEN)
-      assert b["inputs"].dtype == b["targets"].dtype == np.int32 and b["mask"].dtype == np.float32
-      for r in range(local):
-        windows[window_index(p, process_count, k, r, local)] = {key: v[r] for key, v in b.items()}
-  assert len(counts) == 1  # every process runs the same number of eval steps
-  ordered = [windows[j] for j in range(len(windows))]
-  targets = np.concatenate([w["targets"][w["mask"] == 1] for w in ordered])
-  np.testing.assert_array_equal(targets, tokens(config, split))
-  stream = np.concatenate([[1], tokens(config, split)])  # [BOS] + tokens
-  inputs = np.concatenate([w["inputs"][w["mask"] == 1] for w in ordered])
-  np.testing.assert_array_equal(inputs, stream[:-1])
-  for w in ordered:  # padding is all zeros, and only at the end of a window
-    n = int(w["mask"].sum())
-    assert (w["mask"][:n] == 1).all() and not w["targets"][n:].any() and not w["inputs"][n:].any()
-  # Re-iterable, identical on the second pass.
-  again = data.eval_batches(config, split=split, batch_size=batch_size, process_count=process_count)
-  first, second = list(again), list(again)
-  assert all((a["targets"] == b["targets"]).all() for a, b in zip(first, second))
+    local = batch_size // process_count
+    windows = {}
+    counts = set()
+    for p in range(process_count):
+        batches = list(
+            data.eval_batches(config, split=split, batch_size=batch_size, process_index=p, process_count=process_count)
+        )
+        counts.add(len(batches))
+        for k, b in enumerate(batches):
+            assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (local, SEQ_LEN)
+            assert b["inputs"].dtype == b["targets"].dtype == np.int32 and b["mask"].dtype == np.float32
+            for r in range(local):
+                windows[window_index(p, process_count, k, r, local)] = {key: v[r] for key, v in b.items()}
+    assert len(counts) == 1  # every process runs the same number of eval steps
+    ordered = [windows[j] for j in range(len(windows))]
+    targets = np.concatenate([w["targets"][w["mask"] == 1] for w in ordered])
+    np.testing.assert_array_equal(targets, tokens(config, split))
+    stream = np.concatenate([[1], tokens(config, split)])  # [BOS] + tokens
+    inputs = np.concatenate([w["inputs"][w["mask"] == 1] for w in ordered])
+    np.testing.assert_array_equal(inputs, stream[:-1])
+    for w in ordered:  # padding is all zeros, and only at the end of a window
+        n = int(w["mask"].sum())
+        assert (w["mask"][:n] == 1).all() and not w["targets"][n:].any() and not w["inputs"][n:].any()
+    # Re-iterable, identical on the second pass.
+    again = data.eval_batches(config, split=split, batch_size=batch_size, process_count=process_count)
+    first, second = list(again), list(again)
+    assert all((a["targets"] == b["targets"]).all() for a, b in zip(first, second))
 
 
 def rows(batches):
-  return [tuple(np.concatenate([b["inputs"][r], b["targets"][r], b["mask"][r]])) for b in batches for r in range(len(b["inputs"]))]
+    return [
+        tuple(np.concatenate([b["inputs"][r], b["targets"][r], b["mask"][r]]))
+        for b in batches
+        for r in range(len(b["inputs"]))
+    ]
 
 
 def test_training_epoch_is_a_permutation_of_all_windows(config):
-  n = len(tokens(config, "train"))
-  num = -(-n // SEQ_LEN)
-  it = data.train_iterator(config, global_batch_size=4, seed=3)
-  epoch = rows([next(it) for _ in range(-(-num // 4))])[:num]
-  train = tokens(config, "train")
-  windows = rows([{k: v[None] for k, v in pipeline.window(train, j, SEQ_LEN).items()} for j in range(num)])
-  assert sorted(epoch) == sorted(windows)  # no window lost or duplicated
-  assert epoch != windows  # and shuffled
-  # Every training token appears exactly as often as in the split (multiset).
-  got = np.concatenate([np.asarray(r[SEQ_LEN : 2 * SEQ_LEN])[np.asarray(r[2 * SEQ_LEN :]) == 1] for r in epoch])
-  np.testing.assert_array_equal(np.sort(got), np.sort(tokens(config, "train")))
+    n = len(tokens(config, "train"))
+    num = -(-n // SEQ_LEN)
+    it = data.train_iterator(config, global_batch_size=4, seed=3)
+    epoch = rows([next(it) for _ in range(-(-num // 4))])[:num]
+    train = tokens(config, "train")
+    windows = rows([{k: v[None] for k, v in pipeline.window(train, j, SEQ_LEN).items()} for j in range(num)])
+    assert sorted(epoch) == sorted(windows)  # no window lost or duplicated
+    assert epoch != windows  # and shuffled
+    # Every training token appears exactly as often as in the split (multiset).
+    got = np.concatenate([np.asarray(r[SEQ_LEN : 2 * SEQ_LEN])[np.asarray(r[2 * SEQ_LEN :]) == 1] for r in epoch])
+    np.testing.assert_array_equal(np.sort(got), np.sort(tokens(config, "train")))
 
 
 def test_training_shards_deal_the_global_batch(config):
-  whole = data.train_iterator(config, global_batch_size=4, seed=5)
-  shards = [data.train_iterator(config, global_batch_size=4, seed=5, process_index=p, process_count=2) for p in range(2)]
-  for _ in range(6):
-    g = rows([next(whole)])
-    parts = [rows([next(s)]) for s in shards]
-    assert [parts[j % 2][j // 2] for j in range(4)] == g
+    whole = data.train_iterator(config, global_batch_size=4, seed=5)
+    shards = [
+        data.train_iterator(config, global_batch_size=4, seed=5, process_index=p, process_count=2) for p in range(2)
+    ]
+    for _ in range(6):
+        g = rows([next(whole)])
+        parts = [rows([next(s)]) for s in shards]
+        assert [parts[j % 2][j // 2] for j in range(4)] == g
 
 
 def test_train_resume_is_exact(config):
-  it = data.train_iterator(config, global_batch_size=4, seed=0)
-  for _ in range(9):  # past the end of the first epoch (17 windows)
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(6)]
-  fresh = data.train_iterator(config, global_batch_size=4, seed=0)
-  fresh.set_state(state)
-  for e in expected:
-    b = next(fresh)
-    for k in e:
-      np.testing.assert_array_equal(b[k], e[k])
+    it = data.train_iterator(config, global_batch_size=4, seed=0)
+    for _ in range(9):  # past the end of the first epoch (17 windows)
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(6)]
+    fresh = data.train_iterator(config, global_batch_size=4, seed=0)
+    fresh.set_state(state)
+    for e in expected:
+        b = next(fresh)
+        for k in e:
+            np.testing.assert_array_equal(b[k], e[k])
 
 
 # --- bad input --------------------------------------------------------------------------------------------
 
 
 def test_missing_manual_dir(tmp_path):
-  missing = str(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match=re.escape(missing) + ".*wikitext-103-raw-v1.zip"):
-    wt.prepare(str(tmp_path / "data"), missing)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing) + ".*wikitext-103-raw-v1.zip"):
+        wt.prepare(str(tmp_path / "data"), missing)
 
 
 def test_manual_dir_without_archive(tmp_path):
-  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / wt.ARCHIVE))):
-    wt.prepare(str(tmp_path / "data"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / wt.ARCHIVE))):
+        wt.prepare(str(tmp_path / "data"), str(tmp_path))
 
 
 def test_corrupt_archive(tmp_path):
-  (tmp_path / wt.ARCHIVE).write_bytes(b"PK\x03\x04 this is not really a zip archive")
-  with pytest.raises(ValueError, match=re.escape(str(tmp_path / wt.ARCHIVE)) + " is not a valid zip"):
-    wt.prepare(str(tmp_path / "data"), str(tmp_path))
+    (tmp_path / wt.ARCHIVE).write_bytes(b"PK\x03\x04 this is not really a zip archive")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / wt.ARCHIVE)) + " is not a valid zip"):
+        wt.prepare(str(tmp_path / "data"), str(tmp_path))
 
 
 def test_archive_missing_a_split(tmp_path):
-  make_archive(str(tmp_path), members=["wiki.train.raw", "wiki.valid.raw"])
-  with pytest.raises(ValueError, match="lacks.*wiki.test.raw.*" + re.escape(wt.ARCHIVE_URL)):
-    wt.prepare(str(tmp_path / "data"), str(tmp_path))
+    make_archive(str(tmp_path), members=["wiki.train.raw", "wiki.valid.raw"])
+    with pytest.raises(ValueError, match="lacks.*wiki.test.raw.*" + re.escape(wt.ARCHIVE_URL)):
+        wt.prepare(str(tmp_path / "data"), str(tmp_path))
 
 
 def test_missing_tokenizer_names_the_command(config):
-  other = data.default_config("wikitext103")
-  other.data_dir, other.vocab_size = config.data_dir, 999
-  command = f"python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data_dir} --vocab_size 999"
-  with pytest.raises(FileNotFoundError, match=re.escape(command)):
-    data.vocab_size(other)
-  with pytest.raises(FileNotFoundError, match=re.escape(command)):
-    data.train_iterator(other, global_batch_size=2, seed=0)
+    other = data.default_config("wikitext103")
+    other.data_dir, other.vocab_size = config.data_dir, 999
+    command = (
+        f"python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data_dir} --vocab_size 999"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(command)):
+        data.vocab_size(other)
+    with pytest.raises(FileNotFoundError, match=re.escape(command)):
+        data.train_iterator(other, global_batch_size=2, seed=0)
 
 
 def test_indivisible_batch_names_the_field(config):
-  with pytest.raises(ValueError, match="global_batch_size=6 is not divisible by process_count=4"):
-    data.train_iterator(config, global_batch_size=6, seed=0, process_count=4)
-  with pytest.raises(ValueError, match="batch_size=3 is not divisible"):
-    data.eval_batches(config, split="test", batch_size=3, process_count=2)
+    with pytest.raises(ValueError, match="global_batch_size=6 is not divisible by process_count=4"):
+        data.train_iterator(config, global_batch_size=6, seed=0, process_count=4)
+    with pytest.raises(ValueError, match="batch_size=3 is not divisible"):
+        data.eval_batches(config, split="test", batch_size=3, process_count=2)

@@ -23,82 +23,95 @@ from gateloop_jax.data.metrics import lm_metrics
 
 
 def _pipeline():
-  from gateloop_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from gateloop_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  return pipeline
+    return pipeline
+
 
 NAMES = (*synthetic.TASKS, "wikitext103")
 
 __all__ = [
-    "NAMES", "default_config", "vocab_size", "train_iterator", "eval_batches", "lm_metrics",
-    "load_tokenizer", "split_statistics",
+    "NAMES",
+    "default_config",
+    "vocab_size",
+    "train_iterator",
+    "eval_batches",
+    "lm_metrics",
+    "load_tokenizer",
+    "split_statistics",
 ]
 
 
 def _check_name(config: Any) -> str:
-  if config.name not in NAMES:
-    raise ValueError(f"unknown data name {config.name!r}; known: {NAMES}")
-  return config.name
+    if config.name not in NAMES:
+        raise ValueError(f"unknown data name {config.name!r}; known: {NAMES}")
+    return config.name
 
 
 def _local_batch_size(batch_size: int, field: str, process_index: int, process_count: int) -> int:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  if batch_size % process_count:
-    raise ValueError(f"{field}={batch_size} is not divisible by process_count={process_count}")
-  return batch_size // process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"{field}={batch_size} is not divisible by process_count={process_count}")
+    return batch_size // process_count
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
-  """Every field of the named task's data config, with its default and a comment (locked ConfigDict)."""
-  if name == "wikitext103":
-    return _pipeline().default_config()
-  if name in synthetic.TASKS:
-    return synthetic.default_config(name)
-  raise ValueError(f"unknown data name {name!r}; known: {NAMES}")
+    """Every field of the named task's data config, with its default and a comment (locked ConfigDict)."""
+    if name == "wikitext103":
+        return _pipeline().default_config()
+    if name in synthetic.TASKS:
+        return synthetic.default_config(name)
+    raise ValueError(f"unknown data name {name!r}; known: {NAMES}")
 
 
 def vocab_size(config: Any) -> int:
-  """The model vocabulary size the data needs (wikitext: read from the tokenizer file)."""
-  if _check_name(config) == "wikitext103":
-    return _pipeline().vocab_size(config)
-  return synthetic.vocab_size(config)
+    """The model vocabulary size the data needs (wikitext: read from the tokenizer file)."""
+    if _check_name(config) == "wikitext103":
+        return _pipeline().vocab_size(config)
+    return synthetic.vocab_size(config)
 
 
 def train_iterator(config: Any, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
-  """Infinite iterator of this process's training batches (B_local, t), B_local = global_batch_size / process_count.
+    """Infinite iterator of this process's training batches (B_local, t), B_local = global_batch_size / process_count.
 
-  The returned grain iterator has get_state() -> JSON-serialisable dict and set_state(state): after
-  set_state, the next batch is exactly the one that followed when the state was taken.
-  """
-  _local_batch_size(global_batch_size, "global_batch_size", process_index, process_count)
-  kwargs = dict(global_batch_size=global_batch_size, seed=seed, process_index=process_index, process_count=process_count)
-  if _check_name(config) == "wikitext103":
-    return iter(_pipeline().train_dataset(config, **kwargs))
-  return iter(synthetic.train_dataset(config, **kwargs))
-
-
-def eval_batches(config: Any, *, split: str, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterable:
-  """Finite, re-iterable evaluation batches of this process, (batch_size / process_count, t) each.
-
-  `batch_size` is global, like train_iterator's. WikiText: the split's windows in order; over all processes
-  every token of the split is a target with mask 1 exactly once, padding has mask 0, and every process gets
-  the same number of batches. Synthetic tasks (split ignored): `num_eval_batches` fixed batches from
-  `eval_seed`.
-  """
-  _local_batch_size(batch_size, "batch_size", process_index, process_count)
-  if _check_name(config) == "wikitext103":
-    return _pipeline().eval_dataset(
-        config, split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
+    The returned grain iterator has get_state() -> JSON-serialisable dict and set_state(state): after
+    set_state, the next batch is exactly the one that followed when the state was taken.
+    """
+    _local_batch_size(global_batch_size, "global_batch_size", process_index, process_count)
+    kwargs = dict(
+        global_batch_size=global_batch_size, seed=seed, process_index=process_index, process_count=process_count
     )
-  return synthetic.eval_dataset(config, batch_size=batch_size, process_index=process_index, process_count=process_count)
+    if _check_name(config) == "wikitext103":
+        return iter(_pipeline().train_dataset(config, **kwargs))
+    return iter(synthetic.train_dataset(config, **kwargs))
+
+
+def eval_batches(
+    config: Any, *, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterable:
+    """Finite, re-iterable evaluation batches of this process, (batch_size / process_count, t) each.
+
+    `batch_size` is global, like train_iterator's. WikiText: the split's windows in order; over all processes
+    every token of the split is a target with mask 1 exactly once, padding has mask 0, and every process gets
+    the same number of batches. Synthetic tasks (split ignored): `num_eval_batches` fixed batches from
+    `eval_seed`.
+    """
+    _local_batch_size(batch_size, "batch_size", process_index, process_count)
+    if _check_name(config) == "wikitext103":
+        return _pipeline().eval_dataset(
+            config, split=split, batch_size=batch_size, process_index=process_index, process_count=process_count
+        )
+    return synthetic.eval_dataset(
+        config, batch_size=batch_size, process_index=process_index, process_count=process_count
+    )
 
 
 def load_tokenizer(config: Any):
-  """SentencePiece processor of a wikitext103 config (for the pipeline and notebooks)."""
-  return _pipeline().load_tokenizer(config)
+    """SentencePiece processor of a wikitext103 config (for the pipeline and notebooks)."""
+    return _pipeline().load_tokenizer(config)
 
 
 def split_statistics(config: Any, split: str) -> dict[str, int]:
-  """{"num_words", "num_bytes", "num_tokens", ...} of a wikitext103 split, the denominators of lm_metrics."""
-  return _pipeline().split_statistics(config, split)
+    """{"num_words", "num_bytes", "num_tokens", ...} of a wikitext103 split, the denominators of lm_metrics."""
+    return _pipeline().split_statistics(config, split)

@@ -22,7 +22,7 @@ _MAX_EXP = 709.0
 
 
 def _exp(x: float) -> float:
-  return math.exp(x) if x <= _MAX_EXP else math.inf
+    return math.exp(x) if x <= _MAX_EXP else math.inf
 
 
 def lm_metrics(
@@ -31,22 +31,22 @@ def lm_metrics(
     num_words: int | None = None,
     num_bytes: int | None = None,
 ) -> dict[str, float]:
-  """Token loss/perplexity, word-level perplexity and bits per byte from a summed NLL (formulas above).
+    """Token loss/perplexity, word-level perplexity and bits per byte from a summed NLL (formulas above).
 
-  Args:
-    total_nll: sum of -log p(target) in nats over all scored tokens.
-    num_tokens: number of scored tokens (sum of the mask).
-    num_words: words of the evaluated text; word_ppl is omitted when None.
-    num_bytes: UTF-8 bytes of the evaluated text; bits_per_byte is omitted when None.
+    Args:
+      total_nll: sum of -log p(target) in nats over all scored tokens.
+      num_tokens: number of scored tokens (sum of the mask).
+      num_words: words of the evaluated text; word_ppl is omitted when None.
+      num_bytes: UTF-8 bytes of the evaluated text; bits_per_byte is omitted when None.
 
-  Returns: {"loss", "ppl"} plus "word_ppl" and "bits_per_byte" when their counts are given.
-  """
-  if num_tokens <= 0:
-    raise ValueError(f"num_tokens must be positive, got {num_tokens}")
-  total_nll = float(total_nll)
-  out = {"loss": total_nll / num_tokens, "ppl": _exp(total_nll / num_tokens)}
-  if num_words is not None:
-    out["word_ppl"] = _exp(total_nll / num_words)
-  if num_bytes is not None:
-    out["bits_per_byte"] = total_nll / (num_bytes * math.log(2))
-  return out
+    Returns: {"loss", "ppl"} plus "word_ppl" and "bits_per_byte" when their counts are given.
+    """
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    total_nll = float(total_nll)
+    out = {"loss": total_nll / num_tokens, "ppl": _exp(total_nll / num_tokens)}
+    if num_words is not None:
+        out["word_ppl"] = _exp(total_nll / num_words)
+    if num_bytes is not None:
+        out["bits_per_byte"] = total_nll / (num_bytes * math.log(2))
+    return out

@@ -31,20 +31,20 @@ EVAL_STREAM = 1
 
 
 def _batch(inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> Batch:
-  return {
-      "inputs": inputs.astype(np.int32),
-      "targets": targets.astype(np.int32),
-      "mask": mask.astype(np.float32),
-  }
+    return {
+        "inputs": inputs.astype(np.int32),
+        "targets": targets.astype(np.int32),
+        "mask": mask.astype(np.float32),
+    }
 
 
 def _random_subsets(rng: np.random.Generator, batch_size: int, population: int, k: int) -> np.ndarray:
-  """k distinct integers from [0, population) per row, in uniformly random order. Shape (b, k)."""
-  # The k smallest of i.i.d. uniforms are a uniform k-subset (argpartition: O(population), not a full sort);
-  # an independent random permutation of them makes the order uniform too.
-  subset = np.argpartition(rng.random((batch_size, population)), k - 1, axis=1)[:, :k]
-  order = np.argsort(rng.random((batch_size, k)), axis=1)
-  return np.take_along_axis(subset, order, axis=1)
+    """k distinct integers from [0, population) per row, in uniformly random order. Shape (b, k)."""
+    # The k smallest of i.i.d. uniforms are a uniform k-subset (argpartition: O(population), not a full sort);
+    # an independent random permutation of them makes the order uniform too.
+    subset = np.argpartition(rng.random((batch_size, population)), k - 1, axis=1)[:, :k]
+    order = np.argsort(rng.random((batch_size, k)), axis=1)
+    return np.take_along_axis(subset, order, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,9 +52,9 @@ def _random_subsets(rng: np.random.Generator, batch_size: int, population: int, 
 
 
 def memory_horizon_vocab(num_digits: int, modulus: int) -> dict[str, int]:
-  """Token ids of the memory-horizon task: digits/answers 0..n-1, then RESET, QUERY; n = max(num_digits, modulus)."""
-  n = max(num_digits, modulus)
-  return {"reset": n, "query": n + 1, "vocab_size": n + 2}
+    """Token ids of the memory-horizon task: digits/answers 0..n-1, then RESET, QUERY; n = max(num_digits, modulus)."""
+    n = max(num_digits, modulus)
+    return {"reset": n, "query": n + 1, "vocab_size": n + 2}
 
 
 def memory_horizon(
@@ -67,44 +67,44 @@ def memory_horizon(
     reset_prob: float = 0.1,
     query_prob: float = 0.2,
 ) -> Batch:
-  """Memory horizon: running sum (mod `modulus`) of the digits since the last RESET, asked for at QUERY tokens.
+    """Memory horizon: running sum (mod `modulus`) of the digits since the last RESET, asked for at QUERY tokens.
 
-  Vocabulary (n = max(num_digits, modulus)): ids 0..num_digits-1 are the digit tokens (value = id), ids
-  0..modulus-1 are also the answers, RESET = n, QUERY = n + 1; vocab_size = n + 2 (10 digits: 0-9, RESET 10,
-  QUERY 11, vocab 12).
+    Vocabulary (n = max(num_digits, modulus)): ids 0..num_digits-1 are the digit tokens (value = id), ids
+    0..modulus-1 are also the answers, RESET = n, QUERY = n + 1; vocab_size = n + 2 (10 digits: 0-9, RESET 10,
+    QUERY 11, vocab 12).
 
-  Sequence: t = seq_len positions, each drawn independently: RESET with probability `reset_prob`, QUERY with
-  probability `query_prob`, otherwise a digit uniform in [0, num_digits). The sequence starts as if right
-  after a RESET.
+    Sequence: t = seq_len positions, each drawn independently: RESET with probability `reset_prob`, QUERY with
+    probability `query_prob`, otherwise a digit uniform in [0, num_digits). The sequence starts as if right
+    after a RESET.
 
-  Target rule: at a QUERY position i, target = (sum of the digit tokens strictly after the last RESET before
-  i, or from the start if none) mod `modulus`, mask 1. Everywhere else target 0, mask 0. QUERY does not
-  change the sum, RESET sets it to 0.
+    Target rule: at a QUERY position i, target = (sum of the digit tokens strictly after the last RESET before
+    i, or from the start if none) mod `modulus`, mask 1. Everywhere else target 0, mask 0. QUERY does not
+    change the sum, RESET sets it to 0.
 
-  Difficulty knobs: `reset_prob` sets the horizon the model must remember (segments are ~1/reset_prob long;
-  a model that cannot forget on RESET keeps summing the whole prefix); `num_digits`, `modulus` the size of
-  the state; `query_prob` the density of supervision; `seq_len` the longest possible segment.
+    Difficulty knobs: `reset_prob` sets the horizon the model must remember (segments are ~1/reset_prob long;
+    a model that cannot forget on RESET keeps summing the whole prefix); `num_digits`, `modulus` the size of
+    the state; `query_prob` the density of supervision; `seq_len` the longest possible segment.
 
-  Returns: {"inputs", "targets", "mask"} of shape (b, t).
-  """
-  if reset_prob < 0 or query_prob <= 0 or reset_prob + query_prob >= 1:
-    raise ValueError(
-        f"memory_horizon needs reset_prob >= 0, query_prob > 0 and reset_prob + query_prob < 1, "
-        f"got reset_prob={reset_prob}, query_prob={query_prob}"
-    )
-  ids = memory_horizon_vocab(num_digits, modulus)
-  u = rng.random((batch_size, seq_len))
-  digits = rng.integers(0, num_digits, size=(batch_size, seq_len))
-  is_reset = u < reset_prob
-  is_query = (u >= reset_prob) & (u < reset_prob + query_prob)
-  inputs = np.where(is_reset, ids["reset"], np.where(is_query, ids["query"], digits))
+    Returns: {"inputs", "targets", "mask"} of shape (b, t).
+    """
+    if reset_prob < 0 or query_prob <= 0 or reset_prob + query_prob >= 1:
+        raise ValueError(
+            f"memory_horizon needs reset_prob >= 0, query_prob > 0 and reset_prob + query_prob < 1, "
+            f"got reset_prob={reset_prob}, query_prob={query_prob}"
+        )
+    ids = memory_horizon_vocab(num_digits, modulus)
+    u = rng.random((batch_size, seq_len))
+    digits = rng.integers(0, num_digits, size=(batch_size, seq_len))
+    is_reset = u < reset_prob
+    is_query = (u >= reset_prob) & (u < reset_prob + query_prob)
+    inputs = np.where(is_reset, ids["reset"], np.where(is_query, ids["query"], digits))
 
-  # Sum since the last reset = cumsum minus the cumsum at that reset. Digits are >= 0, so the cumsum is
-  # non-decreasing and the running max of "cumsum at resets" is the cumsum at the latest reset.
-  summed = np.cumsum(np.where(is_reset | is_query, 0, digits), axis=1)
-  at_last_reset = np.maximum.accumulate(np.where(is_reset, summed, 0), axis=1)
-  targets = np.where(is_query, (summed - at_last_reset) % modulus, 0)
-  return _batch(inputs, targets, is_query)
+    # Sum since the last reset = cumsum minus the cumsum at that reset. Digits are >= 0, so the cumsum is
+    # non-decreasing and the running max of "cumsum at resets" is the cumsum at the latest reset.
+    summed = np.cumsum(np.where(is_reset | is_query, 0, digits), axis=1)
+    at_last_reset = np.maximum.accumulate(np.where(is_reset, summed, 0), axis=1)
+    targets = np.where(is_query, (summed - at_last_reset) % modulus, 0)
+    return _batch(inputs, targets, is_query)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,43 +119,43 @@ def mqar(
     num_kv_pairs: int = 16,
     vocab_size: int = 8192,
 ) -> Batch:
-  """Multi-query associative recall (Zoology-style): recall the value bound to a key seen earlier.
+    """Multi-query associative recall (Zoology-style): recall the value bound to a key seen earlier.
 
-  Vocabulary: 0 = filler, keys from [1, vocab_size // 2), values from [vocab_size // 2, vocab_size) (disjoint
-  ranges); the model's vocab_size is `vocab_size`.
+    Vocabulary: 0 = filler, keys from [1, vocab_size // 2), values from [vocab_size // 2, vocab_size) (disjoint
+    ranges); the model's vocab_size is `vocab_size`.
 
-  Sequence of t = seq_len positions, K = num_kv_pairs:
-    positions 0..2K-1: k_1 v_1 k_2 v_2 ... k_K v_K, the K keys distinct and the K values distinct, each a
-      uniform random subset in random order;
-    positions 2K..t-1: filler 0 except K query positions, distinct and uniform in [2K, t), each holding one of
-      the K keys (every key queried exactly once, in random order).
-  Target rule: at a query position holding key k_j, target = v_j, mask 1; elsewhere target 0, mask 0.
+    Sequence of t = seq_len positions, K = num_kv_pairs:
+      positions 0..2K-1: k_1 v_1 k_2 v_2 ... k_K v_K, the K keys distinct and the K values distinct, each a
+        uniform random subset in random order;
+      positions 2K..t-1: filler 0 except K query positions, distinct and uniform in [2K, t), each holding one of
+        the K keys (every key queried exactly once, in random order).
+    Target rule: at a query position holding key k_j, target = v_j, mask 1; elsewhere target 0, mask 0.
 
-  Difficulty knobs: `num_kv_pairs` (how many associations the state must hold), `seq_len` (distance between
-  binding and query), `vocab_size`. Needs seq_len >= 3K, K < vocab_size // 2.
+    Difficulty knobs: `num_kv_pairs` (how many associations the state must hold), `seq_len` (distance between
+    binding and query), `vocab_size`. Needs seq_len >= 3K, K < vocab_size // 2.
 
-  Returns: {"inputs", "targets", "mask"} of shape (b, t).
-  """
-  k, half = num_kv_pairs, vocab_size // 2
-  if seq_len < 3 * k or k > half - 1:
-    raise ValueError(
-        f"mqar needs seq_len >= 3 * num_kv_pairs and num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, "
-        f"num_kv_pairs={num_kv_pairs}, vocab_size={vocab_size}"
-    )
-  keys = _random_subsets(rng, batch_size, half - 1, k) + 1
-  values = _random_subsets(rng, batch_size, vocab_size - half, k) + half
-  query_pos = _random_subsets(rng, batch_size, seq_len - 2 * k, k) + 2 * k
+    Returns: {"inputs", "targets", "mask"} of shape (b, t).
+    """
+    k, half = num_kv_pairs, vocab_size // 2
+    if seq_len < 3 * k or k > half - 1:
+        raise ValueError(
+            f"mqar needs seq_len >= 3 * num_kv_pairs and num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, "
+            f"num_kv_pairs={num_kv_pairs}, vocab_size={vocab_size}"
+        )
+    keys = _random_subsets(rng, batch_size, half - 1, k) + 1
+    values = _random_subsets(rng, batch_size, vocab_size - half, k) + half
+    query_pos = _random_subsets(rng, batch_size, seq_len - 2 * k, k) + 2 * k
 
-  inputs = np.zeros((batch_size, seq_len), np.int64)
-  targets = np.zeros((batch_size, seq_len), np.int64)
-  mask = np.zeros((batch_size, seq_len), bool)
-  inputs[:, 0 : 2 * k : 2] = keys
-  inputs[:, 1 : 2 * k : 2] = values
-  rows = np.arange(batch_size)[:, None]
-  inputs[rows, query_pos] = keys
-  targets[rows, query_pos] = values
-  mask[rows, query_pos] = True
-  return _batch(inputs, targets, mask)
+    inputs = np.zeros((batch_size, seq_len), np.int64)
+    targets = np.zeros((batch_size, seq_len), np.int64)
+    mask = np.zeros((batch_size, seq_len), bool)
+    inputs[:, 0 : 2 * k : 2] = keys
+    inputs[:, 1 : 2 * k : 2] = values
+    rows = np.arange(batch_size)[:, None]
+    inputs[rows, query_pos] = keys
+    targets[rows, query_pos] = values
+    mask[rows, query_pos] = True
+    return _batch(inputs, targets, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ def mqar(
 
 
 def selective_copy_vocab(num_values: int) -> dict[str, int]:
-  """Token ids of selective copying: NOISE 0, COPY 1, data tokens 2..num_values+1."""
-  return {"noise": 0, "copy": 1, "first_value": 2, "vocab_size": num_values + 2}
+    """Token ids of selective copying: NOISE 0, COPY 1, data tokens 2..num_values+1."""
+    return {"noise": 0, "copy": 1, "first_value": 2, "vocab_size": num_values + 2}
 
 
 def selective_copy(
@@ -175,37 +175,37 @@ def selective_copy(
     num_copy_tokens: int = 16,
     num_values: int = 16,
 ) -> Batch:
-  """Selective copying (Mamba-style): reproduce, in order, the data tokens scattered among noise tokens.
+    """Selective copying (Mamba-style): reproduce, in order, the data tokens scattered among noise tokens.
 
-  Vocabulary: 0 = NOISE, 1 = COPY, data tokens 2..num_values+1; vocab_size = num_values + 2.
+    Vocabulary: 0 = NOISE, 1 = COPY, data tokens 2..num_values+1; vocab_size = num_values + 2.
 
-  Sequence of t = seq_len positions, K = num_copy_tokens, context length c = t - K:
-    positions 0..c-1: NOISE except K distinct positions (uniform random) holding data tokens drawn uniformly
-      with replacement;
-    positions c..t-1: COPY.
-  Target rule: at position c + j (j = 0..K-1) target = the j-th data token of the context in position order,
-  mask 1; elsewhere target 0, mask 0.
+    Sequence of t = seq_len positions, K = num_copy_tokens, context length c = t - K:
+      positions 0..c-1: NOISE except K distinct positions (uniform random) holding data tokens drawn uniformly
+        with replacement;
+      positions c..t-1: COPY.
+    Target rule: at position c + j (j = 0..K-1) target = the j-th data token of the context in position order,
+    mask 1; elsewhere target 0, mask 0.
 
-  Difficulty knobs: `seq_len` (how much noise to skip), `num_copy_tokens`, `num_values`. Needs c >= K.
+    Difficulty knobs: `seq_len` (how much noise to skip), `num_copy_tokens`, `num_values`. Needs c >= K.
 
-  Returns: {"inputs", "targets", "mask"} of shape (b, t).
-  """
-  k = num_copy_tokens
-  context = seq_len - k
-  if context < k:
-    raise ValueError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
-  ids = selective_copy_vocab(num_values)
-  positions = np.sort(_random_subsets(rng, batch_size, context, k), axis=1)
-  values = rng.integers(0, num_values, size=(batch_size, k)) + ids["first_value"]
+    Returns: {"inputs", "targets", "mask"} of shape (b, t).
+    """
+    k = num_copy_tokens
+    context = seq_len - k
+    if context < k:
+        raise ValueError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
+    ids = selective_copy_vocab(num_values)
+    positions = np.sort(_random_subsets(rng, batch_size, context, k), axis=1)
+    values = rng.integers(0, num_values, size=(batch_size, k)) + ids["first_value"]
 
-  inputs = np.full((batch_size, seq_len), ids["noise"], np.int64)
-  inputs[np.arange(batch_size)[:, None], positions] = values
-  inputs[:, context:] = ids["copy"]
-  targets = np.zeros((batch_size, seq_len), np.int64)
-  targets[:, context:] = values
-  mask = np.zeros((batch_size, seq_len), bool)
-  mask[:, context:] = True
-  return _batch(inputs, targets, mask)
+    inputs = np.full((batch_size, seq_len), ids["noise"], np.int64)
+    inputs[np.arange(batch_size)[:, None], positions] = values
+    inputs[:, context:] = ids["copy"]
+    targets = np.zeros((batch_size, seq_len), np.int64)
+    targets[:, context:] = values
+    mask = np.zeros((batch_size, seq_len), bool)
+    mask[:, context:] = True
+    return _batch(inputs, targets, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,43 +215,43 @@ TASKS = ("memory_horizon", "mqar", "selective_copy")
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:
-  """The task's data config with every field and its default (locked: unknown keys are errors)."""
-  c = ml_collections.ConfigDict()
-  c.name = name
-  if name == "memory_horizon":
-    # Sequence length t.
-    c.seq_len = 64
-    # Digit token values 0..num_digits-1.
-    c.num_digits = 10
-    # The target is the digit sum since the last RESET modulo this.
-    c.modulus = 10
-    # Probability that a position is RESET: segments are ~1/reset_prob long (the memory horizon).
-    c.reset_prob = 0.1
-    # Probability that a position is QUERY (a scored position).
-    c.query_prob = 0.2
-  elif name == "mqar":
-    # Sequence length t (>= 3 * num_kv_pairs).
-    c.seq_len = 256
-    # Key-value pairs bound at the start, each queried once later.
-    c.num_kv_pairs = 16
-    # Model vocabulary: keys from [1, vocab_size/2), values from [vocab_size/2, vocab_size).
-    c.vocab_size = 8192
-  elif name == "selective_copy":
-    # Sequence length t: context of seq_len - num_copy_tokens positions, then the COPY positions.
-    c.seq_len = 256
-    # Data tokens scattered in the context, to be reproduced in order.
-    c.num_copy_tokens = 16
-    # Distinct data token values.
-    c.num_values = 16
-  else:
-    raise ValueError(f"unknown synthetic task {name!r}; known: {TASKS}")
-  # Evaluation set: this many global batches, drawn from eval_seed (independent of the training seed).
-  c.num_eval_batches = 8
-  c.eval_seed = 12345
-  # Threads that generate batches ahead of the trainer.
-  c.read_threads = 1
-  c.lock()
-  return c
+    """The task's data config with every field and its default (locked: unknown keys are errors)."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    if name == "memory_horizon":
+        # Sequence length t.
+        c.seq_len = 64
+        # Digit token values 0..num_digits-1.
+        c.num_digits = 10
+        # The target is the digit sum since the last RESET modulo this.
+        c.modulus = 10
+        # Probability that a position is RESET: segments are ~1/reset_prob long (the memory horizon).
+        c.reset_prob = 0.1
+        # Probability that a position is QUERY (a scored position).
+        c.query_prob = 0.2
+    elif name == "mqar":
+        # Sequence length t (>= 3 * num_kv_pairs).
+        c.seq_len = 256
+        # Key-value pairs bound at the start, each queried once later.
+        c.num_kv_pairs = 16
+        # Model vocabulary: keys from [1, vocab_size/2), values from [vocab_size/2, vocab_size).
+        c.vocab_size = 8192
+    elif name == "selective_copy":
+        # Sequence length t: context of seq_len - num_copy_tokens positions, then the COPY positions.
+        c.seq_len = 256
+        # Data tokens scattered in the context, to be reproduced in order.
+        c.num_copy_tokens = 16
+        # Distinct data token values.
+        c.num_values = 16
+    else:
+        raise ValueError(f"unknown synthetic task {name!r}; known: {TASKS}")
+    # Evaluation set: this many global batches, drawn from eval_seed (independent of the training seed).
+    c.num_eval_batches = 8
+    c.eval_seed = 12345
+    # Threads that generate batches ahead of the trainer.
+    c.read_threads = 1
+    c.lock()
+    return c
 
 
 _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
@@ -262,54 +262,64 @@ _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
 
 
 def vocab_size(config: Any) -> int:
-  """Model vocabulary size the task needs."""
-  if config.name == "memory_horizon":
-    return memory_horizon_vocab(config.num_digits, config.modulus)["vocab_size"]
-  if config.name == "mqar":
-    return int(config.vocab_size)
-  if config.name == "selective_copy":
-    return selective_copy_vocab(config.num_values)["vocab_size"]
-  raise ValueError(f"unknown synthetic task {config.name!r}; known: {TASKS}")
+    """Model vocabulary size the task needs."""
+    if config.name == "memory_horizon":
+        return memory_horizon_vocab(config.num_digits, config.modulus)["vocab_size"]
+    if config.name == "mqar":
+        return int(config.vocab_size)
+    if config.name == "selective_copy":
+        return selective_copy_vocab(config.num_values)["vocab_size"]
+    raise ValueError(f"unknown synthetic task {config.name!r}; known: {TASKS}")
 
 
 def global_batch(config: Any, *, batch_size: int, seed: int, index: int, stream: int = TRAIN_STREAM) -> Batch:
-  """Global batch number `index` of the task: a pure function of (config, batch_size, seed, stream, index)."""
-  fn, fields = _GENERATORS[config.name]
-  rng = np.random.default_rng([seed, stream, index])
-  return fn(rng, batch_size, **{f: config[f] for f in fields})
+    """Global batch number `index` of the task: a pure function of (config, batch_size, seed, stream, index)."""
+    fn, fields = _GENERATORS[config.name]
+    rng = np.random.default_rng([seed, stream, index])
+    return fn(rng, batch_size, **{f: config[f] for f in fields})
 
 
 class _Batches:
-  """Random-access source for grain: item i = this process's rows of global batch i."""
+    """Random-access source for grain: item i = this process's rows of global batch i."""
 
-  def __init__(self, config: Any, *, global_batch_size, seed, stream, process_index, process_count, length):
-    self._config, self._b, self._seed, self._stream = config, global_batch_size, seed, stream
-    local = global_batch_size // process_count
-    self._rows = slice(process_index * local, (process_index + 1) * local)
-    self._length = length
+    def __init__(self, config: Any, *, global_batch_size, seed, stream, process_index, process_count, length):
+        self._config, self._b, self._seed, self._stream = config, global_batch_size, seed, stream
+        local = global_batch_size // process_count
+        self._rows = slice(process_index * local, (process_index + 1) * local)
+        self._length = length
 
-  def __len__(self) -> int:
-    return self._length
+    def __len__(self) -> int:
+        return self._length
 
-  def __getitem__(self, index: int) -> Batch:
-    batch = global_batch(self._config, batch_size=self._b, seed=self._seed, index=index, stream=self._stream)
-    return {k: v[self._rows] for k, v in batch.items()}
+    def __getitem__(self, index: int) -> Batch:
+        batch = global_batch(self._config, batch_size=self._b, seed=self._seed, index=index, stream=self._stream)
+        return {k: v[self._rows] for k, v in batch.items()}
 
 
 def train_dataset(config, *, global_batch_size, seed, process_index, process_count) -> grain.IterDataset:
-  """Infinite training batches; the grain iterator's state is the batch index, so resume is exact."""
-  source = _Batches(
-      config, global_batch_size=global_batch_size, seed=seed, stream=TRAIN_STREAM,
-      process_index=process_index, process_count=process_count, length=sys.maxsize,
-  )
-  read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
-  return grain.MapDataset.source(source).to_iter_dataset(read)
+    """Infinite training batches; the grain iterator's state is the batch index, so resume is exact."""
+    source = _Batches(
+        config,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        stream=TRAIN_STREAM,
+        process_index=process_index,
+        process_count=process_count,
+        length=sys.maxsize,
+    )
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=4 * config.read_threads)
+    return grain.MapDataset.source(source).to_iter_dataset(read)
 
 
 def eval_dataset(config, *, batch_size, process_index, process_count) -> grain.MapDataset:
-  """The fixed evaluation set: `num_eval_batches` global batches drawn from `eval_seed`."""
-  source = _Batches(
-      config, global_batch_size=batch_size, seed=config.eval_seed, stream=EVAL_STREAM,
-      process_index=process_index, process_count=process_count, length=config.num_eval_batches,
-  )
-  return grain.MapDataset.source(source)
+    """The fixed evaluation set: `num_eval_batches` global batches drawn from `eval_seed`."""
+    source = _Batches(
+        config,
+        global_batch_size=batch_size,
+        seed=config.eval_seed,
+        stream=EVAL_STREAM,
+        process_index=process_index,
+        process_count=process_count,
+        length=config.num_eval_batches,
+    )
+    return grain.MapDataset.source(source)

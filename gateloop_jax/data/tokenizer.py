@@ -26,8 +26,8 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def tokenizer_name(*, vocab_size: int, model_type: str, byte_fallback: bool) -> str:
-  """File stem of a tokenizer, e.g. spm_bpe_32000 (spm_bpe_32000_nobytes without byte fallback)."""
-  return f"spm_{model_type}_{vocab_size}" + ("" if byte_fallback else "_nobytes")
+    """File stem of a tokenizer, e.g. spm_bpe_32000 (spm_bpe_32000_nobytes without byte fallback)."""
+    return f"spm_{model_type}_{vocab_size}" + ("" if byte_fallback else "_nobytes")
 
 
 def train_tokenizer(
@@ -40,57 +40,60 @@ def train_tokenizer(
     input_sentence_size: int = 2_000_000,
     num_threads: int = os.cpu_count() or 1,
 ) -> str:
-  """Trains SentencePiece on `sentences` (one line of text each) and writes `model_path` (ends in .model).
+    """Trains SentencePiece on `sentences` (one line of text each) and writes `model_path` (ends in .model).
 
-  `input_sentence_size` caps the sentences SentencePiece samples (its memory grows with the corpus; WikiText-103
-  train has ~1.2M non-blank lines). Byte fallback maps characters outside the vocabulary to byte pieces
-  instead of <unk>, so every input is encodable.
-  """
-  if not model_path.endswith(".model"):
-    raise ValueError(f"model_path must end in .model, got {model_path}")
-  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-  # Train into a temporary directory and move, so an interrupted run never leaves a half-written model that
-  # later looks prepared.
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model_path))) as tmp:
-    prefix = os.path.join(tmp, "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=0.9995 if byte_fallback else 1.0,
-        normalization_rule_name="identity",
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
-    shutil.move(prefix + ".vocab", model_path[: -len(".model")] + ".vocab")
-    shutil.move(prefix + ".model", model_path)
-  return model_path
+    `input_sentence_size` caps the sentences SentencePiece samples (its memory grows with the corpus; WikiText-103
+    train has ~1.2M non-blank lines). Byte fallback maps characters outside the vocabulary to byte pieces
+    instead of <unk>, so every input is encodable.
+    """
+    if not model_path.endswith(".model"):
+        raise ValueError(f"model_path must end in .model, got {model_path}")
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    # Train into a temporary directory and move, so an interrupted run never leaves a half-written model that
+    # later looks prepared.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model_path))) as tmp:
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=0.9995 if byte_fallback else 1.0,
+            normalization_rule_name="identity",
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+        shutil.move(prefix + ".vocab", model_path[: -len(".model")] + ".vocab")
+        shutil.move(prefix + ".model", model_path)
+    return model_path
 
 
 def load(model_path: str) -> spm.SentencePieceProcessor:
-  return spm.SentencePieceProcessor(model_file=model_path)
+    return spm.SentencePieceProcessor(model_file=model_path)
 
 
 def text_lines(text: str) -> list[str]:
-  """The encoded lines of a text: its non-blank lines, stripped."""
-  return [s for s in (line.strip() for line in text.split("\n")) if s]
+    """The encoded lines of a text: its non-blank lines, stripped."""
+    return [s for s in (line.strip() for line in text.split("\n")) if s]
 
 
 def encode_lines(sp: spm.SentencePieceProcessor, lines: list[str], num_threads: int = 1) -> np.ndarray:
-  """Token ids of stripped, non-blank lines: each line's pieces then EOS, concatenated. Shape (n,), int32.
+    """Token ids of stripped, non-blank lines: each line's pieces then EOS, concatenated. Shape (n,), int32.
 
-  SentencePiece holds the GIL while encoding, so parallelism comes from its own batch threads: pass many
-  lines per call.
-  """
-  ids = sp.encode(lines, out_type=int, add_eos=True, num_threads=num_threads)
-  return np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(map(len, ids)))
+    SentencePiece holds the GIL while encoding, so parallelism comes from its own batch threads: pass many
+    lines per call.
+    """
+    ids = sp.encode(lines, out_type=int, add_eos=True, num_threads=num_threads)
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(map(len, ids)))
 
 
 def encode_text(sp: spm.SentencePieceProcessor, text: str, num_threads: int = 1) -> np.ndarray:
-  """Token ids of `text` by the rule above: each non-blank line's pieces then EOS. Shape (n,), int32."""
-  return encode_lines(sp, text_lines(text), num_threads)
+    """Token ids of `text` by the rule above: each non-blank line's pieces then EOS. Shape (n,), int32."""
+    return encode_lines(sp, text_lines(text), num_threads)

@@ -58,73 +58,75 @@ HOW_TO_GET = (
 
 
 def find_archive(manual_dir: str) -> str:
-  """Path of the raw data in `manual_dir`: the zip archive, or else the extracted folder. Validates it.
+    """Path of the raw data in `manual_dir`: the zip archive, or else the extracted folder. Validates it.
 
-  Raises FileNotFoundError (nothing there) or ValueError (corrupt archive, missing split files), each naming
-  the path and how to get the data.
-  """
-  manual_dir = os.path.expanduser(manual_dir)
-  if not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f"WikiText-103 manual_dir {manual_dir} does not exist or is not a directory. {HOW_TO_GET}")
-  archive = os.path.join(manual_dir, ARCHIVE)
-  folder = os.path.join(manual_dir, RAW_DIR)
-  if os.path.exists(archive):
-    _check_archive(archive)
-    return archive
-  if os.path.isdir(folder):
-    missing = [f for f in SPLIT_FILES.values() if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-      raise ValueError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
-    return folder
-  raise FileNotFoundError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
+    Raises FileNotFoundError (nothing there) or ValueError (corrupt archive, missing split files), each naming
+    the path and how to get the data.
+    """
+    manual_dir = os.path.expanduser(manual_dir)
+    if not os.path.isdir(manual_dir):
+        raise FileNotFoundError(
+            f"WikiText-103 manual_dir {manual_dir} does not exist or is not a directory. {HOW_TO_GET}"
+        )
+    archive = os.path.join(manual_dir, ARCHIVE)
+    folder = os.path.join(manual_dir, RAW_DIR)
+    if os.path.exists(archive):
+        _check_archive(archive)
+        return archive
+    if os.path.isdir(folder):
+        missing = [f for f in SPLIT_FILES.values() if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise ValueError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
+        return folder
+    raise FileNotFoundError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
 
 
 def _check_archive(archive: str) -> None:
-  if not zipfile.is_zipfile(archive):
-    raise ValueError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
-  with zipfile.ZipFile(archive) as zf:
-    names = set(zf.namelist())
-  missing = [f"{RAW_DIR}/{f}" for f in SPLIT_FILES.values() if f"{RAW_DIR}/{f}" not in names]
-  if missing:
-    raise ValueError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
+    if not zipfile.is_zipfile(archive):
+        raise ValueError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+    missing = [f"{RAW_DIR}/{f}" for f in SPLIT_FILES.values() if f"{RAW_DIR}/{f}" not in names]
+    if missing:
+        raise ValueError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
 
 
 def _raw_lines(path: str, split: str) -> Iterator[str]:
-  """Lines of a split's raw file, each with its '\\n', from the zip archive or the extracted folder."""
-  member = f"{RAW_DIR}/{SPLIT_FILES[split]}"
-  try:
-    if os.path.isdir(path):
-      with open(os.path.join(path, SPLIT_FILES[split]), encoding="utf-8", newline="") as f:
-        yield from f
-    else:
-      with zipfile.ZipFile(path) as zf, io.TextIOWrapper(zf.open(member), encoding="utf-8", newline="") as f:
-        yield from f
-  except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as e:
-    raise ValueError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
+    """Lines of a split's raw file, each with its '\\n', from the zip archive or the extracted folder."""
+    member = f"{RAW_DIR}/{SPLIT_FILES[split]}"
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, SPLIT_FILES[split]), encoding="utf-8", newline="") as f:
+                yield from f
+        else:
+            with zipfile.ZipFile(path) as zf, io.TextIOWrapper(zf.open(member), encoding="utf-8", newline="") as f:
+                yield from f
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
 
 
 def is_title(line: str) -> bool:
-  """A top-level article heading ' = Title = ' (sections are ' = = Section = = ')."""
-  s = line.strip()
-  return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
+    """A top-level article heading ' = Title = ' (sections are ' = = Section = = ')."""
+    s = line.strip()
+    return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
 
 def split_documents(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
-  """Groups raw lines into articles: yields (title, text), text being the article's lines verbatim.
+    """Groups raw lines into articles: yields (title, text), text being the article's lines verbatim.
 
-  A new article starts at each title line; lines before the first title join the first article, so the
-  concatenated texts reproduce the file byte for byte.
-  """
-  title, buffer = None, []
-  for line in lines:
-    if is_title(line) and title is not None:
-      yield title, "".join(buffer)
-      buffer = []
-    if is_title(line):
-      title = line.strip()[2:-2]
-    buffer.append(line)
-  if buffer:
-    yield title or "", "".join(buffer)
+    A new article starts at each title line; lines before the first title join the first article, so the
+    concatenated texts reproduce the file byte for byte.
+    """
+    title, buffer = None, []
+    for line in lines:
+        if is_title(line) and title is not None:
+            yield title, "".join(buffer)
+            buffer = []
+        if is_title(line):
+            title = line.strip()[2:-2]
+        buffer.append(line)
+    if buffer:
+        yield title or "", "".join(buffer)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,42 +134,42 @@ def split_documents(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 class Wikitext103(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """WikiText-103 raw, one example {"title", "text"} per article, in file order (shuffling disabled).
+    """WikiText-103 raw, one example {"title", "text"} per article, in file order (shuffling disabled).
 
-  Not registered with TFDS: construct it directly, e.g. `Wikitext103(data_dir=..., file_format="array_record")`.
-  """
+    Not registered with TFDS: construct it directly, e.g. `Wikitext103(data_dir=..., file_format="array_record")`.
+    """
 
-  name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Raw WikiText-103 v1, one example per article."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = HOW_TO_GET
-  # TFDS looks up the builder's source path only to find a checksums file (there is none: the archive is the
-  # user's). That lookup imports importlib_resources, which TFDS declares only for Python < 3.9, so it fails
-  # on a clean install; a builder without a code path skips it.
-  code_path = None
+    name = NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Raw WikiText-103 v1, one example per article."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = HOW_TO_GET
+    # TFDS looks up the builder's source path only to find a checksums file (there is none: the archive is the
+    # user's). That lookup imports importlib_resources, which TFDS declares only for Python < 3.9, so it fails
+    # on a clean install; a builder without a code path skips it.
+    code_path = None
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="WikiText-103 (raw): 28k verified Good/Featured Wikipedia articles, untokenized.",
-        features=tfds.features.FeaturesDict({"title": tfds.features.Text(), "text": tfds.features.Text()}),
-        # Evaluation concatenates articles in file order; keep that order on disk.
-        disable_shuffling=True,
-        homepage="https://www.salesforce.com/blog/the-wikitext-long-term-dependency-language-modeling-dataset/",
-        citation="Merity, Xiong, Bradbury, Socher. Pointer Sentinel Mixture Models. arXiv:1609.07843, 2016.",
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="WikiText-103 (raw): 28k verified Good/Featured Wikipedia articles, untokenized.",
+            features=tfds.features.FeaturesDict({"title": tfds.features.Text(), "text": tfds.features.Text()}),
+            # Evaluation concatenates articles in file order; keep that order on disk.
+            disable_shuffling=True,
+            homepage="https://www.salesforce.com/blog/the-wikitext-long-term-dependency-language-modeling-dataset/",
+            citation="Merity, Xiong, Bradbury, Socher. Pointer Sentinel Mixture Models. arXiv:1609.07843, 2016.",
+        )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # TFDS's way of saying "no manual_dir given, or empty"
-      manual_dir = None
-    path = find_archive(os.fspath(manual_dir)) if manual_dir else os.fspath(dl_manager.download(ARCHIVE_URL))
-    return {split: self._generate_examples(path, split) for split in SPLITS}
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        try:
+            manual_dir = dl_manager.manual_dir
+        except AssertionError:  # TFDS's way of saying "no manual_dir given, or empty"
+            manual_dir = None
+        path = find_archive(os.fspath(manual_dir)) if manual_dir else os.fspath(dl_manager.download(ARCHIVE_URL))
+        return {split: self._generate_examples(path, split) for split in SPLITS}
 
-  def _generate_examples(self, path: str, split: str):
-    for index, (title, text) in enumerate(split_documents(_raw_lines(path, split))):
-      yield index, {"title": title, "text": text}
+    def _generate_examples(self, path: str, split: str):
+        for index, (title, text) in enumerate(split_documents(_raw_lines(path, split))):
+            yield index, {"title": title, "text": text}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,66 +177,66 @@ class Wikitext103(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def root_dir(data_dir: str) -> str:
-  return os.path.join(os.path.expanduser(data_dir), NAME)
+    return os.path.join(os.path.expanduser(data_dir), NAME)
 
 
 def tokenizer_path(data_dir: str, name: str) -> str:
-  return os.path.join(root_dir(data_dir), name + ".model")
+    return os.path.join(root_dir(data_dir), name + ".model")
 
 
 def tokens_path(data_dir: str, name: str, split: str) -> str:
-  return os.path.join(root_dir(data_dir), name, f"{split}.npy")
+    return os.path.join(root_dir(data_dir), name, f"{split}.npy")
 
 
 def prepare_command(data_dir: str, *, vocab_size: int, model_type: str, byte_fallback: bool) -> str:
-  """The exact command that makes what the pipeline needs for this configuration."""
-  cmd = f"{COMMAND} --manual_dir MANUAL_DIR --data_dir {data_dir} --vocab_size {vocab_size}"
-  if model_type != "bpe":
-    cmd += f" --model_type {model_type}"
-  if not byte_fallback:
-    cmd += " --nobyte_fallback"
-  return cmd + f"   (MANUAL_DIR holds {ARCHIVE})"
+    """The exact command that makes what the pipeline needs for this configuration."""
+    cmd = f"{COMMAND} --manual_dir MANUAL_DIR --data_dir {data_dir} --vocab_size {vocab_size}"
+    if model_type != "bpe":
+        cmd += f" --model_type {model_type}"
+    if not byte_fallback:
+        cmd += " --nobyte_fallback"
+    return cmd + f"   (MANUAL_DIR holds {ARCHIVE})"
 
 
 def documents(data_dir: str, split: str, *, read_threads: int = 2) -> grain.IterDataset:
-  """The split's article texts (str), in file order, read by grain from the array_record files."""
-  builder = Wikitext103(data_dir=os.path.expanduser(data_dir), file_format="array_record")
-  source = builder.as_data_source(split=split)
-  ds = grain.MapDataset.source(source).map(lambda ex: ex["text"].decode("utf-8"))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    """The split's article texts (str), in file order, read by grain from the array_record files."""
+    builder = Wikitext103(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    source = builder.as_data_source(split=split)
+    ds = grain.MapDataset.source(source).map(lambda ex: ex["text"].decode("utf-8"))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
 
 
 def text_statistics(texts: Iterable[str]) -> dict[str, int]:
-  """num_words (whitespace-separated tokens), num_bytes (UTF-8), num_lines, num_documents of some texts."""
-  stats = {"num_words": 0, "num_bytes": 0, "num_lines": 0, "num_documents": 0}
-  for text in texts:
-    stats["num_words"] += len(text.split())
-    stats["num_bytes"] += len(text.encode("utf-8"))
-    stats["num_lines"] += text.count("\n")
-    stats["num_documents"] += 1
-  return stats
+    """num_words (whitespace-separated tokens), num_bytes (UTF-8), num_lines, num_documents of some texts."""
+    stats = {"num_words": 0, "num_bytes": 0, "num_lines": 0, "num_documents": 0}
+    for text in texts:
+        stats["num_words"] += len(text.split())
+        stats["num_bytes"] += len(text.encode("utf-8"))
+        stats["num_lines"] += text.count("\n")
+        stats["num_documents"] += 1
+    return stats
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+    with open(path) as f:
+        return json.load(f)
 
 
 def split_statistics(data_dir: str, name: str, split: str, command: str) -> dict[str, int]:
-  """{"num_words", "num_bytes", "num_lines", "num_documents", "num_tokens"} of a prepared split."""
-  text_json = os.path.join(root_dir(data_dir), "statistics.json")
-  token_json = os.path.join(root_dir(data_dir), name, "statistics.json")
-  for path in (text_json, token_json):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} does not exist: prepare the data with\n  {command}")
-  return {**_read_json(text_json)[split], **_read_json(token_json)[split]}
+    """{"num_words", "num_bytes", "num_lines", "num_documents", "num_tokens"} of a prepared split."""
+    text_json = os.path.join(root_dir(data_dir), "statistics.json")
+    token_json = os.path.join(root_dir(data_dir), name, "statistics.json")
+    for path in (text_json, token_json):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: prepare the data with\n  {command}")
+    return {**_read_json(text_json)[split], **_read_json(token_json)[split]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,88 +253,98 @@ def prepare(
     input_sentence_size: int = 2_000_000,
     read_threads: int = 2,
 ) -> dict[str, Any]:
-  """Builds the dataset, its statistics, the tokenizer and the token files (each only if missing).
+    """Builds the dataset, its statistics, the tokenizer and the token files (each only if missing).
 
-  Returns a summary: the split statistics and seconds spent per step (0 for steps skipped).
-  """
-  if manual_dir is not None:
-    find_archive(manual_dir)  # fail before TFDS creates anything, with the clearer message
-  data_dir = os.path.expanduser(data_dir)
-  name = tok.tokenizer_name(vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback)
-  seconds = {}
+    Returns a summary: the split statistics and seconds spent per step (0 for steps skipped).
+    """
+    if manual_dir is not None:
+        find_archive(manual_dir)  # fail before TFDS creates anything, with the clearer message
+    data_dir = os.path.expanduser(data_dir)
+    name = tok.tokenizer_name(vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback)
+    seconds = {}
 
-  t0 = time.perf_counter()
-  builder = Wikitext103(data_dir=data_dir, file_format="array_record")
-  config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
-  builder.download_and_prepare(download_config=config)
-  seconds["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    builder = Wikitext103(data_dir=data_dir, file_format="array_record")
+    config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+    builder.download_and_prepare(download_config=config)
+    seconds["build"] = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  text_json = os.path.join(root_dir(data_dir), "statistics.json")
-  if not os.path.exists(text_json):
-    _write_json(text_json, {s: text_statistics(documents(data_dir, s, read_threads=read_threads)) for s in SPLITS})
-  seconds["statistics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    text_json = os.path.join(root_dir(data_dir), "statistics.json")
+    if not os.path.exists(text_json):
+        _write_json(text_json, {s: text_statistics(documents(data_dir, s, read_threads=read_threads)) for s in SPLITS})
+    seconds["statistics"] = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  model = tokenizer_path(data_dir, name)
-  if not os.path.exists(model):
-    sentences = (line for text in documents(data_dir, "train", read_threads=read_threads) for line in tok.text_lines(text))
-    tok.train_tokenizer(
-        sentences, model, vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback,
-        input_sentence_size=input_sentence_size,
-    )
-  seconds["tokenizer"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = tokenizer_path(data_dir, name)
+    if not os.path.exists(model):
+        sentences = (
+            line for text in documents(data_dir, "train", read_threads=read_threads) for line in tok.text_lines(text)
+        )
+        tok.train_tokenizer(
+            sentences,
+            model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            input_sentence_size=input_sentence_size,
+        )
+    seconds["tokenizer"] = time.perf_counter() - t0
 
-  t0 = time.perf_counter()
-  token_json = os.path.join(root_dir(data_dir), name, "statistics.json")
-  if not os.path.exists(token_json):
-    sp = tok.load(model)
-    os.makedirs(os.path.dirname(token_json), exist_ok=True)
-    counts = {}
-    for split in SPLITS:
-      stream = _encode_split(sp, documents(data_dir, split, read_threads=read_threads), read_threads)
-      # uint16 halves the file (and the page cache) whenever the vocabulary fits.
-      stream = stream.astype(np.uint16 if sp.get_piece_size() <= 2**16 else np.int32)
-      path = tokens_path(data_dir, name, split)
-      np.save(path + ".tmp.npy", stream)
-      os.replace(path + ".tmp.npy", path)
-      counts[split] = {"num_tokens": int(stream.size)}
-    _write_json(token_json, counts)
-  seconds["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    token_json = os.path.join(root_dir(data_dir), name, "statistics.json")
+    if not os.path.exists(token_json):
+        sp = tok.load(model)
+        os.makedirs(os.path.dirname(token_json), exist_ok=True)
+        counts = {}
+        for split in SPLITS:
+            stream = _encode_split(sp, documents(data_dir, split, read_threads=read_threads), read_threads)
+            # uint16 halves the file (and the page cache) whenever the vocabulary fits.
+            stream = stream.astype(np.uint16 if sp.get_piece_size() <= 2**16 else np.int32)
+            path = tokens_path(data_dir, name, split)
+            np.save(path + ".tmp.npy", stream)
+            os.replace(path + ".tmp.npy", path)
+            counts[split] = {"num_tokens": int(stream.size)}
+        _write_json(token_json, counts)
+    seconds["encode"] = time.perf_counter() - t0
 
-  stats = {s: split_statistics(data_dir, name, s, COMMAND) for s in SPLITS}
-  return {"statistics": stats, "seconds": seconds, "tokenizer": model}
+    stats = {s: split_statistics(data_dir, name, s, COMMAND) for s in SPLITS}
+    return {"statistics": stats, "seconds": seconds, "tokenizer": model}
 
 
 def _encode_split(sp, texts: Iterable[str], num_threads: int, lines_per_call: int = 20_000) -> np.ndarray:
-  """The token stream of some texts, in order (tokenizer.encode_text of each, concatenated). Shape (n,)."""
-  parts, lines = [], []
-  for text in texts:
-    lines += tok.text_lines(text)
-    if len(lines) >= lines_per_call:
-      parts.append(tok.encode_lines(sp, lines, num_threads))
-      lines = []
-  parts.append(tok.encode_lines(sp, lines, num_threads))
-  return np.concatenate(parts)
+    """The token stream of some texts, in order (tokenizer.encode_text of each, concatenated). Shape (n,)."""
+    parts, lines = [], []
+    for text in texts:
+        lines += tok.text_lines(text)
+        if len(lines) >= lines_per_call:
+            parts.append(tok.encode_lines(sp, lines, num_threads))
+            lines = []
+    parts.append(tok.encode_lines(sp, lines, num_threads))
+    return np.concatenate(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
-  parser.add_argument("--manual_dir", default=None, help=f"directory holding {ARCHIVE}; omit to download it")
-  parser.add_argument("--data_dir", required=True, help="where the dataset, tokenizer and token files go")
-  parser.add_argument("--vocab_size", type=int, default=32000)
-  parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"])
-  parser.add_argument("--nobyte_fallback", dest="byte_fallback", action="store_false")
-  parser.add_argument("--input_sentence_size", type=int, default=2_000_000)
-  parser.add_argument("--read_threads", type=int, default=os.cpu_count() or 2)
-  args = parser.parse_args(argv)
-  summary = prepare(
-      args.data_dir, args.manual_dir, vocab_size=args.vocab_size, model_type=args.model_type,
-      byte_fallback=args.byte_fallback, input_sentence_size=args.input_sentence_size,
-      read_threads=args.read_threads,
-  )
-  print(json.dumps(summary, indent=2))
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manual_dir", default=None, help=f"directory holding {ARCHIVE}; omit to download it")
+    parser.add_argument("--data_dir", required=True, help="where the dataset, tokenizer and token files go")
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"])
+    parser.add_argument("--nobyte_fallback", dest="byte_fallback", action="store_false")
+    parser.add_argument("--input_sentence_size", type=int, default=2_000_000)
+    parser.add_argument("--read_threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+    summary = prepare(
+        args.data_dir,
+        args.manual_dir,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        byte_fallback=args.byte_fallback,
+        input_sentence_size=args.input_sentence_size,
+        read_threads=args.read_threads,
+    )
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-  main()
+    main()
