@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # The full Zoology-style setting of configs/mqar.py and the CPU-sized one.
-FULL = dict(seq_len=256, num_kv_pairs=16, vocab_size=8192, d_model=128, num_heads=4, batch=64)
-SMALL = dict(seq_len=64, num_kv_pairs=4, vocab_size=256, d_model=64, num_heads=4, batch=64)
+FULL = dict(seq_len=256, num_kv_pairs=16, vocab_size=8192, d_model=128, num_heads=4, batch=64, query_gaps="power_law")
+SMALL = dict(seq_len=64, num_kv_pairs=4, vocab_size=256, d_model=64, num_heads=4, batch=64, query_gaps="power_law")
 
 # name -> settings. `model` holds ModelConfig overrides; theta_lr / gamma_lr scale the learning rate of the phase /
 # magnitude projections' kernels; zero_theta starts the phase projection's kernel at zero.
@@ -71,6 +71,7 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
     model_cfg = dict(name=settings["name"], vocab_size=size["vocab_size"], d_model=size["d_model"], num_layers=2,
                      num_heads=size["num_heads"])
     model_cfg.update(settings.get("model", {}))
+    model_cfg.update({k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")})
     model = build_model(ModelConfig.from_mapping(model_cfg), rngs=nnx.Rngs(seed))
     if settings.get("zero_theta"):
         for block in model.blocks:
@@ -80,10 +81,10 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def group(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[-1] == "kernel" and "theta_proj" in names:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "kernel" in names and "theta_proj" in names:
             return "theta"
-        if names[-1] == "kernel" and "gamma_proj" in names:
+        if "kernel" in names and "gamma_proj" in names:
             return "gamma"
         return "default"
 
@@ -119,7 +120,8 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
             return jnp.zeros((0,))
         return jnp.stack([t.phase.std(axis=(0, 1)).mean() for t in m.transitions(inputs)])
 
-    data = dict(seq_len=size["seq_len"], num_kv_pairs=size["num_kv_pairs"], vocab_size=size["vocab_size"])
+    data = dict(seq_len=size["seq_len"], num_kv_pairs=size["num_kv_pairs"], vocab_size=size["vocab_size"],
+                query_gaps=size["query_gaps"])
     eval_batches = [synthetic.mqar(np.random.default_rng([seed, 1, i]), 256, **data) for i in range(4)]
     rng = np.random.default_rng([seed, 0])
     log = (out / f"{name}.jsonl").open("w")
