@@ -202,11 +202,17 @@ def pack(items: list[Setting]) -> list[list[Setting]]:
     return runs
 
 
+# Fields packed only with each other, with why.
+APART = {
+    # Stopping early leaves a run's other settings without evaluation.
+    "max_train_seconds": "stops",
+    # Loading the defaults run's parameters needs its architecture and vocabulary.
+    "init_from": "init", "init_from_step": "init",
+}
 SETTINGS = settings()
 UNAVAILABLE_SETTINGS = [s for s in SETTINGS if (s.field, s.value) in UNAVAILABLE]
-# Stopping early leaves a run's other settings without evaluation: it runs alone.
-ALONE = [s for s in SETTINGS if s.field == "max_train_seconds"]
-RUNS = pack([s for s in SETTINGS if s not in UNAVAILABLE_SETTINGS and s not in ALONE]) + [[s] for s in ALONE]
+RUNS = [run for group in (None, *sorted(set(APART.values())))
+        for run in pack([s for s in SETTINGS if APART.get(s.field) == group and s not in UNAVAILABLE_SETTINGS])]
 
 
 def train_evaluate_decode(items: list[Setting], workdir: str, source: str | None):
@@ -239,7 +245,7 @@ def test_every_field_is_swept():
                                                                  if p.startswith("model.")}
     swept = {s.field for s in SETTINGS}
     assert fields - set(NO_ALTERNATIVE) == swept
-    for table in (NO_ALTERNATIVE, VALUES, EXTRA, REQUIRES):
+    for table in (NO_ALTERNATIVE, VALUES, EXTRA, REQUIRES, APART):
         assert set(table) <= fields, set(table) - fields
     assert {f for f, _ in UNAVAILABLE} <= fields
     placed = [s for run in RUNS for s in run] + UNAVAILABLE_SETTINGS
@@ -247,22 +253,24 @@ def test_every_field_is_swept():
     assert len(RUNS) < len(SETTINGS) / 4  # the packing is what keeps the sweep within CI's budget
 
 
+def failures(items: list[Setting], workdir, source: str | None) -> list[str]:
+    """The settings that fail, found by halving (a few runs per culprit); [] if the run works."""
+    try:
+        train_evaluate_decode(items, os.path.join(workdir, str(len(os.listdir(workdir)))), source)
+        return []
+    except Exception as error:  # noqa: BLE001 - reported by the caller, setting by setting
+        if len(items) == 1:
+            return [f"{items[0].label}: {type(error).__name__}: {error}"]
+        half = len(items) // 2
+        found = failures(items[:half], workdir, source) + failures(items[half:], workdir, source)
+        return found or [f"only together: {[s.label for s in items]}: {type(error).__name__}: {error}"]
+
+
 @pytest.mark.parametrize("run", RUNS, ids=[f"run{i}" for i in range(len(RUNS))])
 def test_settings_train_evaluate_and_decode(run, tmp_path, request):
     source_dir = request.getfixturevalue("source") if any(v == SOURCE for s in run for _, v in s.changes) else None
-    try:
-        train_evaluate_decode(run, str(tmp_path / "together"), source_dir)
-    except Exception as error:
-        if len(run) == 1:
-            raise AssertionError(f"{run[0].label}: {type(error).__name__}: {error}") from error
-        failing = []
-        for i, item in enumerate(run):
-            try:
-                train_evaluate_decode([item], str(tmp_path / str(i)), source_dir)
-            except Exception as e:  # noqa: BLE001 - reported below, setting by setting
-                failing.append(f"{item.label}: {type(e).__name__}: {e}")
-        raise AssertionError("settings failing alone:\n" + "\n".join(failing) if failing else
-                             f"only together: {[s.label for s in run]}: {error}") from error
+    found = failures(run, str(tmp_path), source_dir)
+    assert not found, "settings that fail:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("changes, error", [(s.changes, UNAVAILABLE[s.field, s.value]) for s in UNAVAILABLE_SETTINGS]
@@ -296,3 +304,23 @@ def nnx_params(model):
     from flax import nnx
 
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("mode, passed", [("chunked", 4), ("auto", 4), ("recurrent", None), ("scan", None)])
+def test_chunk_size_reaches_the_op_where_the_mode_chunks(mode, passed, monkeypatch):
+    """ModelConfig.chunk_size goes to the chunked op where the mode (or what "auto" resolves to: "chunked" for
+    multi-head on CPU) chunks; the other modes ignore it instead of refusing it."""
+    from flax import nnx
+
+    from gateloop_jax.models import build_model, preset_config
+    from gateloop_jax.ops import dispatch
+
+    seen = []
+    chunked = dispatch._MODE_FNS["chunked"]
+    monkeypatch.setitem(dispatch._MODE_FNS, "chunked",
+                        lambda *args, chunk_size=None: seen.append(chunk_size) or chunked(*args, chunk_size=chunk_size))
+    model = build_model(preset_config("test", vocab_size=16, mode=mode, chunk_size=4), rngs=nnx.Rngs(0))
+    assert model.config.head_dims[0] > 1  # multi-head, where "auto" is "chunked" on CPU
+    logits = model(jax.numpy.zeros((1, 5), jax.numpy.int32))
+    assert np.all(np.isfinite(logits))
+    assert seen == ([passed] * model.config.num_layers if passed else [])
