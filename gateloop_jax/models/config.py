@@ -50,9 +50,10 @@ class ModelConfig:
     # --- GateLoop mixer ---
     # How the recurrence is computed: one set of parameters, several modes (ops.gateloop).
     mode: str = "auto"
-    # Chunk length of the modes that chunk ("chunked", and "pallas" multi-head); None = the op's default. Where the
-    # mode that runs does not chunk it is ignored: "auto" resolving to "scan" (max-headed, or at eval / prefill with
-    # another mode), "recurrent" (the configs' test and runlocal sizes turn "auto" into it on CPU), "attention".
+    # Chunk length of the modes that chunk ("chunked", and "pallas" multi-head); None = the op's default. Ignored
+    # wherever the mode that runs does not chunk: "scan", "recurrent", "attention", "auto" where it resolves to one
+    # of them (max-headed off GPU), and the configs' CPU sizes that turn "auto" into "recurrent" (every test size,
+    # memory_horizon's runlocal).
     chunk_size: int | None = None
     # "data_controlled" (GateLoop), "fixed" (a per channel, input independent: S5/LRU/RetNet-like ablation),
     # "real" (data-controlled magnitude, phase 0), "none" (a = 1: linear attention).
