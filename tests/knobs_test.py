@@ -324,3 +324,15 @@ def test_chunk_size_reaches_the_op_where_the_mode_chunks(mode, passed, monkeypat
     logits = nnx.jit(lambda m, x: m(x))(model, jax.numpy.zeros((1, 5), jax.numpy.int32))  # eager would take ~40 s
     assert np.all(np.isfinite(logits))
     assert seen == ([passed] * model.config.num_layers if passed else [])
+
+
+def test_gpu_only_settings_load_as_auto_on_cpu():
+    """gateloop_jax.load places the model on a CPU: GPU-only kernels become "auto" there, elsewhere nothing changes."""
+    from gateloop_jax.models import portable_config
+
+    cudnn = ModelConfig(name="transformer", attention_impl="cudnn")
+    assert portable_config(cudnn, "cpu") == cudnn.replace(attention_impl="auto")
+    assert portable_config(cudnn, "gpu") == cudnn
+    gla = ModelConfig(mode="gla_rotation", dtype="bfloat16")
+    assert portable_config(gla, "cpu") == gla.replace(mode="auto")
+    assert portable_config(gla.replace(mode="chunked"), "cpu") == gla.replace(mode="chunked")

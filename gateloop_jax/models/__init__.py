@@ -55,19 +55,35 @@ def resolve_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     return config.replace(**fixed) if fixed else config
 
 
-def check_platform(config: ModelConfig, platform: str | None = None) -> None:
-    """A ValueError naming the field, if a setting cannot run on this platform (checked before compiling)."""
+def platform_problems(config: ModelConfig, platform: str | None = None) -> dict[str, str]:
+    """{field: why it cannot run on this platform} for the settings bound to other hardware (empty if none)."""
     platform = platform or jax.default_backend()
     mixer_cls, _ = MODELS[config.name]
+    problems = {}
     if mixer_cls is CausalSelfAttention and config.attention_impl == "cudnn" and platform != "gpu":
-        raise ValueError(f"model config: attention_impl='cudnn' needs an NVIDIA GPU, this is {platform}; use "
-                         "attention_impl='auto' (cuDNN where it applies, else XLA) or 'xla'.")
+        problems["attention_impl"] = (f"attention_impl='cudnn' needs an NVIDIA GPU, this is {platform}; use "
+                                      "attention_impl='auto' (cuDNN where it applies, else XLA) or 'xla'")
     if mixer_cls is GateLoopMixer and config.mode == "gla_rotation":
         d_qk, d_v = config.head_dims
         reason = gla_rotation.unsupported_reason((1, 1, config.num_heads, d_qk), (1, 1, config.num_heads, d_v),
                                                  config.dtype, platform)
         if reason:
-            raise ValueError(f"model config: mode='gla_rotation' cannot run here: {reason}.")
+            problems["mode"] = f"mode='gla_rotation' cannot run here: {reason}"
+    return problems
+
+
+def check_platform(config: ModelConfig, platform: str | None = None) -> None:
+    """A ValueError naming the field, if a setting cannot run on this platform (the trainer checks before compiling)."""
+    problems = platform_problems(config, platform)
+    if problems:
+        raise ValueError("model config: " + "; ".join(problems.values()) + ".")
+
+
+def portable_config(config: ModelConfig, platform: str | None = None) -> ModelConfig:
+    """config with the settings this platform cannot run set to "auto" (the same function, computed another way):
+    a checkpoint trained with a GPU-only kernel still loads and runs on a CPU."""
+    problems = platform_problems(config, platform)
+    return config.replace(**{field: "auto" for field in problems}) if problems else config
 
 
 def build_model(config: ModelConfig | Mapping[str, Any], *, rngs: nnx.Rngs) -> CausalLM:
@@ -78,5 +94,5 @@ def build_model(config: ModelConfig | Mapping[str, Any], *, rngs: nnx.Rngs) -> C
 
 __all__ = [
     "MODELS", "PRESETS", "CausalLM", "ModelConfig", "build_model", "check_platform", "expected_param_count",
-    "param_count", "preset_config", "register", "resolve_config",
+    "param_count", "platform_problems", "portable_config", "preset_config", "register", "resolve_config",
 ]
