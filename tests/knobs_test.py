@@ -100,6 +100,14 @@ REFUSED = {
     "batch_vs_mesh": ({"global_batch_size": 12}, r"global_batch_size=12 .* data-parallel size 8 \(mesh data=8"),
 }
 
+# Fields packed only with each other, with why.
+APART = {
+    # Stopping early leaves a run's other settings without evaluation.
+    "max_train_seconds": "stops",
+    # Loading the defaults run's parameters needs its architecture and vocabulary.
+    "init_from": "init", "init_from_step": "init",
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
     return get_config(TASK, SIZE)
@@ -202,13 +210,6 @@ def pack(items: list[Setting]) -> list[list[Setting]]:
     return runs
 
 
-# Fields packed only with each other, with why.
-APART = {
-    # Stopping early leaves a run's other settings without evaluation.
-    "max_train_seconds": "stops",
-    # Loading the defaults run's parameters needs its architecture and vocabulary.
-    "init_from": "init", "init_from_step": "init",
-}
 SETTINGS = settings()
 UNAVAILABLE_SETTINGS = [s for s in SETTINGS if (s.field, s.value) in UNAVAILABLE]
 RUNS = [run for group in (None, *sorted(set(APART.values())))
