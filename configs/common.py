@@ -13,6 +13,14 @@ from ml_collections import config_dict
 from gateloop_jax import data
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
+from gateloop_jax.train.optimizer import DECAYS
+
+# The values a string field of base_config may take (ModelConfig's are _CHOICES in gateloop_jax/models/config.py);
+# tests/knobs_test.py trains each.
+CHOICES = {
+    "eval_split": ("validation", "test"),
+    "optimizer.decay": DECAYS,
+}
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -69,7 +77,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     # Linear warmup from 0.
     c.optimizer.warmup_steps = 1000
-    # After warmup: "cosine", "linear" or "constant" decay to learning_rate * end_lr_factor at total_steps.
+    # After warmup: "cosine", "linear" or "constant" (DECAYS) decay to learning_rate * end_lr_factor at total_steps.
     c.optimizer.decay = "cosine"
     c.optimizer.end_lr_factor = 0.1
     # Adam moments and epsilon.

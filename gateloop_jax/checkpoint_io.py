@@ -20,10 +20,11 @@ from flax import nnx
 
 def _model_config(config: ml_collections.ConfigDict):
     """The ModelConfig of a saved training config (the trainer stores model.vocab_size as the data's)."""
-    from gateloop_jax.models import resolve_config
+    from gateloop_jax.models import portable_config, resolve_config
     from gateloop_jax.models.config import ModelConfig
 
-    return resolve_config(ModelConfig.from_mapping(dict(config.model)))
+    # The model is placed on a CPU: a GPU-only kernel setting becomes "auto" there (the same function).
+    return portable_config(resolve_config(ModelConfig.from_mapping(dict(config.model))), "cpu")
 
 
 def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
@@ -36,7 +37,8 @@ def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple
         none. A missing tokenizer file is an error naming the prepare command.
 
     Returns:
-      model: the nnx CausalLM with the trained float32 parameters on one CPU device, eval-ready.
+      model: the nnx CausalLM with the trained float32 parameters on one CPU device, eval-ready; a setting only a
+        GPU runs (attention_impl='cudnn', mode='gla_rotation') is "auto" in it.
       config: the training config (ConfigDict; config.model.vocab_size filled in).
       tokenizer: a sentencepiece.SentencePieceProcessor, or None.
     """

@@ -201,9 +201,13 @@ class GateLoopMixer(nnx.Module):
     def _recurrence(self, q, k, v, a, mode, return_state=False):
         """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard."""
         mode = mode or self.config.mode
-        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size,  # noqa: E731
+        resolved = ops.resolve_mode(mode, q.shape, v.shape)
+        # config.chunk_size is for the chunked modes; a run whose mode (given, or what "auto" resolved to on this
+        # platform and shape, or the eval / prefill override) does not chunk ignores it (ModelConfig.chunk_size).
+        chunk_size = self.config.chunk_size if resolved in ops.CHUNKED_MODES else None
+        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,  # noqa: E731
                                              return_state=return_state)
-        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
+        if resolved not in ops.KERNEL_MODES:
             return fn(q, k, v, a)
         out_kinds = ("sequence", "state") if return_state else ("sequence",)
         return map_over_batch_and_heads(fn, q, k, v, a, out_kinds=out_kinds)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gateloop_jax import data
-from gateloop_jax.models import build_model, resolve_config
+from gateloop_jax.models import build_model, check_platform, resolve_config
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, LENGTH, logical_to_spec, make_mesh
 from gateloop_jax.train import checkpoint as ckpt_lib
@@ -74,6 +74,7 @@ def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]
                 f"data.data_dir={config.data.data_dir!r} does not exist. Prepare WikiText-103 with\n"
                 f"  python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data.data_dir}")
     model_config = model_config_from(config)  # also checks the data's tokenizer / files exist
+    check_platform(model_config, mesh.devices.flat[0].platform)
     return mesh, model_config
 
 
@@ -134,8 +135,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
     tx, schedule = make_optimizer(config, abstract_params)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sharding,
-                                         transform_non_params=lambda _: replicated)
+    # A multi_transform / masked optimizer (optimizer.transition_lr_factor != 1) keeps, per inner optimizer, a copy
+    # of the parameter tree with MaskedNode where the other one owns the parameter: those stay MaskedNode.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sharding = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt_state, param_sharding,
+                                         transform_non_params=lambda _: replicated, is_leaf=masked)
     state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding)
     rest_sharding = jax.tree.map(lambda _: replicated, parts.rest)
 
