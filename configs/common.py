@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from gateloop_jax import data
+from gateloop_jax.data import synthetic
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
 from gateloop_jax.train.optimizer import DECAYS
@@ -20,6 +21,7 @@ from gateloop_jax.train.optimizer import DECAYS
 CHOICES = {
     "eval_split": ("validation", "test"),
     "optimizer.decay": DECAYS,
+    "data.query_gaps": synthetic.MQAR_QUERY_GAPS,
 }
 
 

@@ -42,7 +42,8 @@ class CausalLM(nnx.Module):
         kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
         self.embed = nnx.Embed(
             config.vocab_size, config.d_model,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), (VOCAB, EMBED)), **kw)
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=config.embedding_init_std),
+                                                (VOCAB, EMBED)), **kw)
         self.blocks = nnx.List([Block(config, mixer_cls, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = nnx.LayerNorm(config.d_model, **kw)
         self.head = nnx.data(None)
