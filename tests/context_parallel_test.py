@@ -9,6 +9,9 @@ the split adds one (t, k) x (k, v) correction product and a scan over at most 8 
 roundings on top of the local op's (measured ~5e-7 here).
 """
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,8 +118,9 @@ def _lm_loss_and_grads(model, tokens, mode):
 def test_model_under_sequence_mesh_matches_one_device(name, mode, monkeypatch):
     """The LM (GateLoop multi-head, and the Transformer's context-parallel attention) with the length split 4 ways
     over the trainer's mesh and rules: logits and parameter gradients equal the one-device run."""
+    # remat: the train step's jax.checkpoint around each block, with the shard_map inside.
     model = build_model(preset_config("test", name=name, d_model=16, num_heads=2, d_qk=4, d_v=4, num_layers=1,
-                                      vocab_size=11), rngs=nnx.Rngs(0))
+                                      vocab_size=11, remat=True), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 11)
     (loss, logits), grads = _lm_loss_and_grads(model, tokens, mode)
     calls = []
@@ -174,3 +178,18 @@ def test_training_sequence4_matches_data4(tmp_path, monkeypatch):
     assert len(runs[0]) == 3 and np.all(np.isfinite(runs[0]))
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=0)
 
+
+
+def test_bench_context_parallel_tiny(tmp_path):
+    """experiments/bench_context_parallel.py at test size: it trains with the length split in 4 and finds the state
+    exchange among the step's collectives (one all-gather per GateLoop layer, forward)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import bench_context_parallel
+
+    result = bench_context_parallel.main(["--out", str(tmp_path), "--models", "gateloop:test", "--sequence", "4",
+                                          "--length", "16", "--batch", "2", "--layers", "1", "--mode", "chunked",
+                                          "--reps", "1", "--warmup", "1"])
+    (rec,) = result["records"]
+    assert "skipped" not in rec, rec.get("skipped")
+    assert rec["tokens_per_s"] > 0 and np.isfinite(rec["loss_last"])
+    assert rec["mesh"]["sequence"] == 4 and rec["collectives"]["all-gather"]["ops"] >= 1

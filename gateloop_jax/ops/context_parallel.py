@@ -6,8 +6,9 @@ Each shard, inside jax.shard_map over the mesh axis that splits the length:
   1. runs the op in its mode with a zero initial state: local output y, local final state F (b, h, k, v), and from
      the inclusive prefix sums of log|a| and arg a its total transition A = prod a (as sum log|a|, sum arg a: exact
      where the product itself would underflow);
-  2. all-gathers the n pairs (A, F) - n * b * h * k * (2 v + 2) floats, the only communication - and folds the ones
-     before it (and the carried state H_0) into its incoming state H_in = sum_{j<i} (prod_{j<l<i} A_l) F_j;
+  2. all-gathers the n pairs (A, F) - n * b * h * k * (2 + 2 v) floats in one buffer, the only communication - and
+     folds the ones before it (and the carried state H_0) into its incoming state
+     H_in = sum_{j<i} (prod_{j<l<i} A_l) F_j;
   3. adds the correction Re(q_n diag(prod_{m<=n} a_m) H_in) to y; its end state is F + A H_in.
 Step 3 is one (t, k) x (k, v) product per head (elementwise when max-headed), where running the op a second time
 with initial_state=H_in would redo its whole pass; the op's own pass needs no communication before it, and the mode
@@ -33,7 +34,7 @@ def _prefix_transition(polar: PolarTransition) -> tuple[jax.Array, jax.Array]:
     """Inclusive prefix sums over the length of log|a| and of arg a, the phase kept in [-pi, pi) at every step.
 
     Wrapping every partial sum keeps the phase's float32 error at a few eps * pi whatever the length; a plain cumsum
-    of phases grows to t * pi and loses its fractional digits (0.03 rad at 1e5 positions).
+    of phases grows to ~t * pi, where float32 resolves only ~t * pi * 6e-8 rad (0.02 rad at 1e5 positions).
     """
     cum_r = jnp.cumsum(polar.log_magnitude, axis=1)
     cum_theta = jax.lax.associative_scan(_wrapped_add, wrap_phase(polar.phase), axis=1)
@@ -41,11 +42,16 @@ def _prefix_transition(polar: PolarTransition) -> tuple[jax.Array, jax.Array]:
 
 
 def _incoming_state(total_r, total_theta, final, h0, axis_name):
-    """(state entering this shard, state leaving the last shard before it) from the all-gathered shard summaries.
+    """The state entering this shard, from the all-gathered shard summaries.
 
     total_r, total_theta: (b, h, k); final: (b, h, k, v) complex64; h0: (b, h, k, v) complex64 or None.
     """
-    gathered_r, gathered_theta, gathered_final = jax.lax.all_gather((total_r, total_theta, final), axis_name)
+    # One buffer, one collective (and one reduce-scatter in the backward pass) instead of three.
+    packed = jnp.concatenate([total_r[..., None], total_theta[..., None], jnp.real(final), jnp.imag(final)], axis=-1)
+    gathered = jax.lax.all_gather(packed, axis_name)  # (n, b, h, k, 2 + 2 v)
+    dv = final.shape[-1]
+    gathered_r, gathered_theta = gathered[..., 0], gathered[..., 1]
+    gathered_final = jax.lax.complex(gathered[..., 2:2 + dv], gathered[..., 2 + dv:])
     transition = jax.lax.complex(jnp.exp(gathered_r) * jnp.cos(gathered_theta),
                                  jnp.exp(gathered_r) * jnp.sin(gathered_theta))[..., None]  # (n, b, h, k, 1)
     # Inclusive scan over the shards of the same affine maps the op scans over positions: (A_j, F_j) composed.
