@@ -158,7 +158,6 @@ def test_prefill_hands_the_last_shards_state_to_decoding():
     np.testing.assert_array_equal(out_s, out)
 
 
-@pytest.mark.xdist_group("train_one_device")
 def test_training_sequence4_matches_data4(tmp_path, monkeypatch):
     """Three optimizer steps of the memory-horizon test config with mesh data=1 sequence=4 give the losses of data=4
     (rtol as tests/train_test.py: reduction orders differ in the last bits)."""
