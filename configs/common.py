@@ -93,9 +93,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # Learning-rate multiplier of the state-transition parameters (gamma/theta projections, fixed gamma/theta).
     c.optimizer.transition_lr_factor = 1.0
 
-    # Device mesh sizes over ("data", "fsdp", "tensor"); -1 = all remaining devices. Batch is split over
-    # data x fsdp, parameters over fsdp (along embed) and tensor (heads, mlp, vocab).
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Device mesh sizes over ("data", "fsdp", "sequence", "tensor"); -1 = all remaining devices. Batch is split over
+    # data x fsdp, parameters over fsdp (along embed) and tensor (heads, mlp, vocab); sequence > 1 splits every row's
+    # length into that many contiguous shards (context parallelism; data.seq_len must be divisible by it).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1})
     # Logical axis -> mesh axes (gateloop_jax/sharding.py defines the logical names once).
     c.axis_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
     # Peak FLOP/s of one device for MFU; None = looked up from the device kind (gateloop_jax/train/metrics.py).

@@ -65,6 +65,10 @@ def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]
                          f"the number of processes {procs}.")
     if config.eval_batch_size % dp:
         raise ValueError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
+    seq_len, shards = config.data.get("seq_len"), mesh.shape["sequence"]
+    if seq_len is not None and seq_len % shards:
+        raise ValueError(f"data.seq_len={seq_len} is not divisible by mesh.sequence={shards} (context parallelism "
+                         "splits every row into that many equal shards); choose a sequence size that divides it.")
     if config.total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
     if config.data.name == "wikitext103":
