@@ -104,7 +104,8 @@ def _model_card(info: dict[str, Any], metrics: dict[str, float]) -> str:
         f"- model `{m['name']}` (transition `{m['transition']}`), {m['num_layers']} layers, d_model {m['d_model']}, "
         f"{m['num_heads']} heads of d_qk {d_qk} / d_v {d_v}, FFN `{m['ffn']}` {m['mlp_dim'] or 4 * m['d_model']}, "
         f"{m['norm_position']}-norm, tied embeddings: {m['tie_embeddings']}",
-        f"- vocabulary {m['vocab_size']}" + (f" (SentencePiece `{TOKENIZER}`)" if tok else " (no tokenizer: token ids)"),
+        f"- vocabulary {m['vocab_size']}"
+        + (f" (SentencePiece `{TOKENIZER}`)" if tok else " (no tokenizer: token ids)"),
         f"- parameters: {info['num_params']:,} (stored as {info['dtype']})",
         f"- training: {info['step']:,} optimizer steps on `{info['data']['name']}`, context {info['data']['seq_len']}",
         "",
