@@ -27,6 +27,23 @@ def _model_config(config: ml_collections.ConfigDict):
     return resolve_config(ModelConfig.from_mapping(dict(config.model)))
 
 
+def latest_step(path: str) -> int:
+    """The newest checkpoint step of a workdir or checkpoints directory, or the step an export was taken at."""
+    from gateloop_jax import export
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if export.is_export(path):
+        return int(export.read_config(path)["step"])
+    from gateloop_jax.train import checkpoint as ckpt_lib
+
+    steps = []
+    if os.path.isdir(path):
+        steps = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(path), read_only=True).all_steps()
+    if not steps:
+        raise FileNotFoundError(f"gateloop_jax: no checkpoint in {path}.")
+    return steps[-1]
+
+
 def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
     """(model, config, tokenizer or None) from a workdir or a checkpoints directory.
 

@@ -140,16 +140,13 @@ def export(path: str, out: str, *, step: int | None = None, dtype: str = "float3
         raise ValueError(f"export: dtype={dtype!r} is not one of {DTYPES}.")
     from safetensors.numpy import save_file
 
-    from gateloop_jax.checkpoint_io import load
+    from gateloop_jax.checkpoint_io import latest_step, load
     from gateloop_jax.models import param_count
-    from gateloop_jax.train import checkpoint as ckpt_lib
 
     path = os.path.abspath(os.path.expanduser(path))
     if is_export(path):
         raise ValueError(f"export: {path} is already an export; copy it, or export a training workdir.")
-    if step is None and os.path.isdir(path):
-        steps = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(path), read_only=True).all_steps()
-        step = steps[-1] if steps else None
+    step = latest_step(path) if step is None else step
     model, config, tokenizer = load(path, step)
     from flax import nnx
 

@@ -134,3 +134,67 @@ def test_export_bad_input(exported, tmp_path):
         gateloop_jax.load(exported, step=3)
     with pytest.raises(SystemExit):
         export_lib.main(["import", "--from", str(tmp_path), "--workdir", str(tmp_path / "w")])
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_split_reproduces_the_trainers_eval_metrics(trained):
+    from gateloop_jax import evaluate
+
+    logged = [m for m in read_jsonl(os.path.join(trained, "metrics.jsonl")) if "eval/loss" in m][-1]
+    result = evaluate.evaluate(trained, split="validation", batch_size=4, progress=False)
+    assert result["step"] == 3
+    # The same windows through the same float32 model; only the batch grouping (hence summation order) differs.
+    for key in ("loss", "ppl", "word_ppl", "bits_per_byte", "accuracy"):
+        np.testing.assert_allclose(result[key], logged[f"eval/{key}"], rtol=1e-5, err_msg=key)
+
+
+def test_evaluate_text_file_equals_the_split_and_the_oracle(trained, exported, wikitext_dir, tmp_path, capsys):  # noqa: F811
+    from gateloop_jax import evaluate
+    from gateloop_jax.data import tokenizer as tok_lib
+
+    # The validation split's raw text as a file: the same tokens and windows as --split validation.
+    raw = os.path.join(FIXTURE, "wiki.valid.raw")
+    split = evaluate.evaluate(trained, split="validation", batch_size=4, progress=False)
+    text = evaluate.evaluate(exported, text_file=raw, batch_size=3, progress=False)
+    for key in ("num_tokens", "num_words", "num_bytes"):
+        assert text[key] == split[key], key
+    # Summation order only (batches of 3 vs 4): rtol=1e-5.
+    for key in ("loss", "word_ppl", "bits_per_byte"):
+        np.testing.assert_allclose(text[key], split[key], rtol=1e-5, err_msg=key)
+
+    # A small text with non-ASCII characters against the float64 oracle (log-softmax of the model's logits).
+    sample = "Caf\u00e9 au lait \u2014 the game.\n\n  A second line.\n"
+    path = tmp_path / "sample.txt"
+    path.write_text(sample, encoding="utf-8")
+    out = tmp_path / "result.json"
+    result = evaluate.main(["--workdir", trained, "--text_file", str(path), "--seq_len", "64", "--out", str(out)])
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text()) == result
+    model, _, tok = gateloop_jax.load(trained)
+    stream = np.concatenate([[tok_lib.BOS_ID], tok_lib.encode_text(tok, sample)]).astype(np.int32)
+    logits = np.asarray(model(stream[None, :-1]), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(stream) - 1), stream[1:]].sum()
+    assert result["num_tokens"] == len(stream) - 1
+    assert result["num_bytes"] == len(sample.encode("utf-8")) and result["num_words"] == 9
+    # float32 log-softmax against float64, ~20 terms: rtol=1e-5.
+    np.testing.assert_allclose(result["loss"], nll / (len(stream) - 1), rtol=1e-5)
+    np.testing.assert_allclose(result["bits_per_byte"], nll / (len(sample.encode("utf-8")) * np.log(2)), rtol=1e-5)
+    np.testing.assert_allclose(result["word_ppl"], np.exp(nll / 9), rtol=1e-5)
+
+
+def test_evaluate_bad_input(trained, tmp_path):
+    from gateloop_jax import evaluate
+
+    with pytest.raises(FileNotFoundError, match="text_file='nowhere.txt' does not exist"):
+        evaluate.evaluate(trained, text_file="nowhere.txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not valid UTF-8"):
+        evaluate.evaluate(trained, text_file=str(bad), progress=False)
+    with pytest.raises(ValueError, match="exactly one of text_file"):
+        evaluate.evaluate(trained)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--workdir", trained, "--text_file", "a", "--split", "validation"])
