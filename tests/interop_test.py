@@ -198,3 +198,123 @@ def test_evaluate_bad_input(trained, tmp_path):
         evaluate.evaluate(trained)
     with pytest.raises(SystemExit):
         evaluate.main(["--workdir", trained, "--text_file", "a", "--split", "validation"])
+
+
+# --- lm-evaluation-harness adapter -----------------------------------------------------------------------------------
+
+
+def _logits(model, tokens, pad_to=64):
+    """The model's float32 logits (t, V) of one row, computed padded on the right to pad_to positions (causal: the
+    padding does not change them) so that every call reuses one compiled program."""
+    from flax import nnx
+
+    if not hasattr(model, "_test_forward"):
+        graphdef, state = nnx.split(model)
+        model._test_forward = jax.jit(lambda x: nnx.merge(graphdef, state)(x))
+    padded = np.zeros((1, pad_to), np.int32)
+    padded[0, :len(tokens)] = tokens
+    return np.asarray(model._test_forward(padded))[0, :len(tokens)]
+
+
+def _oracle_logprobs(model, sequence):
+    """float64 log-softmax of the model's own logits: log p(sequence[i+1] | sequence[:i+1]) and the argmax, per i."""
+    logits = _logits(model, sequence[:-1]).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.asarray(sequence[1:])
+    return logp[np.arange(len(targets)), targets], logits.argmax(-1) == targets
+
+
+@pytest.fixture(scope="module")
+def harness_lm(exported):
+    pytest.importorskip("lm_eval")
+    from gateloop_jax.lm_eval_adapter import GateLoopLM
+
+    # batch_size 2 with 3-4 requests: a full batch and a padded one, rows of different lengths.
+    return GateLoopLM(exported, batch_size=2, max_length=64, max_gen_toks=6, progress=False)
+
+
+def _instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_harness_tokenization_follows_the_training_rule(harness_lm):
+    sp = harness_lm.tokenizer
+    eos = harness_lm.eot_token_id
+    assert harness_lm.tok_encode("The game\n\n  was good\nover") == (
+        sp.encode("The game") + [eos] + sp.encode("was good") + [eos] + sp.encode("over"))
+    assert harness_lm.tok_encode("line\n") == sp.encode("line") + [eos]
+    assert harness_lm.tok_decode(harness_lm.tok_encode("The game\nwas good")) == "The game\nwas good"
+    # Trailing context spaces move to the continuation; the continuation is what the whole adds to the context.
+    context, continuation = harness_lm._encode_pair("The game ", "was good")
+    assert context == sp.encode("The game") and context + continuation == harness_lm.tok_encode("The game was good")
+
+
+def test_harness_loglikelihood_is_the_models_log_softmax(harness_lm):
+    model = harness_lm.model
+    pairs = [("The game", " was released in Japan"), ("", "Hello there"), ("First line\nSecond", " line ends\n"),
+             ("A", " b")]
+    results = harness_lm.loglikelihood(_instances("loglikelihood", pairs))
+    assert len(results) == len(pairs)
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        context_ids, continuation_ids = harness_lm._encode_pair(context, continuation)
+        assert continuation_ids, continuation
+        logp, is_max = _oracle_logprobs(model, [1] + context_ids + continuation_ids)
+        n = len(continuation_ids)
+        # float32 log-softmax against the float64 oracle on the same logits, summed over <= 10 tokens: rtol=1e-5.
+        np.testing.assert_allclose(logprob, logp[-n:].sum(), rtol=1e-5, atol=1e-5)
+        assert greedy == bool(is_max[-n:].all())
+
+
+def test_harness_loglikelihood_rolling_scores_every_token_once(harness_lm, exported):
+    from gateloop_jax.lm_eval_adapter import GateLoopLM
+
+    model = harness_lm.model
+    texts = ["The game was released in Japan in 2011.\nIt sold well.", "Short text"]
+    results = harness_lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]))
+    for text, total in zip(texts, results):
+        ids = harness_lm.tok_encode(text)
+        assert len(ids) < harness_lm.max_length  # one window: every token given BOS and all before it
+        logp, _ = _oracle_logprobs(model, [1] + ids)
+        np.testing.assert_allclose(total, logp.sum(), rtol=1e-5, atol=1e-5)
+    # Windows of 8 tokens: each token is scored once, with at most 7 tokens of context (lm-eval's rolling rule).
+    short = GateLoopLM(model=model, tokenizer=harness_lm.tokenizer, batch_size=3, max_length=8, progress=False)
+    ids = short.tok_encode(texts[0])
+    assert len(ids) > 16
+    # Window 0: BOS + ids[:7] predicts ids[:8]; window k predicts ids[8k:end] from the 8 tokens before `end`.
+    expected = _oracle_logprobs(model, [1] + ids[:8])[0].sum()
+    for start in range(8, len(ids), 8):
+        end = min(start + 8, len(ids))
+        expected += _oracle_logprobs(model, ids[end - 9:end])[0][-(end - start):].sum()
+    [total] = short.loglikelihood_rolling(_instances("loglikelihood_rolling", [(texts[0],)]))
+    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_harness_generate_until_is_greedy_decoding(harness_lm):
+    model = harness_lm.model
+    contexts = ["The game was", "In 2011 , the", "It"]
+
+    def greedy(context, n):  # full forward each step: no decode cache involved
+        seq = [1] + harness_lm.tok_encode(context)
+        for _ in range(n):
+            seq.append(int(_logits(model, seq)[-1].argmax()))
+        return harness_lm.tok_decode(seq[-n:])
+
+    expected = [greedy(c, 6) for c in contexts]
+    got = harness_lm.generate_until(_instances("generate_until", [(c, {"until": [], "max_gen_toks": 6})
+                                                                  for c in contexts]))
+    assert got == expected
+    stop = expected[0][2:4]
+    [cut] = harness_lm.generate_until(_instances("generate_until", [(contexts[0], {"until": [stop],
+                                                                                    "max_gen_toks": 6})]))
+    assert cut == expected[0][:expected[0].find(stop)]
+
+
+def test_harness_needs_a_tokenizer():
+    pytest.importorskip("lm_eval")
+    from gateloop_jax.lm_eval_adapter import GateLoopLM
+
+    with pytest.raises(ValueError, match="cannot read text"):
+        GateLoopLM(model=object())
