@@ -318,3 +318,43 @@ def test_harness_needs_a_tokenizer():
 
     with pytest.raises(ValueError, match="cannot read text"):
         GateLoopLM(model=object())
+
+
+def test_harness_command_runs_a_local_task(harness_lm, exported, tmp_path, monkeypatch):
+    """simple_evaluate end to end, offline: a two-document multiple-choice task from a local JSON file."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from gateloop_jax import lm_eval_adapter
+
+    docs = [{"context": "The game was released in", "choices": [" Japan", " the"], "label": 0},
+            {"context": "It sold", "choices": [" well", " game"], "label": 1}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_choice.yaml").write_text(f"""task: gateloop_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "docs.jsonl"}
+  cache_dir: {tmp_path / "hf_cache"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    higher_is_better: true
+""")
+    out = tmp_path / "results.json"
+    summary = lm_eval_adapter.main(["--path", exported, "--tasks", "gateloop_tiny_choice", "--include_path",
+                                    str(tmp_path), "--batch_size", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(summary["results"], default=str))
+    # acc: the choice with the highest log-likelihood (the model's own log-softmax) is the label.
+    correct = []
+    for d in docs:
+        scores = []
+        for choice in d["choices"]:
+            context_ids, choice_ids = harness_lm._encode_pair(d["context"], choice)
+            logp, _ = _oracle_logprobs(harness_lm.model, [1] + context_ids + choice_ids)
+            scores.append(logp[-len(choice_ids):].sum())
+        correct.append(float(np.argmax(scores) == d["label"]))
+    assert summary["results"]["gateloop_tiny_choice"]["acc,none"] == pytest.approx(np.mean(correct), abs=1e-12)
