@@ -34,9 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # the optional "eval" extra
+    raise ImportError("gateloop_jax.lm_eval_adapter needs lm-evaluation-harness: pip install -e '.[eval]' "
+                      "(or pip install lm-eval).") from e
 
 from gateloop_jax.data import tokenizer as tok_lib
 

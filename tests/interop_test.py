@@ -358,3 +358,22 @@ metric_list:
             scores.append(logp[-len(choice_ids):].sum())
         correct.append(float(np.argmax(scores) == d["label"]))
     assert summary["results"]["gateloop_tiny_choice"]["acc,none"] == pytest.approx(np.mean(correct), abs=1e-12)
+
+
+def test_export_of_a_synthetic_task_model(tmp_path):
+    """No tokenizer: config.json says so, the card too, and the export loads to the same logits."""
+    workdir = str(tmp_path / "mh")
+    c = get_config()
+    c.total_steps = c.ckpt_every_steps = 1
+    c.eval_every_steps = 0
+    c.mesh.update(data=1)
+    train_and_evaluate(c, workdir)
+    out = export_lib.export(workdir, str(tmp_path / "export"))
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert json.load(open(os.path.join(out, "config.json")))["tokenizer"] is None
+    assert "no tokenizer" in open(os.path.join(out, "README.md")).read()
+    model, _, tok = gateloop_jax.load(workdir)
+    model2, _, tok2 = gateloop_jax.load(out)
+    assert tok is None and tok2 is None
+    tokens = TOKENS % model.config.vocab_size
+    np.testing.assert_array_equal(np.asarray(model2(tokens)), np.asarray(model(tokens)))
