@@ -138,6 +138,7 @@ def export(path: str, out: str, *, step: int | None = None, dtype: str = "float3
     """Writes the export of checkpoint `step` (None = latest) of workdir `path` into `out`; returns `out`."""
     if dtype not in DTYPES:
         raise ValueError(f"export: dtype={dtype!r} is not one of {DTYPES}.")
+    from flax import nnx
     from safetensors.numpy import save_file
 
     from gateloop_jax.checkpoint_io import latest_step, load
@@ -148,8 +149,6 @@ def export(path: str, out: str, *, step: int | None = None, dtype: str = "float3
         raise ValueError(f"export: {path} is already an export; copy it, or export a training workdir.")
     step = latest_step(path) if step is None else step
     model, config, tokenizer = load(path, step)
-    from flax import nnx
-
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.float32 if dtype == "float32" else jax.numpy.bfloat16
     tensors = {k: np.ascontiguousarray(np.asarray(v).astype(np_dtype)) for k, v in flatten_params(params).items()}

@@ -51,18 +51,21 @@ def test_chunked_equals_plain_loss_and_gradient(t, chunk, tie):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @functools.partial(jax.jit, static_argnums=1)
-    def stats(p, chunk_size):
-        return loss_lib.model_token_stats(nnx.merge(graphdef, p, rest), tokens, targets, mask, chunk_size=chunk_size)
+    def stats_and_grads(p, chunk_size):
+        def nll(p):
+            stats = loss_lib.model_token_stats(nnx.merge(graphdef, p, rest), tokens, targets, mask,
+                                               chunk_size=chunk_size)
+            return stats["nll"], stats
 
-    plain, chunked = stats(params, 0), stats(params, chunk)
-    oracle = _oracle_nll(model(tokens), targets, mask)
+        return jax.grad(nll, has_aux=True)(p)[::-1]
+
+    (plain, grad_plain), (chunked, grad_chunked) = stats_and_grads(params, 0), stats_and_grads(params, chunk)
+    oracle = _oracle_nll(jax.jit(lambda p: nnx.merge(graphdef, p, rest)(tokens))(params), targets, mask)
     np.testing.assert_allclose(float(chunked["nll"]), oracle, rtol=1e-5)
     np.testing.assert_allclose(float(plain["nll"]), oracle, rtol=1e-5)
     assert float(chunked["count"]) == float(mask.sum())
     assert float(chunked["correct"]) == float(plain["correct"])
 
-    grad_plain = jax.grad(lambda p: stats(p, 0)["nll"])(params)
-    grad_chunked = jax.grad(lambda p: stats(p, chunk)["nll"])(params)
     flat_plain, flat_chunked = jax.tree.leaves(grad_plain), jax.tree.leaves(grad_chunked)
     assert len(flat_plain) == len(flat_chunked)
     assert any(float(jnp.abs(g).max()) > 0 for g in flat_plain)
