@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    result = evaluate(args.workdir, text_file=args.text_file, split=args.split, step=args.step, seq_len=args.seq_len,
-                      batch_size=args.batch_size, data_dir=args.data_dir, mode=args.mode,
-                      progress=not args.no_progress)
+    try:
+        result = evaluate(args.workdir, text_file=args.text_file, split=args.split, step=args.step,
+                          seq_len=args.seq_len, batch_size=args.batch_size, data_dir=args.data_dir, mode=args.mode,
+                          progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -101,9 +101,10 @@ def _model_card(info: dict[str, Any], metrics: dict[str, float]) -> str:
         "",
         "## Architecture",
         "",
-        f"- model `{m['name']}` (transition `{m['transition']}`), {m['num_layers']} layers, d_model {m['d_model']}, "
-        f"{m['num_heads']} heads of d_qk {d_qk} / d_v {d_v}, FFN `{m['ffn']}` {m['mlp_dim'] or 4 * m['d_model']}, "
-        f"{m['norm_position']}-norm, tied embeddings: {m['tie_embeddings']}",
+        f"- model `{m['name']}` (transition `{m['transition']}`), num_layers {m['num_layers']}, "
+        f"d_model {m['d_model']}, {m['num_heads']} heads of d_qk {d_qk} / d_v {d_v}, "
+        f"FFN `{m['ffn']}` {m['mlp_dim'] or 4 * m['d_model']}, {m['norm_position']}-norm, "
+        f"tied embeddings: {m['tie_embeddings']}",
         f"- vocabulary {m['vocab_size']}"
         + (f" (SentencePiece `{TOKENIZER}`)" if tok else " (no tokenizer: token ids)"),
         f"- parameters: {info['num_params']:,} (stored as {info['dtype']})",
@@ -266,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         if not is_export(args.source):
             p.error(f"--from {args.source}: no {WEIGHTS} and {CONFIG} there (make one with "
                     "python -m gateloop_jax.export --workdir W --out DIR).")
-        ckpt_dir = import_export(args.source, args.workdir)
+        try:
+            ckpt_dir = import_export(args.source, args.workdir)
+        except (ValueError, FileExistsError) as e:
+            p.error(str(e))
         print(f"wrote {ckpt_dir}\nfine-tune with: python -m gateloop_jax.main --config CONFIG --workdir NEW_WORKDIR "
               f"--config.init_from={os.path.abspath(args.workdir)}")
         return
@@ -277,7 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stored tensors")
     args = p.parse_args(argv)
-    out = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    try:
+        out = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
 
 

@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    lm = GateLoopLM(args.path, step=args.step, batch_size=args.batch_size, max_length=args.max_length)
+    try:
+        lm = GateLoopLM(args.path, step=args.step, batch_size=args.batch_size, max_length=args.max_length)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     results = lm_eval.simple_evaluate(
         model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
         task_manager=TaskManager(include_path=args.include_path), random_seed=args.seed, numpy_random_seed=args.seed,
