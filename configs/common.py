@@ -105,6 +105,15 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.progress_bar = True
     # Stop after this many seconds of training with a checkpoint (for job time limits); None = no limit.
     c.max_train_seconds = config_dict.placeholder(float)
+    # jax.profiler trace of steps START..START+COUNT-1 into <workdir>/profile (TensorBoard / Perfetto), given as
+    # --config.profile_steps=START,COUNT; None = no trace. Start after step 1, which includes compilation.
+    c.profile_steps = config_dict.placeholder(tuple)
+    # The loss applies the output head and cross-entropy to this many positions at a time (a scan recomputed in the
+    # backward; gateloop_jax/train/loss.py), so the (batch, length, vocab) float32 logits never exist at once.
+    # Used when the vocabulary has >= chunked_loss_min_vocab entries (WikiText's 32k: chunked; the synthetic tasks'
+    # few dozen: plain); loss_chunk_size 0 = always the plain loss.
+    c.loss_chunk_size = 256
+    c.chunked_loss_min_vocab = 8192
     return c
 
 
