@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-Batch = dict[str, jax.Array]  # {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32}
+# {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32} and optionally "segment_ids": (b, t) int32
+# (packed documents: each segment is modelled as if alone, see CausalLM).
+Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -71,7 +73,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
     def micro_grads(params, micro: Batch, key):
         def loss_fn(p):
             model = parts.merge(p, key)
-            logits = model(micro["inputs"], mode=mode, deterministic=False)
+            logits = model(micro["inputs"], mode=mode, deterministic=False, segment_ids=micro.get("segment_ids"))
             stats = token_stats(logits, micro["targets"], micro["mask"])
             return stats["nll"], stats
 
@@ -115,7 +117,8 @@ def make_eval_step(parts: ModelParts, *, mode: str | None = None) -> Callable:
     """eval_step(params, batch) -> {"nll", "correct", "count"} sums over the batch (the loop adds them up)."""
 
     def eval_step(params, batch: Batch):
-        logits = parts.merge(params)(batch["inputs"], mode=mode, deterministic=True)
+        logits = parts.merge(params)(batch["inputs"], mode=mode, deterministic=True,
+                                     segment_ids=batch.get("segment_ids"))
         return token_stats(logits, batch["targets"], batch["mask"])
 
     return eval_step
