@@ -67,3 +67,19 @@ def test_map_over_batch_and_heads_drops_axes_that_do_not_divide():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
         jax.jit(lambda x: map_over_batch_and_heads(lambda z: seen.append(z.shape) or z, x, out_kinds=("sequence",)))(x)
     assert seen == [(1, 3, 3, 5)]
+
+
+def test_map_over_batch_and_heads_splits_a_batch_by_length_argument_by_batch_only():
+    """segment_ids (b, t) travel with q, k, v: split over the batch like them, never over heads."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    seen = []
+
+    def fn(x, segment_ids):
+        seen.append((x.shape, segment_ids.shape))
+        return x * segment_ids[:, :, None, None]
+
+    x, segment_ids = jnp.ones((4, 3, 6, 5)), jnp.arange(12).reshape(4, 3)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        y = jax.jit(lambda x, s: map_over_batch_and_heads(fn, x, s, out_kinds=("sequence",)))(x, segment_ids)
+    assert seen == [((1, 3, 3, 5), (1, 3))]
+    np.testing.assert_array_equal(y, x * segment_ids[:, :, None, None])
