@@ -413,8 +413,8 @@ class Block(nnx.Module):
         return norm(x + self.dropout(out, deterministic=deterministic)), out
 
     def __call__(self, x, *, mask=None, mode=None, deterministic=True, segment_ids=None):
-        x, _ = self._residual(x, self.mixer_norm, lambda z: self.mixer(z, mask=mask, mode=mode, segment_ids=segment_ids),
-                              deterministic)
+        mix = lambda z: self.mixer(z, mask=mask, mode=mode, segment_ids=segment_ids)  # noqa: E731
+        x, _ = self._residual(x, self.mixer_norm, mix, deterministic)
         x, _ = self._residual(x, self.ffn_norm, self.ffn, deterministic)
         return x
 

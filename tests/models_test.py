@@ -50,8 +50,8 @@ def test_one_optimisation_step_lowers_the_loss(name):
 @pytest.mark.parametrize("name", ["gateloop", "transformer", "hybrid"])
 def test_every_preset_builds_with_the_formula_parameter_count(preset, name):
     config = resolve_config(preset_config(preset, name=name))
-    if name != "gateloop" and config.head_dims[0] == 1:
-        config = config.replace(num_heads=config.d_model // 64, d_qk=None, d_v=None)  # max-headed makes no sense for attention
+    if name != "gateloop" and config.head_dims[0] == 1:  # max-headed makes no sense for attention
+        config = config.replace(num_heads=config.d_model // 64, d_qk=None, d_v=None)
     # Abstract build: shapes only, so the 350M preset costs no memory.
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
     assert param_count(model) == expected_param_count(config)

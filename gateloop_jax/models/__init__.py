@@ -11,7 +11,7 @@ The ablations are GateLoop with one config field changed, so their parameters an
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from flax import nnx
 
