@@ -58,13 +58,19 @@ CASES = [
 
 def run_mode(mode, inputs, segment_ids, dy, dfinal, chunk_size):
     """y, final state and the gradients of sum(dy * y) + Re<dfinal, H_t> w.r.t. (q, k, v, log_r, theta, h0)."""
-    q, k, v, log_r, theta, h0 = inputs
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    h0 = None if h0 is None else jnp.asarray(h0, jnp.complex64)
 
     def f(q, k, v, log_r, theta, h0):
         return gateloop(q, k, v, PolarTransition(log_r, theta), mode=mode, initial_state=h0, return_state=True,
                         chunk_size=chunk_size, segment_ids=segment_ids)
+
+    return run_fn(f, inputs, dy, dfinal)
+
+
+def run_fn(f, inputs, dy, dfinal):
+    """run_mode for any f(q, k, v, log_r, theta, h0) -> (y, final state)."""
+    q, k, v, log_r, theta, h0 = inputs
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    h0 = None if h0 is None else jnp.asarray(h0, jnp.complex64)
 
     @jax.jit
     def forward_and_grads(q, k, v, log_r, theta, h0, dy, dfinal):
@@ -82,6 +88,33 @@ def run_mode(mode, inputs, segment_ids, dy, dfinal, chunk_size):
 @pytest.mark.parametrize("mode", MODES)
 def test_segments_match_oracle(mode, layout, segments, t, gates, with_state):
     rng = np.random.default_rng([SEED, 53, MODES.index(mode), t, len(segments), len(gates), with_state, len(layout)])
+    check_segments(mode, layout, segments, t, gates, with_state, rng,
+                   lambda inputs, ids, dy, dfinal: run_mode(mode, inputs, jnp.asarray(ids), dy, dfinal,
+                                                            CHUNKS.get((mode, layout))))
+
+
+TPU_CASES = [("chunk_edges", 37, "mixed", True), ("every_position", 7, "near_zero", True)]
+
+
+@pytest.mark.parametrize("segments, t, gates, with_state", TPU_CASES, ids=[f"{s}-t{t}-{g}" for s, t, g, _ in TPU_CASES])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tpu_kernel_segments_match_oracle(layout, segments, t, gates, with_state):
+    """The Mosaic TPU kernel (what mode="pallas" runs on a TPU, every shape) in interpret mode, as
+    tests/pallas_tpu_test.py runs it: chunks of 16 in sub-blocks of 8, so starts fall on both edges."""
+    from gateloop_jax.ops import pallas_tpu
+    from gateloop_jax.ops.common import segment_starts as starts_of
+
+    def run(inputs, ids, dy, dfinal):
+        reset = starts_of(jnp.asarray(ids))
+        f = lambda *x: pallas_tpu.gateloop_pallas_tpu(*x, chunk_size=16, interpret=True, reset=reset)  # noqa: E731
+        return run_fn(f, inputs, dy, dfinal)
+
+    rng = np.random.default_rng([SEED, 67, t, len(layout)])
+    check_segments("pallas_tpu", layout, segments, t, gates, with_state, rng, run)
+
+
+def check_segments(mode, layout, segments, t, gates, with_state, rng, run):
+    """Inputs, ids and cotangents from rng; run(inputs, ids, dy, dfinal) -> (y, final, grads) against the oracle."""
     dims = LAYOUTS[layout]
     inputs = make_inputs(rng, t=t, gates=gates, with_state=with_state, **dims)
     ids = segment_layout(segments, rng, dims["b"], t)
@@ -91,7 +124,7 @@ def test_segments_match_oracle(mode, layout, segments, t, gates, with_state):
     ref_y, ref_states = gateloop_forward(*inputs, segment_ids=ids)
     ref_grads = gateloop_backward(*inputs, dy, segment_ids=ids, dfinal=dfinal)
 
-    y, final, grads = run_mode(mode, inputs, jnp.asarray(ids), dy, dfinal, CHUNKS.get((mode, layout)))
+    y, final, grads = run(inputs, ids, dy, dfinal)
     where = f"mode={mode} {layout} {segments} t={t} {gates} seed={SEED}"
     # 2e-5 / 1e-4: see the module docstring.
     assert max_rel_error(y, ref_y) <= 2e-5, f"y ({where})"
@@ -99,6 +132,12 @@ def test_segments_match_oracle(mode, layout, segments, t, gates, with_state):
     for part in (np.real, np.imag):
         assert max_rel_error(part(final), part(ref_states[:, -1])) <= 2e-5, f"final state ({where})"
     starts = segment_starts(ids, (dims["b"], t))
+    # The chunked Pallas kernels (multi-head GPU, and TPU for every shape) form dlog|a| and darg a as reverse sums of
+    # q Re(Dq) - k Re(Dk) (their docstrings): under strong forgetting those terms, of size |q| |k| |v|, cancel to a
+    # gradient of the size of |a| <= 1e-3, and float32 leaves up to 3.6e-4 of it (measured with and without
+    # segment_ids, 4 seeds; every other mode <= 1e-6).
+    decomposed = mode == "pallas_tpu" or (mode, layout) == ("pallas", "multihead")
+    gate_rtol = 2e-3 if decomposed and gates == "near_zero" else 1e-4
     for name, g, ref in zip(("q", "k", "v", "log_r", "theta", "h0"), grads, ref_grads):
         if name == "h0":
             if with_state:  # JAX's cotangent of a complex input is conj(d/dRe + i d/dIm)
@@ -108,7 +147,8 @@ def test_segments_match_oracle(mode, layout, segments, t, gates, with_state):
             continue
         g = np.asarray(g)
         assert np.all(np.isfinite(g)), f"grad {name} not finite ({where})"
-        assert max_rel_error(g, ref) <= 1e-4, f"grad {name} {max_rel_error(g, ref):.1e} ({where})"
+        tol = gate_rtol if name in ("log_r", "theta") else 1e-4
+        assert max_rel_error(g, ref) <= tol, f"grad {name} {max_rel_error(g, ref):.1e} ({where})"
         if name in ("log_r", "theta"):  # the gate at a start is unused: exactly no gradient, as in the oracle
             assert np.all(g[starts] == 0.0), f"grad {name} at segment starts not 0 ({where})"
 
