@@ -214,3 +214,21 @@ def test_profile_pallas_chunked_variant(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_bench_modes_segment_length(tmp_path):
+    """--segment_length: packed rows (segment_ids) in the op; the modes still agree with the reference, which gets the
+    same ids, and the peers, which take none, are skipped with the reason."""
+    out = tmp_path / "segments"
+    bench_modes.main(["--out", str(out), "--tokens", "32", "--lengths", "32", "--settings", "multihead",
+                      "--heads", "2", "--d_head", "4", "--dtypes", "float32", "--passes", "fwdbwd", "--scopes", "op",
+                      "--modes", "scan,chunked", "--peers", "softmax_xla", "--reps", "1", "--warmup", "1",
+                      "--isolate", "none", "--copy_bytes", "65536", "--segment_length", "6"])
+    records = {r["mode"]: r for r in json.loads((out / "modes.json").read_text())["records"]}
+    assert "segment_ids" in records["softmax_xla"]["skipped"]
+    for mode in ("scan", "chunked"):
+        assert records[mode]["segment_length"] == 6 and "skipped" not in records[mode]
+        assert records[mode]["error"]["max_rel"] < 1e-4, records[mode]["error"]  # float32 against float32 recurrent
+    ids = np.asarray(bench_modes.op_inputs(1032, 1, 32, {"heads": 2, "d_qk": 4, "d_v": 4}, "float32",
+                                           segment_length=6)["segment_ids"])
+    assert 1 <= ids[0, -1] <= 20  # ~5 starts expected in 32 positions at probability 1/6

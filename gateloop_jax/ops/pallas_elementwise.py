@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gateloop_jax.ops.common import cmul, polar_pair
+from gateloop_jax.ops.common import ZERO_LOG_MAGNITUDE, cmul, polar_pair
 
 try:  # The Triton backend's parameters; the module exists on every jax with Pallas, CPU builds included.
     from jax.experimental.pallas import triton as plgpu
@@ -350,13 +350,14 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | None = None,
-                                config: Config | None = None, out_dtype=jnp.float32):
+                                config: Config | None = None, out_dtype=jnp.float32, reset=None):
     """Mode contract: q, k, v, log_r, theta (b, t, h, 1) real; h0 (b, h, 1, 1) complex or None.
 
     Returns (y (b, t, h, 1) in out_dtype (float32 by default; ops.gateloop asks for its output dtype, so bf16 inputs
     cost no cast pass), final state (b, h, 1, 1) complex64). Differentiable (custom_vjp) in every argument, h0
     included. Any t and h: they are padded internally with identity steps (a = 1, k = v = q = 0) and
-    idle channels, which change neither the outputs nor the final state.
+    idle channels, which change neither the outputs nor the final state. reset: (b, t) bool or None, True where a
+    segment starts (the state restarts there: a = 0).
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -370,6 +371,12 @@ def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | 
         raise ValueError(f"segment_length {seg} must be a multiple of unroll {unroll}")
     tp = -(-t // seg) * seg
     plan = _Plan(b, tp, hp, seg, cb, unroll, cfg.num_warps, cfg.num_stages, bool(interpret), jnp.dtype(out_dtype))
+
+    if reset is not None:
+        # A segment start is a = 0 exactly: e^{ZERO_LOG_MAGNITUDE} is 0 in float32 and the kernels only multiply
+        # complex numbers (no log-space sums). Their gradients there are then exactly 0 too (w_n = a_n h_{n-1} = 0),
+        # so the shift is added with an identity gradient: a select would cost one more pass over dlog_r.
+        log_r = log_r + jax.lax.stop_gradient(jnp.where(reset[:, :, None, None], ZERO_LOG_MAGNITUDE, 0.0))
 
     def prep(x, value=0.0):
         x = x[..., 0]
