@@ -22,19 +22,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gateloop_jax import ops
+from gateloop_jax.ops.common import segment_starts
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
 
 if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
     from gateloop_jax.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packed rows: segment boundaries as pure functions of segment_ids (b, t).
-
-
-def segment_starts(segment_ids: jax.Array) -> jax.Array:
-    """(b, t) bool: True where a segment begins (position 0, and wherever the id differs from the previous one)."""
-    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
-    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+# Packed rows: segment boundaries as pure functions of segment_ids (b, t); ops.common.segment_starts marks where the
+# id changes (never at position 0, where every row's first segment begins anyway).
 
 
 def segment_start_index(segment_ids: jax.Array) -> jax.Array:

@@ -7,8 +7,6 @@ Tolerance: the packed and the separate runs compute the same float32 function wi
 scan orders), so they agree to float32 rounding: atol=1e-5 of the logit scale, rtol=0 (as models_test's mode parity).
 """
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gateloop_jax import layers, ops
+from gateloop_jax import layers
 from gateloop_jax.models import MODELS, build_model, preset_config
 from gateloop_jax.train.steps import ModelParts, TrainState, make_eval_step, make_train_step
 
@@ -26,51 +24,14 @@ VOCAB = 64
 # position 1 and a long last segment.
 SEGMENT_IDS = np.array([[7] * 5 + [3] + [7] * 10,
                         [0] + [1] * 15], np.int32)
-# Modes the op supports segment_ids in, when it does: a sequential, a log-depth and a chunked one.
-SEGMENT_MODES = ("recurrent", "scan", "chunked")
-
-
-def _op_has_segments() -> bool:
-    return "segment_ids" in inspect.signature(ops.gateloop).parameters
-
-
-def _shim(original):
-    """ops.gateloop with segment_ids by the sequential recurrence (the state restarts at each boundary): a stand-in
-    while gateloop_jax.ops has no segment_ids argument; unused once it has."""
-
-    def gateloop(q, k, v, a, *, mode="auto", initial_state=None, return_state=False, chunk_size=None,
-                 segment_ids=None):
-        if segment_ids is None:
-            return original(q, k, v, a, mode=mode, initial_state=initial_state, return_state=return_state,
-                            chunk_size=chunk_size)
-        b, _, h, dk = q.shape
-        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.complex64) if initial_state is None else initial_state
-        starts = layers.segment_starts(segment_ids).at[:, 0].set(False)  # the initial state feeds the first segment
-
-        def step(state, xs):
-            q_t, k_t, v_t, log_r, phase, start = xs
-            state = jnp.where(start[:, None, None, None], 0, state)
-            y_t, state = ops.gateloop_step(q_t, k_t, v_t, ops.PolarTransition(log_r, phase), state)
-            return state, y_t
-
-        xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, a.log_magnitude, a.phase, starts))
-        state, y = jax.lax.scan(step, state, xs)
-        y = jnp.moveaxis(y, 0, 1)
-        return (y, state) if return_state else y
-
-    return gateloop
-
-
-@pytest.fixture(autouse=True)
-def segment_op(monkeypatch):
-    if not _op_has_segments():
-        monkeypatch.setattr(ops, "gateloop", _shim(ops.gateloop))
 
 
 def modes_for(name):
+    """The GateLoop modes each model is checked in: for "gateloop" a sequential, a log-depth and a chunked one (every
+    mode against the oracle is tests/segments_test.py's job); the others in "chunked", the CPU default multi-head."""
     if MODELS[name][0] is layers.CausalSelfAttention:
         return [None]
-    return list(SEGMENT_MODES) if _op_has_segments() else ["recurrent"]
+    return ["recurrent", "scan", "chunked"] if name == "gateloop" else ["chunked"]
 
 
 def tiny(name):
@@ -80,7 +41,7 @@ def tiny(name):
 
 def segments(row):
     """[(start, end)] of the segments of one row of SEGMENT_IDS."""
-    starts = np.flatnonzero(np.asarray(layers.segment_starts(jnp.asarray(SEGMENT_IDS)))[row])
+    starts = np.flatnonzero(np.asarray(layers.segment_positions(jnp.asarray(SEGMENT_IDS)))[row] == 0)
     return list(zip(starts, list(starts[1:]) + [SEGMENT_IDS.shape[1]]))
 
 
