@@ -232,3 +232,18 @@ def test_bench_modes_segment_length(tmp_path):
     ids = np.asarray(bench_modes.op_inputs(1032, 1, 32, {"heads": 2, "d_qk": 4, "d_v": 4}, "float32",
                                            segment_length=6)["segment_ids"])
     assert 1 <= ids[0, -1] <= 20  # ~5 starts expected in 32 positions at probability 1/6
+
+
+def test_segments_overhead_compares_runs(tmp_path):
+    """experiments/segments_overhead.py: each config of a --segment_length run against the same config without."""
+    import segments_overhead
+
+    rec = {"setting": "multihead", "dtype": "bfloat16", "length": 2048, "mode": "pallas", "pass": "fwdbwd"}
+    for s, median in ((0, 2.0), (512, 2.1)):
+        (tmp_path / f"len{s}").mkdir()
+        records = [dict(rec, median_s=median, error={"max_rel": 1e-6}), dict(rec, mode="chunked", skipped="slow")]
+        (tmp_path / f"len{s}" / "modes.json").write_text(json.dumps({"records": records}))
+    rows = segments_overhead.main([str(tmp_path), "512"])
+    assert len(rows) == 1 and rows[0]["segment_length"] == 512 and rows[0]["mode"] == "pallas"
+    assert math.isclose(rows[0]["median_s"]["overhead"], 0.05)
+    assert json.loads((tmp_path / "overhead.json").read_text()) == rows

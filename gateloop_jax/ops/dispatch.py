@@ -96,6 +96,8 @@ def gateloop(
     Returns:
       y (b, t, h, v) in the promoted dtype of q, k, v; with return_state, (y, final_state).
     """
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
     validate_inputs(q, k, v, a, initial_state, mode, chunk_size, segment_ids)
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     mode = resolve_mode(mode, q.shape, v.shape)
