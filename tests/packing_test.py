@@ -107,7 +107,9 @@ def test_decoding_after_a_packed_prefill_continues_the_last_segment(name):
     seq = tokens(2)
     lengths = np.array([9, 12])
     mask = jnp.arange(12)[None, :] < jnp.asarray(lengths)[:, None]
-    segment_ids = jnp.asarray(SEGMENT_IDS[:, :12])  # row 0 ends in its third segment (from 6), row 1 in its second
+    # Row 0 ends in its third segment (from 6), row 1 in its second; padding carries an id of its own (99), which
+    # must not start a segment that decoding would then continue.
+    segment_ids = jnp.where(mask, jnp.asarray(SEGMENT_IDS[:, :12]), 99)
     last_start = np.array([6, 1])
     mode = modes_for(name)[0]
     _, cache = prefill(model, jnp.where(mask, seq[:, :12], 0), mask, segment_ids, mode=mode, max_len=16)

@@ -91,6 +91,11 @@ class CausalLM(nnx.Module):
         With segment_ids, decoding continues the segment of each row's last real token.
         """
         _check_segment_ids(tokens, segment_ids)
+        if segment_ids is not None and mask is not None:
+            # Right padding joins its row's last real segment: an id of its own would start a segment there, and the
+            # recurrent state that decoding continues would be that (empty) segment's.
+            last = jnp.take_along_axis(segment_ids, jnp.maximum(mask.sum(-1) - 1, 0)[:, None], axis=1)
+            segment_ids = jnp.where(mask, segment_ids, last)
         x = self._embed(tokens)
         cache = []
         for block in self.blocks:
