@@ -120,7 +120,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
 # variant=<short name> in a config arg -> the registered model name (gateloop_jax.models.MODELS).
 MODEL_VARIANTS = {
     "gateloop": "gateloop", "fixed": "gateloop_fixed", "real": "gateloop_real",
-    "linear_attention": "linear_attention", "transformer": "transformer",
+    "linear_attention": "linear_attention", "transformer": "transformer", "hybrid": "hybrid",
 }
 
 
@@ -161,6 +161,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def apply_test_size(c: ml_collections.ConfigDict) -> None:
     """The tiny size every shipped config is tested at (derived, not copied): two steps, a few-kilo-parameter model."""
     c.model.update(d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+    if c.model.name == "hybrid":  # the smallest stack with both block kinds
+        c.model.update(num_layers=2, block_pattern="ga")
     # The quickest mode to compile on CPU; that all modes compute the same function is tests/ops_test.py's job.
     if c.model.mode == "auto":
         c.model.mode = "recurrent"

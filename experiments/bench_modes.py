@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--gates_file", default="",
                    help="scope op: log|a| from a trained model (path.npz:layerN, tame_fraction.py --save_gates) tiled "
                         "to each shape, instead of the random gates; the kernels' speed depends on the gates")
+    p.add_argument("--segment_length", type=int, default=0,
+                   help="scope op: pack each row with segments (segment_ids, a state reset at each start) of this "
+                        "mean length, starts at random (seeded); 0: one segment. Peers are skipped (no resets there)")
     p.add_argument("--pipeline", type=int, default=5,
                    help="also time this many calls in flight per sync (pipelined_median_s); 0: synchronised only")
     p.add_argument("--config_budget_s", type=float, default=10.0,
@@ -144,7 +147,8 @@ def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
     return jax.jit(make_op if kind == "op" else make_layer)
 
 
-def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str = "") -> dict:
+def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str = "",
+              segment_length: int = 0) -> dict:
     """Random op inputs on the device (never zeros): q (scaled by d_qk^-1/2), k, v, the cotangent dy in `dtype`;
     log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32. With gates_file
     ("path.npz:layerN", tame_fraction.py --save_gates), log|a| is a trained model's instead, tiled to the shape."""
@@ -156,10 +160,13 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
         from tame_fraction import load_gates, tile_gates
 
         inputs["log_magnitude"] = jnp.asarray(tile_gates(load_gates(gates_file), b, t, dims["heads"], dims["d_qk"]))
+    if segment_length:  # a segment starts at each position with probability 1 / segment_length
+        starts = jax.random.bernoulli(jax.random.key(seed + 1), 1.0 / segment_length, (b, t))
+        inputs["segment_ids"] = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
     return inputs
 
 
-def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
+def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False, segments: bool = False):
     """(fn, argument names). fwd -> y; fwdbwd -> (y, the five input gradients): what a training step computes.
 
     y must be an output of fwdbwd: GateLoop's backward does not read y, so with only the gradients returned XLA drops
@@ -190,18 +197,23 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     else:
         kw = {"chunk_size": chunk_size} if (mode == "chunked" and chunk_size) else {}
 
-        def forward(q, k, v, log_magnitude, phase):
+        def forward(q, k, v, log_magnitude, phase, segment_ids=None):
             if upcast:
                 q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-            return ops.gateloop(q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode, **kw)
+            return ops.gateloop(q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode,
+                                segment_ids=segment_ids, **kw)
 
-        names = ("q", "k", "v", "log_magnitude", "phase")
+        names = ("q", "k", "v", "log_magnitude", "phase") + (("segment_ids",) if segments else ())
     if pass_ == "fwd":
         return forward, names
 
     def fwdbwd(*xs):
         *inputs, dy = xs
-        y, vjp = jax.vjp(forward, *inputs)
+        fn = forward
+        if segments:  # integer ids: not differentiated
+            *inputs, ids = inputs
+            fn = functools.partial(forward, segment_ids=ids)
+        y, vjp = jax.vjp(fn, *inputs)
         return y, *vjp(dy.astype(y.dtype))
 
     return fwdbwd, names + ("dy",)
@@ -322,13 +334,16 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     for t in map(int, lengths):
         b = args.tokens // t
         base = {"scope": scope, "setting": setting, "dtype": dtype, "length": t, "batch": b, "tokens": b * t, **dims,
-                "gates": (args.gates_file or "random") if scope == "op" else "the layer's own"}
+                "gates": (args.gates_file or "random") if scope == "op" else "the layer's own",
+                "segment_length": args.segment_length if scope == "op" else 0}
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
         for mode in modes + [p for p in peers if p not in modes]:
             for pass_ in passes:
                 c = {**base, "mode": mode, "pass": pass_, "kind": "peer" if mode in PEER_MODES else "gateloop"}
                 if b < 1:
                     c["skipped"] = f"length {t} exceeds --tokens {args.tokens}"
+                elif mode in PEER_MODES and args.segment_length and scope == "op":
+                    c["skipped"] = "--segment_length: the peers take no segment_ids"
                 elif mode in PEERS_JLA and jla_missing:
                     c["skipped"] = jla_missing
                 elif mode == "attention" and limit:
@@ -360,7 +375,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     def build(c, *, upcast=False, mode=None):
         mode = mode or c["mode"]
         if scope == "op":
-            return op_fn(mode, c["pass"], args.chunk_size, upcast=upcast)
+            return op_fn(mode, c["pass"], args.chunk_size, upcast=upcast, segments=bool(args.segment_length))
         graphdef, _ = modules[mode if mode in PEERS_SOFTMAX else "gateloop"]
         return layer_fn(graphdef, mode, c["pass"])
 
@@ -389,6 +404,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
                       "v": (b, t, dims["heads"], dims["d_v"]), "dy": (b, t, dims["heads"], dims["d_v"])}
             specs = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for n, s in shapes.items()}
             specs["log_magnitude"] = specs["phase"] = jax.ShapeDtypeStruct(shapes["q"], jnp.float32)
+            specs["segment_ids"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
         else:
             x = jax.ShapeDtypeStruct((b, t, dims["d_model"]), jnp.dtype(dtype))
             params = modules[c["mode"] if c["mode"] in PEERS_SOFTMAX else "gateloop"][1]
@@ -398,7 +414,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     def inputs_for(t, b):
         seed = 1000 + t  # the same inputs for every mode at this length
         if scope == "op":
-            return op_inputs(seed, b, t, dims, dtype, args.gates_file)
+            return op_inputs(seed, b, t, dims, dtype, args.gates_file, args.segment_length)
         x = layer_inputs(seed, b, t, dims["d_model"], dtype)
         return x
 

@@ -120,8 +120,8 @@ def bench_model(args, spec: str) -> dict:
     rec["peak_bytes"] = stats.get("peak_bytes_in_use")
     rec["tokens_per_s"] = rec["tokens"] / rec["median_s"]
     per_token = 6.0 * n_params
-    if name == "transformer":
-        per_token += 12.0 * config.num_layers * config.d_model * args.length
+    # Attention layers only: all of a Transformer's, a hybrid's "a" blocks.
+    per_token += 12.0 * config.layer_kinds.count("a") * config.d_model * args.length
     rec["model_flops_per_token"] = per_token
     rec["mfu"] = per_token * rec["tokens_per_s"] / args.peak_flops
     if rec["xla_flops"]:

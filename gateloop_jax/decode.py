@@ -6,7 +6,8 @@
 Shape legend: b batch, t prompt length (the longest prompt), n max_new_tokens, V vocab.
 
 The cache is whatever the model's mixers keep (CausalLM.prefill / decode_step): GateLoop's (b, h, k, v) complex
-state per layer, O(1) in the length, or the Transformer's KV cache of max_len = t + n positions.
+state per layer, O(1) in the length, or the Transformer's KV cache of max_len = t + n positions; a hybrid keeps each
+kind for its own layers.
 
 The loop is a Python loop over one jitted step (decode the previous token, then sample the next), not a
 lax.while_loop: it lets `callback` stream tokens as they are produced, and the extra cost is one dispatch per token

@@ -59,9 +59,9 @@ def map_over_batch_and_heads(fn, *args, out_kinds: Sequence[str]):
 
     For ops that are independent per (batch row, head) but opaque to XLA's partitioner, such as a pallas_call: XLA
     cannot split a custom call, so under a sharded jit it would gather the whole batch onto every device. Every input
-    leaf is (batch, length, heads, ...); out_kinds gives per output leaf "sequence" for (b, t, h, ...) or "state" for
-    (b, h, ...). A mesh axis that does not divide the batch or head count is left out (that dimension is then
-    replicated), never an error.
+    leaf is (batch, length, heads, ...) or, like segment_ids, (batch, length); each argument's first leaf decides its
+    spec. out_kinds gives per output leaf "sequence" for (b, t, h, ...) or "state" for (b, h, ...). A mesh axis that
+    does not divide the batch or head count is left out (that dimension is then replicated), never an error.
     """
     rules = core_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
@@ -71,12 +71,12 @@ def map_over_batch_and_heads(fn, *args, out_kinds: Sequence[str]):
     batch_axes = _dividing_axes(logical_to_spec((BATCH,), rules)[0], mesh, first.shape[0])
     head_axes = _dividing_axes(logical_to_spec((HEADS,), rules)[0], mesh, first.shape[2])
     in_spec = PartitionSpec(batch_axes, None, head_axes)
+    in_specs = tuple(in_spec if jax.tree.leaves(arg)[0].ndim > 2 else PartitionSpec(batch_axes, None) for arg in args)
     by_kind = {"sequence": in_spec, "state": PartitionSpec(batch_axes, head_axes)}
     out_specs = tuple(by_kind[kind] for kind in out_kinds)
     out_specs = out_specs[0] if len(out_specs) == 1 else out_specs
     # check_vma=False: pallas_call has no replication rule; the specs above state the (trivial) per-shard semantics.
-    return jax.shard_map(fn, mesh=mesh, in_specs=(in_spec,) * len(args), out_specs=out_specs,
-                         check_vma=False)(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _dividing_axes(axes, mesh, size):

@@ -4,13 +4,14 @@
     model = build_model(preset_config("test", name="transformer"), rngs=nnx.Rngs(0))
 
 Registered names: "gateloop" (data-controlled, the paper), "gateloop_fixed" (input-independent transitions:
-S5/LRU/RetNet-like), "gateloop_real" (phase 0), "linear_attention" (a = 1) and "transformer" (softmax baseline).
+S5/LRU/RetNet-like), "gateloop_real" (phase 0), "linear_attention" (a = 1), "transformer" (softmax baseline) and
+"hybrid" (GateLoop and attention blocks interleaved by ModelConfig.block_pattern).
 The ablations are GateLoop with one config field changed, so their parameters and modes are shared.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 from flax import nnx
@@ -21,11 +22,12 @@ from gateloop_jax.models.lm import CausalLM, param_count
 from gateloop_jax.models.presets import PRESETS, expected_param_count, preset_config
 from gateloop_jax.ops import gla_rotation
 
-# name -> (mixer class, config fields the name fixes)
-MODELS: dict[str, tuple[type, dict[str, Any]]] = {}
+# name -> (mixer class, or {block kind: mixer class} chosen per layer by config.layer_kinds; config fields the name
+# fixes)
+MODELS: dict[str, tuple[type | Mapping[str, type], dict[str, Any]]] = {}
 
 
-def register(name: str, mixer_cls: type, **fixed_fields) -> None:
+def register(name: str, mixer_cls: type | Mapping[str, type], **fixed_fields) -> None:
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered.")
     MODELS[name] = (mixer_cls, fixed_fields)
@@ -37,6 +39,7 @@ register("gateloop_fixed", GateLoopMixer, transition="fixed")
 register("gateloop_real", GateLoopMixer, transition="real")
 register("linear_attention", GateLoopMixer, transition="none")
 register("transformer", CausalSelfAttention)
+register("hybrid", {"g": GateLoopMixer, "a": CausalSelfAttention})
 
 
 def resolve_config(config: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -89,6 +92,8 @@ def portable_config(config: ModelConfig, platform: str | None = None) -> ModelCo
 def build_model(config: ModelConfig | Mapping[str, Any], *, rngs: nnx.Rngs) -> CausalLM:
     config = resolve_config(config)
     mixer_cls, _ = MODELS[config.name]
+    if isinstance(mixer_cls, Mapping):
+        mixer_cls = [mixer_cls[kind] for kind in config.layer_kinds]
     return CausalLM(config, mixer_cls, rngs=rngs)
 
 

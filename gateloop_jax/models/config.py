@@ -84,6 +84,11 @@ class ModelConfig:
     rope_base: float = 10000.0
     # jax.nn.dot_product_attention implementation: "auto" picks cuDNN on GPU when it applies, else XLA.
     attention_impl: str = "auto"
+    # --- Hybrid stack (name="hybrid") ---
+    # Block kinds, a string over {g, a} tiled to num_layers: g = GateLoop block, a = attention block (RoPE, so d_qk
+    # must be even). Default "ggga": one attention block after every three GateLoop blocks (Griffin / Jamba-like
+    # ratios); with num_layers=2 write e.g. "ga", since "ggga" tiled to 2 layers has no attention block.
+    block_pattern: str = "ggga"
     # --- Numerics and memory ---
     # Activation dtype; parameters stay param_dtype and the recurrence always accumulates in float32/complex64.
     dtype: str = "float32"
@@ -107,6 +112,15 @@ class ModelConfig:
         d_qk = self.d_qk if self.d_qk is not None else self.d_model // self.num_heads
         d_v = self.d_v if self.d_v is not None else self.d_model // self.num_heads
         return d_qk, d_v
+
+    @property
+    def layer_kinds(self) -> str:
+        """The block kind of each layer, one character per layer: "g" GateLoop, "a" attention."""
+        if self.name == "transformer":
+            return "a" * self.num_layers
+        if self.name == "hybrid":
+            return (self.block_pattern * self.num_layers)[:self.num_layers]
+        return "g" * self.num_layers
 
     @property
     def hidden_dim(self) -> int:
@@ -138,6 +152,14 @@ class ModelConfig:
             )
         if self.embedding_init_std <= 0.0:
             raise ValueError(f"model config: embedding_init_std must be > 0, got {self.embedding_init_std}.")
+        if not self.block_pattern or set(self.block_pattern) - {"g", "a"}:
+            raise ValueError(f"model config: block_pattern={self.block_pattern!r} must be a non-empty string over "
+                             "'g' (GateLoop block) and 'a' (attention block), e.g. 'ggga'.")
+        if self.name == "hybrid" and len(set(self.layer_kinds)) < 2:
+            raise ValueError(
+                f"model config: block_pattern={self.block_pattern!r} tiled to num_layers={self.num_layers} is "
+                f"{self.layer_kinds!r}, a stack of one kind; give the hybrid both 'g' and 'a' within its layers "
+                "(e.g. block_pattern='ga'), or use name='gateloop' / 'transformer'.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.remat and self.dropout_rate > 0.0:

@@ -7,20 +7,21 @@ import jax.numpy as jnp
 
 from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise, pallas_tpu,
                               recurrent, scan)
-from gateloop_jax.ops.common import (CHUNKED_MODES, PolarTransition, is_elementwise, polar_to_complex, to_polar,
-                                    validate_inputs)
+from gateloop_jax.ops.common import (CHUNKED_MODES, SEGMENT_MODES, PolarTransition, is_elementwise,
+                                     polar_to_complex, segment_starts, to_polar, validate_inputs)
 
 
-def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32):
+def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32, reset=None):
     """The Pallas kernel for the platform and shape: on TPU the Mosaic kernel (every shape; max-headed ones are
     padded to 128 lanes); elsewhere the Triton kernels, elementwise (max-headed) or chunked (multi-head). y is in
     out_dtype from the Triton kernels, float32 from the TPU one."""
+    kw = {} if reset is None else {"reset": reset}
     if (platform or jax.default_backend()) == "tpu":
-        return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
+        return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size, **kw)
     if is_elementwise(q, v):
-        return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, out_dtype=out_dtype)
+        return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, out_dtype=out_dtype, **kw)
     return pallas_chunked.gateloop_pallas_chunked(q, k, v, log_r, theta, h0, chunk_size=chunk_size,
-                                                  out_dtype=out_dtype)
+                                                  out_dtype=out_dtype, **kw)
 
 
 _MODE_FNS = {
@@ -69,6 +70,7 @@ def gateloop(
     initial_state: jax.Array | None = None,
     return_state: bool = False,
     chunk_size: int | None = None,
+    segment_ids: jax.Array | None = None,
 ):
     """GateLoop: H_n = diag(a_n) H_{n-1} + k_n^T v_n,  y_n = Re(q_n H_n), per head.
 
@@ -86,13 +88,21 @@ def gateloop(
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head
         "pallas" kernel (default 16, rounded up to a multiple of 16); any length is accepted.
+      segment_ids: (b, t) int, packed sequences: wherever the id differs from the previous position's a new segment
+        starts and the state restarts from zero (H_n = k_n^T v_n there: no term of an earlier segment, state or
+        accumulated decay and phase, reaches a later one). initial_state applies to each row's first segment; the
+        final state is its last segment's. Every mode in SEGMENT_MODES ("gla_rotation" is not); None: one segment.
 
     Returns:
       y (b, t, h, v) in the promoted dtype of q, k, v; with return_state, (y, final_state).
     """
-    validate_inputs(q, k, v, a, initial_state, mode, chunk_size)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+    validate_inputs(q, k, v, a, initial_state, mode, chunk_size, segment_ids)
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     mode = resolve_mode(mode, q.shape, v.shape)
+    if segment_ids is not None and mode not in SEGMENT_MODES:
+        raise ValueError(f"gateloop: segment_ids is not supported by mode={mode!r}; use one of {SEGMENT_MODES}.")
     if mode == "gla_rotation":
         reason = gla_rotation.unsupported_reason(q.shape, v.shape, out_dtype)
         if reason:
@@ -101,6 +111,8 @@ def gateloop(
     # digits per step and the error compounds over the length.
     polar = to_polar(a)
     kw = {"chunk_size": chunk_size} if mode in CHUNKED_MODES else {}
+    if segment_ids is not None:
+        kw["reset"] = segment_starts(segment_ids)
     if mode == "pallas":
         # The Triton kernels read q, k, v as they are (upcast on load) and write y and the gradients in the inputs'
         # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,

@@ -26,7 +26,9 @@ from flax import nnx
 
 from gateloop_jax.train.loss import model_token_stats, token_stats  # noqa: F401 - token_stats is re-exported
 
-Batch = dict[str, jax.Array]  # {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32}
+# {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32} and optionally "segment_ids": (b, t) int32
+# (packed documents: each segment is modelled as if alone, see CausalLM).
+Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -70,7 +72,8 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
         def loss_fn(p):
             model = parts.merge(p, key)
             stats = model_token_stats(model, micro["inputs"], micro["targets"], micro["mask"],
-                                      chunk_size=loss_chunk_size, mode=mode, deterministic=False)
+                                      chunk_size=loss_chunk_size, mode=mode, deterministic=False,
+                                      segment_ids=micro.get("segment_ids"))
             return stats["nll"], stats
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -114,6 +117,7 @@ def make_eval_step(parts: ModelParts, *, mode: str | None = None, loss_chunk_siz
 
     def eval_step(params, batch: Batch):
         return model_token_stats(parts.merge(params), batch["inputs"], batch["targets"], batch["mask"],
-                                 chunk_size=loss_chunk_size, mode=mode, deterministic=True)
+                                 chunk_size=loss_chunk_size, mode=mode, deterministic=True,
+                                 segment_ids=batch.get("segment_ids"))
 
     return eval_step

@@ -110,7 +110,8 @@ class _Preemption:
 
 
 def _local_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "mask")}
+    # segment_ids only where the data packs documents: a batch without it compiles the unsegmented model.
+    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "mask", "segment_ids") if k in batch}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
