@@ -127,7 +127,7 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
 
     data = dict(seq_len=size["seq_len"], num_kv_pairs=size["num_kv_pairs"], vocab_size=size["vocab_size"],
                 query_gaps=settings.get("query_gaps", size["query_gaps"]))
-    eval_batches = [synthetic.mqar(np.random.default_rng([seed, 1, i]), 256, **data) for i in range(4)]
+    eval_batches = [synthetic.mqar(np.random.default_rng([seed, 1, i]), 64, **data) for i in range(16)]
     rng = np.random.default_rng([seed, 0])
     log = (out / f"{name}.jsonl").open("w")
     start, record = time.time(), {}
