@@ -20,6 +20,7 @@ from gateloop_jax.train.optimizer import DECAYS
 CHOICES = {
     "eval_split": ("validation", "test"),
     "optimizer.decay": DECAYS,
+    "data.packing": data.PACKINGS,
 }
 
 

@@ -34,11 +34,14 @@ def _pipeline():
 
 
 TEXT_NAMES = ("wikitext103", "text_corpus")
+# data.packing of the text tasks (data/pipeline.py): whole documents with <eod> and segment_ids, or one stream.
+PACKINGS = ("documents", "stream")
 NAMES = (*synthetic.TASKS, *TEXT_NAMES)
 
 __all__ = [
     "NAMES",
     "TEXT_NAMES",
+    "PACKINGS",
     "prepare_command",
     "default_config",
     "vocab_size",

@@ -39,6 +39,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from gateloop_jax import data
 from gateloop_jax.data import text_corpus, text_prep
 from gateloop_jax.data import tokenizer as tok
 from gateloop_jax.data import wikitext103 as wt
@@ -46,7 +47,7 @@ from gateloop_jax.data import wikitext103 as wt
 Batch = dict[str, np.ndarray]
 # The text tasks, by data.name: each module has NAME and prepare_command.
 TASKS = {wt.NAME: wt, text_corpus.NAME: text_corpus}
-PACKINGS = ("documents", "stream")
+PACKINGS = data.PACKINGS
 
 
 def default_config(name: str = wt.NAME) -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """Your own corpus: a folder of UTF-8 .txt files (one document each) as a text task like WikiText-103.
 
-    python -m gateloop_jax.data.text_corpus --manual_dir DIR --data_dir OUT [--vocab_size 32000]
+    python -m gateloop_jax.data.text_corpus --manual_dir DIR --data_dir OUT [--vocab_size 8000]
 
 makes, under OUT/text_corpus/, what the pipeline reads (text_prep.py's layout: TFDS array_record files with one
 example {"title": relative path, "text": the file's text} per file, statistics, a SentencePiece tokenizer trained
@@ -31,6 +31,9 @@ from gateloop_jax.data import text_prep
 NAME = "text_corpus"
 COMMAND = "python -m gateloop_jax.data.text_corpus"
 SPLITS = text_prep.SPLITS
+# SentencePiece pieces by default (configs/text_corpus.py's data.vocab_size): small enough for a corpus of a few
+# megabytes, where 32000 pieces cannot be learned.
+VOCAB_SIZE = 8000
 # Hash buckets (of 100) of the held-out splits when DIR has no split folders.
 HELD_OUT = {"validation": range(0, 5), "test": range(5, 10)}
 
@@ -142,20 +145,20 @@ def prepare_command(data_dir: str, *, vocab_size: int, model_type: str, byte_fal
     return f"{COMMAND} --manual_dir DIR --data_dir {data_dir}{flags}   (DIR: your folder of .txt files)"
 
 
-def prepare(data_dir: str, manual_dir: str, **tokenizer_kwargs) -> dict[str, Any]:
+def prepare(data_dir: str, manual_dir: str, *, vocab_size: int = VOCAB_SIZE, **tokenizer_kwargs) -> dict[str, Any]:
     """Checks manual_dir (find_files), then builds the dataset, statistics, tokenizer and token files (if missing).
 
     tokenizer_kwargs: vocab_size, model_type, byte_fallback, input_sentence_size, read_threads (text_prep.prepare).
     """
     find_files(manual_dir)  # every error before TFDS writes anything
     config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir))
-    return text_prep.prepare(builder(data_dir), data_dir, config, **tokenizer_kwargs)
+    return text_prep.prepare(builder(data_dir), data_dir, config, vocab_size=vocab_size, **tokenizer_kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--manual_dir", required=True, help="the folder of .txt files (see the splitting rules)")
-    text_prep.add_tokenizer_arguments(parser)
+    text_prep.add_tokenizer_arguments(parser, vocab_size=VOCAB_SIZE)
     args = parser.parse_args(argv)
     summary = prepare(args.data_dir, args.manual_dir, **text_prep.tokenizer_kwargs(args))
     print(json.dumps(summary, indent=2))

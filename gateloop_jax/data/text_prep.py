@@ -158,10 +158,10 @@ def prepare(
     return {"statistics": stats, "seconds": seconds, "tokenizer": model}
 
 
-def add_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
+def add_tokenizer_arguments(parser: argparse.ArgumentParser, vocab_size: int = 32000) -> None:
     """The tokenizer and reading flags every text task's prepare command takes."""
     parser.add_argument("--data_dir", required=True, help="where the dataset, tokenizer and token files go")
-    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--vocab_size", type=int, default=vocab_size)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"])
     parser.add_argument("--nobyte_fallback", dest="byte_fallback", action="store_false")
     parser.add_argument("--input_sentence_size", type=int, default=2_000_000)
