@@ -189,20 +189,21 @@ class Documents:
         if not n:
             return out
         p = p[:n]
-        doc = np.searchsorted(self.starts, p, side="right") - 1
+        # Document of each position: search only the few document starts inside the window.
+        first_doc = int(np.searchsorted(self.starts, p[0], side="right")) - 1
+        last_doc = int(np.searchsorted(self.starts, p[-1], side="right")) - 1
+        doc = first_doc + np.searchsorted(self.starts[first_doc + 1 : last_doc + 1], p, side="right")
         offset = p - self.starts[doc]
+        # Stream position of each target (the <eod>s before it are not in the stream); the window reads one
+        # contiguous slice of the stream.
+        at = p - doc
+        lo = max(int(at[0]) - 1, 0)
+        chunk = np.asarray(self.tokens[lo : int(at[-1]) + 1]).astype(np.int32)
+        last = max(len(chunk) - 1, 0)
+        chunk = chunk if len(chunk) else np.zeros((1,), np.int32)
         eod = offset == self.lengths[doc]
-        first = offset == 0
-        # Stream positions of the real tokens that are targets (not <eod>) and inputs (not a document start).
-        target_at = self.begins[doc] + offset
-        input_at = target_at - 1
-        needed = np.concatenate([target_at[~eod], input_at[~first]])
-        lo = int(needed.min()) if needed.size else 0
-        chunk = np.asarray(self.tokens[lo : int(needed.max()) + 1 if needed.size else 0]).astype(np.int32)
-        targets = np.full((n,), self.eod_id, np.int32)
-        targets[~eod] = chunk[target_at[~eod] - lo]
-        inputs = np.full((n,), self.bos_id, np.int32)
-        inputs[~first] = chunk[input_at[~first] - lo]
+        targets = np.where(eod, self.eod_id, chunk[np.clip(at - lo, 0, last)])
+        inputs = np.where(offset == 0, self.bos_id, chunk[np.clip(at - 1 - lo, 0, last)])
         out["targets"][:n], out["inputs"][:n] = targets, inputs
         out["segment_ids"][:n] = doc - doc[0] + 1
         out["mask"][:n] = 1.0
