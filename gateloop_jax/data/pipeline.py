@@ -101,7 +101,9 @@ def load_tokenizer(config: Any):
     """The SentencePiece processor of this config; a clear error naming the prepare command if missing."""
     path = text_prep.tokenizer_path(config.data_dir, _task(config).NAME, _name(config))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer {path} does not exist: make it (and the data) with\n  {prepare_command(config)}")
+        raise FileNotFoundError(
+            f"tokenizer {path} does not exist: make it (and the data) with\n  {prepare_command(config)}"
+        )
     return tok.load(path)
 
 
@@ -114,7 +116,9 @@ def split_statistics(config: Any, split: str) -> dict[str, int]:
 
     num_tokens counts the split's scored tokens under config.packing: with "documents", one <eod> per document more.
     """
-    stats = text_prep.split_statistics(config.data_dir, _task(config).NAME, _name(config), split, prepare_command(config))
+    stats = text_prep.split_statistics(
+        config.data_dir, _task(config).NAME, _name(config), split, prepare_command(config)
+    )
     if config.packing == "documents":
         stats["num_tokens"] += stats["num_documents"]
     return stats

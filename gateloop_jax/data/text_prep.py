@@ -143,11 +143,15 @@ def prepare(
         os.makedirs(os.path.dirname(token_json), exist_ok=True)
         counts = {}
         for split in SPLITS:
-            stream, doc_ends = tok.encode_documents(sp, documents(builder, split, read_threads=read_threads), read_threads)
+            stream, doc_ends = tok.encode_documents(
+                sp, documents(builder, split, read_threads=read_threads), read_threads
+            )
             # uint16 halves the file (and the page cache) whenever the vocabulary fits.
             stream = stream.astype(np.uint16 if sp.get_piece_size() <= 2**16 else np.int32)
-            for path, array in ((tokens_path(data_dir, dataset, name, split), stream),
-                                (ends_path(data_dir, dataset, name, split), doc_ends)):
+            for path, array in (
+                (tokens_path(data_dir, dataset, name, split), stream),
+                (ends_path(data_dir, dataset, name, split), doc_ends),
+            ):
                 np.save(path + ".tmp.npy", array)
                 os.replace(path + ".tmp.npy", path)
             counts[split] = {"num_tokens": int(stream.size)}
