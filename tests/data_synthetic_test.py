@@ -144,6 +144,11 @@ def test_examples_per_row_must_divide_seq_len():
     config.update(seq_len=64, examples_per_row=3)
     with pytest.raises(ValueError, match=r"data.examples_per_row=3 must be >= 1 and divide data.seq_len=64"):
         data.vocab_size(config)
+    # The task's own limits apply to the example length, and are checked before any batch is drawn.
+    config = data.default_config("mqar")
+    config.update(seq_len=64, num_kv_pairs=5, examples_per_row=4)
+    with pytest.raises(ValueError, match=r"got seq_len=16, num_kv_pairs=5.*examples_per_row = 16 positions"):
+        data.vocab_size(config)
 
 
 # --- determinism, sharding, resume, speed ------------------------------------------------------------------

@@ -313,8 +313,22 @@ def check(config: Any) -> None:
 
 
 def vocab_size(config: Any) -> int:
-    """Model vocabulary size the task needs (and checks the packing fields: check)."""
+    """Model vocabulary size the task needs. Also checks the knobs (the trainer calls it before compiling): one
+    example is drawn, so a knob the generator refuses is an error here, at the example length seq_len / m."""
     check(config)
+    fn, fields = _GENERATORS.get(config.name, (None, ()))
+    if fn is not None:
+        kwargs = {f: config[f] for f in fields}
+        kwargs["seq_len"] = config.seq_len // config.examples_per_row
+        try:
+            fn(np.random.default_rng(0), 1, **kwargs)
+        except ValueError as e:
+            if config.examples_per_row == 1:
+                raise
+            raise ValueError(
+                f"{e} (data.examples_per_row={config.examples_per_row}: each example has seq_len / "
+                f"examples_per_row = {kwargs['seq_len']} positions)"
+            ) from e
     if config.name == "memory_horizon":
         return memory_horizon_vocab(config.num_digits, config.modulus)["vocab_size"]
     if config.name == "mqar":
