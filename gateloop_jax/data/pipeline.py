@@ -177,7 +177,7 @@ class Documents:
 
     def __init__(self, tokens: np.ndarray, ends: np.ndarray, bos_id: int = tok.BOS_ID, eod_id: int = tok.EOD_ID):
         self.tokens, self.bos_id, self.eod_id = tokens, bos_id, eod_id
-        self.begins = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        self.begins = np.concatenate([[0], ends]).astype(np.int64)[:-1]
         self.lengths = ends - self.begins
         # Document k starts at T position begins[k] + k (the k <eod>s before it).
         self.starts = self.begins + np.arange(len(ends))
