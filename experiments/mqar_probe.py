@@ -8,7 +8,7 @@ so a per-token jitter s scrambles that rotation by about s * sqrt(n - j) radians
 arrives with a random sign and the read-out carries no signal.
 
     python experiments/mqar_probe.py --probes default,theta_frozen --out /tmp/probes    # named probes (PROBES)
-    python experiments/mqar_probe.py --probes all --parallel 8 --out DIR                  # every probe, 8 processes
+    python experiments/mqar_probe.py --probes default@emb0.02,real@emb0.02@uniform --parallel 2 --out DIR
 
 Each probe appends JSON lines to DIR/<probe>.jsonl; DIR/summary.json collects the final figures.
 """
@@ -37,14 +37,19 @@ PROBES = {
     "real": dict(name="gateloop_real"),
     "fixed": dict(name="gateloop_fixed"),
     "linear_attention": dict(name="linear_attention"),
+    "transformer": dict(name="transformer"),
     "theta_frozen": dict(name="gateloop", theta_lr=0.0),
     "theta_zero_frozen": dict(name="gateloop", theta_lr=0.0, zero_theta=True),
     "theta_lr_0.1": dict(name="gateloop", theta_lr=0.1),
-    "theta_zero_lr_0.1": dict(name="gateloop", theta_lr=0.1, zero_theta=True),
-    "transformer": dict(name="transformer"),
+    "transition_lr_0.1": dict(name="gateloop", theta_lr=0.1, gamma_lr=0.1),
     "transformer_lr3e-3": dict(name="transformer", lr=3e-3),
     "transformer_1head": dict(name="transformer", model={"num_heads": 1}),
 }
+# The same probes with small token embeddings at initialisation (std 0.02 instead of 1).
+PROBES.update({f"{name}@emb0.02": dict(settings, model={**settings.get("model", {}), "embedding_init_std": 0.02})
+               for name, settings in list(PROBES.items())})
+# And with every distance equally likely between binding and query.
+PROBES.update({f"{name}@uniform": dict(settings, query_gaps="uniform") for name, settings in list(PROBES.items())})
 
 
 def _cast(value: str):
@@ -121,7 +126,7 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
         return jnp.stack([t.phase.std(axis=(0, 1)).mean() for t in m.transitions(inputs)])
 
     data = dict(seq_len=size["seq_len"], num_kv_pairs=size["num_kv_pairs"], vocab_size=size["vocab_size"],
-                query_gaps=size["query_gaps"])
+                query_gaps=settings.get("query_gaps", size["query_gaps"]))
     eval_batches = [synthetic.mqar(np.random.default_rng([seed, 1, i]), 256, **data) for i in range(4)]
     rng = np.random.default_rng([seed, 0])
     log = (out / f"{name}.jsonl").open("w")
@@ -147,7 +152,7 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--probes", default="default,real", help="comma-separated names of PROBES, or 'all'")
+    parser.add_argument("--probes", default="default,real", help="comma-separated names of PROBES")
     parser.add_argument("--size", choices=("full", "small"), default="full")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--eval_every", type=int, default=500)
@@ -165,7 +170,7 @@ def main() -> None:
     for key in list(overrides):
         if key in size:
             size[key] = _cast(overrides.pop(key))
-    names = list(PROBES) if args.probes == "all" else args.probes.split(",")
+    names = args.probes.split(",")
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         parser.error(f"--probes: unknown {unknown}; known: {sorted(PROBES)}")

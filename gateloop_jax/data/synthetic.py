@@ -127,6 +127,9 @@ def memory_horizon(
 # Multi-query associative recall
 
 
+MQAR_QUERY_GAPS = ("power_law", "uniform")
+
+
 def mqar(
     rng: np.random.Generator,
     batch_size: int,
@@ -167,8 +170,8 @@ def mqar(
             f"num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, num_kv_pairs={num_kv_pairs}, "
             f"vocab_size={vocab_size}"
         )
-    if query_gaps not in ("power_law", "uniform"):
-        raise ValueError(f"mqar: query_gaps={query_gaps!r} is not one of ('power_law', 'uniform').")
+    if query_gaps not in MQAR_QUERY_GAPS:
+        raise ValueError(f"mqar: query_gaps={query_gaps!r} is not one of {MQAR_QUERY_GAPS}.")
     if query_gaps == "power_law" and not 0.0 < power_a <= 1.0:
         raise ValueError(f"mqar: power_a={power_a} must be in (0, 1] (1 = uniform gaps).")
     keys = _random_subsets(rng, batch_size, half - 1, k) + 1

@@ -47,6 +47,8 @@ class ModelConfig:
     dropout_rate: float = 0.0
     # Share the embedding matrix with the output head.
     tie_embeddings: bool = True
+    # Standard deviation of the token embeddings at initialisation.
+    embedding_init_std: float = 1.0
     # --- GateLoop mixer ---
     # How the recurrence is computed: one set of parameters, several modes (ops.gateloop).
     mode: str = "auto"
@@ -134,6 +136,8 @@ class ModelConfig:
                 "model config: output_norm='groupnorm' normalises each head over d_v, which is 1 here "
                 "(max-headed); use output_norm='layernorm' or 'none'."
             )
+        if self.embedding_init_std <= 0.0:
+            raise ValueError(f"model config: embedding_init_std must be > 0, got {self.embedding_init_std}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.remat and self.dropout_rate > 0.0:
