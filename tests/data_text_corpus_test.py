@@ -136,3 +136,11 @@ def test_hash_split_left_empty(tmp_path):
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "only.txt").write_text("one document", encoding="utf-8")
     bad(tmp_path, ValueError, r"no file of the 1 \.txt files under .* falls in the (validation|test) split")
+
+
+def test_vocab_too_large_for_the_corpus_names_the_flags(corpus):
+    config, _ = corpus
+    # The dataset is built already: only the tokenizer is trained, and refused.
+    manual_dir = os.path.join(os.path.dirname(config.data_dir), "txt")
+    with pytest.raises(ValueError, match=r"vocab_size=8000 is more pieces .*\(at most \d+\): pass a smaller --vocab"):
+        tc.prepare(config.data_dir, manual_dir, vocab_size=8000)

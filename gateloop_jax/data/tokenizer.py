@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterable
@@ -56,28 +57,42 @@ def train_tokenizer(
     # later looks prepared.
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model_path))) as tmp:
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=0.9995 if byte_fallback else 1.0,
-            normalization_rule_name="identity",
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=-1,
-            # User-defined pieces take the ids right after the specials: <eod> is EOD_ID.
-            user_defined_symbols=[EOD_PIECE],
-            num_threads=num_threads,
-            minloglevel=2,
-        )
+        try:
+            _train(sentences, prefix, vocab_size, model_type, byte_fallback, input_sentence_size, num_threads)
+        except RuntimeError as e:
+            largest = re.search(r"Vocabulary size too high .*<= (\d+)", str(e))
+            if largest is None:
+                raise
+            raise ValueError(
+                f"vocab_size={vocab_size} is more pieces than this training text can give (at most "
+                f"{largest.group(1)}): pass a smaller --vocab_size to the prepare command, and the same "
+                f"--config.data.vocab_size to the trainer."
+            ) from e
         shutil.move(prefix + ".vocab", model_path[: -len(".model")] + ".vocab")
         shutil.move(prefix + ".model", model_path)
     return model_path
+
+
+def _train(sentences, prefix, vocab_size, model_type, byte_fallback, input_sentence_size, num_threads) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        character_coverage=0.9995 if byte_fallback else 1.0,
+        normalization_rule_name="identity",
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        # User-defined pieces take the ids right after the specials: <eod> is EOD_ID.
+        user_defined_symbols=[EOD_PIECE],
+        num_threads=num_threads,
+        minloglevel=2,
+    )
 
 
 def load(model_path: str) -> spm.SentencePieceProcessor:
