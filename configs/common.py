@@ -22,6 +22,7 @@ CHOICES = {
     "eval_split": ("validation", "test"),
     "optimizer.decay": DECAYS,
     "data.query_gaps": synthetic.MQAR_QUERY_GAPS,
+    "data.packing": data.PACKINGS,
 }
 
 

@@ -106,7 +106,7 @@ def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple
     nnx.update(model, state)
 
     tok = None
-    if tokenizer and config.data.name == "wikitext103":
+    if tokenizer and config.data.name in ("wikitext103", "text_corpus"):
         from gateloop_jax import data
 
         tok = data.load_tokenizer(config.data)

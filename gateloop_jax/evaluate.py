@@ -115,7 +115,7 @@ def evaluate(path: str, *, text_file: str | None = None, split: str | None = Non
             data_config.data_dir = data_dir
         batches = data.eval_batches(data_config, split=split, batch_size=batch_size)
         num_batches = len(batches) if hasattr(batches, "__len__") else None
-        if data_config.name == "wikitext103":
+        if data_config.name in data.TEXT_NAMES:
             stats = data.split_statistics(data_config, split)
             counts = {"num_words": stats["num_words"], "num_bytes": stats["num_bytes"]}
         result["split"] = split

@@ -159,14 +159,16 @@ def export(path: str, out: str, *, step: int | None = None, dtype: str = "float3
     save_file(tensors, os.path.join(out, WEIGHTS), metadata={"format": FORMAT, "step": str(step)})
     tok_info = None
     if tokenizer is not None:
+        from gateloop_jax.data import text_prep
         from gateloop_jax.data import tokenizer as tok_lib
-        from gateloop_jax.data import wikitext103 as wt
 
         name = tok_lib.tokenizer_name(vocab_size=config.data.vocab_size, model_type=config.data.model_type,
                                       byte_fallback=config.data.byte_fallback)
-        shutil.copyfile(wt.tokenizer_path(os.path.expanduser(config.data.data_dir), name), os.path.join(out, TOKENIZER))
+        source = text_prep.tokenizer_path(config.data.data_dir, config.data.name, name)
+        shutil.copyfile(source, os.path.join(out, TOKENIZER))
         tok_info = {"file": TOKENIZER, "type": "sentencepiece", "vocab_size": int(tokenizer.get_piece_size()),
                     "unk_id": tok_lib.UNK_ID, "bos_id": tok_lib.BOS_ID, "eos_id": tok_lib.EOS_ID,
+                    "eod_id": tok_lib.EOD_ID,
                     "encoding": "each non-blank line of text stripped and encoded, followed by EOS (EOS stands for "
                                 "the newline); a token stream starts with BOS"}
     info = {

@@ -29,6 +29,8 @@ def wikitext_config(data_dir, steps=3):
     c = get_config("wikitext103", "test")
     c.data.data_dir = data_dir
     c.data.vocab_size = 400
+    # evaluate --text_file reads a file as one stream, so the split it is compared with is packed as one stream too.
+    c.data.packing = "stream"
     c.total_steps = steps
     c.eval_every_steps = steps
     c.ckpt_every_steps = steps

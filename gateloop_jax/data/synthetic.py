@@ -12,6 +12,11 @@ Determinism: `global_batch(task, config, seed, index)` draws batch `index` from 
 (seed, stream, index), so batch n does not depend on batches 0..n-1 and resuming is just setting the index.
 The global batch is generated whole and each process keeps its rows, so the data does not depend on the
 number of processes.
+
+Packing: with `examples_per_row` = m > 1, each row of t = seq_len positions holds m independent examples of
+seq_len / m positions each (drawn as a batch of b * m examples), and the batch gains segment_ids int32 (b, t):
+1, 2, ..., m for the examples, so the model starts afresh at each. Every task knob (e.g. mqar's seq_len >= 3K)
+then applies to the example length seq_len / m.
 """
 
 from __future__ import annotations
@@ -281,6 +286,9 @@ def default_config(name: str) -> ml_collections.ConfigDict:
         c.num_values = 16
     else:
         raise ValueError(f"unknown synthetic task {name!r}; known: {TASKS}")
+    # Independent examples packed into each row of seq_len positions (each seq_len / examples_per_row long), with
+    # segment_ids marking them; 1 = one example per row, no segment_ids.
+    c.examples_per_row = 1
     # Evaluation set: this many global batches, drawn from eval_seed (independent of the training seed).
     c.num_eval_batches = 8
     c.eval_seed = 12345
@@ -297,8 +305,33 @@ _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
 }
 
 
+def check(config: Any) -> None:
+    """ValueError naming the field if examples_per_row does not divide seq_len into examples of >= 1 position."""
+    m, t = config.examples_per_row, config.seq_len
+    if m < 1 or t % m:
+        raise ValueError(
+            f"data.examples_per_row={m} must be >= 1 and divide data.seq_len={t} (each example is seq_len / "
+            "examples_per_row positions long): pick a divisor of seq_len."
+        )
+
+
 def vocab_size(config: Any) -> int:
-    """Model vocabulary size the task needs."""
+    """Model vocabulary size the task needs. Also checks the knobs (the trainer calls it before compiling): one
+    example is drawn, so a knob the generator refuses is an error here, at the example length seq_len / m."""
+    check(config)
+    fn, fields = _GENERATORS.get(config.name, (None, ()))
+    if fn is not None:
+        kwargs = {f: config[f] for f in fields}
+        kwargs["seq_len"] = config.seq_len // config.examples_per_row
+        try:
+            fn(np.random.default_rng(0), 1, **kwargs)
+        except ValueError as e:
+            if config.examples_per_row == 1:
+                raise
+            raise ValueError(
+                f"{e} (data.examples_per_row={config.examples_per_row}: each example has seq_len / "
+                f"examples_per_row = {kwargs['seq_len']} positions)"
+            ) from e
     if config.name == "memory_horizon":
         return memory_horizon_vocab(config.num_digits, config.modulus)["vocab_size"]
     if config.name == "mqar":
@@ -310,9 +343,20 @@ def vocab_size(config: Any) -> int:
 
 def global_batch(config: Any, *, batch_size: int, seed: int, index: int, stream: int = TRAIN_STREAM) -> Batch:
     """Global batch number `index` of the task: a pure function of (config, batch_size, seed, stream, index)."""
+    check(config)
     fn, fields = _GENERATORS[config.name]
     rng = np.random.default_rng([seed, stream, index])
-    return fn(rng, batch_size, **{f: config[f] for f in fields})
+    m = config.examples_per_row
+    kwargs = {f: config[f] for f in fields}
+    if m == 1:
+        return fn(rng, batch_size, **kwargs)
+    # m examples of seq_len / m positions, laid side by side in each row.
+    kwargs["seq_len"] = config.seq_len // m
+    batch = {k: v.reshape(batch_size, config.seq_len) for k, v in fn(rng, batch_size * m, **kwargs).items()}
+    batch["segment_ids"] = np.repeat(np.arange(1, m + 1, dtype=np.int32), config.seq_len // m)[None].repeat(
+        batch_size, axis=0
+    )
+    return batch
 
 
 class _Batches:

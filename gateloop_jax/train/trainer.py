@@ -75,12 +75,12 @@ def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]
         raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
     check_profile_steps(config.profile_steps)
     loss_lib.chunk_size_for(config.loss_chunk_size, config.chunked_loss_min_vocab, 0)
-    if config.data.name == "wikitext103":
+    if config.data.name in data.TEXT_NAMES:
         data_dir = os.path.expanduser(config.data.data_dir)
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(
-                f"data.data_dir={config.data.data_dir!r} does not exist. Prepare WikiText-103 with\n"
-                f"  python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data.data_dir}")
+                f"data.data_dir={config.data.data_dir!r} does not exist. Prepare it with\n"
+                f"  {data.prepare_command(config.data)}")
     model_config = model_config_from(config)  # also checks the data's tokenizer / files exist
     check_platform(model_config, mesh.devices.flat[0].platform)
     return mesh, model_config
@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if totals["count"] == 0:
             raise ValueError("evaluation set has no scored tokens (mask all zero).")
         extra = {}
-        if config.data.name == "wikitext103":
+        if config.data.name in data.TEXT_NAMES:
             stats = data.split_statistics(config.data, config.eval_split)
             extra = dict(num_words=stats["num_words"], num_bytes=stats["num_bytes"])
         lm = data.lm_metrics(totals["nll"], int(totals["count"]), **extra)
