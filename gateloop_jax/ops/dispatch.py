@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise, pallas_tpu,
-                              recurrent, scan)
+from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise,
+                              pallas_mosaic_gpu, pallas_tpu, recurrent, scan)
 from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
 
 
@@ -29,6 +29,7 @@ _MODE_FNS = {
     "chunked": chunked.gateloop_chunked,
     "pallas": _pallas,
     "gla_rotation": gla_rotation.gateloop_gla_rotation,
+    "mosaic_gpu": pallas_mosaic_gpu.gateloop_mosaic_gpu,
 }
 
 
@@ -48,12 +49,16 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> st
     so "auto" keeps the portable modes there until it is measured.
     Never "gla_rotation" (jax-linear-attention's kernel behind the rotation identity): 2.1-2.3x faster than "pallas"
     for bf16 multi-head on an H200, but its phase gradient is bf16-accurate only (ops/gla_rotation.py).
+    Multi-head on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11): "mosaic_gpu" at every head width
+    (ops/pallas_mosaic_gpu.py); the Triton kernel only on other GPUs.
     """
     if mode != "auto":
         return mode
     platform = platform or jax.default_backend()
     if q_shape[-1] == 1 and v_shape[-1] == 1:
         return "pallas" if pallas_elementwise.supported(q_shape, v_shape, platform) and platform == "gpu" else "scan"
+    if platform == "gpu" and pallas_mosaic_gpu.serves_default_device():
+        return "mosaic_gpu"
     narrow = q_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM and v_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM
     return "pallas" if platform == "gpu" and narrow else "chunked"
 
@@ -76,11 +81,12 @@ def gateloop(
       v: (b, t, h, v) real values.
       a: (b, t, h, k) complex transitions with |a| <= 1, or a PolarTransition(log|a|, arg a) of real (b, t, h, k)
         arrays (what layers pass: exact for extreme gates).
-      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "auto". All compute the
-        same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto"
+      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "mosaic_gpu" | "auto". All
+        compute the same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto"
         the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs jax-linear-attention's GLA
         kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase gradients bf16-accurate:
-        ops/gla_rotation.py); it is never picked by "auto".
+        ops/gla_rotation.py); it is never picked by "auto". "mosaic_gpu": the multi-head Pallas Mosaic GPU kernel
+        (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs for multi-head on Hopper.
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head
@@ -96,6 +102,8 @@ def gateloop(
         reason = gla_rotation.unsupported_reason(q.shape, v.shape, out_dtype)
         if reason:
             raise ValueError(f"gateloop: mode='gla_rotation' cannot run here: {reason}.")
+    if mode == "mosaic_gpu" and pallas_mosaic_gpu.unavailable_reason():
+        raise ValueError(f"gateloop: {pallas_mosaic_gpu.unavailable_reason()}; use mode='pallas' or 'chunked' here.")
     # The recurrence accumulates in float32 / complex64 whatever the input dtype: a bf16 state loses ~3 significant
     # digits per step and the error compounds over the length.
     polar = to_polar(a)

@@ -66,6 +66,14 @@ def unavailable_reason() -> str | None:
     return _IMPORT_ERROR
 
 
+def serves_default_device() -> bool:
+    """True on a Hopper GPU (compute capability 9.x: wgmma) with a jax that has Pallas Mosaic GPU."""
+    if unavailable_reason() is not None or jax.default_backend() != "gpu":
+        return False
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    return capability.split(".")[0] == "9"
+
+
 def supported(q_shape, v_shape, platform: str) -> bool:
     """Multi-head shapes on a GPU (Hopper) or on CPU (interpret mode), when this jax has Mosaic GPU."""
     return len(q_shape) == 4 and platform in ("gpu", "cuda", "cpu") and unavailable_reason() is None
@@ -106,7 +114,7 @@ def _kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref,
     zeros = plgpu.layout_cast(jnp.zeros((c, TILE), jnp.float32), wg)
 
     def load(ref):
-        return plgpu.load(ref, (), layout=wg)
+        return plgpu.load(ref, layout=wg)
 
     def fetch(src, dst, slot):
         plgpu.copy_gmem_to_smem(src, dst, bars.at[slot])
@@ -346,4 +354,4 @@ def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = N
     return y[:, :t, :, :dv], final
 
 
-__all__ = ["gateloop_mosaic_gpu", "supported", "unavailable_reason"]
+__all__ = ["gateloop_mosaic_gpu", "serves_default_device", "supported", "unavailable_reason"]
