@@ -38,7 +38,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import chunked
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
 
 try:
@@ -99,139 +98,258 @@ def _split(x):
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref, h0re_ref, h0im_ref,
-            y_ref, fre_ref, fim_ref, kpad, lrpad, thpad, g1, g2, g3, a_hi, a_lo, b_hi, b_lo, s_bufs, bars, *, h, n_chunks,
-            n_dk, n_dv):
-    c = CHUNK
-    wg = plgpu.Layout.WGMMA
-    pid = jax.lax.axis_index("bh")
-    bi, hi_ = pid // h, pid % h
-    kt = jax.lax.axis_index("dk")
-    vt = jax.lax.axis_index("dv")
-    d0, e0 = kt * TILE, vt * TILE
-    rows = plgpu.broadcasted_iota(jnp.int32, (c, TILE), 0, layout=wg)
-    cols = plgpu.broadcasted_iota(jnp.int32, (c, TILE), 1, layout=wg)
-    zeros = plgpu.layout_cast(jnp.zeros((c, TILE), jnp.float32), wg)
+class _Ctx:
+    """Per-program helpers shared by the forward and backward kernels: WGMMA-layout tiles, TMA fetches, bf16-split
+    products."""
 
-    def load(ref):
-        return plgpu.load(ref, layout=wg)
+    def __init__(self, bars, h):
+        self.wg = plgpu.Layout.WGMMA
+        self.bars = bars
+        pid = jax.lax.axis_index("bh")
+        self.bi, self.hi = pid // h, pid % h
+        self.kt, self.vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
+        self.d0, self.e0 = self.kt * TILE, self.vt * TILE
+        self.rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 0, layout=self.wg)
+        self.cols = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 1, layout=self.wg)
+        self.zeros = plgpu.layout_cast(jnp.zeros((CHUNK, TILE), jnp.float32), self.wg)
 
-    def fetch(src, dst, slot):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[slot])
-        plgpu.barrier_wait(bars.at[slot])
+    def load(self, ref):
+        return plgpu.load(ref, layout=self.wg)
 
-    # The 64 rows above each chunk stay zero (keys) or finite (gates): the shifted reads of the diagonals land there.
-    for buf in (kpad, lrpad, thpad):
-        buf[pl.ds(0, c)] = zeros
+    def fetch(self, src, dst, slot=0):
+        plgpu.copy_gmem_to_smem(src, dst, self.bars.at[slot])
+        plgpu.barrier_wait(self.bars.at[slot])
 
-    def put_state(s_re, s_im):
-        for i, x in enumerate((s_re, s_im)):
-            x_hi, x_lo = _split(x)
-            s_bufs[2 * i] = x_hi
-            s_bufs[2 * i + 1] = x_lo
+    def get(self, src, staging, slot=0):
+        """A (64, 64) float32 tile of GMEM, through SMEM, into registers."""
+        self.fetch(src, staging, slot)
+        return self.load(staging)
 
-    fetch(h0re_ref.at[bi, hi_, pl.ds(d0, TILE), pl.ds(e0, TILE)], g1, 0)
-    fetch(h0im_ref.at[bi, hi_, pl.ds(d0, TILE), pl.ds(e0, TILE)], g2, 1)
-    s_re0, s_im0 = load(g1), load(g2)
-    put_state(s_re0, s_im0)
+    def put(self, x, staging, dst):
+        """A (64, 64) float32 register tile to GMEM through SMEM (waits: the staging buffer is reused at once)."""
+        staging[...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(staging, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    def seq(self, ref, t0, col0):
+        """The (64 rows, 64 columns) window of a (b, t, h, d) array at this program's batch row and head."""
+        return ref.at[self.bi, pl.ds(t0, CHUNK), self.hi, pl.ds(col0, TILE)]
+
+    def state(self, ref, *lead):
+        """This program's (d_qk tile, d_v tile) of a (b, h, ..., k, v) state array."""
+        return ref.at[(self.bi, self.hi, *lead, pl.ds(self.d0, TILE), pl.ds(self.e0, TILE))]
+
+    def diagonal(self, mat, delta):
+        """mat[n, n - delta] (delta may be negative) as a (64,) column, 0 where that column does not exist."""
+        return jnp.sum(jnp.where(self.cols == self.rows - delta, mat, 0.0), axis=1)
+
+    def bcast(self, col):
+        return jax.lax.broadcast_in_dim(col, (CHUNK, TILE), [0])
+
+
+def _store_split(pair, x):
+    x_hi, x_lo = _split(x)
+    pair[0][...] = x_hi
+    pair[1][...] = x_lo
+
+
+def _mm(a_pair, b_pair):
+    """a @ b for bf16-split operands in SMEM (refs, possibly transposed): hi hi + hi lo + lo hi, float32
+    accumulation. Waits for the products, so the operands may be rewritten right after."""
     plgpu.commit_smem()
 
-    def mm3(acc, a, b_pair, transpose_a=False):
-        """acc += a @ b for a float32 register tile a (bf16-split through a_hi / a_lo) and a split b in SMEM."""
-        x_hi, x_lo = _split(a)
-        a_hi[...] = x_hi
-        a_lo[...] = x_lo
-        plgpu.commit_smem()
-        ah, al = (a_hi.T, a_lo.T) if transpose_a else (a_hi, a_lo)
-        bh, bl = b_pair
-        plgpu.wgmma(acc, ah, bh)
-        plgpu.wgmma(acc, ah, bl)
-        plgpu.wgmma(acc, al, bh)
-        plgpu.wgmma_wait(0)  # a_hi / a_lo are rewritten by the next product
+    def body(acc):
+        plgpu.wgmma(acc, a_pair[0], b_pair[0])
+        plgpu.wgmma(acc, a_pair[0], b_pair[1])
+        plgpu.wgmma(acc, a_pair[1], b_pair[0])
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(body, plgpu.ACC((CHUNK, TILE), jnp.float32))
+
+
+def _t(pair):
+    return pair[0].T, pair[1].T
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref, h0re_ref,
+                    h0im_ref, y_ref, fre_ref, fim_ref, sre_ref, sim_ref, kpad, lrpad, thpad, g1, g2, g3, a_hi, a_lo,
+                    b_hi, b_lo, s_bufs, bars, *, h, n_chunks):
+    c = CHUNK
+    x = _Ctx(bars, h)
+    a_pair, b_pair = (a_hi, a_lo), (b_hi, b_lo)
+    re_pair, im_pair = (s_bufs.at[0], s_bufs.at[1]), (s_bufs.at[2], s_bufs.at[3])
+    # The 64 rows above each chunk stay zero (keys) or finite (gates): the shifted reads of the diagonals land there.
+    for buf in (kpad, lrpad, thpad):
+        buf[pl.ds(0, c)] = x.zeros
+    s_re0, s_im0 = x.get(x.state(h0re_ref), g1), x.get(x.state(h0im_ref), g2)
 
     def chunk(j, state):
         s_re, s_im = state
         t0 = j * c
-        rows_in = (bi, pl.ds(t0, c), hi_)
-        plgpu.wait_smem_to_gmem(0)  # g1 held the previous chunk's y
-        fetch(k_ref.at[rows_in + (pl.ds(d0, TILE),)], kpad.at[pl.ds(c, c)], 0)
-        fetch(lr_ref.at[rows_in + (pl.ds(d0, TILE),)], lrpad.at[pl.ds(c, c)], 1)
-        fetch(th_ref.at[rows_in + (pl.ds(d0, TILE),)], thpad.at[pl.ds(c, c)], 2)
-        fetch(q_ref.at[rows_in + (pl.ds(d0, TILE),)], g1, 3)
-        fetch(v_ref.at[rows_in + (pl.ds(e0, TILE),)], g2, 4)
-        v = load(g2)
-        v_hi, v_lo = _split(v)
-        b_hi[...] = v_hi
-        b_lo[...] = v_lo
-        q = load(g1)
-        k = load(kpad.at[pl.ds(c, c)])
+        # The chunk's start state: saved for the backward, and the right operand of the inter-chunk product.
+        x.put(s_re, g1, x.state(sre_ref, j))
+        x.put(s_im, g2, x.state(sim_ref, j))
+        _store_split(re_pair, s_re)
+        _store_split(im_pair, s_im)
+        x.fetch(x.seq(k_ref, t0, x.d0), kpad.at[pl.ds(c, c)], 0)
+        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(c, c)], 1)
+        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(c, c)], 2)
+        _store_split(b_pair, x.get(x.seq(v_ref, t0, x.e0), g2, 4))
+        q = x.get(x.seq(q_ref, t0, x.d0), g1, 3)
+        k = x.load(kpad.at[pl.ds(c, c)])
 
         # Intra-chunk scores by diagonals (module docstring): row n of step delta pairs query n with key n - delta.
-        diag0 = jnp.sum(q * k, axis=1)
-        scores = jnp.where(rows == cols, jax.lax.broadcast_in_dim(diag0, (c, TILE), [0]), 0.0)
+        scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
         def offset(delta, carry):
             r, p, scores = carry
-            r = r + load(lrpad.at[pl.ds(c + 1 - delta, c)])
-            p = _wrap(p + load(thpad.at[pl.ds(c + 1 - delta, c)]))
-            k_s = load(kpad.at[pl.ds(c - delta, c)])
+            r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
+            p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
+            k_s = x.load(kpad.at[pl.ds(c - delta, c)])
             w = jnp.sum(q * k_s * jnp.exp(r) * jnp.cos(p), axis=1)
-            scores = jnp.where(cols == rows - delta, jax.lax.broadcast_in_dim(w, (c, TILE), [0]), scores)
-            return r, p, scores
+            return r, p, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
-        _, _, scores = jax.lax.fori_loop(1, c, offset, (zeros, zeros, scores))
+        _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
+        _store_split(a_pair, scores)
+        y = _mm(a_pair, b_pair)
 
-        # Inter-chunk factors of the queries.
-        fetch(gp_ref.at[rows_in + (pl.ds(d0, TILE),)], g2, 4)
-        fetch(pp_ref.at[rows_in + (pl.ds(d0, TILE),)], g3, 5)
-        qg = q * jnp.exp(load(g2))
-        phase = load(g3)
-        q_re, q_im = qg * jnp.cos(phase), -qg * jnp.sin(phase)
-
-        def y_products(acc):
-            mm3(acc, scores, (b_hi, b_lo))
-            mm3(acc, q_re, (s_bufs.at[0], s_bufs.at[1]))
-            mm3(acc, q_im, (s_bufs.at[2], s_bufs.at[3]))
-            return acc[...]
-
-        y = pl.run_scoped(y_products, plgpu.ACC((c, TILE), jnp.float32))
-        g1[...] = y
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(g1, y_ref.at[(kt, bi, pl.ds(t0, c), hi_, pl.ds(e0, TILE))])
+        # Inter-chunk: [q e^G cos Phi, -q e^G sin Phi] [Re H; Im H].
+        qg = q * jnp.exp(x.get(x.seq(gp_ref, t0, x.d0), g2, 4))
+        phase = x.get(x.seq(pp_ref, t0, x.d0), g3, 5)
+        _store_split(a_pair, qg * jnp.cos(phase))
+        y = y + _mm(a_pair, re_pair)
+        _store_split(a_pair, -qg * jnp.sin(phase))
+        y = y + _mm(a_pair, im_pair)
+        x.put(y, g1, y_ref.at[(x.kt, x.bi, pl.ds(t0, c), x.hi, pl.ds(x.e0, TILE))])
 
         # The chunk's increment to the state, relative to its end, and the carry H_end = T H_start + increment.
-        fetch(gs_ref.at[rows_in + (pl.ds(d0, TILE),)], g2, 4)
-        fetch(ps_ref.at[rows_in + (pl.ds(d0, TILE),)], g3, 5)
-        kg = k * jnp.exp(load(g2))
-        phase = load(g3)
-        k_re, k_im = kg * jnp.cos(phase), kg * jnp.sin(phase)
-
-        def increment(x):
-            def body(acc):
-                mm3(acc, x, (b_hi, b_lo), transpose_a=True)
-                return acc[...]
-
-            return pl.run_scoped(body, plgpu.ACC((TILE, TILE), jnp.float32))
-
-        inc_re, inc_im = increment(k_re), increment(k_im)
-        tile = (bi, hi_, j, pl.ds(d0, TILE), pl.ds(0, TILE))
-        fetch(tr_ref.at[tile], g2, 4)
-        fetch(ti_ref.at[tile], g3, 5)
-        tr, ti = load(g2), load(g3)
-        s_re, s_im = tr * s_re - ti * s_im + inc_re, tr * s_im + ti * s_re + inc_im
-        put_state(s_re, s_im)
-        plgpu.commit_smem()
-        return s_re, s_im
+        kg = k * jnp.exp(x.get(x.seq(gs_ref, t0, x.d0), g2, 4))
+        phase = x.get(x.seq(ps_ref, t0, x.d0), g3, 5)
+        _store_split(a_pair, kg * jnp.cos(phase))
+        inc_re = _mm(_t(a_pair), b_pair)
+        _store_split(a_pair, kg * jnp.sin(phase))
+        inc_im = _mm(_t(a_pair), b_pair)
+        tr = x.get(tr_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g2, 4)
+        ti = x.get(ti_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g3, 5)
+        return tr * s_re - ti * s_im + inc_re, tr * s_im + ti * s_re + inc_im
 
     s_re, s_im = jax.lax.fori_loop(0, n_chunks, chunk, (s_re0, s_im0))
-    plgpu.wait_smem_to_gmem(0)
-    g2[...] = s_re
-    g3[...] = s_im
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(g2, fre_ref.at[bi, hi_, pl.ds(d0, TILE), pl.ds(e0, TILE)])
-    plgpu.copy_smem_to_gmem(g3, fim_ref.at[bi, hi_, pl.ds(d0, TILE), pl.ds(e0, TILE)])
-    plgpu.wait_smem_to_gmem(0)
-    del n_dk, n_dv
+    x.put(s_re, g2, x.state(fre_ref))
+    x.put(s_im, g3, x.state(fim_ref))
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref,
+                     sre_ref, sim_ref, gfre_ref, gfim_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, ere_ref, eim_ref,
+                     dh0re_ref, dh0im_ref, xpad, lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, m_bufs, bars, *,
+                     h, n_chunks):
+    """Chunks in reverse order with E, the cotangent of the state (dL/dRe + i dL/dIm), carried in registers.
+
+    Per chunk (W = dy v^T, Z_nm = e^{(G_n - G_m) + i(Phi_n - Phi_m)}, P = e^{G + i Phi} from the chunk start, F =
+    e^{(G_C - G_m) + i(..)} to its end, H its start state):
+      query rows n: Dq_n = sum_{m<n} W[n, m] k_m Z_nm + P_n (dy_n H^T)  -> dq (its real part, less the m = n term,
+                    added in XLA) and Im Dq;
+      key rows m:   Dk_m = sum_{n>m} W[n, m] q_n Z_nm + F_m (v_m conj(E)^T) -> dk (real part, less m = n) and Im Dk;
+                    dv_m = sum_{n>=m} A[n, m] dy_n + Re(k_m F_m E) with A the forward's scores;
+      carry:        E_start = conj(T) E_end + sum_n conj(P_n) q_n^T dy_n.
+    The key-row diagonals read q shifted up (64 zero rows below the chunk) and the gates from row m + 1 on.
+    """
+    c = CHUNK
+    x = _Ctx(bars, h)
+    dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
+    re_pair, im_pair = (m_bufs.at[0], m_bufs.at[1]), (m_bufs.at[2], m_bufs.at[3])
+    e_re0, e_im0 = x.get(x.state(gfre_ref), g1), x.get(x.state(gfim_ref), g1)
+
+    def chunk(i, carry):
+        e_re, e_im = carry
+        j = n_chunks - 1 - i
+        t0 = j * c
+        x.put(e_re, g1, x.state(ere_ref, j))
+        x.put(e_im, g1, x.state(eim_ref, j))
+        dy = x.get(x.seq(dy_ref, t0, x.e0), g1)
+        _store_split(dy_pair, dy)
+        _store_split(v_pair, x.get(x.seq(v_ref, t0, x.e0), g1))
+        w = _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
+        w_t = _mm(v_pair, _t(dy_pair))  # W^T
+
+        # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
+        for buf in (xpad, lrpad, thpad):
+            buf[pl.ds(0, c)] = x.zeros
+        x.fetch(x.seq(k_ref, t0, x.d0), xpad.at[pl.ds(c, c)], 0)
+        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(c, c)], 1)
+        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(c, c)], 2)
+        q = x.get(x.seq(q_ref, t0, x.d0), g1)
+
+        def query_offset(delta, carry):
+            r, p, dq, xim = carry
+            r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
+            p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
+            f = x.bcast(x.diagonal(w, delta)) * x.load(xpad.at[pl.ds(c - delta, c)]) * jnp.exp(r)
+            return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
+
+        _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
+        pg = jnp.exp(x.get(x.seq(gp_ref, t0, x.d0), g1))
+        phase = x.get(x.seq(pp_ref, t0, x.d0), g1)
+        p_re, p_im = pg * jnp.cos(phase), pg * jnp.sin(phase)
+        _store_split(re_pair, x.get(x.state(sre_ref, j), g1))
+        _store_split(im_pair, x.get(x.state(sim_ref, j), g1))
+        d_re, d_im = _mm(dy_pair, _t(re_pair)), _mm(dy_pair, _t(im_pair))  # dy H^T
+        dq = dq + p_re * d_re - p_im * d_im
+        xim = xim + p_im * d_re + p_re * d_im
+        x.put(dq, g1, dq_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
+        x.put(xim, g1, xim_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
+        _store_split(tmp, q * p_re)
+        es_re = _mm(_t(tmp), dy_pair)
+        _store_split(tmp, q * p_im)
+        es_im = -_mm(_t(tmp), dy_pair)
+
+        # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
+        for buf in (xpad, lrpad, thpad):
+            buf[pl.ds(c, c)] = x.zeros
+        x.fetch(x.seq(q_ref, t0, x.d0), xpad.at[pl.ds(0, c)], 0)
+        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(0, c)], 1)
+        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(0, c)], 2)
+        k = x.get(x.seq(k_ref, t0, x.d0), g1)
+        a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # scores transposed, m = n
+
+        def key_offset(delta, carry):
+            r, p, dk, yim, a_t = carry
+            r = r + x.load(lrpad.at[pl.ds(delta, c)])
+            p = _wrap(p + x.load(thpad.at[pl.ds(delta, c)]))
+            qz = x.load(xpad.at[pl.ds(delta, c)]) * jnp.exp(r)
+            qc, qs = qz * jnp.cos(p), qz * jnp.sin(p)
+            wcol = x.bcast(x.diagonal(w_t, -delta))
+            a_col = jnp.sum(qc * k, axis=1)
+            a_t = jnp.where(x.cols == x.rows + delta, x.bcast(a_col), a_t)
+            return r, p, dk + wcol * qc, yim + wcol * qs, a_t
+
+        _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
+        fg = jnp.exp(x.get(x.seq(gs_ref, t0, x.d0), g1))
+        phase = x.get(x.seq(ps_ref, t0, x.d0), g1)
+        f_re, f_im = fg * jnp.cos(phase), fg * jnp.sin(phase)
+        _store_split(re_pair, e_re)
+        _store_split(im_pair, e_im)
+        u_re, u_im = _mm(v_pair, _t(re_pair)), -_mm(v_pair, _t(im_pair))  # v conj(E)^T
+        dk = dk + f_re * u_re - f_im * u_im
+        yim = yim + f_re * u_im + f_im * u_re
+        x.put(dk, g1, dk_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
+        x.put(yim, g1, yim_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
+        _store_split(tmp, a_t)
+        dv = _mm(tmp, dy_pair)
+        _store_split(tmp, k * f_re)
+        dv = dv + _mm(tmp, re_pair)
+        _store_split(tmp, k * f_im)
+        dv = dv + _mm(tmp, im_pair)
+        x.put(dv, g1, dv_ref.at[(x.kt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.e0, TILE))])
+
+        tr = x.get(tr_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g1)
+        ti = x.get(ti_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g1)
+        return tr * e_re + ti * e_im + es_re, tr * e_im - ti * e_re + es_im
+
+    e_re, e_im = jax.lax.fori_loop(0, n_chunks, chunk, (e_re0, e_im0))
+    x.put(e_re, g1, x.state(dh0re_ref))
+    x.put(e_im, g1, x.state(dh0im_ref))
 
 
 def _gate_sums(lr, th, tp, dkp):
@@ -255,67 +373,107 @@ def _gate_sums(lr, th, tp, dkp):
     return flat(gp), flat(pp), flat(gs), flat(ps), tr, ti
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+def _swizzled_bf16(*shape):
+    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(128)))
+
+
+def _f32_smem(*shape):
+    return plgpu.SMEM(shape, jnp.float32)
+
+
+def _call(body, out_type, scratch, grid, interpret, *args):
+    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bh", "dk", "dv"), scratch_types=scratch,
+                        interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
+
+
 def _forward(q, k, v, lr, th, h0re, h0im, *, interpret):
-    """Padded float32 inputs (t, d_qk, d_v multiples of 64) -> (y (b, t, h, v), final re, final im)."""
+    """Padded float32 inputs (t, d_qk, d_v multiples of 64) -> y (b, t, h, v), the final state (re, im) and the
+    residuals of the backward: the gate sums and every chunk's start state (b, h, n, k, v) (re, im)."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n_chunks, n_dk, n_dv = tp // CHUNK, dkp // TILE, dvp // TILE
     th = _wrap(th)
-    gp, pp, gs, ps, tr, ti = _gate_sums(lr, th, tp, dkp)
-    swizzled = (plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(128))
-    f32 = lambda *s: plgpu.SMEM(s, jnp.float32)
-    bf16 = lambda *s: plgpu.SMEM(s, jnp.bfloat16, transforms=swizzled)
+    gates = _gate_sums(lr, th, tp, dkp)
     # In the kernel's argument order: kpad, lrpad, thpad (64 rows above the chunk), g1-g3 (float32 staging), the
     # bf16 hi / lo operands a (left) and b (right), the split state [Re hi, Re lo, Im hi, Im lo], the TMA barriers.
     scratch = (
-        f32(2 * CHUNK, TILE), f32(2 * CHUNK, TILE), f32(2 * CHUNK, TILE),
-        f32(CHUNK, TILE), f32(CHUNK, TILE), f32(CHUNK, TILE),
-        bf16(CHUNK, TILE), bf16(CHUNK, TILE), bf16(CHUNK, TILE), bf16(CHUNK, TILE),
-        bf16(4, TILE, TILE), plgpu.Barrier(num_barriers=6),
+        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE),
+        _f32_smem(CHUNK, TILE), _f32_smem(CHUNK, TILE), _f32_smem(CHUNK, TILE),
+        _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(CHUNK, TILE),
+        _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(4, TILE, TILE), plgpu.Barrier(num_barriers=6),
     )
-    out_type = (
-        jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),
-        jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
-        jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32),
+    state = jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)
+    states = jax.ShapeDtypeStruct((b, h, n_chunks, dkp, dvp), jnp.float32)
+    out_type = (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), state, state, states, states)
+    body = functools.partial(_forward_kernel, h=h, n_chunks=n_chunks)
+    y_parts, f_re, f_im, s_re, s_im = _call(body, out_type, scratch, (b * h, n_dk, n_dv), interpret,
+                                            q, k, v, lr, th, *gates, h0re, h0im)
+    return jnp.sum(y_parts, axis=0), f_re, f_im, (th, gates, s_re, s_im)
+
+
+def _backward(q, k, v, lr, th, gates, s_re, s_im, f_re, f_im, dy, gf_re, gf_im, *, interpret):
+    """The kernel's partial sums -> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32."""
+    b, tp, h, dkp = q.shape
+    dvp = v.shape[-1]
+    n_chunks, n_dk, n_dv = tp // CHUNK, dkp // TILE, dvp // TILE
+    scratch = (
+        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), _swizzled_bf16(4, TILE, TILE), plgpu.Barrier(num_barriers=3),
     )
-    body = functools.partial(_kernel, h=h, n_chunks=n_chunks, n_dk=n_dk, n_dv=n_dv)
-    y_parts, f_re, f_im = plgpu.kernel(
-        body,
-        out_type=out_type,
-        grid=(b * h, n_dk, n_dv),
-        grid_names=("bh", "dk", "dv"),
-        scratch_types=scratch,
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(q, k, v, lr, th, gp, pp, gs, ps, tr, ti, h0re, h0im)
-    return jnp.sum(y_parts, axis=0), f_re, f_im
+    per_k = jax.ShapeDtypeStruct((n_dv, b, tp, h, dkp), jnp.float32)
+    state = jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)
+    states = jax.ShapeDtypeStruct((b, h, n_chunks, dkp, dvp), jnp.float32)
+    out_type = (per_k, per_k, per_k, per_k, jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), states, states,
+                state, state)
+    body = functools.partial(_backward_kernel, h=h, n_chunks=n_chunks)
+    outs = _call(body, out_type, scratch, (b * h, n_dk, n_dv), interpret,
+                 q, k, v, dy, lr, th, *gates, s_re, s_im, gf_re, gf_im)
+    dq_off, xim, dk_off, yim, dv, e_re, e_im, dh0_re, dh0_im = outs
+    dq_off, xim, dk_off, yim, dv = (jnp.sum(z, axis=0) for z in (dq_off, xim, dk_off, yim, dv))
 
+    # The m = n terms (weight 1, no phase) are added here, and left out of dL/dG below, where they cancel exactly.
+    w_diag = jnp.sum(dy * v, axis=-1, keepdims=True)
+    dq, dk = dq_off + w_diag * k, dk_off + w_diag * q
 
-# --------------------------------------------------------------------------------------------------------------------
-# Differentiable wrapper
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _reference(q, k, v, lr, th, h0re, h0im):
-    """The same function in pure JAX (ops/chunked.py): what the backward differentiates."""
-    y, final = chunked.gateloop_chunked(q, k, v, lr, th, jax.lax.complex(h0re, h0im))
-    return y, jnp.real(final), jnp.imag(final)
+    # dL/dG_n = q Re Dq - k Re Dk and dL/dPhi_n = -q Im Dq + k Im Dk per position (y depends on G, Phi only through
+    # q e^{G + i Phi}, k e^{-G - i Phi} and the end factors); the last row of each chunk also scales the chunk's end
+    # state H_end (through T and F). There the key's own F = 1 term (k_m v_m^T in H_end) cancels between the two:
+    # both are left out, and H_end - k_last v_last^T = a_last H_before is used instead (no large-minus-large).
+    n = n_chunks
+    chunked_view = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
+    g = chunked_view(q * dq_off - k * dk_off)
+    gp = chunked_view(-q * xim + k * yim)
+    last = lambda z: chunked_view(z)[:, :, -1]  # (b, n, h, d)  # noqa: E731
+    k_last, v_last = last(k), last(v)
+    g = g.at[:, :, -1].add(k_last * last(dk_off))  # drop -k Re(Dk) of the last row: only its F = 1 term
+    gp = gp.at[:, :, -1].add(-k_last * last(yim))  # (its intra-chunk part is empty: no later query in the chunk)
+    ends_re = jnp.concatenate([s_re[:, :, 1:], f_re[:, :, None]], axis=2)  # (b, h, n, k, v): each chunk's end state
+    ends_im = jnp.concatenate([s_im[:, :, 1:], f_im[:, :, None]], axis=2)
+    own = jnp.transpose(k_last, (0, 2, 1, 3))[..., None] * jnp.transpose(v_last, (0, 2, 1, 3))[..., None, :]
+    before_re = ends_re - own  # a_last H_before (the imaginary part has no k v^T term)
+    end_g = jnp.sum(e_re * before_re + e_im * ends_im, axis=-1)  # (b, h, n, k)
+    end_p = jnp.sum(e_im * before_re - e_re * ends_im, axis=-1)
+    g = g.at[:, :, -1].add(jnp.transpose(end_g, (0, 2, 1, 3)))
+    gp = gp.at[:, :, -1].add(jnp.transpose(end_p, (0, 2, 1, 3)))
+    # dlog_r_j = sum over n >= j of the chunk of dL/dG_n (G_n = log_r summed from the chunk start); theta likewise.
+    rcum = lambda z: jnp.flip(jnp.cumsum(jnp.flip(z, 2), axis=2), 2).reshape(b, tp, h, dkp)  # noqa: E731
+    return dq, dk, dv, rcum(g), rcum(gp), dh0_re, dh0_im
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(interpret, q, k, v, lr, th, h0re, h0im):
-    return _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    y, f_re, f_im, _ = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    return y, f_re, f_im
 
 
 def _core_fwd(interpret, q, k, v, lr, th, h0re, h0im):
-    out = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
-    return out, (q, k, v, lr, th, h0re, h0im)
+    y, f_re, f_im, (th_wrapped, gates, s_re, s_im) = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    return (y, f_re, f_im), (q, k, v, lr, th_wrapped, gates, s_re, s_im, f_re, f_im)
 
 
 def _core_bwd(interpret, res, cts):
-    del interpret
-    _, vjp = jax.vjp(_reference, *res)
-    return vjp(cts)
+    dy, gf_re, gf_im = cts
+    return _backward(*res, dy, gf_re, gf_im, interpret=interpret)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
