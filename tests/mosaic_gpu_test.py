@@ -1,6 +1,7 @@
 """mode="mosaic_gpu" (ops/pallas_mosaic_gpu.py) in Mosaic GPU's GPU interpret mode on CPU against the float64 oracle:
-y, final state and every gradient, at every head width, extreme gates, odd lengths, a carried state; the kernel's
-CUDA lowering (run on CPU: layouts, wgmma operand shapes, TMA boxes); the sharded layer equal to the unsharded one.
+y, final state and every gradient (forward and backward kernels), at every head width, extreme gates, odd lengths, a
+carried state; the kernels' CUDA lowering (run on CPU: layouts, wgmma operand shapes, TMA boxes); the sharded layer
+equal to the unsharded one.
 
 Needs jax >= 0.11 (Pallas Mosaic GPU with InterpretGPUParams); on older jax only the "unavailable" error is tested.
 Interpret mode costs a few seconds per (batch x head x width tile x 64-row chunk) program, so shapes are tiny.
@@ -56,19 +57,19 @@ def _check(args):
 
     (y, final), vjp = jax.vjp(jax.jit(fn), q, k, v, log_r, theta, h0)
     y_ref, states = gateloop_forward(q, k, v, log_r, theta, h0)
-    errors = {"y": max_rel_error(y, y_ref)}
-    final = np.asarray(final)
-    errors["final.re"] = max_rel_error(final.real, states[:, -1].real)
-    errors["final.im"] = max_rel_error(final.imag, states[:, -1].imag)
     # jax's cotangent for a complex output is conj(dL/dRe + i dL/dIm); the oracle's dfinal is dL/dRe + i dL/dIm.
     grads = vjp((jnp.asarray(dy), jnp.conj(jnp.asarray(dfinal))))
     ref = _oracle_grads_with_final(q, k, v, log_r, theta, h0, dy, dfinal)
-    for name, g, r in zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, ref):
-        errors[name] = max_rel_error(g, r)
     dh0 = np.conj(np.asarray(grads[5]))
-    errors["dh0.re"] = max_rel_error(dh0.real, ref[5].real)
-    errors["dh0.im"] = max_rel_error(dh0.imag, ref[5].imag)
-    assert all(np.isfinite(e) and e < RTOL for e in errors.values()), errors
+    final = np.asarray(final)
+    pairs = {"y": (y, y_ref), "final.re": (final.real, states[:, -1].real), "final.im": (final.imag, states[:, -1].imag)}
+    pairs.update(zip(("dq", "dk", "dv", "dlog_r", "dtheta"), zip(grads, ref)))
+    pairs.update({"dh0.re": (dh0.real, ref[5].real), "dh0.im": (dh0.imag, ref[5].imag)})
+    # Per batch row, i.e. per gate regime: each output relative to its own scale in that regime (with |a| ~ 1e-6
+    # the gate gradients are ~1e-6 of the others, and must still be accurate).
+    errors = {(name, i): max_rel_error(np.asarray(x)[i], r[i]) for name, (x, r) in pairs.items() for i in range(len(q))}
+    bad = {key: e for key, e in errors.items() if not (np.isfinite(e) and e < RTOL)}
+    assert not bad, bad
 
 
 # Every width in {32, 64, 96, 128, 256} on each side (d_qk and d_v pad to multiples of 64 and tile by 64: 96 and 256
@@ -116,7 +117,7 @@ def test_lowers_for_cuda(dk, dv):
         return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, a)
 
     text = jax.jit(fwd_bwd).trace(q, q, v, a).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text, "the kernel's custom call is missing"
+    assert text.count("mosaic_gpu") >= 2, "the forward and backward kernels' custom calls are missing"
 
 
 @needs_mosaic

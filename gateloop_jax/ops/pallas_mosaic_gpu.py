@@ -241,7 +241,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref,
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref,
-                     sre_ref, sim_ref, gfre_ref, gfim_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, ere_ref, eim_ref,
+                     sre_ref, sim_ref, gfre_ref, gfim_ref, dq_ref, xim_ref, dk_ref, yim_ref, dkf_ref, yimf_ref, dv_ref,
+                     ere_ref, eim_ref,
                      dh0re_ref, dh0im_ref, xpad, lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, m_bufs, bars, *,
                      h, n_chunks):
     """Chunks in reverse order with E, the cotangent of the state (dL/dRe + i dL/dIm), carried in registers.
@@ -250,7 +251,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, gp_ref, pp_ref
     e^{(G_C - G_m) + i(..)} to its end, H its start state):
       query rows n: Dq_n = sum_{m<n} W[n, m] k_m Z_nm + P_n (dy_n H^T)  -> dq (its real part, less the m = n term,
                     added in XLA) and Im Dq;
-      key rows m:   Dk_m = sum_{n>m} W[n, m] q_n Z_nm + F_m (v_m conj(E)^T) -> dk (real part, less m = n) and Im Dk;
+      key rows m:   Dk_m = sum_{n>m} W[n, m] q_n Z_nm + F_m (v_m conj(E)^T) -> real and imaginary parts of the two
+                    terms apart (the gate gradients sum the second over other positions than the first);
                     dv_m = sum_{n>=m} A[n, m] dy_n + Re(k_m F_m E) with A the forward's scores;
       carry:        E_start = conj(T) E_end + sum_n conj(P_n) q_n^T dy_n.
     The key-row diagonals read q shifted up (64 zero rows below the chunk) and the gates from row m + 1 on.
@@ -331,10 +333,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, gp_ref, pp_ref
         _store_split(re_pair, e_re)
         _store_split(im_pair, e_im)
         u_re, u_im = _mm(v_pair, _t(re_pair)), -_mm(v_pair, _t(im_pair))  # v conj(E)^T
-        dk = dk + f_re * u_re - f_im * u_im
-        yim = yim + f_re * u_im + f_im * u_re
-        x.put(dk, g1, dk_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
-        x.put(yim, g1, yim_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
+        for out, val in ((dk_ref, dk), (yim_ref, yim), (dkf_ref, f_re * u_re - f_im * u_im),
+                         (yimf_ref, f_re * u_im + f_im * u_re)):
+            x.put(val, g1, out.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
         _store_split(tmp, a_t)
         dv = _mm(tmp, dy_pair)
         _store_split(tmp, k * f_re)
@@ -423,41 +424,41 @@ def _backward(q, k, v, lr, th, gates, s_re, s_im, f_re, f_im, dy, gf_re, gf_im, 
     per_k = jax.ShapeDtypeStruct((n_dv, b, tp, h, dkp), jnp.float32)
     state = jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)
     states = jax.ShapeDtypeStruct((b, h, n_chunks, dkp, dvp), jnp.float32)
-    out_type = (per_k, per_k, per_k, per_k, jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), states, states,
-                state, state)
+    out_type = (per_k,) * 6 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), states, states, state,
+                                state)
     body = functools.partial(_backward_kernel, h=h, n_chunks=n_chunks)
     outs = _call(body, out_type, scratch, (b * h, n_dk, n_dv), interpret,
                  q, k, v, dy, lr, th, *gates, s_re, s_im, gf_re, gf_im)
-    dq_off, xim, dk_off, yim, dv, e_re, e_im, dh0_re, dh0_im = outs
-    dq_off, xim, dk_off, yim, dv = (jnp.sum(z, axis=0) for z in (dq_off, xim, dk_off, yim, dv))
+    dq_off, xim, dk_in, yim_in, dk_f, yim_f, dv = (jnp.sum(z, axis=0) for z in outs[:7])
+    e_re, e_im, dh0_re, dh0im = outs[7:]
 
-    # The m = n terms (weight 1, no phase) are added here, and left out of dL/dG below, where they cancel exactly.
+    # The m = n terms (weight 1, no phase) are added here and left out of dL/dG below, where they cancel exactly.
     w_diag = jnp.sum(dy * v, axis=-1, keepdims=True)
-    dq, dk = dq_off + w_diag * k, dk_off + w_diag * q
+    dq, dk = dq_off + w_diag * k, dk_in + dk_f + w_diag * q
 
-    # dL/dG_n = q Re Dq - k Re Dk and dL/dPhi_n = -q Im Dq + k Im Dk per position (y depends on G, Phi only through
-    # q e^{G + i Phi}, k e^{-G - i Phi} and the end factors); the last row of each chunk also scales the chunk's end
-    # state H_end (through T and F). There the key's own F = 1 term (k_m v_m^T in H_end) cancels between the two:
-    # both are left out, and H_end - k_last v_last^T = a_last H_before is used instead (no large-minus-large).
+    # y and the end state depend on the gates only through q e^{G + i Phi}, k e^{-G - i Phi}, F = e^{(G_C - G_m) +
+    # i(..)} and T (G, Phi summed from the chunk start), so with the coefficients Dq, Dk above, per chunk:
+    #   dlog_r_j = sum_{n >= j} (q Re Dq - k Re Dk_intra)_n + sum_{m < j} (k Re Dk_F)_m + Re<E_end, T H_start>,
+    #   dtheta_j = sum_{n >= j} (-q Im Dq + k Im Dk_intra)_n - sum_{m < j} (k Im Dk_F)_m + Re<E_end, i T H_start>.
+    # The F terms enter only for keys before j (those whose path to the chunk end crosses step j): summed that way,
+    # a key's own large term (F = 1 for the chunk's last row) is never added and then cancelled.
     n = n_chunks
-    chunked_view = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
-    g = chunked_view(q * dq_off - k * dk_off)
-    gp = chunked_view(-q * xim + k * yim)
-    last = lambda z: chunked_view(z)[:, :, -1]  # (b, n, h, d)  # noqa: E731
-    k_last, v_last = last(k), last(v)
-    g = g.at[:, :, -1].add(k_last * last(dk_off))  # drop -k Re(Dk) of the last row: only its F = 1 term
-    gp = gp.at[:, :, -1].add(-k_last * last(yim))  # (its intra-chunk part is empty: no later query in the chunk)
-    ends_re = jnp.concatenate([s_re[:, :, 1:], f_re[:, :, None]], axis=2)  # (b, h, n, k, v): each chunk's end state
-    ends_im = jnp.concatenate([s_im[:, :, 1:], f_im[:, :, None]], axis=2)
-    own = jnp.transpose(k_last, (0, 2, 1, 3))[..., None] * jnp.transpose(v_last, (0, 2, 1, 3))[..., None, :]
-    before_re = ends_re - own  # a_last H_before (the imaginary part has no k v^T term)
-    end_g = jnp.sum(e_re * before_re + e_im * ends_im, axis=-1)  # (b, h, n, k)
-    end_p = jnp.sum(e_im * before_re - e_re * ends_im, axis=-1)
-    g = g.at[:, :, -1].add(jnp.transpose(end_g, (0, 2, 1, 3)))
-    gp = gp.at[:, :, -1].add(jnp.transpose(end_p, (0, 2, 1, 3)))
-    # dlog_r_j = sum over n >= j of the chunk of dL/dG_n (G_n = log_r summed from the chunk start); theta likewise.
-    rcum = lambda z: jnp.flip(jnp.cumsum(jnp.flip(z, 2), axis=2), 2).reshape(b, tp, h, dkp)  # noqa: E731
-    return dq, dk, dv, rcum(g), rcum(gp), dh0_re, dh0_im
+    view = lambda z: z.reshape(b, n, CHUNK, h, dkp)  # noqa: E731
+    suffix = lambda z: jnp.flip(jnp.cumsum(jnp.flip(view(z), 2), axis=2), 2)  # noqa: E731
+
+    def prefix(z):  # exclusive, summed directly (a total minus the own term would cancel)
+        z = view(z)
+        return jnp.concatenate([jnp.zeros_like(z[:, :, :1]), jnp.cumsum(z[:, :, :-1], axis=2)], axis=2)
+
+    _, _, _, _, tr, ti = gates
+    th_re = tr[..., :1] * s_re - ti[..., :1] * s_im  # T H_start, (b, h, n, k, v)
+    th_im = tr[..., :1] * s_im + ti[..., :1] * s_re
+    start_g = jnp.transpose(jnp.sum(e_re * th_re + e_im * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
+    start_p = jnp.transpose(jnp.sum(e_im * th_re - e_re * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
+    dlr = suffix(q * dq_off - k * dk_in) + prefix(k * dk_f) + start_g
+    dth = suffix(-q * xim + k * yim_in) - prefix(k * yim_f) + start_p
+    flat = lambda z: z.reshape(b, tp, h, dkp)  # noqa: E731
+    return dq, dk, dv, flat(dlr), flat(dth), dh0_re, dh0im
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
