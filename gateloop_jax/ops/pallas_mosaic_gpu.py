@@ -1,33 +1,33 @@
 """Multi-head GateLoop as a Pallas Mosaic GPU kernel (Hopper: wgmma, TMA), mode="mosaic_gpu".
 
 Per head, H_n = diag(a_n) H_{n-1} + k_n^T v_n and y_n = Re(q_n H_n), a = e^{log_r + i theta} per key channel.
-Time is cut into chunks of C = 64 rows (one wgmma M tile). One program per (batch x head, d_qk tile of 64 channels,
-d_v tile of 64 values) walks the chunks in order with the state tile (64 x 64, real and imaginary parts) in float32
-registers. Per chunk, with G, Phi the cumulative log|a| and phase from the chunk start:
+Time is cut into chunks of C = 64 rows (one wgmma M tile). The kernels do the intra-chunk part, one program per
+(batch x head x chunk, d_qk tile of 64 channels, d_v tile of 64 values), all independent; what passes between
+chunks is the state, carried in XLA as in ops/chunked.py. With G, Phi the cumulative log|a| and phase from the chunk
+start:
 
 - Intra-chunk scores S[n, m] = sum_d q_nd k_md e^{G_nd - G_md} cos(Phi_nd - Phi_md), m <= n, by diagonals: for each
   offset delta = n - m the decay of every row is extended by one step, R <- R + log_r[n - delta + 1] (a running sum
   over the pair's own segment, never a difference of prefix sums, so no cancellation and no overflow: every exponent
   is <= 0 and any gate in [0, 1] is exact, |a| = 0 included), the phase likewise (wrapped each step), and the keys
   are read shifted by delta rows from shared memory (64 zero rows above the chunk make rows n < delta vanish).
-  That is C - 1 elementwise passes over a (C, 64) tile on the CUDA cores; y_intra = S V on the tensor cores.
-- Inter-chunk: y += Re(q e^{G + i Phi} H_start) = [q e^G cos Phi, -q e^G sin Phi] [Re H; Im H] (the rotation
-  identity: real operands of key width 2 x 64), and H_end = T H_start + [Re; Im](K_end^T V) with K_end = k e^{(G_C -
-  G_m) + i (Phi_C - Phi_m)} (every factor e^{<= 0}) and T the chunk's total transition.
-- Tensor-core products take bfloat16 operands split in two (x = hi + lo, both bf16; hi*hi + hi*lo + lo*hi with float32
-  accumulation): about 16 significant bits per operand, float32-level results (relative error ~1e-5) at three wgmmas
-  per product. The chunk-relative prefix / suffix sums of the gates (G, Phi, G_C - G_m, ...) are one XLA pass.
-- The d_qk tiles of one head each add their share of y; their partial outputs are summed in XLA.
+  That is C - 1 elementwise passes over a (C, 64) tile on the CUDA cores; y_intra = S V on the tensor cores, with
+  bfloat16 operands split in two (x = hi + lo; hi*hi + hi*lo + lo*hi, float32 accumulation): ~16 significant bits
+  per operand, float32-level results (~1e-5). The d_qk tiles of a head each add their share (summed in XLA).
+- Between chunks (XLA, float32 products): each chunk's increment [Re; Im](K_end^T V), K_end = k e^{(G_C - G_m) +
+  i (Phi_C - Phi_m)} (every factor e^{<= 0}), the chunk-start states by an associative scan over chunks, and
+  y += Re(q e^{G + i Phi} H_start) (the rotation identity).
 
-Backward (custom VJP): one kernel walking the chunks in reverse with the state's cotangent E in registers (its
-docstring has the terms): the query-row diagonals give dq and Im(Dq), the key-row diagonals (queries read shifted up)
-dk, Im(Dk) and the transposed scores for dv; the forward saves every chunk's start state (t / 64 x d_qk x d_v per head)
-for the inter-chunk terms. dlog|a| and darg a follow in XLA from those coefficients (y depends on the gates only
-through q e^{G + i Phi}, k e^{-G - i Phi} and the chunk's end factors), each term summed over the positions whose
-decay it crosses, so none is a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too.
+Backward (custom VJP): the backward kernel, per chunk and tile pair, takes the query-row diagonals (dq and Im Dq) and
+the key-row diagonals (queries read shifted up: dk, Im Dk, and the transposed scores for dv = A^T dy); the cotangent
+of the state is carried between chunks in XLA (a reversed associative scan), with the inter-chunk terms. The forward
+saves the chunk-start states (t / 64 x d_qk x d_v per head). dlog|a| and darg a follow from those coefficients (y
+depends on the gates only through q e^{G + i Phi}, k e^{-G - i Phi} and the chunk's end factors), each term summed
+over the positions whose decay it crosses, so none is a difference of large numbers: float32-level accuracy for
+|a| ~ 1e-6 too.
 
 Untuned: one warpgroup per program, no TMA double buffering, every product three bf16 wgmmas, the diagonals on the
-CUDA cores (C - 1 elementwise passes per chunk and direction).
+CUDA cores (C - 1 elementwise passes per chunk and direction), the carries in XLA.
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
@@ -45,6 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gateloop_jax.ops.chunked import _carry_states_associative
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
 
 try:
@@ -106,14 +107,14 @@ def _split(x):
 
 
 class _Ctx:
-    """Per-program helpers shared by the forward and backward kernels: WGMMA-layout tiles, TMA fetches, bf16-split
-    products."""
+    """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches."""
 
-    def __init__(self, bars, h):
+    def __init__(self, bars, h, n_chunks):
         self.wg = plgpu.Layout.WGMMA
         self.bars = bars
-        pid = jax.lax.axis_index("bh")
-        self.bi, self.hi = pid // h, pid % h
+        pid = jax.lax.axis_index("bhc")
+        self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
+        self.t0 = self.j * CHUNK
         self.kt, self.vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
         self.d0, self.e0 = self.kt * TILE, self.vt * TILE
         self.rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 0, layout=self.wg)
@@ -124,32 +125,27 @@ class _Ctx:
         return plgpu.load(ref, layout=self.wg)
 
     def fetch(self, src, dst, slot=0):
-        # The warpgroup barrier in commit_smem: every thread is done reading dst (the staging buffers are reused),
-        # and its plain SMEM stores (the zero rows) are visible to the other threads and to the TMA unit.
+        # The warpgroup barrier in commit_smem: every thread is done reading dst, and its plain SMEM stores (the
+        # zero rows) are visible to the other threads and to the TMA unit.
         plgpu.commit_smem()
         plgpu.copy_gmem_to_smem(src, dst, self.bars.at[slot])
         plgpu.barrier_wait(self.bars.at[slot])
 
-    def get(self, src, staging, slot=0):
-        """A (64, 64) float32 tile of GMEM, through SMEM, into registers."""
-        self.fetch(src, staging, slot)
+    def get(self, ref, col0, staging, slot=0):
+        """This program's (64 rows, 64 columns) window of a (b, t, h, d) array, through SMEM, into registers."""
+        self.fetch(self.window(ref, col0), staging, slot)
         return self.load(staging)
 
-    def put(self, x, staging, dst):
-        """A (64, 64) float32 register tile to GMEM through SMEM (waits: the staging buffer is reused at once)."""
+    def window(self, ref, col0):
+        return ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)]
+
+    def put(self, x, staging, ref, tile, col0):
+        """A (64, 64) float32 register tile to this program's window of ref[tile] (a per-tile partial sum)."""
         plgpu.commit_smem()  # every thread is done reading the staging buffer
         staging[...] = x
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(staging, dst)
+        plgpu.copy_smem_to_gmem(staging, ref.at[tile].at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
         plgpu.wait_smem_to_gmem(0)
-
-    def seq(self, ref, t0, col0):
-        """The (64 rows, 64 columns) window of a (b, t, h, d) array at this program's batch row and head."""
-        return ref.at[self.bi, pl.ds(t0, CHUNK), self.hi, pl.ds(col0, TILE)]
-
-    def state(self, ref, *lead):
-        """This program's (d_qk tile, d_v tile) of a (b, h, ..., k, v) state array."""
-        return ref.at[(self.bi, self.hi, *lead, pl.ds(self.d0, TILE), pl.ds(self.e0, TILE))]
 
     def diagonal(self, mat, delta):
         """mat[n, n - delta] (delta may be negative) as a (64,) column, 0 where that column does not exist."""
@@ -184,205 +180,112 @@ def _t(pair):
     return pair[0].T, pair[1].T
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref, h0re_ref,
-                    h0im_ref, y_ref, fre_ref, fim_ref, sre_ref, sim_ref, kpad, lrpad, thpad, g1, g2, g3, a_hi, a_lo,
-                    b_hi, b_lo, s_bufs, bars, *, h, n_chunks):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo,
+                    bars, *, h, n_chunks):
+    """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring), for one (d_qk, d_v) tile pair."""
     c = CHUNK
-    x = _Ctx(bars, h)
-    a_pair, b_pair = (a_hi, a_lo), (b_hi, b_lo)
-    re_pair, im_pair = (s_bufs.at[0], s_bufs.at[1]), (s_bufs.at[2], s_bufs.at[3])
-    # The 64 rows above each chunk stay zero (keys) or finite (gates): the shifted reads of the diagonals land there.
+    x = _Ctx(bars, h, n_chunks)
+    # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     for buf in (kpad, lrpad, thpad):
         buf[pl.ds(0, c)] = x.zeros
-    s_re0, s_im0 = x.get(x.state(h0re_ref), g1), x.get(x.state(h0im_ref), g2)
+    x.fetch(x.window(k_ref, x.d0), kpad.at[pl.ds(c, c)], 0)
+    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(c, c)], 1)
+    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(c, c)], 2)
+    _store_split((b_hi, b_lo), x.get(v_ref, x.e0, g2, 3))
+    q = x.get(q_ref, x.d0, g1, 4)
+    k = x.load(kpad.at[pl.ds(c, c)])
+    scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
-    def chunk(j, state):
-        s_re, s_im = state
-        t0 = j * c
-        # The chunk's start state: saved for the backward, and the right operand of the inter-chunk product.
-        x.put(s_re, g1, x.state(sre_ref, j))
-        x.put(s_im, g2, x.state(sim_ref, j))
-        _store_split(re_pair, s_re)
-        _store_split(im_pair, s_im)
-        x.fetch(x.seq(k_ref, t0, x.d0), kpad.at[pl.ds(c, c)], 0)
-        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(c, c)], 1)
-        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(c, c)], 2)
-        _store_split(b_pair, x.get(x.seq(v_ref, t0, x.e0), g2, 4))
-        q = x.get(x.seq(q_ref, t0, x.d0), g1, 3)
-        k = x.load(kpad.at[pl.ds(c, c)])
+    def offset(delta, carry):  # row n pairs query n with key n - delta
+        r, p, scores = carry
+        r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
+        p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
+        w = jnp.sum(q * x.load(kpad.at[pl.ds(c - delta, c)]) * jnp.exp(r) * jnp.cos(p), axis=1)
+        return r, p, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
-        # Intra-chunk scores by diagonals (module docstring): row n of step delta pairs query n with key n - delta.
-        scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
-
-        def offset(delta, carry):
-            r, p, scores = carry
-            r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
-            p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
-            k_s = x.load(kpad.at[pl.ds(c - delta, c)])
-            w = jnp.sum(q * k_s * jnp.exp(r) * jnp.cos(p), axis=1)
-            return r, p, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
-
-        _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
-        _store_split(a_pair, scores)
-        y = _mm(a_pair, b_pair)
-
-        # Inter-chunk: [q e^G cos Phi, -q e^G sin Phi] [Re H; Im H].
-        qg = q * jnp.exp(x.get(x.seq(gp_ref, t0, x.d0), g2, 4))
-        phase = x.get(x.seq(pp_ref, t0, x.d0), g3, 5)
-        _store_split(a_pair, qg * jnp.cos(phase))
-        y = y + _mm(a_pair, re_pair)
-        _store_split(a_pair, -qg * jnp.sin(phase))
-        y = y + _mm(a_pair, im_pair)
-        x.put(y, g1, y_ref.at[(x.kt, x.bi, pl.ds(t0, c), x.hi, pl.ds(x.e0, TILE))])
-
-        # The chunk's increment to the state, relative to its end, and the carry H_end = T H_start + increment.
-        kg = k * jnp.exp(x.get(x.seq(gs_ref, t0, x.d0), g2, 4))
-        phase = x.get(x.seq(ps_ref, t0, x.d0), g3, 5)
-        _store_split(a_pair, kg * jnp.cos(phase))
-        inc_re = _mm(_t(a_pair), b_pair)
-        _store_split(a_pair, kg * jnp.sin(phase))
-        inc_im = _mm(_t(a_pair), b_pair)
-        tr = x.get(tr_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g2, 4)
-        ti = x.get(ti_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g3, 5)
-        return tr * s_re - ti * s_im + inc_re, tr * s_im + ti * s_re + inc_im
-
-    s_re, s_im = jax.lax.fori_loop(0, n_chunks, chunk, (s_re0, s_im0))
-    x.put(s_re, g2, x.state(fre_ref))
-    x.put(s_im, g3, x.state(fim_ref))
+    _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
+    _store_split((a_hi, a_lo), scores)
+    x.put(_mm((a_hi, a_lo), (b_hi, b_lo)), g1, y_ref, x.kt, x.e0)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, gp_ref, pp_ref, gs_ref, ps_ref, tr_ref, ti_ref,
-                     sre_ref, sim_ref, gfre_ref, gfim_ref, dq_ref, xim_ref, dk_ref, yim_ref, dkf_ref, yimf_ref, dv_ref,
-                     ere_ref, eim_ref,
-                     dh0re_ref, dh0im_ref, xpad, lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, m_bufs, bars, *,
-                     h, n_chunks):
-    """Chunks in reverse order with E, the cotangent of the state (dL/dRe + i dL/dIm), carried in registers.
-
-    Per chunk (W = dy v^T, Z_nm = e^{(G_n - G_m) + i(Phi_n - Phi_m)}, P = e^{G + i Phi} from the chunk start, F =
-    e^{(G_C - G_m) + i(..)} to its end, H its start state):
-      query rows n: Dq_n = sum_{m<n} W[n, m] k_m Z_nm + P_n (dy_n H^T)  -> dq (its real part, less the m = n term,
-                    added in XLA) and Im Dq;
-      key rows m:   Dk_m = sum_{n>m} W[n, m] q_n Z_nm + F_m (v_m conj(E)^T) -> real and imaginary parts of the two
-                    terms apart (the gate gradients sum the second over other positions than the first);
-                    dv_m = sum_{n>=m} A[n, m] dy_n + Re(k_m F_m E) with A the forward's scores;
-      carry:        E_start = conj(T) E_end + sum_n conj(P_n) q_n^T dy_n.
-    The key-row diagonals read q shifted up (64 zero rows below the chunk) and the gates from row m + 1 on.
-    """
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad,
+                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks):
+    """One chunk's intra-chunk terms of the backward, for one (d_qk, d_v) tile pair (W = dy v^T, Z_nm = e^{(G_n - G_m)
+    + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
+      query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
+      key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
+    The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on."""
     c = CHUNK
-    x = _Ctx(bars, h)
+    x = _Ctx(bars, h, n_chunks)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
-    re_pair, im_pair = (m_bufs.at[0], m_bufs.at[1]), (m_bufs.at[2], m_bufs.at[3])
-    e_re0, e_im0 = x.get(x.state(gfre_ref), g1), x.get(x.state(gfim_ref), g1)
+    _store_split(dy_pair, x.get(dy_ref, x.e0, g1))
+    _store_split(v_pair, x.get(v_ref, x.e0, g1))
+    w = _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
+    w_t = _mm(v_pair, _t(dy_pair))  # W^T
 
-    def chunk(i, carry):
-        e_re, e_im = carry
-        j = n_chunks - 1 - i
-        t0 = j * c
-        x.put(e_re, g1, x.state(ere_ref, j))
-        x.put(e_im, g1, x.state(eim_ref, j))
-        dy = x.get(x.seq(dy_ref, t0, x.e0), g1)
-        _store_split(dy_pair, dy)
-        _store_split(v_pair, x.get(x.seq(v_ref, t0, x.e0), g1))
-        w = _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
-        w_t = _mm(v_pair, _t(dy_pair))  # W^T
+    # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
+    for buf in (xpad, lrpad, thpad):
+        buf[pl.ds(0, c)] = x.zeros
+    x.fetch(x.window(k_ref, x.d0), xpad.at[pl.ds(c, c)], 0)
+    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(c, c)], 1)
+    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(c, c)], 2)
+    q = x.get(q_ref, x.d0, g1)
 
-        # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
-        for buf in (xpad, lrpad, thpad):
-            buf[pl.ds(0, c)] = x.zeros
-        x.fetch(x.seq(k_ref, t0, x.d0), xpad.at[pl.ds(c, c)], 0)
-        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(c, c)], 1)
-        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(c, c)], 2)
-        q = x.get(x.seq(q_ref, t0, x.d0), g1)
+    def query_offset(delta, carry):
+        r, p, dq, xim = carry
+        r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
+        p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
+        f = x.bcast(x.diagonal(w, delta)) * x.load(xpad.at[pl.ds(c - delta, c)]) * jnp.exp(r)
+        return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
 
-        def query_offset(delta, carry):
-            r, p, dq, xim = carry
-            r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
-            p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
-            f = x.bcast(x.diagonal(w, delta)) * x.load(xpad.at[pl.ds(c - delta, c)]) * jnp.exp(r)
-            return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
+    _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
+    x.put(dq, g1, dq_ref, x.vt, x.d0)
+    x.put(xim, g1, xim_ref, x.vt, x.d0)
 
-        _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
-        pg = jnp.exp(x.get(x.seq(gp_ref, t0, x.d0), g1))
-        phase = x.get(x.seq(pp_ref, t0, x.d0), g1)
-        p_re, p_im = pg * jnp.cos(phase), pg * jnp.sin(phase)
-        _store_split(re_pair, x.get(x.state(sre_ref, j), g1))
-        _store_split(im_pair, x.get(x.state(sim_ref, j), g1))
-        d_re, d_im = _mm(dy_pair, _t(re_pair)), _mm(dy_pair, _t(im_pair))  # dy H^T
-        dq = dq + p_re * d_re - p_im * d_im
-        xim = xim + p_im * d_re + p_re * d_im
-        x.put(dq, g1, dq_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
-        x.put(xim, g1, xim_ref.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
-        _store_split(tmp, q * p_re)
-        es_re = _mm(_t(tmp), dy_pair)
-        _store_split(tmp, q * p_im)
-        es_im = -_mm(_t(tmp), dy_pair)
+    # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
+    for buf in (xpad, lrpad, thpad):
+        buf[pl.ds(c, c)] = x.zeros
+    x.fetch(x.window(q_ref, x.d0), xpad.at[pl.ds(0, c)], 0)
+    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(0, c)], 1)
+    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(0, c)], 2)
+    k = x.get(k_ref, x.d0, g1)
+    a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
 
-        # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
-        for buf in (xpad, lrpad, thpad):
-            buf[pl.ds(c, c)] = x.zeros
-        x.fetch(x.seq(q_ref, t0, x.d0), xpad.at[pl.ds(0, c)], 0)
-        x.fetch(x.seq(lr_ref, t0, x.d0), lrpad.at[pl.ds(0, c)], 1)
-        x.fetch(x.seq(th_ref, t0, x.d0), thpad.at[pl.ds(0, c)], 2)
-        k = x.get(x.seq(k_ref, t0, x.d0), g1)
-        a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # scores transposed, m = n
+    def key_offset(delta, carry):
+        r, p, dk, yim, a_t = carry
+        r = r + x.load(lrpad.at[pl.ds(delta, c)])
+        p = _wrap(p + x.load(thpad.at[pl.ds(delta, c)]))
+        qz = x.load(xpad.at[pl.ds(delta, c)]) * jnp.exp(r)
+        qc, qs = qz * jnp.cos(p), qz * jnp.sin(p)
+        wcol = x.bcast(x.diagonal(w_t, -delta))
+        a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
+        return r, p, dk + wcol * qc, yim + wcol * qs, a_t
 
-        def key_offset(delta, carry):
-            r, p, dk, yim, a_t = carry
-            r = r + x.load(lrpad.at[pl.ds(delta, c)])
-            p = _wrap(p + x.load(thpad.at[pl.ds(delta, c)]))
-            qz = x.load(xpad.at[pl.ds(delta, c)]) * jnp.exp(r)
-            qc, qs = qz * jnp.cos(p), qz * jnp.sin(p)
-            wcol = x.bcast(x.diagonal(w_t, -delta))
-            a_col = jnp.sum(qc * k, axis=1)
-            a_t = jnp.where(x.cols == x.rows + delta, x.bcast(a_col), a_t)
-            return r, p, dk + wcol * qc, yim + wcol * qs, a_t
-
-        _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
-        fg = jnp.exp(x.get(x.seq(gs_ref, t0, x.d0), g1))
-        phase = x.get(x.seq(ps_ref, t0, x.d0), g1)
-        f_re, f_im = fg * jnp.cos(phase), fg * jnp.sin(phase)
-        _store_split(re_pair, e_re)
-        _store_split(im_pair, e_im)
-        u_re, u_im = _mm(v_pair, _t(re_pair)), -_mm(v_pair, _t(im_pair))  # v conj(E)^T
-        for out, val in ((dk_ref, dk), (yim_ref, yim), (dkf_ref, f_re * u_re - f_im * u_im),
-                         (yimf_ref, f_re * u_im + f_im * u_re)):
-            x.put(val, g1, out.at[(x.vt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.d0, TILE))])
-        _store_split(tmp, a_t)
-        dv = _mm(tmp, dy_pair)
-        _store_split(tmp, k * f_re)
-        dv = dv + _mm(tmp, re_pair)
-        _store_split(tmp, k * f_im)
-        dv = dv + _mm(tmp, im_pair)
-        x.put(dv, g1, dv_ref.at[(x.kt,) + (x.bi, pl.ds(t0, c), x.hi, pl.ds(x.e0, TILE))])
-
-        tr = x.get(tr_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g1)
-        ti = x.get(ti_ref.at[x.bi, x.hi, j, pl.ds(x.d0, TILE), pl.ds(0, TILE)], g1)
-        return tr * e_re + ti * e_im + es_re, tr * e_im - ti * e_re + es_im
-
-    e_re, e_im = jax.lax.fori_loop(0, n_chunks, chunk, (e_re0, e_im0))
-    x.put(e_re, g1, x.state(dh0re_ref))
-    x.put(e_im, g1, x.state(dh0im_ref))
+    _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
+    x.put(dk, g1, dk_ref, x.vt, x.d0)
+    x.put(yim, g1, yim_ref, x.vt, x.d0)
+    _store_split(tmp, a_t)
+    x.put(_mm(tmp, dy_pair), g1, dv_ref, x.kt, x.e0)
 
 
-def _gate_sums(lr, th, tp, dkp):
-    """Chunk-relative sums of the gates, each summed directly over its own segment (no prefix differences):
-    inclusive prefix G, Phi from the chunk start, exclusive suffix to the chunk end, and the chunk's total transition
-    (tr, ti) of shape (b, h, n, k, TILE), broadcast along the d_v tile so that the kernel reads it as a tile."""
-    b, _, h, _ = lr.shape
+def _gate_sums(lr, th):
+    """Chunk-relative sums of the gates, (b, n, C, h, k), each summed directly over its own segment: inclusive prefix
+    (G, Phi) from the chunk start, exclusive suffix to the chunk end; and the chunk totals (b, h, n, k). th wrapped."""
+    b, tp, h, dkp = lr.shape
     n = tp // CHUNK
     lr_c = lr.reshape(b, n, CHUNK, h, dkp)
     th_c = th.reshape(b, n, CHUNK, h, dkp)
-    gp = jnp.cumsum(lr_c, axis=2)
-    pp = _wrap(jnp.cumsum(th_c, axis=2))
-    gs = reverse_exclusive_cumsum(lr_c, axis=2)
-    ps = _wrap(reverse_exclusive_cumsum(th_c, axis=2))
-    tot_r = jnp.sum(lr_c, axis=2)  # (b, n, h, k)
-    tot_p = _wrap(jnp.sum(th_c, axis=2))
-    tr = jnp.exp(tot_r) * jnp.cos(tot_p)
-    ti = jnp.exp(tot_r) * jnp.sin(tot_p)
-    tr, ti = (jnp.broadcast_to(jnp.transpose(x, (0, 2, 1, 3))[..., None], (b, h, n, dkp, TILE)) for x in (tr, ti))
-    flat = lambda x: x.reshape(b, tp, h, dkp)
-    return flat(gp), flat(pp), flat(gs), flat(ps), tr, ti
+    pre_r, pre_p = jnp.cumsum(lr_c, axis=2), _wrap(jnp.cumsum(th_c, axis=2))
+    suf_r = reverse_exclusive_cumsum(lr_c, axis=2)
+    suf_p = _wrap(reverse_exclusive_cumsum(th_c, axis=2))
+    tot_r = jnp.transpose(jnp.sum(lr_c, axis=2), (0, 2, 1, 3))
+    tot_p = jnp.transpose(_wrap(jnp.sum(th_c, axis=2)), (0, 2, 1, 3))
+    return pre_r, pre_p, suf_r, suf_p, tot_r, tot_p
+
+
+def _polar(log_magnitude, phase):
+    magnitude = jnp.exp(log_magnitude)
+    return magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)
 
 
 def _swizzled_bf16(*shape):
@@ -393,56 +296,87 @@ def _f32_smem(*shape):
     return plgpu.SMEM(shape, jnp.float32)
 
 
-def _call(body, out_type, scratch, grid, interpret, *args):
-    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bh", "dk", "dv"), scratch_types=scratch,
+def _call(body, out_type, scratch, q, v, interpret, *args):
+    b, tp, h, dkp = q.shape
+    grid = (b * h * (tp // CHUNK), dkp // TILE, v.shape[-1] // TILE)
+    body = functools.partial(body, h=h, n_chunks=tp // CHUNK)
+    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bhc", "dk", "dv"), scratch_types=scratch,
                         interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
 
 
+def _einsum(spec, *xs):
+    # float32 operands and accumulation (no tf32): the inter-chunk products are part of the 1e-4 accuracy budget.
+    return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
+
+
 def _forward(q, k, v, lr, th, h0re, h0im, *, interpret):
-    """Padded float32 inputs (t, d_qk, d_v multiples of 64) -> y (b, t, h, v), the final state (re, im) and the
-    residuals of the backward: the gate sums and every chunk's start state (b, h, n, k, v) (re, im)."""
+    """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
+    and every chunk's start state (b, h, n, k, v) complex, saved for the backward."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
-    n_chunks, n_dk, n_dv = tp // CHUNK, dkp // TILE, dvp // TILE
-    th = _wrap(th)
-    gates = _gate_sums(lr, th, tp, dkp)
-    # In the kernel's argument order: kpad, lrpad, thpad (64 rows above the chunk), g1-g3 (float32 staging), the
-    # bf16 hi / lo operands a (left) and b (right), the split state [Re hi, Re lo, Im hi, Im lo], the TMA barriers.
-    scratch = (
-        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE),
-        _f32_smem(CHUNK, TILE), _f32_smem(CHUNK, TILE), _f32_smem(CHUNK, TILE),
-        _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(CHUNK, TILE),
-        _swizzled_bf16(CHUNK, TILE), _swizzled_bf16(4, TILE, TILE), plgpu.Barrier(num_barriers=6),
-    )
-    state = jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)
-    states = jax.ShapeDtypeStruct((b, h, n_chunks, dkp, dvp), jnp.float32)
-    out_type = (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), state, state, states, states)
-    body = functools.partial(_forward_kernel, h=h, n_chunks=n_chunks)
-    y_parts, f_re, f_im, s_re, s_im = _call(body, out_type, scratch, (b * h, n_dk, n_dv), interpret,
-                                            q, k, v, lr, th, *gates, h0re, h0im)
-    return jnp.sum(y_parts, axis=0), f_re, f_im, (th, gates, s_re, s_im)
-
-
-def _backward(q, k, v, lr, th, s_re, s_im, f_re, f_im, dy, gf_re, gf_im, *, interpret):
-    """The kernel's partial sums -> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
-    b, tp, h, dkp = q.shape
-    dvp = v.shape[-1]
-    n_chunks, n_dk, n_dv = tp // CHUNK, dkp // TILE, dvp // TILE
-    gates = _gate_sums(lr, th, tp, dkp)  # recomputed (one cheap XLA pass) rather than kept from the forward
+    n = tp // CHUNK
+    # The kernel: the intra-chunk part, every (chunk, tile) an independent program.
     scratch = (
         _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), _swizzled_bf16(4, TILE, TILE), plgpu.Barrier(num_barriers=3),
+        _f32_smem(CHUNK, TILE), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
+    )
+    out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, dvp), jnp.float32)
+    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, interpret, q, k, v, lr, th), axis=0)
+
+    # Between chunks (XLA): each chunk's increment relative to its end, the chunk-start states by an associative scan
+    # over chunks, and Re(q e^{G + i Phi} H_start) added to y. Every factor is e^{sum of log|a| <= 0}.
+    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
+    chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
+    k_re, k_im = _polar(suf_r, suf_p)
+    kc, vc = chunks(k), chunks(v)
+    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", kc * k_re, vc), _einsum("bnchk,bnchv->bhnkv", kc * k_im, vc))
+    starts, final = _carry_states_associative(jax.lax.complex(*_polar(tot_r, tot_p)), inc, jax.lax.complex(h0re, h0im))
+    q_re, q_im = _polar(pre_r, pre_p)
+    qc = chunks(q)
+    y_inter = (_einsum("bnchk,bhnkv->bnchv", qc * q_re, jnp.real(starts))
+               - _einsum("bnchk,bhnkv->bnchv", qc * q_im, jnp.imag(starts)))
+    return y + y_inter.reshape(b, tp, h, dvp), jnp.real(final), jnp.imag(final), starts
+
+
+def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, interpret):
+    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
+    b, tp, h, dkp = q.shape
+    dvp = v.shape[-1]
+    n = tp // CHUNK
+    n_dk, n_dv = dkp // TILE, dvp // TILE
+    scratch = (
+        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), plgpu.Barrier(num_barriers=3),
     )
     per_k = jax.ShapeDtypeStruct((n_dv, b, tp, h, dkp), jnp.float32)
-    state = jax.ShapeDtypeStruct((b, h, dkp, dvp), jnp.float32)
-    states = jax.ShapeDtypeStruct((b, h, n_chunks, dkp, dvp), jnp.float32)
-    out_type = (per_k,) * 6 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32), states, states, state,
-                                state)
-    body = functools.partial(_backward_kernel, h=h, n_chunks=n_chunks)
-    outs = _call(body, out_type, scratch, (b * h, n_dk, n_dv), interpret,
-                 q, k, v, dy, lr, th, *gates, s_re, s_im, gf_re, gf_im)
-    dq_off, xim, dk_in, yim_in, dk_f, yim_f, dv = (jnp.sum(z, axis=0) for z in outs[:7])
-    e_re, e_im, dh0_re, dh0im = outs[7:]
+    out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),)
+    outs = _call(_backward_kernel, out_type, scratch, q, v, interpret, q, k, v, dy, lr, th)
+    dq_in, xim_in, dk_in, yim_in, dv = (jnp.sum(z, axis=0) for z in outs)
+
+    # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
+    # E_start[j] = conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by a
+    # reversed associative scan; dh0 = E_start[0].
+    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
+    chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
+    flat = lambda z: z.reshape(b, tp, h, z.shape[-1])  # noqa: E731
+    qc, kc, vc, dyc = chunks(q), chunks(k), chunks(v), chunks(dy)
+    p_re, p_im = _polar(pre_r, pre_p)
+    f_re_, f_im_ = _polar(suf_r, suf_p)
+    es = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", qc * p_re, dyc), -_einsum("bnchk,bnchv->bhnkv", qc * p_im, dyc))
+    t_re, t_im = _polar(tot_r, tot_p)
+    flip = lambda z: jnp.flip(z, axis=2)  # noqa: E731
+    e_end, dh0 = _carry_states_associative(flip(jax.lax.complex(t_re, -t_im)), flip(es), jax.lax.complex(gf_re, gf_im))
+    e_end = flip(e_end)
+    e_re, e_im = jnp.real(e_end), jnp.imag(e_end)
+    s_re, s_im = jnp.real(starts), jnp.imag(starts)
+
+    # The inter-chunk coefficients: Dq += P (dy H^T), Dk_F = F (v conj(E)^T), dv += Re(k F E).
+    d_re, d_im = _einsum("bnchv,bhnkv->bnchk", dyc, s_re), _einsum("bnchv,bhnkv->bnchk", dyc, s_im)
+    dq_off = dq_in + flat(p_re * d_re - p_im * d_im)
+    xim = xim_in + flat(p_im * d_re + p_re * d_im)
+    u_re, u_im = _einsum("bnchv,bhnkv->bnchk", vc, e_re), -_einsum("bnchv,bhnkv->bnchk", vc, e_im)
+    dk_f, yim_f = flat(f_re_ * u_re - f_im_ * u_im), flat(f_re_ * u_im + f_im_ * u_re)
+    dv = dv + flat(_einsum("bnchk,bhnkv->bnchv", kc * f_re_, e_re) + _einsum("bnchk,bhnkv->bnchv", kc * f_im_, e_im))
 
     # The m = n terms (weight 1, no phase) are added here and left out of dL/dG below, where they cancel exactly.
     w_diag = jnp.sum(dy * v, axis=-1, keepdims=True)
@@ -454,34 +388,31 @@ def _backward(q, k, v, lr, th, s_re, s_im, f_re, f_im, dy, gf_re, gf_im, *, inte
     #   dtheta_j = sum_{n >= j} (-q Im Dq + k Im Dk_intra)_n - sum_{m < j} (k Im Dk_F)_m + Re<E_end, i T H_start>.
     # The F terms enter only for keys before j (those whose path to the chunk end crosses step j): summed that way,
     # a key's own large term (F = 1 for the chunk's last row) is never added and then cancelled.
-    n = n_chunks
-    view = lambda z: z.reshape(b, n, CHUNK, h, dkp)  # noqa: E731
-    suffix = lambda z: jnp.flip(jnp.cumsum(jnp.flip(view(z), 2), axis=2), 2)  # noqa: E731
+    suffix = lambda z: jnp.flip(jnp.cumsum(jnp.flip(chunks(z), 2), axis=2), 2)  # noqa: E731
 
     def prefix(z):  # exclusive, summed directly (a total minus the own term would cancel)
-        z = view(z)
+        z = chunks(z)
         return jnp.concatenate([jnp.zeros_like(z[:, :, :1]), jnp.cumsum(z[:, :, :-1], axis=2)], axis=2)
 
-    _, _, _, _, tr, ti = gates
-    th_re = tr[..., :1] * s_re - ti[..., :1] * s_im  # T H_start, (b, h, n, k, v)
-    th_im = tr[..., :1] * s_im + ti[..., :1] * s_re
+    th_re = t_re[..., None] * s_re - t_im[..., None] * s_im  # T H_start, (b, h, n, k, v)
+    th_im = t_re[..., None] * s_im + t_im[..., None] * s_re
     start_g = jnp.transpose(jnp.sum(e_re * th_re + e_im * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
     start_p = jnp.transpose(jnp.sum(e_im * th_re - e_re * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
     dlr = suffix(q * dq_off - k * dk_in) + prefix(k * dk_f) + start_g
     dth = suffix(-q * xim + k * yim_in) - prefix(k * yim_f) + start_p
-    flat = lambda z: z.reshape(b, tp, h, dkp)  # noqa: E731
-    return dq, dk, dv, flat(dlr), flat(dth), dh0_re, dh0im
+    return dq, dk, dv, flat(dlr), flat(dth), jnp.real(dh0), jnp.imag(dh0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(interpret, q, k, v, lr, th, h0re, h0im):
-    y, f_re, f_im, _ = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    y, f_re, f_im, _ = _forward(q, k, v, lr, _wrap(th), h0re, h0im, interpret=interpret)
     return y, f_re, f_im
 
 
 def _core_fwd(interpret, q, k, v, lr, th, h0re, h0im):
-    y, f_re, f_im, (th_wrapped, _, s_re, s_im) = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
-    return (y, f_re, f_im), (q, k, v, lr, th_wrapped, s_re, s_im, f_re, f_im)
+    th = _wrap(th)
+    y, f_re, f_im, starts = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    return (y, f_re, f_im), (q, k, v, lr, th, starts)
 
 
 def _core_bwd(interpret, res, cts):
