@@ -62,7 +62,8 @@ def _check(args):
     ref = _oracle_grads_with_final(q, k, v, log_r, theta, h0, dy, dfinal)
     dh0 = np.conj(np.asarray(grads[5]))
     final = np.asarray(final)
-    pairs = {"y": (y, y_ref), "final.re": (final.real, states[:, -1].real), "final.im": (final.imag, states[:, -1].imag)}
+    pairs = {"y": (y, y_ref), "final.re": (final.real, states[:, -1].real),
+             "final.im": (final.imag, states[:, -1].imag)}
     pairs.update(zip(("dq", "dk", "dv", "dlog_r", "dtheta"), zip(grads, ref)))
     pairs.update({"dh0.re": (dh0.real, ref[5].real), "dh0.im": (dh0.imag, ref[5].imag)})
     # Per batch row, i.e. per gate regime: each output relative to its own scale in that regime (with |a| ~ 1e-6

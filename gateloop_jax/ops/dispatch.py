@@ -82,11 +82,12 @@ def gateloop(
       a: (b, t, h, k) complex transitions with |a| <= 1, or a PolarTransition(log|a|, arg a) of real (b, t, h, k)
         arrays (what layers pass: exact for extreme gates).
       mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "mosaic_gpu" | "auto". All
-        compute the same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto"
-        the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs jax-linear-attention's GLA
-        kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase gradients bf16-accurate:
-        ops/gla_rotation.py); it is never picked by "auto". "mosaic_gpu": the multi-head Pallas Mosaic GPU kernel
-        (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs for multi-head on Hopper.
+        compute the same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow,
+        elsewhere), "auto" the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs
+        jax-linear-attention's GLA kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase
+        gradients bf16-accurate: ops/gla_rotation.py); it is never picked by "auto". "mosaic_gpu": the multi-head
+        Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs for multi-head
+        on Hopper.
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head

@@ -2,9 +2,9 @@
 
 Per head, H_n = diag(a_n) H_{n-1} + k_n^T v_n and y_n = Re(q_n H_n), a = e^{log_r + i theta} per key channel.
 Time is cut into chunks of C = 64 rows (one wgmma M tile). The kernels do the intra-chunk part, one program per
-(batch x head x chunk, d_qk tile of 64 channels, d_v tile of 64 values), all independent; what passes between
-chunks is the state, carried in XLA as in ops/chunked.py. With G, Phi the cumulative log|a| and phase from the chunk
-start:
+(batch x head x chunk, d_qk tile of 64 channels), all independent, each walking the d_v tiles of 64; what passes
+between chunks is the state, carried in XLA as in ops/chunked.py. With G, Phi the cumulative log|a| and phase from
+the chunk start:
 
 - Intra-chunk scores S[n, m] = sum_d q_nd k_md e^{G_nd - G_md} cos(Phi_nd - Phi_md), m <= n, by diagonals: for each
   offset delta = n - m the decay of every row is extended by one step, R <- R + log_r[n - delta + 1] (a running sum
@@ -69,7 +69,7 @@ def unavailable_reason() -> str | None:
     """None when this jax can build the kernel (jax >= 0.11 with Pallas Mosaic GPU), else why not."""
     version = tuple(int(x) for x in jax.__version__.split(".")[:2])
     if version < MIN_JAX:
-        return f"mode='mosaic_gpu' needs jax >= 0.11 (Pallas Mosaic GPU and its interpret mode), found {jax.__version__}"
+        return f"mode='mosaic_gpu' needs jax >= 0.11 (Pallas Mosaic GPU, its interpret mode), found {jax.__version__}"
     return _IMPORT_ERROR
 
 
@@ -115,8 +115,8 @@ class _Ctx:
         pid = jax.lax.axis_index("bhc")
         self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
         self.t0 = self.j * CHUNK
-        self.kt, self.vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
-        self.d0, self.e0 = self.kt * TILE, self.vt * TILE
+        self.kt = jax.lax.axis_index("dk")
+        self.d0 = self.kt * TILE
         self.rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 0, layout=self.wg)
         self.cols = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 1, layout=self.wg)
         self.zeros = plgpu.layout_cast(jnp.zeros((CHUNK, TILE), jnp.float32), self.wg)
@@ -140,11 +140,12 @@ class _Ctx:
         return ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)]
 
     def put(self, x, staging, ref, tile, col0):
-        """A (64, 64) float32 register tile to this program's window of ref[tile] (a per-tile partial sum)."""
+        """A (64, 64) float32 register tile to this program's window of ref (of ref[tile]: a per-tile partial)."""
         plgpu.commit_smem()  # every thread is done reading the staging buffer
         staging[...] = x
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(staging, ref.at[tile].at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
+        ref = ref if tile is None else ref.at[tile]
+        plgpu.copy_smem_to_gmem(staging, ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
         plgpu.wait_smem_to_gmem(0)
 
     def diagonal(self, mat, delta):
@@ -181,8 +182,9 @@ def _t(pair):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo,
-                    bars, *, h, n_chunks):
-    """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring), for one (d_qk, d_v) tile pair."""
+                    bars, *, h, n_chunks, n_dv):
+    """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
+    (the scores, the costly part, are formed once)."""
     c = CHUNK
     x = _Ctx(bars, h, n_chunks)
     # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
@@ -191,8 +193,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
     x.fetch(x.window(k_ref, x.d0), kpad.at[pl.ds(c, c)], 0)
     x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(c, c)], 1)
     x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(c, c)], 2)
-    _store_split((b_hi, b_lo), x.get(v_ref, x.e0, g2, 3))
-    q = x.get(q_ref, x.d0, g1, 4)
+    q = x.get(q_ref, x.d0, g1, 3)
     k = x.load(kpad.at[pl.ds(c, c)])
     scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
@@ -205,23 +206,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
 
     _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
     _store_split((a_hi, a_lo), scores)
-    x.put(_mm((a_hi, a_lo), (b_hi, b_lo)), g1, y_ref, x.kt, x.e0)
+    for vt in range(n_dv):  # static
+        _store_split((b_hi, b_lo), x.get(v_ref, vt * TILE, g2, 4))
+        x.put(_mm((a_hi, a_lo), (b_hi, b_lo)), g1, y_ref, x.kt, vt * TILE)
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad,
-                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks):
-    """One chunk's intra-chunk terms of the backward, for one (d_qk, d_v) tile pair (W = dy v^T, Z_nm = e^{(G_n - G_m)
-    + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
+                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv):
+    """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
+    e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
     The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on."""
     c = CHUNK
     x = _Ctx(bars, h, n_chunks)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
-    _store_split(dy_pair, x.get(dy_ref, x.e0, g1))
-    _store_split(v_pair, x.get(v_ref, x.e0, g1))
-    w = _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
-    w_t = _mm(v_pair, _t(dy_pair))  # W^T
+    w = w_t = x.zeros
+    for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
+        _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
+        _store_split(v_pair, x.get(v_ref, vt * TILE, g1))
+        w = w + _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
+        w_t = w_t + _mm(v_pair, _t(dy_pair))
 
     # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
     for buf in (xpad, lrpad, thpad):
@@ -239,8 +244,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
         return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
 
     _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
-    x.put(dq, g1, dq_ref, x.vt, x.d0)
-    x.put(xim, g1, xim_ref, x.vt, x.d0)
+    x.put(dq, g1, dq_ref, None, x.d0)
+    x.put(xim, g1, xim_ref, None, x.d0)
 
     # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
     for buf in (xpad, lrpad, thpad):
@@ -262,10 +267,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
         return r, p, dk + wcol * qc, yim + wcol * qs, a_t
 
     _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
-    x.put(dk, g1, dk_ref, x.vt, x.d0)
-    x.put(yim, g1, yim_ref, x.vt, x.d0)
+    x.put(dk, g1, dk_ref, None, x.d0)
+    x.put(yim, g1, yim_ref, None, x.d0)
     _store_split(tmp, a_t)
-    x.put(_mm(tmp, dy_pair), g1, dv_ref, x.kt, x.e0)
+    for vt in range(n_dv):
+        _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
+        x.put(_mm(tmp, dy_pair), g1, dv_ref, x.kt, vt * TILE)
 
 
 def _gate_sums(lr, th):
@@ -298,9 +305,12 @@ def _f32_smem(*shape):
 
 def _call(body, out_type, scratch, q, v, interpret, *args):
     b, tp, h, dkp = q.shape
-    grid = (b * h * (tp // CHUNK), dkp // TILE, v.shape[-1] // TILE)
-    body = functools.partial(body, h=h, n_chunks=tp // CHUNK)
-    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bhc", "dk", "dv"), scratch_types=scratch,
+    grid = (b * h * (tp // CHUNK), dkp // TILE)
+    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE)
+    # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
+    # exponents <= 0 used here); the interpreter computes them exactly.
+    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bhc", "dk"), scratch_types=scratch,
+                        compiler_params=plgpu.CompilerParams(approx_math=True),
                         interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
 
 
@@ -343,15 +353,15 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, interpret):
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n = tp // CHUNK
-    n_dk, n_dv = dkp // TILE, dvp // TILE
+    n_dk = dkp // TILE
     scratch = (
         _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), plgpu.Barrier(num_barriers=3),
     )
-    per_k = jax.ShapeDtypeStruct((n_dv, b, tp, h, dkp), jnp.float32)
+    per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),)
-    outs = _call(_backward_kernel, out_type, scratch, q, v, interpret, q, k, v, dy, lr, th)
-    dq_in, xim_in, dk_in, yim_in, dv = (jnp.sum(z, axis=0) for z in outs)
+    dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, interpret, q, k, v, dy, lr, th)
+    dv = jnp.sum(dv, axis=0)
 
     # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
     # E_start[j] = conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by a
