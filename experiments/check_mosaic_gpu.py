@@ -20,7 +20,8 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-PAIRS = ((32, 32), (64, 64), (96, 96), (128, 128), (256, 256), (32, 96), (96, 32), (64, 256), (256, 64), (128, 64))
+# Every width on each side, and d_qk != d_v both ways.
+PAIRS = ((32, 32), (64, 64), (96, 96), (128, 128), (256, 256), (32, 96), (256, 64))
 
 
 def main(argv=None):
