@@ -62,6 +62,9 @@ except ImportError as e:  # pragma: no cover - depends on the installed jax
 CHUNK = 64  # rows per chunk: the wgmma M tile
 TILE = 64  # d_qk and d_v tile: 128-byte swizzled bf16 rows
 MIN_JAX = (0, 11)
+# mode="auto" runs these kernels for multi-head shapes on Hopper (serves_default_device); False hands those back to
+# the Triton kernel (heads <= 64) and "chunked".
+AUTO_ON_HOPPER = True
 _TWO_PI = 2.0 * math.pi
 
 
@@ -74,8 +77,8 @@ def unavailable_reason() -> str | None:
 
 
 def serves_default_device() -> bool:
-    """True on a Hopper GPU (compute capability 9.x: wgmma) with a jax that has Pallas Mosaic GPU."""
-    if unavailable_reason() is not None or jax.default_backend() != "gpu":
+    """True on a Hopper GPU (compute capability 9.x: wgmma) with a jax that has Pallas Mosaic GPU (and AUTO_ON_HOPPER)."""
+    if not AUTO_ON_HOPPER or unavailable_reason() is not None or jax.default_backend() != "gpu":
         return False
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     return capability.split(".")[0] == "9"
