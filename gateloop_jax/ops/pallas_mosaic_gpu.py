@@ -77,7 +77,7 @@ def unavailable_reason() -> str | None:
 
 
 def serves_default_device() -> bool:
-    """True on a Hopper GPU (compute capability 9.x: wgmma) with a jax that has Pallas Mosaic GPU (and AUTO_ON_HOPPER)."""
+    """True on a Hopper GPU (compute capability 9.x: wgmma) with a jax that has Pallas Mosaic GPU, if AUTO_ON_HOPPER."""
     if not AUTO_ON_HOPPER or unavailable_reason() is not None or jax.default_backend() != "gpu":
         return False
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
