@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    # Exports (gateloop_jax/export.py): model.safetensors; bfloat16 tensors through ml_dtypes.
+    "safetensors>=0.8,<1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -33,6 +35,11 @@ EXTRAS_REQUIRE = {
     ],
     "bench": [
         "tabulate>=0.9",
+    ],
+    # EleutherAI's lm-evaluation-harness for gateloop_jax/lm_eval_adapter.py (pure Python, no PyTorch; part of
+    # `make test`, whose adapter tests need it).
+    "eval": [
+        "lm-eval>=0.4.13,<0.5",
     ],
     # The peer kernels experiments/bench_modes.py times beside GateLoop's on a GPU (reported as skipped where not
     # importable): jax-linear-attention's Mosaic GPU GLA (Hopper, Python >= 3.12, pins jax 0.11.2) and fla's Triton

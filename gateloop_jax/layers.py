@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gateloop_jax import ops
+from gateloop_jax import context_parallel, ops
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
 
 if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
@@ -199,11 +199,19 @@ class GateLoopMixer(nnx.Module):
 
     # -- the mixer protocol ----------------------------------------------------------------------------------------
     def _recurrence(self, q, k, v, a, mode, return_state=False):
-        """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard."""
+        """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard, and a length
+        split over the mesh (context parallelism) per (batch, length, head) shard."""
         mode = mode or self.config.mode
-        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size,  # noqa: E731
+        resolved = ops.resolve_mode(mode, q.shape, v.shape)
+        # config.chunk_size is for the chunked modes; a run whose mode (given, or what "auto" resolved to on this
+        # platform and shape, or the eval / prefill override) does not chunk ignores it (ModelConfig.chunk_size).
+        chunk_size = self.config.chunk_size if resolved in ops.CHUNKED_MODES else None
+        if context_parallel.sequence_axes()[0] is not None:
+            return context_parallel.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,
                                              return_state=return_state)
-        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
+        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,  # noqa: E731
+                                             return_state=return_state)
+        if resolved not in ops.KERNEL_MODES:
             return fn(q, k, v, a)
         out_kinds = ("sequence", "state") if return_state else ("sequence",)
         return map_over_batch_and_heads(fn, q, k, v, a, out_kinds=out_kinds)
@@ -271,7 +279,7 @@ class CausalSelfAttention(nnx.Module):
         del mode, mask  # Right padding never influences earlier (real) positions under a causal mask.
         b, t, _ = x.shape
         q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        y = context_parallel.causal_attention(q, k, v, implementation=self._implementation())
         return constrain(self.out_proj(y), (BATCH, LENGTH, None))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
@@ -292,7 +300,7 @@ class CausalSelfAttention(nnx.Module):
                 f"prefill: max_len={max_len} must be given and cover the prompt ({t}) plus the tokens to decode: "
                 "the KV cache has a fixed size.")
         q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        y = context_parallel.causal_attention(q, k, v, implementation=self._implementation())
         cache = self.init_cache(b, max_len)
         cache["k"] = cache["k"].at[:, :t].set(k.astype(cache["k"].dtype))
         cache["v"] = cache["v"].at[:, :t].set(v.astype(cache["v"].dtype))

@@ -1,8 +1,9 @@
 """Logical axis names (defined once), default rules mapping them onto mesh axes, and activation constraints.
 
 Parameters carry logical names through nnx.with_partitioning; the trainer maps them onto a Mesh with axes
-("data", "fsdp", "tensor") using rules that are config data. Activations are constrained with `constrain`, which is a
-no-op unless a mesh and logical rules are active (so models run unchanged in notebooks and tests).
+("data", "fsdp", "sequence", "tensor") using rules that are config data. Activations are constrained with
+`constrain`, which is a no-op unless a mesh and logical rules are active (so models run unchanged in notebooks and
+tests).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ BATCH, LENGTH, EMBED, HEADS, QK, V, MLP, VOCAB, LAYERS = (
     "batch", "length", "embed", "heads", "qk", "v", "mlp", "vocab", "layers",
 )
 LOGICAL_AXES = (BATCH, LENGTH, EMBED, HEADS, QK, V, MLP, VOCAB, LAYERS)
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
-# Data parallelism over batch (data x fsdp); FSDP shards parameters along embed; tensor parallelism splits heads,
+# Data parallelism over batch (data x fsdp); FSDP shards parameters along embed; context parallelism splits the
+# length into contiguous shards (gateloop_jax/context_parallel.py); tensor parallelism splits heads,
 # the MLP hidden dimension and the vocabulary. Parameters' "embed" is sharded over fsdp; activations never name
 # "embed" (see `constrain` call sites), so the residual stream is only batch-sharded.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
+    (LENGTH, "sequence"),
     (EMBED, "fsdp"),
     (HEADS, "tensor"),
     (QK, None),
@@ -88,7 +90,7 @@ def _dividing_axes(axes, mesh, size):
 
 
 def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
-    """A Mesh over MESH_AXES from sizes like {"data": -1, "fsdp": 1, "tensor": 1}; -1 takes the remaining devices.
+    """A Mesh over MESH_AXES from sizes like {"data": -1, "sequence": 1}; -1 takes the remaining devices.
 
     Axes missing from `mesh_shape` have size 1. A mesh needing more devices than exist is an error naming the sizes
     and the device count. Explicit sizes whose product is smaller than the device count use the first devices (with

@@ -175,11 +175,12 @@ def test_bench_decode_tiny(tmp_path):
 def test_bench_train_tiny(tmp_path):
     train = bench_train.main(["--out", str(tmp_path), "--models", "gateloop:test,transformer:test",
                               "--mode", "recurrent", "--length", "16", "--batch", "2", "--reps", "2", "--warmup", "1",
-                              "--matmul_n", "64", "--isolate", "none", "--remat"])
+                              "--matmul_n", "64", "--isolate", "none", "--remat",
+                              "--loss_chunk_size", "4"])
     _check_env(train["env"])
     for r in train["records"]:
         assert "skipped" not in r, r.get("skipped")
-        assert r["finite"] and r["tokens_per_s"] > 0 and r["params"] > 0
+        assert r["finite"] and r["tokens_per_s"] > 0 and r["params"] > 0 and r["loss_chunk_size"] == 4
         assert 0 < r["mfu"] and math.isfinite(r["mfu_measured_peak"])
     assert train["matmul"]["flops_per_s"] > 0
     plot_bench.main(["--results", str(tmp_path), "--no_plots"])

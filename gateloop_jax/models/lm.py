@@ -42,7 +42,8 @@ class CausalLM(nnx.Module):
         kw = dict(dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
         self.embed = nnx.Embed(
             config.vocab_size, config.d_model,
-            embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), (VOCAB, EMBED)), **kw)
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=config.embedding_init_std),
+                                                (VOCAB, EMBED)), **kw)
         self.blocks = nnx.List([Block(config, mixer_cls, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = nnx.LayerNorm(config.d_model, **kw)
         self.head = nnx.data(None)
@@ -56,7 +57,9 @@ class CausalLM(nnx.Module):
         # Unit-variance embeddings enter the residual stream as they are; the tied head scales by d_model^-1/2 instead.
         return constrain(x, (BATCH, LENGTH, None))
 
-    def _logits(self, x):
+    def head_logits(self, x):
+        """Final norm and output head: residual stream (..., d) -> logits (..., V) float32 (per position, so the loss
+        may apply it to chunks of the sequence)."""
         x = self.final_norm(x)
         if self.head is None:
             logits = self.embed.attend(x) * (self.config.d_model ** -0.5)
@@ -64,14 +67,19 @@ class CausalLM(nnx.Module):
             logits = self.head(x)
         return constrain(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
 
-    def __call__(self, tokens, *, mask=None, mode=None, deterministic=True):
+    def hidden_states(self, tokens, *, mask=None, mode=None, deterministic=True):
+        """tokens (b, t) int -> the residual stream after the last block (b, t, d), before the final norm and head;
+        head_logits(hidden_states(tokens)) == self(tokens)."""
         x = self._embed(tokens)
         for block in self.blocks:
             if self.config.remat:
                 x = _remat_block(block, x, mask=mask, mode=mode, deterministic=deterministic)
             else:
                 x = block(x, mask=mask, mode=mode, deterministic=deterministic)
-        return self._logits(x)
+        return x
+
+    def __call__(self, tokens, *, mask=None, mode=None, deterministic=True):
+        return self.head_logits(self.hidden_states(tokens, mask=mask, mode=mode, deterministic=deterministic))
 
     # -- decoding --------------------------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int | None = None):
@@ -84,7 +92,7 @@ class CausalLM(nnx.Module):
         for block in self.blocks:
             x, layer_cache = block.prefill(x, mask=mask, mode=mode, max_len=max_len)
             cache.append(layer_cache)
-        return self._logits(x), cache
+        return self.head_logits(x), cache
 
     def decode_step(self, token, cache):
         """token (b,) int -> (logits (b, V) float32, new cache)."""
@@ -93,7 +101,7 @@ class CausalLM(nnx.Module):
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.step(x, layer_cache)
             new_cache.append(layer_cache)
-        return self._logits(x[:, None])[:, 0], new_cache
+        return self.head_logits(x[:, None])[:, 0], new_cache
 
     def transitions(self, tokens):
         """Per layer (log|a|, arg a), each (b, t, h, k) float32, for inspection (GateLoop mixers only)."""

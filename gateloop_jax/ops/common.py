@@ -17,6 +17,8 @@ MODES = ("scan", "recurrent", "attention", "chunked")
 # ops/gla_rotation.py); "mosaic_gpu" our multi-head Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret
 # mode elsewhere; ops/pallas_mosaic_gpu.py).
 KERNEL_MODES = ("pallas", "gla_rotation", "mosaic_gpu")
+# The modes that take a chunk_size (the others compute without chunks).
+CHUNKED_MODES = ("chunked", "pallas")
 
 # Below this magnitude a transition is treated as exactly forgetting: log|a| is floored here so that |a| = 0 gives a
 # finite log (about -69) instead of -inf, which would turn masked products into NaNs in the backward pass.
@@ -147,7 +149,7 @@ def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
         if tuple(initial_state.shape) != expected:
             raise _shape_error("initial_state", initial_state.shape, f"{expected} (batch, heads, d_qk, d_v)")
     if chunk_size is not None:
-        if mode not in ("auto", "chunked", "pallas"):
+        if mode != "auto" and mode not in CHUNKED_MODES:
             raise ValueError(
                 f"gateloop: chunk_size={chunk_size} only applies to mode='chunked', 'pallas' or 'auto', not {mode!r}."
             )

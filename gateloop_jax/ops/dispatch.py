@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise,
                               pallas_mosaic_gpu, pallas_tpu, recurrent, scan)
-from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
+from gateloop_jax.ops.common import (CHUNKED_MODES, PolarTransition, is_elementwise, polar_to_complex, to_polar,
+                                    validate_inputs)
 
 
 def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32):
@@ -108,7 +109,7 @@ def gateloop(
     # The recurrence accumulates in float32 / complex64 whatever the input dtype: a bf16 state loses ~3 significant
     # digits per step and the error compounds over the length.
     polar = to_polar(a)
-    kw = {"chunk_size": chunk_size} if mode in ("chunked", "pallas") else {}
+    kw = {"chunk_size": chunk_size} if mode in CHUNKED_MODES else {}
     if mode == "pallas":
         # The Triton kernels read q, k, v as they are (upcast on load) and write y and the gradients in the inputs'
         # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,
