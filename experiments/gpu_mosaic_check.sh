@@ -19,12 +19,13 @@ log "accuracy"
 timeout 140 $PY experiments/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
-# pure-JAX chunked form and cuDNN causal attention; L = 65536 at batch 1 in its own call (--tokens 65536).
+# pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at
+# batch 1 in its own call (--tokens 65536).
 common=(--settings multihead --scopes op --passes fwdbwd --dtypes bfloat16 --modes mosaic_gpu,pallas,chunked
         --peers softmax_cudnn --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority)
 log "bench d=64"
-timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" \
-    --lengths 1024,4096,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \
+    --lengths 1024,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
 log "bench d=64 L=65536"
 timeout 55 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64_L65536.json "${common[@]}" \
     --lengths 65536 --tokens 65536 --budget_s 40 2>&1 | tail -15 | tee -a "$OUT/log.txt"
