@@ -2,9 +2,12 @@
 
 from setuptools import find_packages, setup
 
-# Ranges chosen to resolve on Python 3.11 (jax stops at 0.10.x there) and 3.12 (jax 0.11.x).
+# Ranges chosen to resolve on Python 3.11 (jax stops at 0.10.x there) and 3.12 (jax 0.11.x). On 3.12 jax is pinned to
+# the 0.11 line whose Pallas Mosaic GPU API (and GPU interpret mode) mode="mosaic_gpu" is written and tested against;
+# that API changes between releases. On 3.11 the mode is unavailable (a clear error) and "auto" never picks it.
 INSTALL_REQUIRES = [
-    "jax>=0.6.0,<0.12",
+    "jax>=0.6.0,<0.12; python_version < '3.12'",
+    "jax>=0.11.2,<0.12; python_version >= '3.12'",
     "flax>=0.11.0,<0.13",
     "optax>=0.2.4,<0.3",
     "orbax-checkpoint>=0.11.0,<0.13",

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 MODES = ("scan", "recurrent", "attention", "chunked")
 # Kernels computing the same function: "pallas" runs our elementwise kernel for max-headed shapes (d_qk = d_v = 1)
 # and our chunked kernel for multi-head shapes (Triton on GPU, interpret mode elsewhere); "gla_rotation" runs
-# jax-linear-attention's real-gated GLA kernel through the rotation identity (Hopper and bf16 only; ops/gla_rotation.py).
-KERNEL_MODES = ("pallas", "gla_rotation")
+# jax-linear-attention's real-gated GLA kernel through the rotation identity (Hopper and bf16 only;
+# ops/gla_rotation.py); "mosaic_gpu" our multi-head Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret
+# mode elsewhere; ops/pallas_mosaic_gpu.py).
+KERNEL_MODES = ("pallas", "gla_rotation", "mosaic_gpu")
 # The modes that take a chunk_size (the others compute without chunks).
 CHUNKED_MODES = ("chunked", "pallas")
 # Modes that take segment_ids (state resets inside a row). "gla_rotation" cannot: jla's kernel has no reset, and
