@@ -53,6 +53,10 @@ VALUES = {
     "init_from_step": [2],
     # 0 stops after the first step with a checkpoint (the job-time-limit path); a positive limit never triggers here.
     "max_train_seconds": [0.0],
+    # Trace the second step (the first one compiles).
+    "profile_steps": [(1, 1)],
+    # A free-form pattern over {g, a}: the hybrid's two kinds, one attention block after one GateLoop block.
+    "model.block_pattern": ["ag"],
     # Tensor parallelism off, parameters sharded along embed over fsdp x tensor (FSDP over every device).
     "axis_rules": [tuple((name, ("fsdp", "tensor") if name == EMBED else (None if axes == "tensor" else axes))
                          for name, axes in DEFAULT_RULES)],
@@ -75,6 +79,7 @@ REQUIRES = {
     # Fields of the Transformer baseline; every other model field is swept on the default name (GateLoop).
     "model.attention_impl": [{"model.name": "transformer"}],
     "model.rope_base": [{"model.name": "transformer"}],
+    "model.block_pattern": [{"model.name": "hybrid"}],
     "init_from_step": [{"init_from": SOURCE}],
     # Two micro-batches of 8 / 2 = 4 rows cannot split over the 8 data-parallel devices.
     "grad_accum_steps": [{"global_batch_size": 16}],
