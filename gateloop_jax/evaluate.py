@@ -47,7 +47,8 @@ def _windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> tuple[Iterabl
 
 def evaluate_batches(model, batches: Iterable[dict[str, np.ndarray]], *, num_batches: int | None = None,
                      chunk_size: int = 0, mode: str | None = None, progress: bool = True) -> dict[str, float]:
-    """Summed {"nll", "correct", "count"} of a CausalLM over batches of {"inputs", "targets", "mask"} (b, t)."""
+    """Summed {"nll", "correct", "count"} of a CausalLM over batches of {"inputs", "targets", "mask"} (b, t), and
+    "segment_ids" (b, t) for packed documents (each scored as if alone, as the trainer's evaluation does)."""
     from flax import nnx
     from tqdm import tqdm
 
@@ -58,12 +59,14 @@ def evaluate_batches(model, batches: Iterable[dict[str, np.ndarray]], *, num_bat
     @jax.jit
     def stats(state, batch):
         return model_token_stats(nnx.merge(graphdef, state), batch["inputs"], batch["targets"], batch["mask"],
-                                 chunk_size=chunk_size, mode=mode, deterministic=True)
+                                 chunk_size=chunk_size, mode=mode, deterministic=True,
+                                 segment_ids=batch.get("segment_ids"))
 
     totals = {"nll": 0.0, "correct": 0.0, "count": 0.0}
     for batch in tqdm(batches, total=num_batches, desc="evaluate", unit="batch", disable=not progress,
                       file=sys.stderr):
-        out = jax.device_get(stats(state, {k: batch[k] for k in ("inputs", "targets", "mask")}))
+        keys = ("inputs", "targets", "mask", "segment_ids")
+        out = jax.device_get(stats(state, {k: batch[k] for k in keys if k in batch}))
         for k in totals:
             totals[k] += float(out[k])
     return totals
