@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from gateloop_jax import data
+from gateloop_jax.errors import ConfigError
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
 
@@ -28,7 +29,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         else:
             c[field.name] = value
     if overrides:
-        raise ValueError(f"model_config: unknown ModelConfig field(s) {sorted(overrides)}.")
+        raise ConfigError(f"model_config: unknown ModelConfig field(s) {sorted(overrides)}.")
     return c
 
 
@@ -107,7 +108,7 @@ MODEL_VARIANTS = {
 def model_variant(task: str, variant: str, variants=MODEL_VARIANTS):
     """variants[variant], or one error naming the task, the value and the choices."""
     if variant not in variants:
-        raise ValueError(f"{task}: variant={variant!r} is not one of {sorted(variants)}.")
+        raise ConfigError(f"{task}: variant={variant!r} is not one of {sorted(variants)}.")
     return variants[variant]
 
 
@@ -121,7 +122,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key, sep, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"config arg: unknown key {key!r} in {arg!r}; known keys are {sorted(defaults)}.")
+            raise ConfigError(f"config arg: unknown key {key!r} in {arg!r}; known keys are {sorted(defaults)}.")
         if not sep:
             out[key] = True
             continue

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from gateloop_jax.data import synthetic
+from gateloop_jax.errors import ConfigError
 from gateloop_jax.data.metrics import lm_metrics
 
 # The WikiText modules (TFDS, SentencePiece) load on first use: synthetic-task runs never pay for TFDS's
@@ -32,6 +33,7 @@ NAMES = (*synthetic.TASKS, "wikitext103")
 
 __all__ = [
     "NAMES",
+    "check_config",
     "default_config",
     "vocab_size",
     "train_iterator",
@@ -63,6 +65,18 @@ def default_config(name: str) -> ml_collections.ConfigDict:
     if name in synthetic.TASKS:
         return synthetic.default_config(name)
     raise ValueError(f"unknown data name {name!r}; known: {NAMES}")
+
+
+def check_config(config: Any) -> None:
+    """Raises ConfigError naming the field when the data settings cannot make a batch (no data is read)."""
+    if config.name not in NAMES:
+        raise ConfigError(f"data.name={config.name!r} is not one of {NAMES}.")
+    if config.name == "wikitext103":
+        for field in ("seq_len", "vocab_size", "read_threads"):
+            if config[field] < 1:
+                raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
+        return
+    synthetic.check_config(config)
 
 
 def vocab_size(config: Any) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 
 from gateloop_jax.data import tokenizer as tok
 from gateloop_jax.data import wikitext103 as wt
+from gateloop_jax.errors import MissingPathError
 
 Batch = dict[str, np.ndarray]
 
@@ -72,7 +73,7 @@ def load_tokenizer(config: Any):
     """The SentencePiece processor of this config; a clear error naming the prepare command if missing."""
     path = wt.tokenizer_path(config.data_dir, _name(config))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer {path} does not exist: make it (and the data) with\n  {_command(config)}")
+        raise MissingPathError(f"tokenizer {path} does not exist: make it (and the data) with\n  {_command(config)}")
     return tok.load(path)
 
 
@@ -91,7 +92,7 @@ def load_tokens(config: Any, split: str) -> np.ndarray:
         raise ValueError(f"unknown split {split!r}; known: {wt.SPLITS}")
     path = wt.tokens_path(config.data_dir, _name(config), split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"token file {path} does not exist: prepare the data with\n  {_command(config)}")
+        raise MissingPathError(f"token file {path} does not exist: prepare the data with\n  {_command(config)}")
     return np.load(path, mmap_mode="r")
 
 

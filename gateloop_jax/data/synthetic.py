@@ -23,6 +23,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from gateloop_jax.errors import ConfigError
+
 Batch = dict[str, np.ndarray]
 
 # Streams keep the training and evaluation draws apart even when a seed value is reused for both.
@@ -88,7 +90,7 @@ def memory_horizon(
     Returns: {"inputs", "targets", "mask"} of shape (b, t).
     """
     if reset_prob < 0 or query_prob <= 0 or reset_prob + query_prob >= 1:
-        raise ValueError(
+        raise ConfigError(
             f"memory_horizon needs reset_prob >= 0, query_prob > 0 and reset_prob + query_prob < 1, "
             f"got reset_prob={reset_prob}, query_prob={query_prob}"
         )
@@ -138,7 +140,7 @@ def mqar(
     """
     k, half = num_kv_pairs, vocab_size // 2
     if seq_len < 3 * k or k > half - 1:
-        raise ValueError(
+        raise ConfigError(
             f"mqar needs seq_len >= 3 * num_kv_pairs and num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, "
             f"num_kv_pairs={num_kv_pairs}, vocab_size={vocab_size}"
         )
@@ -193,7 +195,7 @@ def selective_copy(
     k = num_copy_tokens
     context = seq_len - k
     if context < k:
-        raise ValueError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
+        raise ConfigError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
     ids = selective_copy_vocab(num_values)
     positions = np.sort(_random_subsets(rng, batch_size, context, k), axis=1)
     values = rng.integers(0, num_values, size=(batch_size, k)) + ids["first_value"]
@@ -259,6 +261,18 @@ _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
     "mqar": (mqar, ("seq_len", "num_kv_pairs", "vocab_size")),
     "selective_copy": (selective_copy, ("seq_len", "num_copy_tokens", "num_values")),
 }
+
+
+def check_config(config: Any) -> None:
+    """Raises ConfigError naming the field when the task's settings cannot make a batch (before any compute)."""
+    if config.name not in _GENERATORS:
+        raise ConfigError(f"data.name={config.name!r} is not one of {TASKS}.")
+    generate, fields = _GENERATORS[config.name]
+    for field in ("seq_len", "num_eval_batches", "read_threads"):
+        if config[field] < 1:
+            raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
+    # The generator's own checks (relations between the fields), on a single row: microseconds.
+    generate(np.random.default_rng(0), 1, **{f: config[f] for f in fields})
 
 
 def vocab_size(config: Any) -> int:

@@ -29,12 +29,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gateloop_jax import data
+from gateloop_jax.errors import ConfigError, MissingPathError
 from gateloop_jax.models import build_model, resolve_config
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, LENGTH, logical_to_spec, make_mesh
 from gateloop_jax.train import checkpoint as ckpt_lib
 from gateloop_jax.train import metrics as metrics_lib
-from gateloop_jax.train.optimizer import make_optimizer
+from gateloop_jax.train import settings
+from gateloop_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from gateloop_jax.train.steps import ModelParts, TrainState, make_eval_step, make_train_step
 
 
@@ -46,31 +48,40 @@ def model_config_from(config) -> ModelConfig:
     """The ModelConfig of a run: config.model with vocab_size taken from the data (data.vocab_size)."""
     fields = dict(config.model)
     fields["vocab_size"] = data.vocab_size(config.data)
-    return resolve_config(ModelConfig.from_mapping(fields))
+    try:
+        return resolve_config(ModelConfig.from_mapping(fields))
+    except ConfigError:
+        raise
+    except ValueError as e:  # every ModelConfig check is a ValueError naming the field and the fix
+        raise ConfigError(str(e)) from e
 
 
 def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]:
-    """Everything that can be checked before compiling; raises ValueError / FileNotFoundError naming the setting."""
-    mesh = make_mesh(config.mesh, mesh_devices)
+    """Everything that can be checked before compiling; raises ConfigError / MissingPathError naming the setting."""
+    settings.check_settings(config)
+    try:
+        mesh = make_mesh(config.mesh, mesh_devices)
+        learning_rate_schedule(config)  # checks optimizer.decay
+    except ValueError as e:  # make_mesh and the schedule check nothing but these settings
+        raise ConfigError(str(e)) from e
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     b, accum, procs = config.global_batch_size, config.grad_accum_steps, jax.process_count()
-    if accum < 1 or b % accum:
-        raise ValueError(f"global_batch_size={b} is not divisible by grad_accum_steps={accum}.")
+    if b % accum:
+        raise ConfigError(f"global_batch_size={b} is not divisible by grad_accum_steps={accum}.")
     if (b // accum) % dp:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={b} / grad_accum_steps={accum} = {b // accum} sequences per micro-batch is not "
             f"divisible by the data-parallel size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}).")
     if b % procs or config.eval_batch_size % procs:
-        raise ValueError(f"global_batch_size={b} and eval_batch_size={config.eval_batch_size} must be divisible by "
-                         f"the number of processes {procs}.")
+        raise ConfigError(f"global_batch_size={b} and eval_batch_size={config.eval_batch_size} must be divisible by "
+                          f"the number of processes {procs}.")
     if config.eval_batch_size % dp:
-        raise ValueError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
-    if config.total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
+        raise ConfigError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
+    data.check_config(config.data)
     if config.data.name == "wikitext103":
         data_dir = os.path.expanduser(config.data.data_dir)
         if not os.path.isdir(data_dir):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"data.data_dir={config.data.data_dir!r} does not exist. Prepare WikiText-103 with\n"
                 f"  python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data.data_dir}")
     model_config = model_config_from(config)  # also checks the data's tokenizer / files exist
@@ -106,6 +117,7 @@ def _local_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains config on all visible devices (of all processes), writing to workdir; returns the last metrics."""
+    settings.check_workdir(workdir)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh, model_config = validate(config)
     # The saved config is the resolved one: the model's vocab_size is the data's.
