@@ -17,6 +17,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from gateloop_jax.errors import ConfigError, MissingPathError
+
 
 def _model_config(config: ml_collections.ConfigDict):
     """The ModelConfig of a saved training config (the trainer stores model.vocab_size as the data's)."""
@@ -45,17 +47,18 @@ def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"gateloop_jax.load: {path} does not exist.")
+        raise MissingPathError(f"gateloop_jax.load: {path} does not exist; pass a training workdir or its "
+                               "checkpoints directory.")
     directory = ckpt_lib.checkpoint_dir(path)
     checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
-        raise FileNotFoundError(f"gateloop_jax.load: no checkpoint in {directory} (expected <step>/ directories "
+        raise MissingPathError(f"gateloop_jax.load: no checkpoint in {directory} (expected <step>/ directories "
                                 "written by the trainer, or a workdir holding checkpoints/).")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ValueError(f"gateloop_jax.load: no checkpoint step {step} in {directory}; available steps: {steps}.")
+        raise ConfigError(f"gateloop_jax.load: no checkpoint step {step} in {directory}; available steps: {steps}.")
 
     meta = checkpointer.restore(step, data=False)["meta"]
     config = ml_collections.ConfigDict(meta["config"])

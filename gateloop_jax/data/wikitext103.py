@@ -36,7 +36,9 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gateloop_jax import cli
 from gateloop_jax.data import tokenizer as tok
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 ARCHIVE = "wikitext-103-raw-v1.zip"
 ARCHIVE_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
@@ -65,7 +67,7 @@ def find_archive(manual_dir: str) -> str:
     """
     manual_dir = os.path.expanduser(manual_dir)
     if not os.path.isdir(manual_dir):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"WikiText-103 manual_dir {manual_dir} does not exist or is not a directory. {HOW_TO_GET}"
         )
     archive = os.path.join(manual_dir, ARCHIVE)
@@ -76,19 +78,19 @@ def find_archive(manual_dir: str) -> str:
     if os.path.isdir(folder):
         missing = [f for f in SPLIT_FILES.values() if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise ValueError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
+            raise ConfigError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
         return folder
-    raise FileNotFoundError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
+    raise MissingPathError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
 
 
 def _check_archive(archive: str) -> None:
     if not zipfile.is_zipfile(archive):
-        raise ValueError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
+        raise ConfigError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
     missing = [f"{RAW_DIR}/{f}" for f in SPLIT_FILES.values() if f"{RAW_DIR}/{f}" not in names]
     if missing:
-        raise ValueError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
+        raise ConfigError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
 
 
 def _raw_lines(path: str, split: str) -> Iterator[str]:
@@ -102,7 +104,7 @@ def _raw_lines(path: str, split: str) -> Iterator[str]:
             with zipfile.ZipFile(path) as zf, io.TextIOWrapper(zf.open(member), encoding="utf-8", newline="") as f:
                 yield from f
     except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
+        raise ConfigError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
 
 
 def is_title(line: str) -> bool:
@@ -235,7 +237,7 @@ def split_statistics(data_dir: str, name: str, split: str, command: str) -> dict
     token_json = os.path.join(root_dir(data_dir), name, "statistics.json")
     for path in (text_json, token_json):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: prepare the data with\n  {command}")
+            raise MissingPathError(f"{path} does not exist: prepare the data with\n  {command}")
     return {**_read_json(text_json)[split], **_read_json(token_json)[split]}
 
 
@@ -324,8 +326,20 @@ def _encode_split(sp, texts: Iterable[str], num_threads: int, lines_per_call: in
     return np.concatenate(parts)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The arguments' ranges and paths, before anything is built (ConfigError / MissingPathError naming them)."""
+    for field in ("vocab_size", "input_sentence_size", "read_threads"):
+        if getattr(args, field) < 1:
+            raise ConfigError(f"--{field}={getattr(args, field)}: must be >= 1.")
+    data_dir = os.path.expanduser(args.data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data_dir={args.data_dir!r} is an existing file; pass a directory (created if missing).")
+    if args.manual_dir is not None:
+        find_archive(args.manual_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--manual_dir", default=None, help=f"directory holding {ARCHIVE}; omit to download it")
     parser.add_argument("--data_dir", required=True, help="where the dataset, tokenizer and token files go")
     parser.add_argument("--vocab_size", type=int, default=32000)
@@ -334,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input_sentence_size", type=int, default=2_000_000)
     parser.add_argument("--read_threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
+    check_args(args)
     summary = prepare(
         args.data_dir,
         args.manual_dir,
@@ -347,4 +362,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main, prog=COMMAND)

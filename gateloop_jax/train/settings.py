@@ -10,10 +10,9 @@ from typing import Any
 from gateloop_jax.errors import ConfigError
 
 # Fields that count something: must be integers >= 1.
-POSITIVE_INTS = (
-    "global_batch_size", "eval_batch_size", "grad_accum_steps", "total_steps",
-    "log_every_steps", "eval_every_steps", "ckpt_every_steps", "data.seq_len",
-)
+POSITIVE_INTS = ("global_batch_size", "eval_batch_size", "grad_accum_steps", "total_steps", "data.seq_len")
+# Cadence periods: 0 = only on the last step (metrics.every).
+CADENCE = ("log_every_steps", "eval_every_steps", "ckpt_every_steps")
 
 
 def _get(config: Any, path: str) -> Any:
@@ -33,6 +32,10 @@ def check_settings(config: Any) -> None:
         value = _get(config, path)
         if not _is_int(value) or value < 1:
             raise ConfigError(f"config.{path}={value!r}: must be an integer >= 1; set --config.{path}=<n> with n >= 1.")
+    for path in CADENCE:
+        value = _get(config, path)
+        if not _is_int(value) or value < 0:
+            raise ConfigError(f"config.{path}={value!r}: must be an integer >= 0 (0 = only on the last step).")
     opt = config.optimizer
     lr = opt.learning_rate
     if not isinstance(lr, (int, float)) or not lr > 0:  # NaN fails too; inf is allowed (the NaN-stop test uses it)
