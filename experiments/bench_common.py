@@ -21,7 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -308,3 +311,27 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
 
 def gib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2 ** 30:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learned gates (kernel_dev/tame_fraction.py --save_gates) as benchmark inputs: --gates_file path.npz:layerN
+
+
+def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
+    """A (b, t, h, k) log|a| array made of log_r (b0, t0, c0) repeated cyclically along batch, time and channels:
+    learned gate statistics at a benchmark's shape (each tile of rows sees the model's own sequences)."""
+    import numpy as np
+
+    b0, t0, c0 = log_r.shape
+    rows = np.arange(b)[:, None] % b0, np.arange(t)[None, :] % t0
+    out = np.asarray(log_r, np.float32)[rows[0], rows[1]]  # (b, t, c0)
+    return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
+
+
+def load_gates(spec: str) -> np.ndarray:
+    """"path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
+    import numpy as np
+
+    path, _, layer = spec.partition(":")
+    with np.load(path) as f:
+        return np.asarray(f[layer or "layer0"], np.float32)

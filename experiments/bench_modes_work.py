@@ -10,6 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
 from bench_modes_peers import PEERS_SOFTMAX, csv  # noqa: E402
 
 
@@ -56,9 +57,8 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
 
     inputs = _jit_maker("op", b, t, dims["heads"], dims["d_qk"], dims["d_v"], dtype)(jax.random.key(seed))
     if gates_file:
-        from tame_fraction import load_gates, tile_gates
-
-        inputs["log_magnitude"] = jnp.asarray(tile_gates(load_gates(gates_file), b, t, dims["heads"], dims["d_qk"]))
+        gates = bc.tile_gates(bc.load_gates(gates_file), b, t, dims["heads"], dims["d_qk"])
+        inputs["log_magnitude"] = jnp.asarray(gates)
     return inputs
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-sys.path.insert(0, EXPERIMENTS)
+# experiments/ (what users run) and experiments/kernel_dev/ (the kernel tooling) import as top-level modules.
+sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "kernel_dev")]
 
 import memory_horizon  # noqa: E402
 import mqar  # noqa: E402

@@ -1,8 +1,8 @@
 """The max-headed kernel's launch shapes, swept on the H200 in session 6
-(results/bench_kernels_h200_s6_launch_sweep.json, run from an untracked copy of this file named
+(results/kernel_dev/bench_kernels_h200_launch_sweep.json, run from an untracked copy of this file named
 scratch_sweep/sweep_ew.py): adds these variants to bench_kernels' and runs its ew suite.
 
-Usage (GPU machine): python experiments/sweep_ew_launch.py --out $OUT [--suite ew,mh ...]
+Usage (GPU machine): python experiments/kernel_dev/sweep_ew_launch.py --out $OUT [--suite ew,mh ...]
 """
 import os
 import sys

@@ -1,6 +1,6 @@
 """Max relative error of every mode against the float64 oracle at a long length, and CPU time per mode.
 
-    python experiments/oracle_errors.py --length 4096 --out experiments/results/oracle_errors_cpu.json
+    python experiments/kernel_dev/oracle_errors.py --length 4096 --out experiments/results/kernel_dev/oracle_errors_cpu.json
 
 Errors are max|y - y_ref| / max|y_ref| for the forward output and for the gradient w.r.t. each input (float32
 inputs, fresh random data: |a| uniform in (0, 1) mixed with |a| within 1e-3 of 1, phases up to 3 pi, a carried
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 
 from gateloop_jax import ops  # noqa: E402
 from reference import gateloop_backward, gateloop_forward, max_rel_error  # noqa: E402
@@ -49,7 +49,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="experiments/results/oracle_errors_cpu.json")
+    parser.add_argument("--out", default="experiments/results/kernel_dev/oracle_errors_cpu.json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     layouts = {"multihead (b=1, h=2, d_qk=d_v=8)": (1, args.length, 2, 8, 8),

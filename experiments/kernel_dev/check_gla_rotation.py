@@ -1,7 +1,7 @@
 """Mode "gla_rotation" on the GPU: its errors per output against float32 "recurrent", with a carried state and the
 final state, the layer with config mode "gla_rotation" against "pallas", and its fwd+bwd time beside "pallas".
 
-    python experiments/check_gla_rotation.py --out experiments/results     # H200: s7_gla_rotation_h200.json
+    python experiments/kernel_dev/check_gla_rotation.py --out experiments/results     # H200: gla_rotation_h200.json
 
 Needs jax-linear-attention (pip install -e ".[peers]") and a Hopper GPU; elsewhere every row records the mode's own
 error (what tests/bench_test.py checks on CPU). Inputs are bench_modes.op_inputs' (bf16 q, k, v, dy; |a| in
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
 import bench_common as bc  # noqa: E402
 import bench_modes  # noqa: E402
 
@@ -29,7 +29,7 @@ OUTPUTS = ("y", "final", "dq", "dk", "dv", "dlog_magnitude", "dphase", "dh0")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results")
-    p.add_argument("--json", default="s7_gla_rotation_h200.json")
+    p.add_argument("--json", default="gla_rotation_h200.json")
     p.add_argument("--shapes", default="32x1024,4x8192", help="batch x length of the op checks")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d_head", type=int, default=64)

@@ -1,8 +1,8 @@
 """Per-kernel timing of the multi-head Pallas chunked op (ops/pallas_chunked.py) on a GPU: where the time goes.
 
 Usage (GPU machine):
-    python experiments/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192] \
-        [--forgetting 0,2] [--gates_file results/gates_memory_horizon_multihead.npz:layer1] \
+    python experiments/kernel_dev/profile_pallas_chunked.py --out $OUT [--variants default,w8] [--lengths 1024,8192] \
+        [--forgetting 0,2] [--gates_file results/kernel_dev/gates_memory_horizon_multihead.npz:layer1] \
         [--dtypes float32,bfloat16] [--check]
 Each stage of the forward and backward is jitted alone on the real intermediate inputs and timed like
 bench_kernels.py (median of runs x reps back-to-back calls), at 32768 tokens, 8 heads, d_qk = d_v = 64.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import bench_common as bc
-from tame_fraction import load_gates, tile_gates
+from bench_common import load_gates, tile_gates
 from gateloop_jax.ops import pallas_chunked as pc
 from gateloop_jax.ops.common import polar_pair
 
@@ -80,7 +80,7 @@ def _op(cfg, interpret):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
     ap.add_argument("--variants", default="default")
     ap.add_argument("--lengths", default="1024,8192")
     ap.add_argument("--runs", type=int, default=5)
@@ -93,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--gates_file", default="",
                     help="path.npz:layerN from tame_fraction.py --save_gates: also time (and --check) every variant "
                          "on those learned gates, tiled to the shape (e.g. "
-                         "results/gates_memory_horizon_multihead.npz:layer1)")
+                         "results/kernel_dev/gates_memory_horizon_multihead.npz:layer1)")
     ap.add_argument("--check", action="store_true",
                     help="also check every variant's y and gradients against ops scan (float32), usual gates and "
                          "2 forgetting channels, at 2 x 1024 x 8 heads x 64")

@@ -1,6 +1,6 @@
 """Quick H200 timing of the Pallas GateLoop kernels against the pure-JAX modes and cuDNN attention, in one run.
 
-Usage (on the GPU machine):  python experiments/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
+Usage (on the GPU machine):  python experiments/kernel_dev/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
 
 What is timed: forward+backward of the op alone, i.e. jit(lambda *xs: vjp(op, *xs)) returning y and the five input
 cotangents (no loss reduction around it), at 32768 tokens per batch (b = 32768 / L), L in {1024, 8192}:
@@ -23,8 +23,9 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(EXPERIMENTS)
+sys.path[:0] = [REPO, EXPERIMENTS]
 # The kernels need jax alone; the package's __init__ pulls in the model stack (flax, ml_collections, ...), which the
 # GPU image need not have. (Always stubbing the package would also skip __init__'s settings in a process, e.g. the
 # test run, that later builds models.)
@@ -41,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench_common as bc  # noqa: E402  (experiments/ is sys.path[0] when run as a script)
+import bench_common as bc  # noqa: E402
 
 from gateloop_jax.ops import chunked, scan  # noqa: E402
 from gateloop_jax.ops import pallas_elementwise as pe  # noqa: E402
@@ -221,7 +222,7 @@ def bench_mh(results, variants, lengths, runs):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
     p.add_argument("--suite", default="ew,mh")
     p.add_argument("--ew-variants", default="all")
     p.add_argument("--mh-variants", default="all")

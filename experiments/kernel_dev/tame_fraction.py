@@ -1,14 +1,14 @@
 """How often the multi-head Pallas kernel takes its fast path with learned gates.
 
 The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
-sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 since
-session 5; --nats, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
-the op, perf_notes.md session 3). This reads a trained workdir's transitions on its eval data (synthetic tasks:
+sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 by
+default; --nats here, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
+the op, perf_notes.md, "Matrix-product diagonal sub-blocks"). This reads a trained workdir's transitions on its eval data (synthetic tasks:
 data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of 16 (the
 kernel's) and, for comparison, 32 and 64 rows.
 
-    python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json] \
-        [--save_gates experiments/results/gates_X.npz]
+    python experiments/kernel_dev/tame_fraction.py --workdir WORKDIR [--out experiments/results/kernel_dev/tame_fraction.json] \
+        [--save_gates experiments/results/kernel_dev/gates_X.npz]
 
 --save_gates keeps the learned log|a| (one array per layer, (b, t, h * k), float16) so that the GPU profiler can time
 the kernel on them (profile_pallas_chunked.py --gates_file), where the model stack is not installed.
@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
+from bench_common import load_gates, tile_gates  # noqa: E402, F401 - part of this tool's interface
 
 
 def _block_sums(log_r: np.ndarray, heads: int, block: int) -> np.ndarray:
@@ -49,22 +54,6 @@ def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float)
     over = _block_sums(log_r, heads, block) < -nats  # (b, n, heads, k)
     untame = over.any(-1)
     return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
-
-
-def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
-    """A (b, t, h, k) log|a| array made of log_r (b0, t0, c0) repeated cyclically along batch, time and channels:
-    learned gate statistics at a benchmark's shape (each tile of rows sees the model's own sequences)."""
-    b0, t0, c0 = log_r.shape
-    rows = np.arange(b)[:, None] % b0, np.arange(t)[None, :] % t0
-    out = np.asarray(log_r, np.float32)[rows[0], rows[1]]  # (b, t, c0)
-    return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
-
-
-def load_gates(spec: str) -> np.ndarray:
-    """"path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
-    path, _, layer = spec.partition(":")
-    with np.load(path) as f:
-        return np.asarray(f[layer or "layer0"], np.float32)
 
 
 def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64,
