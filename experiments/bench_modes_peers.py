@@ -14,7 +14,7 @@ import bench_common as bc  # noqa: E402
 PEERS_SOFTMAX = ("softmax_cudnn", "softmax_xla")
 # jax-linear-attention's Mosaic GPU GLA kernel (module `jla`, Hopper, bf16) with real gates at key width d_qk: what
 # complex transitions are to cost no more than. GateLoop through that kernel (the rotation identity, key width 2 d_qk;
-# the issue's "GateLoop through jax-linear-attention", "jla_gateloop" in session 7's results) is the kernel mode
+# the issue's "GateLoop through jax-linear-attention", "jla_gateloop" in results/peers_h200.json) is the kernel mode
 # "gla_rotation" of gateloop_jax.ops, benchmarked with the other modes.
 PEERS_JLA = ("jla_gla",)
 PEER_MODES = PEERS_SOFTMAX + PEERS_JLA
@@ -124,8 +124,7 @@ def bandwidth_bound(c: dict, copy_bps: float | None) -> dict:
     n_v = c["tokens"] * c["heads"] * c["d_v"]
     inputs = (2 * n_qk + n_v) * item + 2 * n_qk * 4
     y = n_v * item
-    # fwdbwd: the inputs and dy read, y and the gradients (the inputs' sizes) written. (Up to session 6: 2 inputs + y,
-    # one y short.)
+    # fwdbwd: the inputs and dy read, y and the gradients (the inputs' sizes) written.
     moved = inputs + y if c["pass"] == "fwd" else 2 * inputs + 2 * y
     out = {"min_bytes": moved}
     if copy_bps:

@@ -67,8 +67,8 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
 
     y must be an output of fwdbwd: GateLoop's backward does not read y, so with only the gradients returned XLA drops
     the kernels that compute nothing but y (the multi-head Pallas op's forward query side, ~0.7 ms of ~4.7 on an
-    H200) and the timing flatters GateLoop against attention, whose backward reads its output. Up to session 6 this
-    function returned the gradients alone (experiments/perf_notes.md, session 6)."""
+    H200) and the timing flatters GateLoop against attention, whose backward reads its output (the results in
+    results/kernel_dev/modes_h200_without_y.json were timed so)."""
     import jax
     import jax.numpy as jnp
 

@@ -102,7 +102,7 @@ EW_VARIANTS = {
     "cb64_w2_u8_p2048": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=2048),
     "cb256_w8_u8_p256": pe.Config(block_channels=256, num_warps=8, unroll=8, min_programs=256),
     "cb32_u8_p512": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=512),  # one segment at L=1024
-    # Session 6 (H200, fwd+bwd pipelined ms at L = 1024 / 8192; default 0.564 / 0.551, again 0.548 / 0.567): two or
+    # Measured (H200, fwd+bwd pipelined ms at L = 1024 / 8192; default 0.564 / 0.551, again 0.548 / 0.567): two or
     # four channels per thread (independent chains to interleave) did not help: 0.577 / 0.589 and 0.847 / 0.907.
     # (A Config.trig field, measured once and dropped, commit 78df046: PTX sin / cos.approx 0.744 / 0.741, and no
     # cos / sin at all 0.693 / 0.697, both slower than libdevice's: the trigonometry is not what bounds the kernel.)

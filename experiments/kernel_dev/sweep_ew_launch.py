@@ -1,6 +1,5 @@
-"""The max-headed kernel's launch shapes, swept on the H200 in session 6
-(results/kernel_dev/bench_kernels_h200_launch_sweep.json, run from an untracked copy of this file named
-scratch_sweep/sweep_ew.py): adds these variants to bench_kernels' and runs its ew suite.
+"""The max-headed kernel's launch shapes, swept on the H200 (results/kernel_dev/bench_kernels_h200_launch_sweep.json:
+none beat the default): adds these variants to bench_kernels' and runs its ew suite.
 
 Usage (GPU machine): python experiments/kernel_dev/sweep_ew_launch.py --out $OUT [--suite ew,mh ...]
 """
