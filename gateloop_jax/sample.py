@@ -48,16 +48,15 @@ def parse_ids(prompt: str, vocab_size: int) -> list[int]:
 
 def check_flags() -> None:
     """The sampling flags' ranges, before the checkpoint loads (ConfigError naming the flag)."""
+    from gateloop_jax.decode import Sampler
     from gateloop_jax.ops.common import KERNEL_MODES, MODES
 
     if _MAX_NEW_TOKENS.value < 1:
         raise ConfigError(f"--max_new_tokens={_MAX_NEW_TOKENS.value}: must be >= 1.")
-    if _TEMPERATURE.value < 0:
-        raise ConfigError(f"--temperature={_TEMPERATURE.value}: must be >= 0 (0 = greedy).")
-    if _TOP_K.value is not None and _TOP_K.value < 1:
-        raise ConfigError(f"--top_k={_TOP_K.value}: must be >= 1, or left out to keep every token.")
-    if _TOP_P.value is not None and not 0 < _TOP_P.value <= 1:
-        raise ConfigError(f"--top_p={_TOP_P.value}: must be in (0, 1], or left out to keep every token.")
+    try:  # generate's own checks of temperature, top_k, top_p, answered as the flags they came from
+        Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("generate: ", "--")) from None
     if _STEP.value is not None and _STEP.value < 0:
         raise ConfigError(f"--step={_STEP.value}: must be a checkpoint step >= 0, or left out for the latest.")
     modes = ("auto",) + MODES + KERNEL_MODES
