@@ -223,7 +223,7 @@ def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
     n = max(nbytes // 4, 1024)
     x = jax.jit(lambda key: jax.random.normal(key, (n,), jnp.float32))(jax.random.key(0))
     compiled, _, _ = compile_fn(lambda z: -z, (x,))
-    result = time_calls(lambda: compiled(x), warmup=3, reps=reps)
+    result = time_calls(lambda: compiled(x), warmup=3, reps=reps)  # noqa: F821 - x is deleted below, after use
     y = compiled(x)
     correct = bool(jnp.array_equal(y, -x))
     moved = 2 * n * 4

@@ -124,9 +124,9 @@ def main(argv=None):
                     compiled, rec["compile_s"], rec["xla_memory"] = executables[shapes]
                     state = {"cache": cache, "token": token}
 
-                    def call():
-                        tokens, state["cache"] = compiled(params, state["token"], state["cache"])
-                        state["token"] = tokens[-1]
+                    def call():  # state is deleted below, after use (hence the noqa: F821)
+                        tokens, state["cache"] = compiled(params, state["token"], state["cache"])  # noqa: F821
+                        state["token"] = tokens[-1]  # noqa: F821
                         return tokens
 
                     rec.update(bc.time_calls(call, warmup=args.warmup, reps=args.reps))

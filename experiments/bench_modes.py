@@ -126,8 +126,8 @@ def main(argv=None):
                   "time: median of reps timed runs after warm-up, each synchronised with block_until_ready",
                   "peak_bytes: device.memory_stats()['peak_bytes_in_use'] after the config, in a fresh process per "
                   "(scope, setting, dtype); peak_exact false means an earlier config of that process peaked higher",
-                  "error: max|out-ref|/max|ref| (max over outputs: y for fwd, y and the input gradients for fwdbwd) against "
-                  "the reference on the same inputs",
+                  "error: max|out-ref|/max|ref| (max over outputs: y for fwd, y and the input gradients for fwdbwd) "
+                  "against the reference on the same inputs",
                   "compile_s: measured with up to compile_workers compiles in flight",
                   "inputs exceed the 60 MB L2 of an H200 at the default sizes, so they are not rotated"]}
 

@@ -229,7 +229,8 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         c["input_bytes"] = nbytes(call_args)
         exe = executables[k]
         try:
-            timing = bc.time_calls(lambda: exe(*call_args), warmup=args.warmup, reps=args.reps,
+            timing = bc.time_calls(lambda: exe(*call_args),  # noqa: F821 - deleted after use
+                                   warmup=args.warmup, reps=args.reps,
                                    budget_s=args.config_budget_s, pipeline=args.pipeline)
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at run time
             timing = {"skipped": f"run failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}

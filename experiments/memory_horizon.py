@@ -14,14 +14,9 @@ time, return code). Nothing here forks the trainer: the variants differ only by 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # The repository root (configs, gateloop_jax) and experiments/ (the shared helpers), from any working directory.

@@ -219,7 +219,8 @@ def train_markdown(result) -> str:
             lines.append(
                 f"| {r['model']} | {r.get('mode', '-')} | {r['params'] / 1e6:.1f}M | {r['batch']}x{r['length']} | "
                 f"{r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.3f} | "
-                f"{r.get('mfu_measured_peak', float('nan')):.3f} | {r.get('xla_flops_utilization', float('nan')):.3f} | "
+                f"{r.get('mfu_measured_peak', float('nan')):.3f} | "
+                f"{r.get('xla_flops_utilization', float('nan')):.3f} | "
                 f"{bytes_gib(r.get('peak_bytes'))} | {r.get('compile_s', float('nan')):.1f} |")
         else:
             lines.append(f"| {r['model']} | {r.get('mode', '-')} | | | {r.get('skipped', '-')} | | | | | | |")
@@ -262,7 +263,8 @@ def plot_modes(result, out_dir) -> list[str]:
                                and r["dtype"] == dtypes[0])
                 if bound:
                     ax_t.plot(*zip(*bound), ":", color="gray", label=f"bandwidth bound {dtypes[0]}")
-                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory, GiB (device peak if exact, else XLA est.)")):
+                memory_label = "peak memory, GiB (device peak if exact, else XLA est.)"
+                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, memory_label)):
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
                     ax.set_xlabel("sequence length (tokens per batch fixed)")

@@ -168,8 +168,8 @@ def plot_memory_horizon_transitions(runs: Mapping[str, Path], png: Path, json_pa
             row = int(np.argmax((tokens[:, :heat_len] == ids["reset"]).sum(1)))
             heat = {"tokens": tokens[row, :heat_len], "reset_id": ids["reset"], "name": (labels or {}).get(name, name),
                     "labels": inspection.token_labels(config, tokens[row, :heat_len]),
-                    "layers": [{"magnitude": l["magnitude"][row, :heat_len], "phase": l["phase"][row, :heat_len]}
-                               for l in layers]}
+                    "layers": [{"magnitude": layer["magnitude"][row, :heat_len],
+                                "phase": layer["phase"][row, :heat_len]} for layer in layers]}
     plot_profiles(per_model, heat, png, labels, token_names,
                   title="Memory horizon: learned transitions a = |a| exp(i arg a) on the eval set (seed 0 models)")
     if json_path is not None:

@@ -5,8 +5,8 @@ A mistake (gateloop_jax.errors.UserError, a flag that does not parse, an unknown
 Any other exception is a bug and propagates with its full traceback. `--debug` (or GATELOOP_DEBUG=1) shows the
 traceback of user errors too.
 
-    cli.run_absl(main, prog="gateloop_jax.main")            # absl commands (flags, --config files)
-    cli.run_argparse(main, prog=..., argv=None)             # argparse commands; build the parser with cli.ArgumentParser
+    cli.run_absl(main, prog="gateloop_jax.main")     # absl commands (flags, --config files)
+    cli.run_argparse(main, prog=..., argv=None)      # argparse commands; build the parser with cli.ArgumentParser
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def unknown_field_message(config, path: str, flag: str = "config") -> str | None
     for key in path.split("."):
         where = ".".join(walked)
         if not isinstance(node, ConfigDict):
-            return f"--{flag}.{path}: --{where} is a value ({type(node).__name__}), not a group of fields; set --{where}."
+            kind = type(node).__name__
+            return f"--{flag}.{path}: --{where} is a value ({kind}), not a group of fields; set --{where}."
         if key not in node:
             fields = sorted(node.keys())
             close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)

@@ -2,11 +2,11 @@
 against the previous per-channel-decay version (kept below as `old_chunked`), mode="scan" and cuDNN attention.
 
 Usage (GPU machine):  python experiments/kernel_dev/bench_chunked.py --out $OUT [--budget-s 200]
-                      python experiments/kernel_dev/bench_chunked.py --smoke   (tiny shapes on CPU: checks the script only)
+                      python experiments/kernel_dev/bench_chunked.py --smoke   (tiny shapes on CPU: the script only)
 
 What is timed: forward+backward of the op alone, jit(vjp(op)) returning y and the five input cotangents, at 32768 tokens
 per batch (b = 32768 / L), 8 heads, d_qk = d_v = 64, L in {8192, 1024}; median of `runs` timed runs of `reps`
-back-to-back calls after a warm-up (as experiments/kernel_dev/bench_kernels.py). Memory: XLA's temp allocation of the compiled
+back-to-back calls after a warm-up (as kernel_dev/bench_kernels.py). Memory: XLA's temp allocation of the compiled
 fwd+bwd (memory_analysis). Errors: max |x - ref| / max |ref| of y and each gradient against mode="scan" float32 on the
 same inputs (for bf16 rows: on the same bf16-rounded inputs). The script watches its own time and skips the rest of
 the list once --budget-s is spent; the JSON is rewritten after every measurement.

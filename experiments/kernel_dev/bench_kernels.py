@@ -1,6 +1,7 @@
 """Quick H200 timing of the Pallas GateLoop kernels against the pure-JAX modes and cuDNN attention, in one run.
 
-Usage (on the GPU machine):  python experiments/kernel_dev/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
+Usage (on the GPU machine):
+    python experiments/kernel_dev/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
 
 What is timed: forward+backward of the op alone, i.e. jit(lambda *xs: vjp(op, *xs)) returning y and the five input
 cotangents (no loss reduction around it), at 32768 tokens per batch (b = 32768 / L), L in {1024, 8192}:

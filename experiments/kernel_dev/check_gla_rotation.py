@@ -12,7 +12,6 @@ flight per synchronisation (bench_modes' "pipelined").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

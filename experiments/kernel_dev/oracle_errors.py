@@ -1,6 +1,7 @@
 """Max relative error of every mode against the float64 oracle at a long length, and CPU time per mode.
 
-    python experiments/kernel_dev/oracle_errors.py --length 4096 --out experiments/results/kernel_dev/oracle_errors_cpu.json
+    python experiments/kernel_dev/oracle_errors.py --length 4096 \
+        --out experiments/results/kernel_dev/oracle_errors_cpu.json
 
 Errors are max|y - y_ref| / max|y_ref| for the forward output and for the gradient w.r.t. each input (float32
 inputs, fresh random data: |a| uniform in (0, 1) mixed with |a| within 1e-3 of 1, phases up to 3 pi, a carried

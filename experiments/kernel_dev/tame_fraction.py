@@ -2,12 +2,13 @@
 
 The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
 sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 by
-default; --nats here, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
-the op, perf_notes.md, "Matrix-product diagonal sub-blocks"). This reads a trained workdir's transitions on its eval data (synthetic tasks:
-data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of 16 (the
-kernel's) and, for comparison, 32 and 64 rows.
+default; --nats here, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower
+over the op, perf_notes.md, "Matrix-product diagonal sub-blocks"). This reads a trained workdir's transitions on its
+eval data (synthetic tasks: data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block)
+tiles, for blocks of 16 (the kernel's) and, for comparison, 32 and 64 rows.
 
-    python experiments/kernel_dev/tame_fraction.py --workdir WORKDIR [--out experiments/results/kernel_dev/tame_fraction.json] \
+    python experiments/kernel_dev/tame_fraction.py --workdir WORKDIR \
+        [--out experiments/results/kernel_dev/tame_fraction.json] \
         [--save_gates experiments/results/kernel_dev/gates_X.npz]
 
 --save_gates keeps the learned log|a| (one array per layer, (b, t, h * k), float16) so that the GPU profiler can time
@@ -70,8 +71,8 @@ def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: i
     batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM)
     layers = inspection.transitions(model, np.asarray(batch["inputs"]))
     if save_gates:
-        np.savez_compressed(save_gates, **{f"layer{i}": l["log_magnitude"][:16].astype(np.float16)
-                                           for i, l in enumerate(layers)})
+        np.savez_compressed(save_gates, **{f"layer{i}": layer["log_magnitude"][:16].astype(np.float16)
+                                           for i, layer in enumerate(layers)})
     out = {"workdir": str(workdir), "task": d.name, "heads": config.model.num_heads, "d_qk": config.model.d_qk,
            "tame_nats": nats, "layers": []}
     for layer in layers:
