@@ -53,8 +53,13 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -62,8 +67,12 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
-                                              else "python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    return " ".join(
+        shlex.quote(a)
+        for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else "python"]
+        + [os.path.relpath(sys.argv[0], REPO)]
+        + sys.argv[1:]
+    )
 
 
 def env_record(command: str | None = None) -> dict[str, Any]:
@@ -122,11 +131,20 @@ def compile_fn(fn: Callable, abstract_args: Sequence, *, donate_argnums=()) -> t
     analysis = {}
     try:
         mem = compiled.memory_analysis()
-        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             analysis[field] = int(getattr(mem, field, 0) or 0)
-        analysis["estimated_peak_bytes"] = (analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
-                                            + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"])
+        analysis["estimated_peak_bytes"] = (
+            analysis["argument_size_in_bytes"]
+            + analysis["output_size_in_bytes"]
+            + analysis["temp_size_in_bytes"]
+            - analysis["alias_size_in_bytes"]
+        )
     except Exception:  # noqa: BLE001 - memory_analysis is unavailable on some backends
         pass
     return compiled, seconds, analysis
@@ -153,8 +171,9 @@ def compile_many(jobs: dict[Any, tuple[Callable, Sequence]], workers: int, deadl
     return results
 
 
-def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None,
-               pipeline: int = 0) -> dict[str, Any]:
+def time_calls(
+    call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None, pipeline: int = 0
+) -> dict[str, Any]:
     """Median wall time of call() synchronised with block_until_ready, after warm-up.
 
     When budget_s is given, the first warm-up run decides: if warm-up + reps runs would exceed it, timing stops there
@@ -168,9 +187,11 @@ def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: flo
     first = time.perf_counter() - start
     total_runs = max(warmup - 1, 0) + reps * (1 + pipeline)
     if budget_s is not None and first * total_runs > budget_s:
-        return {"skipped": f"too slow: one run took {first:.3g} s, {total_runs} more would take "
-                           f"{first * total_runs:.3g} s (budget {budget_s:.3g} s per config)",
-                "single_run_s": first}
+        return {
+            "skipped": f"too slow: one run took {first:.3g} s, {total_runs} more would take "
+            f"{first * total_runs:.3g} s (budget {budget_s:.3g} s per config)",
+            "single_run_s": first,
+        }
     for _ in range(max(warmup - 1, 0)):
         block(call())
     times = []
@@ -210,8 +231,13 @@ def time_sync_and_pipelined(fn, args, *, runs: int = 10, reps: int = 5, warmup: 
         start = time.perf_counter()
         block([fn(*args) for _ in range(reps)])
         piped.append((time.perf_counter() - start) / reps)
-    return {"ms": 1e3 * statistics.median(piped), "ms_sync": 1e3 * statistics.median(sync),
-            "ms_min": 1e3 * min(piped), "runs": runs, "reps": reps}
+    return {
+        "ms": 1e3 * statistics.median(piped),
+        "ms_sync": 1e3 * statistics.median(sync),
+        "ms_min": 1e3 * min(piped),
+        "runs": runs,
+        "reps": reps,
+    }
 
 
 def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
@@ -228,8 +254,13 @@ def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
     correct = bool(jnp.array_equal(y, -x))
     moved = 2 * n * 4
     del x, y
-    return {"bytes_moved": moved, "median_s": result["median_s"], "bytes_per_s": moved / result["median_s"],
-            "correct": correct, "how": "jit(lambda x: -x) on a float32 array: bytes read + written / median time"}
+    return {
+        "bytes_moved": moved,
+        "median_s": result["median_s"],
+        "bytes_per_s": moved / result["median_s"],
+        "correct": correct,
+        "how": "jit(lambda x: -x) on a float32 array: bytes read + written / median time",
+    }
 
 
 def matmul_rate(n: int, *, reps: int = 10) -> dict[str, Any]:
@@ -242,7 +273,7 @@ def matmul_rate(n: int, *, reps: int = 10) -> dict[str, Any]:
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     compiled, _, _ = compile_fn(lambda x, y: x @ y, (a, b))
     result = time_calls(lambda: compiled(a, b), warmup=3, reps=reps)
-    return {"n": n, "median_s": result["median_s"], "flops_per_s": 2 * n ** 3 / result["median_s"]}
+    return {"n": n, "median_s": result["median_s"], "flops_per_s": 2 * n**3 / result["median_s"]}
 
 
 def max_rel_error(out, ref) -> dict[str, float]:
@@ -291,13 +322,15 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
-        output = (proc.stdout + proc.stderr)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+        output = proc.stdout + proc.stderr
         code = proc.returncode
     except subprocess.TimeoutExpired as err:
-        output = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + \
-                 ((err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or ""))
+        output = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + (
+            (err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+        )
         code = -9
     log = os.environ.get("BENCH_LOG")
     if log:  # the whole output of every child, for the record (the device call returns only a tail)
@@ -310,7 +343,7 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
 
 
 def gib(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2 ** 30:.2f}"
+    return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +362,7 @@ def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
 
 
 def load_gates(spec: str) -> np.ndarray:
-    """"path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
+    """ "path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
     import numpy as np
 
     path, _, layer = spec.partition(":")

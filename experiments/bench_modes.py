@@ -46,7 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from bench_modes_group import run_group  # noqa: E402
 from bench_modes_peers import (  # noqa: E402
-    PEER_MODES, bandwidth_bound, csv, fla_peers, measure_copy, peer_status,
+    PEER_MODES,
+    bandwidth_bound,
+    csv,
+    fla_peers,
+    measure_copy,
+    peer_status,
 )
 from bench_modes_work import key_of, op_fn, op_inputs, setting_dims  # noqa: E402, F401 - op_* used by the tests
 
@@ -62,8 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--scopes", default="op,layer")
     p.add_argument("--modes", default="", help="comma list; default gateloop_jax.ops.MODES + auto")
-    p.add_argument("--peers", default="softmax_cudnn,softmax_xla,jla_gla",
-                   help="peers in the same run (multihead only; the jla_* ones scope op, where `jla` is importable)")
+    p.add_argument(
+        "--peers",
+        default="softmax_cudnn,softmax_xla,jla_gla",
+        help="peers in the same run (multihead only; the jla_* ones scope op, where `jla` is importable)",
+    )
     p.add_argument("--heads", type=int, default=8, help="multihead: number of heads")
     p.add_argument("--d_head", type=int, default=64, help="multihead: d_qk = d_v")
     p.add_argument("--d_model", type=int, default=512, help="maxheaded heads, and the layer's d_model")
@@ -71,23 +79,46 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="recurrent", help="mode the errors are measured against")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gates_file", default="",
-                   help="scope op: log|a| from a trained model (path.npz:layerN, tame_fraction.py --save_gates) tiled "
-                        "to each shape, instead of the random gates; the kernels' speed depends on the gates")
-    p.add_argument("--pipeline", type=int, default=5,
-                   help="also time this many calls in flight per sync (pipelined_median_s); 0: synchronised only")
-    p.add_argument("--config_budget_s", type=float, default=10.0,
-                   help="skip timing a config whose warm-up + reps would exceed this (estimated from one run)")
+    p.add_argument(
+        "--gates_file",
+        default="",
+        help="scope op: log|a| from a trained model (path.npz:layerN, tame_fraction.py --save_gates) tiled "
+        "to each shape, instead of the random gates; the kernels' speed depends on the gates",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=5,
+        help="also time this many calls in flight per sync (pipelined_median_s); 0: synchronised only",
+    )
+    p.add_argument(
+        "--config_budget_s",
+        type=float,
+        default=10.0,
+        help="skip timing a config whose warm-up + reps would exceed this (estimated from one run)",
+    )
     p.add_argument("--budget_s", type=float, default=0.0, help="overall time budget (0: none), shared by the groups")
     p.add_argument("--copy_bytes", type=int, default=4 << 30, help="array size of the copy-bandwidth measurement")
-    p.add_argument("--order", choices=("memory", "priority"), default="memory",
-                   help="memory: run configs in ascending XLA memory estimate (clean peak readings); priority: "
-                        "fwdbwd first and --priority_lengths first (what a short time budget should cover)")
+    p.add_argument(
+        "--order",
+        choices=("memory", "priority"),
+        default="memory",
+        help="memory: run configs in ascending XLA memory estimate (clean peak readings); priority: "
+        "fwdbwd first and --priority_lengths first (what a short time budget should cover)",
+    )
     p.add_argument("--priority_lengths", default="1024,8192,4096,2048,512,16384")
-    p.add_argument("--compile_workers", type=int, default=0,
-                   help="concurrent compiles (0: 4 on GPU, 1 elsewhere); compile_s is measured under this load")
-    p.add_argument("--isolate", choices=("group", "none"), default="group",
-                   help="group: a fresh process per (scope, setting, dtype) for clean memory statistics")
+    p.add_argument(
+        "--compile_workers",
+        type=int,
+        default=0,
+        help="concurrent compiles (0: 4 on GPU, 1 elsewhere); compile_s is measured under this load",
+    )
+    p.add_argument(
+        "--isolate",
+        choices=("group", "none"),
+        default="group",
+        help="group: a fresh process per (scope, setting, dtype) for clean memory statistics",
+    )
     p.add_argument("--json", default="modes.json")
     # Internal: one group run as a child process.
     p.add_argument("--_group", default="", help=argparse.SUPPRESS)
@@ -121,20 +152,27 @@ def main(argv=None):
     out_path = os.path.join(args.out, args.json)
     os.makedirs(args.out, exist_ok=True)
     command = os.environ.get("BENCH_COMMAND") or bc.command_line()
-    result = {"benchmark": "modes", "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-              "peers": peer_status(), "records": [], "notes": [
-                  "time: median of reps timed runs after warm-up, each synchronised with block_until_ready",
-                  "peak_bytes: device.memory_stats()['peak_bytes_in_use'] after the config, in a fresh process per "
-                  "(scope, setting, dtype); peak_exact false means an earlier config of that process peaked higher",
-                  "error: max|out-ref|/max|ref| (max over outputs: y for fwd, y and the input gradients for fwdbwd) "
-                  "against the reference on the same inputs",
-                  "compile_s: measured with up to compile_workers compiles in flight",
-                  "inputs exceed the 60 MB L2 of an H200 at the default sizes, so they are not rotated"]}
+    result = {
+        "benchmark": "modes",
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "peers": peer_status(),
+        "records": [],
+        "notes": [
+            "time: median of reps timed runs after warm-up, each synchronised with block_until_ready",
+            "peak_bytes: device.memory_stats()['peak_bytes_in_use'] after the config, in a fresh process per "
+            "(scope, setting, dtype); peak_exact false means an earlier config of that process peaked higher",
+            "error: max|out-ref|/max|ref| (max over outputs: y for fwd, y and the input gradients for fwdbwd) "
+            "against the reference on the same inputs",
+            "compile_s: measured with up to compile_workers compiles in flight",
+            "inputs exceed the 60 MB L2 of an H200 at the default sizes, so they are not rotated",
+        ],
+    }
 
     # Copy bandwidth (and the environment) from a child, so the parent never holds device memory.
     if args.isolate == "group":
-        code, text = bc.run_child([os.path.abspath(__file__), "--_jsonl", "copy", "--copy_bytes",
-                                   str(args.copy_bytes)], timeout_s=300)
+        code, text = bc.run_child(
+            [os.path.abspath(__file__), "--_jsonl", "copy", "--copy_bytes", str(args.copy_bytes)], timeout_s=300
+        )
         try:
             info = json.loads(text.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -146,8 +184,12 @@ def main(argv=None):
     copy_bps = info["copy_bandwidth"].get("bytes_per_s")
     print(f"copy bandwidth: {copy_bps / 1e12 if copy_bps else float('nan'):.3f} TB/s", flush=True)
 
-    groups = [f"{scope}:{setting}:{dtype}" for scope in csv(args.scopes) for dtype in csv(args.dtypes)
-              for setting in csv(args.settings)]
+    groups = [
+        f"{scope}:{setting}:{dtype}"
+        for scope in csv(args.scopes)
+        for dtype in csv(args.dtypes)
+        for setting in csv(args.settings)
+    ]
     # The op is what the performance targets are stated for: its groups get twice the layer's share of the budget.
     weights = [2.0 if g.startswith("op:") else 1.0 for g in groups]
     records: dict[str, dict] = {}
@@ -155,20 +197,41 @@ def main(argv=None):
         remaining = args.budget_s - (time.perf_counter() - start) if args.budget_s else 0.0
         group_budget = remaining * weights[i] / sum(weights[i:]) if args.budget_s else 0.0
         if args.budget_s and group_budget <= 5:
-            records[group] = {"scope": group.split(":")[0], "group_skipped":
-                              f"overall time budget (--budget_s {args.budget_s}) spent before group {group}"}
+            records[group] = {
+                "scope": group.split(":")[0],
+                "group_skipped": f"overall time budget (--budget_s {args.budget_s}) spent before group {group}",
+            }
             print(f"[{group}] skipped: time budget", flush=True)
             continue
-        group_records = run_group_isolated(args, group, group_budget) if args.isolate == "group" else \
-            run_group_inprocess(args, group, group_budget)
+        group_records = (
+            run_group_isolated(args, group, group_budget)
+            if args.isolate == "group"
+            else run_group_inprocess(args, group, group_budget)
+        )
         records.update(group_records)
         finish(result, records, copy_bps, out_path, start)  # after every group: a partial run still leaves JSON
 
     if args.isolate == "group" and result["peers"]["fla"]["status"] == "available":
-        code, text = bc.run_child([os.path.abspath(__file__), "--_jsonl", "fla", "--lengths", args.lengths,
-                                   "--tokens", str(args.tokens), "--settings", args.settings,
-                                   "--heads", str(args.heads), "--d_head", str(args.d_head),
-                                   "--d_model", str(args.d_model)], timeout_s=300)
+        code, text = bc.run_child(
+            [
+                os.path.abspath(__file__),
+                "--_jsonl",
+                "fla",
+                "--lengths",
+                args.lengths,
+                "--tokens",
+                str(args.tokens),
+                "--settings",
+                args.settings,
+                "--heads",
+                str(args.heads),
+                "--d_head",
+                str(args.d_head),
+                "--d_model",
+                str(args.d_model),
+            ],
+            timeout_s=300,
+        )
         try:
             for rec in json.loads(text.strip().splitlines()[-1]):
                 records[key_of(rec)] = rec
@@ -232,9 +295,16 @@ def run_group_isolated(args, group: str, budget: float) -> dict[str, dict]:
         lost = started - set(records)
         for k in lost:
             scope, setting, dtype, length, mode, pass_ = k.split("/")
-            records[k] = {"scope": scope, "setting": setting, "dtype": dtype, "length": int(length), "mode": mode,
-                          "pass": pass_, "kind": "peer" if mode in PEER_MODES else "gateloop",
-                          "skipped": f"process died running it (exit {code}): {text.strip()[-300:]}"}
+            records[k] = {
+                "scope": scope,
+                "setting": setting,
+                "dtype": dtype,
+                "length": int(length),
+                "mode": mode,
+                "pass": pass_,
+                "kind": "peer" if mode in PEER_MODES else "gateloop",
+                "skipped": f"process died running it (exit {code}): {text.strip()[-300:]}",
+            }
         crashed |= lost
         if not lost:
             records[f"{group}/child"] = {"group_skipped": f"group child failed (exit {code}): {text.strip()[-500:]}"}

@@ -14,7 +14,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from bench_modes_peers import LENGTH_BOUND_MODES, PEER_MODES, PEERS_JLA, PEERS_SOFTMAX, csv  # noqa: E402
 from bench_modes_work import (  # noqa: E402
-    abstract, gateloop_modes, key_of, layer_fn, layer_inputs, layer_module, nbytes, op_fn, op_inputs, resolve_auto,
+    abstract,
+    gateloop_modes,
+    key_of,
+    layer_fn,
+    layer_inputs,
+    layer_module,
+    nbytes,
+    op_fn,
+    op_inputs,
+    resolve_auto,
     setting_dims,
 )
 
@@ -44,8 +53,16 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     lengths = csv(args.layer_lengths) if (scope == "layer" and args.layer_lengths) else csv(args.lengths)
     for t in map(int, lengths):
         b = args.tokens // t
-        base = {"scope": scope, "setting": setting, "dtype": dtype, "length": t, "batch": b, "tokens": b * t, **dims,
-                "gates": (args.gates_file or "random") if scope == "op" else "the layer's own"}
+        base = {
+            "scope": scope,
+            "setting": setting,
+            "dtype": dtype,
+            "length": t,
+            "batch": b,
+            "tokens": b * t,
+            **dims,
+            "gates": (args.gates_file or "random") if scope == "op" else "the layer's own",
+        }
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
         for mode in modes + [p for p in peers if p not in modes]:
             for pass_ in passes:
@@ -59,9 +76,11 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
                     # fwd holds at least the decay; fwdbwd at least the decay and its cotangent.
                     need = b * dims["heads"] * dims["d_qk"] * t * t * 4 * (1 if pass_ == "fwd" else 2)
                     if need > limit:
-                        c["skipped"] = (f"would need more than {need / 2 ** 30:.0f} GiB (the (b, h, d_qk, t, t) "
-                                        f"float32 decay tensor{'' if pass_ == 'fwd' else ' and its cotangent'}), "
-                                        f"the device has {limit / 2 ** 30:.1f} GiB")
+                        c["skipped"] = (
+                            f"would need more than {need / 2**30:.0f} GiB (the (b, h, d_qk, t, t) "
+                            f"float32 decay tensor{'' if pass_ == 'fwd' else ' and its cotangent'}), "
+                            f"the device has {limit / 2**30:.1f} GiB"
+                        )
                 elif mode == "auto" and auto in modes and auto != "auto":
                     c["alias_of"] = auto
                     aliases.append(c)
@@ -108,8 +127,12 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         """Abstract arguments (for compiling before any input exists)."""
         t, b = c["length"], c["batch"]
         if scope == "op":
-            shapes = {"q": (b, t, dims["heads"], dims["d_qk"]), "k": (b, t, dims["heads"], dims["d_qk"]),
-                      "v": (b, t, dims["heads"], dims["d_v"]), "dy": (b, t, dims["heads"], dims["d_v"])}
+            shapes = {
+                "q": (b, t, dims["heads"], dims["d_qk"]),
+                "k": (b, t, dims["heads"], dims["d_qk"]),
+                "v": (b, t, dims["heads"], dims["d_v"]),
+                "dy": (b, t, dims["heads"], dims["d_v"]),
+            }
             specs = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for n, s in shapes.items()}
             specs["log_magnitude"] = specs["phase"] = jax.ShapeDtypeStruct(shapes["q"], jnp.float32)
         else:
@@ -184,8 +207,10 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         c["xla_memory"] = analysis
         est = analysis.get("estimated_peak_bytes")
         if limit and est and est > 0.95 * limit:
-            c["skipped"] = (f"would need {est / 2 ** 30:.1f} GiB (XLA's compile-time estimate), the device has "
-                            f"{limit / 2 ** 30:.1f} GiB")
+            c["skipped"] = (
+                f"would need {est / 2**30:.1f} GiB (XLA's compile-time estimate), the device has "
+                f"{limit / 2**30:.1f} GiB"
+            )
             continue
         executables[k] = exe
     for c in configs:
@@ -198,8 +223,10 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     if args.order == "priority":
         order = sorted((c for c in configs if key_of(c) in executables), key=lambda c: priority(key_of(c)))
     else:
-        order = sorted((c for c in configs if key_of(c) in executables),
-                       key=lambda c: (c.get("xla_memory", {}).get("estimated_peak_bytes", 0), c["length"]))
+        order = sorted(
+            (c for c in configs if key_of(c) in executables),
+            key=lambda c: (c.get("xla_memory", {}).get("estimated_peak_bytes", 0), c["length"]),
+        )
     max_peak_seen = bc.memory_stats().get("peak_bytes_in_use", 0)
     # XLA's GEMM autotuning allocates device memory while compiling: readings below this level are masked by it.
     peak_after_compile = max_peak_seen
@@ -216,9 +243,11 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             predicted = prev[1] * c["length"] / prev[0]
             runs = max(args.warmup, 1) + args.reps
             if predicted * runs > args.config_budget_s:
-                c["skipped"] = (f"too slow: estimated {predicted:.3g} s per run from {prev[1]:.3g} s at length "
-                                f"{prev[0]}; {runs} runs would take {predicted * runs:.3g} s (budget "
-                                f"{args.config_budget_s:.3g} s per config)")
+                c["skipped"] = (
+                    f"too slow: estimated {predicted:.3g} s per run from {prev[1]:.3g} s at length "
+                    f"{prev[0]}; {runs} runs would take {predicted * runs:.3g} s (budget "
+                    f"{args.config_budget_s:.3g} s per config)"
+                )
                 c["estimated_s"] = predicted
                 emit({"key": k, "record": c})
                 continue
@@ -229,9 +258,13 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         c["input_bytes"] = nbytes(call_args)
         exe = executables[k]
         try:
-            timing = bc.time_calls(lambda: exe(*call_args),  # noqa: F821 - deleted after use
-                                   warmup=args.warmup, reps=args.reps,
-                                   budget_s=args.config_budget_s, pipeline=args.pipeline)
+            timing = bc.time_calls(
+                lambda: exe(*call_args),  # noqa: F821 - deleted after use
+                warmup=args.warmup,
+                reps=args.reps,
+                budget_s=args.config_budget_s,
+                pipeline=args.pipeline,
+            )
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at run time
             timing = {"skipped": f"run failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         c.update(timing)
@@ -250,8 +283,9 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
         del inputs, call_args
         emit({"key": k, "record": c})
         piped = f" ({c['pipelined_median_s'] * 1e3:.3f} pipelined)" if "pipelined_median_s" in c else ""
-        print(f"[{group}] {k}: {c.get('median_s', float('nan')) * 1e3:.3f} ms{piped} {c.get('skipped', '')}",
-              flush=True)
+        print(
+            f"[{group}] {k}: {c.get('median_s', float('nan')) * 1e3:.3f} ms{piped} {c.get('skipped', '')}", flush=True
+        )
 
     # -- phase 3: errors against the reference, re-running each executable on the same inputs -------------------
     by_length = {}
@@ -300,4 +334,3 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             emit({"key": key_of(c), "record": c})
     for c in aliases:
         emit({"key": key_of(c), "record": c})
-

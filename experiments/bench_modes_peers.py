@@ -30,8 +30,11 @@ def peer_status() -> dict[str, dict]:
     """Optional peers: importable or skipped with the reason (nothing is installed or fetched here)."""
     status = {}
     for name, module, note in (
-        ("jax-linear-attention", "jla",
-         "not importable (pip install jax-linear-attention: Python >= 3.12, jax 0.11.2, a Hopper GPU)"),
+        (
+            "jax-linear-attention",
+            "jla",
+            "not importable (pip install jax-linear-attention: Python >= 3.12, jax 0.11.2, a Hopper GPU)",
+        ),
         ("fla", "fla", "flash-linear-attention (fla-core: Triton/PyTorch chunk_gla, chunk_hgrn) is not installed"),
     ):
         try:
@@ -42,11 +45,15 @@ def peer_status() -> dict[str, dict]:
         if not found:
             status[name]["reason"] = note
     if status["fla"]["status"] == "available":
-        status["fla"]["note"] = ("importable: chunk_gla (key width 2 d_qk) and chunk_hgrn timed in a PyTorch child "
-                                 "after the groups (fla_peers; CUDA only, --isolate group)")
+        status["fla"]["note"] = (
+            "importable: chunk_gla (key width 2 d_qk) and chunk_hgrn timed in a PyTorch child "
+            "after the groups (fla_peers; CUDA only, --isolate group)"
+        )
     if status["jax-linear-attention"]["status"] == "available":
-        status["jax-linear-attention"]["note"] = ("importable: peer jla_gla (real gates, key width d_qk) and mode "
-                                                  "gla_rotation (GateLoop through its kernel, key width 2 d_qk)")
+        status["jax-linear-attention"]["note"] = (
+            "importable: peer jla_gla (real gates, key width d_qk) and mode "
+            "gla_rotation (GateLoop through its kernel, key width 2 d_qk)"
+        )
     return status
 
 
@@ -72,8 +79,17 @@ def fla_peers(args) -> list[dict]:
         b = args.tokens // t
         for setting in csv(args.settings):
             dims = setting_dims(args, setting)
-            rec = {"scope": "op", "setting": setting, "dtype": "bfloat16", "length": t, "batch": b, "tokens": b * t,
-                   "pass": "fwdbwd", "kind": "peer", **dims}
+            rec = {
+                "scope": "op",
+                "setting": setting,
+                "dtype": "bfloat16",
+                "length": t,
+                "batch": b,
+                "tokens": b * t,
+                "pass": "fwdbwd",
+                "kind": "peer",
+                **dims,
+            }
             try:
                 dev = "cuda"
                 if setting == "multihead":
@@ -130,4 +146,3 @@ def bandwidth_bound(c: dict, copy_bps: float | None) -> dict:
     if copy_bps:
         out["bandwidth_bound_s"] = moved / copy_bps
     return out
-

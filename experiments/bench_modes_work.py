@@ -32,7 +32,7 @@ def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
         kq, kk, kv, kg, kp, kd = jax.random.split(key, 6)
         qk_shape, v_shape = (b, t, h, dk), (b, t, h, dv)
         return {
-            "q": (jax.random.normal(kq, qk_shape, jnp.float32) * dk ** -0.5).astype(dtype),
+            "q": (jax.random.normal(kq, qk_shape, jnp.float32) * dk**-0.5).astype(dtype),
             "k": jax.random.normal(kk, qk_shape, jnp.float32).astype(dtype),
             "v": jax.random.normal(kv, v_shape, jnp.float32).astype(dtype),
             "log_magnitude": -jax.nn.softplus(-jax.random.uniform(kg, qk_shape, jnp.float32, 0.0, 6.0)),
@@ -42,8 +42,10 @@ def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
 
     def make_layer(key):
         kx, kd = jax.random.split(key)
-        return {"x": jax.random.normal(kx, (b, t, dk), jnp.float32).astype(dtype),
-                "dy": jax.random.normal(kd, (b, t, dk), jnp.float32).astype(dtype)}
+        return {
+            "x": jax.random.normal(kx, (b, t, dk), jnp.float32).astype(dtype),
+            "dy": jax.random.normal(kd, (b, t, dk), jnp.float32).astype(dtype),
+        }
 
     return jax.jit(make_op if kind == "op" else make_layer)
 
@@ -119,11 +121,24 @@ def layer_module(mode: str, dims: dict, dtype: str):
     from gateloop_jax.models.config import ModelConfig
 
     if mode in PEERS_SOFTMAX:
-        config = ModelConfig(name="transformer", d_model=dims["d_model"], num_heads=dims["heads"], d_qk=dims["d_qk"],
-                             d_v=dims["d_v"], dtype=dtype, attention_impl=mode.split("_", 1)[1])
+        config = ModelConfig(
+            name="transformer",
+            d_model=dims["d_model"],
+            num_heads=dims["heads"],
+            d_qk=dims["d_qk"],
+            d_v=dims["d_v"],
+            dtype=dtype,
+            attention_impl=mode.split("_", 1)[1],
+        )
         return CausalSelfAttention(config, rngs=nnx.Rngs(0))
-    config = ModelConfig(name="gateloop", d_model=dims["d_model"], num_heads=dims["heads"], d_qk=dims["d_qk"],
-                         d_v=dims["d_v"], dtype=dtype)
+    config = ModelConfig(
+        name="gateloop",
+        d_model=dims["d_model"],
+        num_heads=dims["heads"],
+        d_qk=dims["d_qk"],
+        d_v=dims["d_v"],
+        dtype=dtype,
+    )
     return GateLoopMixer(config, rngs=nnx.Rngs(0))
 
 
@@ -193,4 +208,3 @@ def resolve_auto(dims: dict, t: int, b: int) -> str | None:
             return ops.resolve_mode("auto", q_shape, v_shape)
     except Exception:  # noqa: BLE001 - an older or newer dispatcher: measure "auto" as its own config
         return None
-

@@ -29,10 +29,18 @@ RESULTS = ROOT / "experiments" / "results"
 
 # Base task configs (config path:arg) and their step budget / eval cadence for the sweeps.
 BASES = {
-    "memory_horizon": {"config": "configs/memory_horizon.py:variant=gateloop,runlocal", "total_steps": 3000,
-                       "eval_every_steps": 250, "chance": 0.1},
-    "mqar": {"config": "configs/mqar.py:variant=gateloop,runlocal", "total_steps": 1000, "eval_every_steps": 250,
-             "chance": 1 / 128},
+    "memory_horizon": {
+        "config": "configs/memory_horizon.py:variant=gateloop,runlocal",
+        "total_steps": 3000,
+        "eval_every_steps": 250,
+        "chance": 0.1,
+    },
+    "mqar": {
+        "config": "configs/mqar.py:variant=gateloop,runlocal",
+        "total_steps": 1000,
+        "eval_every_steps": 250,
+        "chance": 1 / 128,
+    },
 }
 
 # sweep name -> (ModelConfig field, values). Each value becomes --config.model.<field>=<value>.
@@ -52,10 +60,19 @@ def points(sweep: str, base: str = "memory_horizon") -> list[dict]:
     """Every point of a sweep: {"name", "config", "overrides"} with overrides as {dotted field: value}."""
     field, values = SWEEPS[sweep]
     b = BASES[base]
-    return [{"name": str(v), "config": b["config"],
-             "overrides": {f"model.{field}": v, "total_steps": b["total_steps"],
-                           "eval_every_steps": b["eval_every_steps"], "progress_bar": False}}
-            for v in values]
+    return [
+        {
+            "name": str(v),
+            "config": b["config"],
+            "overrides": {
+                f"model.{field}": v,
+                "total_steps": b["total_steps"],
+                "eval_every_steps": b["eval_every_steps"],
+                "progress_bar": False,
+            },
+        }
+        for v in values
+    ]
 
 
 def build_config(sweep: str, base: str, point: dict, seed: int = 0):
@@ -75,8 +92,11 @@ def _reused_workdir(sweep: str, base: str, point: dict, seed: int) -> Path | Non
 
     field, _ = SWEEPS[sweep]
     default = getattr(__import__("gateloop_jax.models.config", fromlist=["ModelConfig"]).ModelConfig, field)
-    if (point["overrides"][f"model.{field}"] == default and point["overrides"]["total_steps"] == mh.TOTAL_STEPS
-            and point["overrides"]["eval_every_steps"] == mh.EVAL_EVERY):
+    if (
+        point["overrides"][f"model.{field}"] == default
+        and point["overrides"]["total_steps"] == mh.TOTAL_STEPS
+        and point["overrides"]["eval_every_steps"] == mh.EVAL_EVERY
+    ):
         return mh.workdir("gateloop", seed)
     return None
 
@@ -96,21 +116,34 @@ def run(args) -> None:
 
 
 def aggregate(args) -> dict:
-    groups = {p["name"]: [command(args.sweep, args.base, p, s)[1] for s in args.seeds]
-              for p in points(args.sweep, args.base)}
+    groups = {
+        p["name"]: [command(args.sweep, args.base, p, s)[1] for s in args.seeds] for p in points(args.sweep, args.base)
+    }
     summary = cr.summarize_runs(groups)
     field, _ = SWEEPS[args.sweep]
     stem = f"sweep_{args.sweep}" + ("" if args.base == "memory_horizon" else f"_{args.base}")
     summary["task"] = args.base
-    summary["setting"] = {"sweep": args.sweep, "field": f"model.{field}", "base": BASES[args.base],
-                          "seeds": list(args.seeds), "hardware": cr.hardware(),
-                          "commands": {p["name"]: " ".join(command(args.sweep, args.base, p, args.seeds[0])[0])
-                                       for p in points(args.sweep, args.base)}}
+    summary["setting"] = {
+        "sweep": args.sweep,
+        "field": f"model.{field}",
+        "base": BASES[args.base],
+        "seeds": list(args.seeds),
+        "hardware": cr.hardware(),
+        "commands": {
+            p["name"]: " ".join(command(args.sweep, args.base, p, args.seeds[0])[0])
+            for p in points(args.sweep, args.base)
+        },
+    }
     labels = {p["name"]: f"{field}={p['name']}" for p in points(args.sweep, args.base)}
     cr.write_json(RESULTS / f"{stem}.json", summary)
     (RESULTS / f"{stem}.md").write_text(cr.markdown_table(summary, labels, title=f"Sweep {field} on {args.base}"))
-    cr.plot_curves(summary, RESULTS / f"{stem}.png", labels, chance=BASES[args.base]["chance"],
-                   title=f"{args.base}: sweep of model.{field} (seeds {','.join(map(str, args.seeds))})")
+    cr.plot_curves(
+        summary,
+        RESULTS / f"{stem}.png",
+        labels,
+        chance=BASES[args.base]["chance"],
+        title=f"{args.base}: sweep of model.{field} (seeds {','.join(map(str, args.seeds))})",
+    )
     return summary
 
 

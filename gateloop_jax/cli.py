@@ -71,8 +71,11 @@ def unknown_field_message(config, path: str, flag: str = "config") -> str | None
         if key not in node:
             fields = sorted(node.keys())
             close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
-            hint = ("did you mean " + " or ".join(f"--{where}.{c}" for c in close) + "?") if close else \
-                f"the fields of --{where} are {', '.join(fields)}."
+            hint = (
+                ("did you mean " + " or ".join(f"--{where}.{c}" for c in close) + "?")
+                if close
+                else f"the fields of --{where} are {', '.join(fields)}."
+            )
             return f"--{flag}.{path}: --{where} has no field {key!r}; {hint}"
         node = node[key]
         walked.append(key)
@@ -92,7 +95,7 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
 
 def _override_paths(argv: Sequence[str], flag: str) -> list[str]:
     prefix = f"--{flag}."
-    return [arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
+    return [arg[len(prefix) :].split("=", 1)[0] for arg in argv if arg.startswith(prefix)]
 
 
 def config_override_message(argv: Sequence[str], flag: str = "config") -> str | None:
@@ -119,8 +122,10 @@ def missing_config_file_message(argv: Sequence[str], flag: str = "config") -> st
     value = _flag_value(argv, flag)
     if value is None or os.path.isfile(value.split(":", 1)[0]):
         return None
-    return (f"--{flag}={value}: no such file {value.split(':', 1)[0]!r}; pass a config file, path[:arg], "
-            "e.g. configs/memory_horizon.py:runlocal.")
+    return (
+        f"--{flag}={value}: no such file {value.split(':', 1)[0]!r}; pass a config file, path[:arg], "
+        "e.g. configs/memory_horizon.py:runlocal."
+    )
 
 
 def flag_error_message(error: BaseException, argv: Sequence[str]) -> str | None:
@@ -179,8 +184,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true",
-                          help=f"show the full traceback of a user error too (or set {DEBUG_ENV}=1)")
+        self.add_argument(
+            "--debug", action="store_true", help=f"show the full traceback of a user error too (or set {DEBUG_ENV}=1)"
+        )
 
     def error(self, message: str) -> NoReturn:
         exit_user_error(self.prog, f"{message} (--help lists the arguments)")

@@ -19,8 +19,14 @@ MH_TEST = "configs/memory_horizon.py:test"
 
 
 def run_cli(module, *args, env=None):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -36,12 +42,18 @@ def assert_one_line(rc, stderr, *fragments):
 # In-process: each mistake of the table, at the check that catches it.
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("bogus_field", "--config.bogus_field: --config has no field 'bogus_field'; the fields of --config are"),
-    ("mesh.bogus_axis", "--config.mesh has no field 'bogus_axis'; the fields of --config.mesh are data, fsdp, tensor"),
-    ("model.d_modle", "--config.model has no field 'd_modle'; did you mean --config.model.d_model"),
-    ("total_steps.x", "--config.total_steps is a value (int), not a group of fields"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("bogus_field", "--config.bogus_field: --config has no field 'bogus_field'; the fields of --config are"),
+        (
+            "mesh.bogus_axis",
+            "--config.mesh has no field 'bogus_axis'; the fields of --config.mesh are data, fsdp, tensor",
+        ),
+        ("model.d_modle", "--config.model has no field 'd_modle'; did you mean --config.model.d_model"),
+        ("total_steps.x", "--config.total_steps is a value (int), not a group of fields"),
+    ],
+)
 def test_unknown_config_field_named_with_close_matches(override, expected):
     message = cli.config_override_message(["prog", "--config", MH_TEST, f"--config.{override}=1"])
     assert expected in message and "\n" not in message
@@ -51,24 +63,27 @@ def test_known_config_fields_are_not_reported():
     assert cli.config_override_message(["prog", f"--config={MH_TEST}", "--config.mesh.data=2"]) is None
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("global_batch_size", -4, "config.global_batch_size=-4: must be an integer >= 1"),
-    ("global_batch_size", 0, "config.global_batch_size=0: must be an integer >= 1"),
-    ("eval_batch_size", 0, "config.eval_batch_size=0"),
-    ("total_steps", 0, "config.total_steps=0: must be an integer >= 1"),
-    ("total_steps", -1, "config.total_steps=-1"),
-    ("grad_accum_steps", 0, "config.grad_accum_steps=0"),
-    ("data.seq_len", 0, "config.data.seq_len=0"),
-    ("data.seq_len", -8, "config.data.seq_len=-8"),
-    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0: must be a number > 0"),
-    ("optimizer.learning_rate", -1e-3, "config.optimizer.learning_rate=-0.001"),
-    ("optimizer.warmup_steps", -1, "config.optimizer.warmup_steps=-1"),
-    ("eval_every_steps", -5, "config.eval_every_steps=-5"),
-    ("keep_ckpts", 0, "config.keep_ckpts=0"),
-    ("model.name", "nosuchmodel", "name='nosuchmodel' is not registered"),
-    ("model.mode", "bogus", "mode='bogus' is not one of"),
-    ("data.num_kv_pairs", 40, "mqar needs seq_len >= 3 * num_kv_pairs"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("global_batch_size", -4, "config.global_batch_size=-4: must be an integer >= 1"),
+        ("global_batch_size", 0, "config.global_batch_size=0: must be an integer >= 1"),
+        ("eval_batch_size", 0, "config.eval_batch_size=0"),
+        ("total_steps", 0, "config.total_steps=0: must be an integer >= 1"),
+        ("total_steps", -1, "config.total_steps=-1"),
+        ("grad_accum_steps", 0, "config.grad_accum_steps=0"),
+        ("data.seq_len", 0, "config.data.seq_len=0"),
+        ("data.seq_len", -8, "config.data.seq_len=-8"),
+        ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate=0.0: must be a number > 0"),
+        ("optimizer.learning_rate", -1e-3, "config.optimizer.learning_rate=-0.001"),
+        ("optimizer.warmup_steps", -1, "config.optimizer.warmup_steps=-1"),
+        ("eval_every_steps", -5, "config.eval_every_steps=-5"),
+        ("keep_ckpts", 0, "config.keep_ckpts=0"),
+        ("model.name", "nosuchmodel", "name='nosuchmodel' is not registered"),
+        ("model.mode", "bogus", "mode='bogus' is not one of"),
+        ("data.num_kv_pairs", 40, "mqar needs seq_len >= 3 * num_kv_pairs"),
+    ],
+)
 def test_bad_setting_is_a_config_error_before_compiling(field, value, expected, monkeypatch):
     c = get_config("mqar" if field == "data.num_kv_pairs" else "memory_horizon")
     *parents, leaf = field.split(".")
@@ -127,9 +142,13 @@ def test_sample_flags_are_checked(monkeypatch):
     flags.FLAGS(["sample", "--workdir=w", "--prompt=1"])  # the module's flags, parsed in-process
     try:
         sample.check_flags()  # the defaults pass
-        for flag, value, expected in [("max_new_tokens", 0, "--max_new_tokens=0: must be >= 1"),
-                                      ("temperature", -1.0, "--temperature=-1.0"), ("top_k", 0, "--top_k=0"),
-                                      ("top_p", 1.5, "--top_p=1.5"), ("mode", "bogus", "--mode='bogus'")]:
+        for flag, value, expected in [
+            ("max_new_tokens", 0, "--max_new_tokens=0: must be >= 1"),
+            ("temperature", -1.0, "--temperature=-1.0"),
+            ("top_k", 0, "--top_k=0"),
+            ("top_p", 1.5, "--top_p=1.5"),
+            ("mode", "bogus", "--mode='bogus'"),
+        ]:
             default = flags.FLAGS[flag].value
             flags.FLAGS[flag].value = value
             with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
@@ -146,18 +165,22 @@ def test_load_missing_workdir_is_a_missing_path_error(tmp_path):
         gateloop_jax.load(str(tmp_path / "nowhere"))
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--manual_dir", "/nonexistent/manual"], "manual_dir /nonexistent/manual does not exist"),
-    (["--vocab_size", "0"], "--vocab_size=0: must be >= 1"),
-    (["--read_threads", "-1"], "--read_threads=-1"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--manual_dir", "/nonexistent/manual"], "manual_dir /nonexistent/manual does not exist"),
+        (["--vocab_size", "0"], "--vocab_size=0: must be >= 1"),
+        (["--read_threads", "-1"], "--read_threads=-1"),
+    ],
+)
 def test_wikitext_prepare_arguments(args, expected, tmp_path):
     import argparse
 
     from gateloop_jax.data import wikitext103 as wt
 
-    namespace = argparse.Namespace(manual_dir=None, data_dir=str(tmp_path), vocab_size=32000,
-                                   input_sentence_size=100, read_threads=1)
+    namespace = argparse.Namespace(
+        manual_dir=None, data_dir=str(tmp_path), vocab_size=32000, input_sentence_size=100, read_threads=1
+    )
     for flag, value in zip(args[::2], args[1::2]):
         setattr(namespace, flag[2:], value if flag == "--manual_dir" else int(value))
     with pytest.raises(UserError, match=expected):
@@ -173,8 +196,9 @@ def test_one_line_folds_line_breaks():
 
 
 def test_main_unknown_field_one_line(tmp_path):
-    rc, _, err = run_cli("gateloop_jax.main", "--config", MH_TEST, "--workdir", str(tmp_path / "w"),
-                         "--config.mesh.bogus_axis=2")
+    rc, _, err = run_cli(
+        "gateloop_jax.main", "--config", MH_TEST, "--workdir", str(tmp_path / "w"), "--config.mesh.bogus_axis=2"
+    )
     assert_one_line(rc, err, "gateloop_jax.main: error: --config.mesh.bogus_axis", "data, fsdp, tensor")
 
 
@@ -188,6 +212,7 @@ def test_main_negative_batch_one_line_and_debug_traceback(tmp_path):
 
 
 def test_wikitext_missing_manual_dir_one_line(tmp_path):
-    rc, _, err = run_cli("gateloop_jax.data.wikitext103", "--manual_dir", "/nonexistent/manual", "--data_dir",
-                         str(tmp_path / "d"))
+    rc, _, err = run_cli(
+        "gateloop_jax.data.wikitext103", "--manual_dir", "/nonexistent/manual", "--data_dir", str(tmp_path / "d")
+    )
     assert_one_line(rc, err, "manual_dir /nonexistent/manual does not exist", "wikitext-103-raw-v1.zip")

@@ -128,13 +128,19 @@ def compile_and_time(f, args, runs, reps, compiled=None):
     mem = None
     try:
         ma = compiled.memory_analysis()
-        mem = {"temp_GB": ma.temp_size_in_bytes / 1e9, "out_GB": ma.output_size_in_bytes / 1e9,
-               "arg_GB": ma.argument_size_in_bytes / 1e9}
+        mem = {
+            "temp_GB": ma.temp_size_in_bytes / 1e9,
+            "out_GB": ma.output_size_in_bytes / 1e9,
+            "arg_GB": ma.argument_size_in_bytes / 1e9,
+        }
     except Exception:  # noqa: BLE001
         pass
     out = jax.block_until_ready(compiled(*args))
-    r = {**bc.time_sync_and_pipelined(compiled, args, runs=runs, reps=reps, warmup=0), "compile_s": compile_s,
-         "mem": mem}
+    r = {
+        **bc.time_sync_and_pipelined(compiled, args, runs=runs, reps=reps, warmup=0),
+        "compile_s": compile_s,
+        "mem": mem,
+    }
     return r, out, compiled
 
 
@@ -175,8 +181,15 @@ def main():
         args.lengths = "256"
     start = time.perf_counter()
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "tokens": TOKENS, "heads": HEADS, "d": D,
-               "timing": f"median of {runs} runs x {reps} back-to-back calls", "rows": []}
+    results = {
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "tokens": TOKENS,
+        "heads": HEADS,
+        "d": D,
+        "timing": f"median of {runs} runs x {reps} back-to-back calls",
+        "rows": [],
+    }
     path = os.path.join(args.out, "kernel_dev/bench_chunked_h200.json") if args.out else None
 
     def save():

@@ -145,9 +145,18 @@ def bench_ew(results, variants, lengths, runs):
         results["ew"].append(row)
     # Correctness on the GPU, smaller shape, every variant (incl. multi-segment paths) against ops scan.
     small = make_inputs(jax.random.PRNGKey(7), 2, 2048, 96, 1, 1)
-    check_variants(results["ew_check"], small, {
-        name: (lambda *a, cfg=EW_VARIANTS[name]._replace(segment_length=256):
-               pe.gateloop_pallas_elementwise(*a, interpret=INTERPRET, config=cfg)) for name in variants})
+    check_variants(
+        results["ew_check"],
+        small,
+        {
+            name: (
+                lambda *a, cfg=EW_VARIANTS[name]._replace(segment_length=256): pe.gateloop_pallas_elementwise(
+                    *a, interpret=INTERPRET, config=cfg
+                )
+            )
+            for name in variants
+        },
+    )
 
 
 def check_variants(out, inputs, fns):
@@ -207,8 +216,9 @@ def bench_mh(results, variants, lengths, runs):
                 print(L, vname, r, flush=True)
             # Forward alone (what inference / prefill pays), default config.
             try:
-                fwd = jax.jit(lambda q, k, v, lr, th: pc.gateloop_pallas_chunked(q, k, v, lr, th, None,
-                                                                                  interpret=INTERPRET)[0])
+                fwd = jax.jit(
+                    lambda q, k, v, lr, th: pc.gateloop_pallas_chunked(q, k, v, lr, th, None, interpret=INTERPRET)[0]
+                )
                 row["pallas_forward_only"] = bc.time_sync_and_pipelined(fwd, inputs[:5], runs=runs)
             except Exception as e:  # noqa: BLE001
                 row["pallas_forward_only"] = {"error": repr(e)[:2000]}
@@ -216,9 +226,16 @@ def bench_mh(results, variants, lengths, runs):
         results["mh"].append(row)
     if pc is not None:
         small = make_inputs(jax.random.PRNGKey(7), 2, 512, 2, 64, 64)
-        check_variants(results["mh_check"], small, {
-            name: (lambda *a, cfg=pc.VARIANTS[name]: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg))
-            for name in variants})
+        check_variants(
+            results["mh_check"],
+            small,
+            {
+                name: (
+                    lambda *a, cfg=pc.VARIANTS[name]: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg)
+                )
+                for name in variants
+            },
+        )
 
 
 def main():
@@ -237,9 +254,18 @@ def main():
     import jaxlib
 
     dev = jax.devices()[0]
-    results = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-               "jaxlib": jaxlib.__version__, "command": " ".join(sys.argv), "tokens": TOKENS,
-               "ew": [], "mh": [], "ew_check": {}, "mh_check": {}}
+    results = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "command": " ".join(sys.argv),
+        "tokens": TOKENS,
+        "ew": [],
+        "mh": [],
+        "ew_check": {},
+        "mh_check": {},
+    }
     results["copy"] = copy_bandwidth() if not a.smoke else {"TBps": 0.0}
     print("copy", results["copy"], flush=True)
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -264,8 +290,13 @@ def main():
         print(row["L"], " ".join(f"{k}={v:.3f}" if v is not None else f"{k}=ERR" for k, v in cells.items()))
     for kind in ("ew_check", "mh_check"):
         for k, v in results[kind].items():
-            print(kind, k, {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in v.items()} if "error" not in v
-                  else v["error"][-600:])
+            print(
+                kind,
+                k,
+                {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in v.items()}
+                if "error" not in v
+                else v["error"][-600:],
+            )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _block_sums(log_r: np.ndarray, heads: int, block: int) -> np.ndarray:
     n = t // block
     if n == 0:
         raise ValueError(f"tame_fraction: length {t} is shorter than one block of {block}")
-    return np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
+    return np.asarray(log_r, np.float64)[:, : n * block].reshape(b, n, block, heads, channels // heads).sum(2)
 
 
 def tame_fraction(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
@@ -57,33 +57,50 @@ def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float)
     return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
 
 
-def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64,
-            save_gates: str | None = None) -> dict:
+def measure(
+    workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64, save_gates: str | None = None
+) -> dict:
     import gateloop_jax
     from gateloop_jax import inspection
     from gateloop_jax.data import synthetic
 
     model, config, _ = gateloop_jax.load(workdir, tokenizer=False)
     if config.model.d_qk == 1 and config.model.d_v == 1:
-        raise ValueError(f"{workdir}: a max-headed model (d_qk = d_v = 1) runs the elementwise kernel, which has no "
-                         "tame / untame forms; train a multi-head one (e.g. --config.model.d_qk=16)")
+        raise ValueError(
+            f"{workdir}: a max-headed model (d_qk = d_v = 1) runs the elementwise kernel, which has no "
+            "tame / untame forms; train a multi-head one (e.g. --config.model.d_qk=16)"
+        )
     d = config.data
     batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM)
     layers = inspection.transitions(model, np.asarray(batch["inputs"]))
     if save_gates:
-        np.savez_compressed(save_gates, **{f"layer{i}": layer["log_magnitude"][:16].astype(np.float16)
-                                           for i, layer in enumerate(layers)})
-    out = {"workdir": str(workdir), "task": d.name, "heads": config.model.num_heads, "d_qk": config.model.d_qk,
-           "tame_nats": nats, "layers": []}
+        np.savez_compressed(
+            save_gates,
+            **{f"layer{i}": layer["log_magnitude"][:16].astype(np.float16) for i, layer in enumerate(layers)},
+        )
+    out = {
+        "workdir": str(workdir),
+        "task": d.name,
+        "heads": config.model.num_heads,
+        "d_qk": config.model.d_qk,
+        "tame_nats": nats,
+        "layers": [],
+    }
     for layer in layers:
         lr = layer["log_magnitude"]
-        out["layers"].append({
-            "tame_fraction": {str(bl): tame_fraction(lr, config.model.num_heads, bl, nats) for bl in blocks
-                              if bl <= lr.shape[1]},
-            "untame_channel_share": {str(bl): untame_channel_share(lr, config.model.num_heads, bl, nats)
-                                     for bl in blocks if bl <= lr.shape[1]},
-            "log_magnitude_quantiles": {str(p): float(np.quantile(lr, p)) for p in (0.01, 0.1, 0.5, 0.9)},
-        })
+        out["layers"].append(
+            {
+                "tame_fraction": {
+                    str(bl): tame_fraction(lr, config.model.num_heads, bl, nats) for bl in blocks if bl <= lr.shape[1]
+                },
+                "untame_channel_share": {
+                    str(bl): untame_channel_share(lr, config.model.num_heads, bl, nats)
+                    for bl in blocks
+                    if bl <= lr.shape[1]
+                },
+                "log_magnitude_quantiles": {str(p): float(np.quantile(lr, p)) for p in (0.01, 0.1, 0.5, 0.9)},
+            }
+        )
     return out
 
 

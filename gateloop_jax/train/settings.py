@@ -55,5 +55,7 @@ def check_workdir(workdir: str) -> None:
     """The workdir must be a directory or not exist yet (it is created)."""
     path = os.path.expanduser(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"workdir={workdir!r} is an existing file, not a directory; pass a directory path (it is "
-                          "created if missing).")
+        raise ConfigError(
+            f"workdir={workdir!r} is an existing file, not a directory; pass a directory path (it is "
+            "created if missing)."
+        )
