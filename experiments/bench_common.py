@@ -11,6 +11,7 @@ configs in ascending order of XLA's compile-time estimate and says per row wheth
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import datetime
 import json
@@ -344,6 +345,22 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
 
 def gib(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
+def model_bench_parser(doc: str, *, json_name: str, dtype_help: str) -> argparse.ArgumentParser:
+    """The flags bench_decode.py and bench_train.py share: output, models (name:preset), repetitions, dtype."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument(
+        "--models",
+        default="gateloop:125m,gateloop:125m_multihead,transformer:125m_multihead",
+        help="comma list of name:preset (gateloop_jax.models registry name and preset)",
+    )
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", help=f"{dtype_help} (parameters float32)")
+    p.add_argument("--json", default=json_name)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------------------

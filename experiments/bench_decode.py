@@ -14,7 +14,6 @@ The cache is donated, so the KV cache is updated in place as a serving loop woul
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,21 +23,11 @@ import bench_common as bc  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument(
-        "--models",
-        default="gateloop:125m,gateloop:125m_multihead,transformer:125m_multihead",
-        help="comma list of name:preset (gateloop_jax.models registry name and preset)",
-    )
+    p = bc.model_bench_parser(__doc__, json_name="decode.json", dtype_help="activation and KV-cache dtype")
     p.add_argument("--contexts", default="1024,4096,16384,65536")
     p.add_argument("--batches", default="1,16", help="batch 1: latency; larger: throughput")
     p.add_argument("--steps", type=int, default=32, help="tokens decoded per timed call")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="bfloat16", help="activation and KV-cache dtype (parameters float32)")
     p.add_argument("--budget_s", type=float, default=0.0, help="overall time budget (0: none)")
-    p.add_argument("--json", default="decode.json")
     return p.parse_args(argv)
 
 
