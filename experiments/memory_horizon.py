@@ -13,7 +13,6 @@ time, return code). Nothing here forks the trainer: the variants differ only by 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import results_common as cr  # noqa: E402
 
-WORKROOT = ROOT / "workdirs" / "experiments" / "memory_horizon"
-RESULTS = ROOT / "experiments" / "results"
+WORKROOT = cr.workroot("memory_horizon")
+RESULTS = cr.RESULTS
 CONFIG = "configs/memory_horizon.py"
 
 # The runlocal size (d_model 32, 2 layers, batch 32) and budget, identical for every variant.
@@ -93,11 +92,8 @@ def aggregate(args) -> dict:
         "commands": {v: " ".join(command(v, args.seeds[0], args.steps)) for v in args.variants},
     }
     stem = "memory_horizon" + ("" if args.steps == TOTAL_STEPS else f"_steps{args.steps}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    cr.write_json(RESULTS / f"{stem}.json", summary)
-    (RESULTS / f"{stem}.md").write_text(
-        cr.markdown_table(summary, LABELS, title=f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)")
-    )
+    title = f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)"
+    cr.write_summary(stem, summary, cr.markdown_table(summary, LABELS, title=title))
     cr.plot_curves(
         summary,
         RESULTS / f"{stem}_curves.png",
@@ -118,12 +114,9 @@ def transitions(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "aggregate", "transitions", "all"))
+    p = cr.driver_parser(__doc__, ("run", "aggregate", "transitions", "all"), seeds=SEEDS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--steps", type=int, default=TOTAL_STEPS)
-    p.add_argument("--parallel", type=int, default=2, help="trainer processes at once (2 on the 2-core CPU)")
     args = p.parse_args(argv)
     if args.action in ("run", "all"):
         run(args)

@@ -7,6 +7,7 @@ an experiment is a config plus `--config.<field>=<value>` overrides.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,28 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the drivers write their tables, JSON and plots (committed), and where their trainer runs go (git-ignored).
+RESULTS = ROOT / "experiments" / "results"
+
+
+def workroot(task: str) -> Path:
+    return ROOT / "workdirs" / "experiments" / task
+
+
+def driver_parser(doc: str, actions: Sequence[str], *, seeds: Sequence[int]) -> argparse.ArgumentParser:
+    """The command line every driver shares: the action, the seeds, trainer processes at once."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=tuple(actions))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    p.add_argument("--parallel", type=int, default=2, help="trainer processes at once (2 on the 2-core CPU)")
+    return p
+
+
+def write_summary(stem: str, summary: dict, markdown: str) -> None:
+    """results/<stem>.json and results/<stem>.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{stem}.json", summary)
+    (RESULTS / f"{stem}.md").write_text(markdown)
 
 
 # ---------------------------------------------------------------- launching

@@ -14,7 +14,6 @@ config's default on memory horizon at the memory-horizon budget is the GateLoop 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import results_common as cr  # noqa: E402
 
-WORKROOT = ROOT / "workdirs" / "experiments" / "sweeps"
-RESULTS = ROOT / "experiments" / "results"
+WORKROOT = cr.workroot("sweeps")
+RESULTS = cr.RESULTS
 
 # Base task configs (config path:arg) and their step budget / eval cadence for the sweeps.
 BASES = {
@@ -45,7 +44,7 @@ BASES = {
 
 # sweep name -> (ModelConfig field, values). Each value becomes --config.model.<field>=<value>.
 SWEEPS = {
-    # Transition initialisation (gateloop_jax/config.py `init`): slow forgetting (ours), the LRU ring, plain Lecun normal.
+    # Transition initialisation (gateloop_jax/config.py `init`): slow forgetting (ours), the LRU ring, Lecun normal.
     "init": ("init", ("slow_forget", "lru_ring", "default")),
     # |a| = f(gamma): the paper's sigmoid, GLA-style tempered sigmoid, LRU-style exp(-exp(gamma)).
     "magnitude_activation": ("magnitude_activation", ("sigmoid", "sigmoid_tempered", "lru_exp")),
@@ -135,8 +134,7 @@ def aggregate(args) -> dict:
         },
     }
     labels = {p["name"]: f"{field}={p['name']}" for p in points(args.sweep, args.base)}
-    cr.write_json(RESULTS / f"{stem}.json", summary)
-    (RESULTS / f"{stem}.md").write_text(cr.markdown_table(summary, labels, title=f"Sweep {field} on {args.base}"))
+    cr.write_summary(stem, summary, cr.markdown_table(summary, labels, title=f"Sweep {field} on {args.base}"))
     cr.plot_curves(
         summary,
         RESULTS / f"{stem}.png",
@@ -148,12 +146,9 @@ def aggregate(args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("list", "run", "aggregate"))
+    p = cr.driver_parser(__doc__, ("list", "run", "aggregate"), seeds=[0])
     p.add_argument("--sweep", choices=list(SWEEPS), default="init")
     p.add_argument("--base", choices=list(BASES), default="memory_horizon")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--parallel", type=int, default=2)
     args = p.parse_args(argv)
     if args.action == "list":
         for sweep in SWEEPS:
