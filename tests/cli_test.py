@@ -97,6 +97,17 @@ def test_bad_setting_is_a_config_error_before_compiling(field, value, expected, 
     assert expected in str(info.value)
 
 
+def test_missing_init_from_and_wrong_eval_split(tmp_path):
+    c = get_config("memory_horizon")
+    c.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(MissingPathError, match=r"config.init_from=.*nowhere.* does not exist"):
+        settings.check_settings(c)
+    c = get_config("wikitext103")
+    c.eval_split = "valid"
+    with pytest.raises(ConfigError, match=r"config.eval_split='valid': WikiText-103 has 'validation' and 'test'"):
+        settings.check_settings(c)
+
+
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("")

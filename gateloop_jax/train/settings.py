@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gateloop_jax.errors import ConfigError
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 # Fields that count something: must be integers >= 1.
 POSITIVE_INTS = ("global_batch_size", "eval_batch_size", "grad_accum_steps", "total_steps", "data.seq_len")
@@ -49,6 +49,13 @@ def check_settings(config: Any) -> None:
         raise ConfigError(f"config.keep_ckpts={config.keep_ckpts!r}: must be an integer >= 1, or None to keep all.")
     if config.max_train_seconds is not None and config.max_train_seconds <= 0:
         raise ConfigError(f"config.max_train_seconds={config.max_train_seconds!r}: must be > 0, or None for no limit.")
+    if config.data.name == "wikitext103" and config.eval_split not in ("validation", "test"):
+        raise ConfigError(f"config.eval_split={config.eval_split!r}: WikiText-103 has 'validation' and 'test'.")
+    if config.init_from is not None and not os.path.isdir(os.path.expanduser(config.init_from)):
+        raise MissingPathError(
+            f"config.init_from={config.init_from!r} does not exist; pass a training workdir or its "
+            "checkpoints directory, or leave it unset to start from scratch."
+        )
 
 
 def check_workdir(workdir: str) -> None:
