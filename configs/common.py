@@ -112,6 +112,17 @@ def model_variant(task: str, variant: str, variants=MODEL_VARIANTS):
     return variants[variant]
 
 
+def synthetic_task_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(config, parsed arg) a synthetic task's get_config starts from: base_config(task) with the model of
+    `variant=` (MODEL_VARIANTS) and the GateLoop computation mode of `mode=` (all modes compute the same function).
+    Arg keys: variant, mode, runlocal (CPU-sized run), test (the tiny two-step test size)."""
+    arg = parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
+    c = base_config(task)
+    c.model.name = model_variant(task, arg.variant)
+    c.model.mode = arg.mode
+    return c, arg
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """'variant=fixed,runlocal' -> {"variant": "fixed", "runlocal": True, ...}; keys must be in `defaults`.
 
