@@ -1,7 +1,7 @@
 """The Triton kernels lower for CUDA, and every module verifies, on this CPU machine: the class of error the H200
 only reports at compile time as "Failed to parse Triton module" (seen on the H200: a select between two integer
-constants became an i1 operand of an atomic) is caught without a GPU. Interpret mode (pallas_test.py) checks the numbers; this
-checks that the kernels the GPU runs are well-formed Triton IR."""
+constants became an i1 operand of an atomic) is caught without a GPU. Interpret mode (pallas_test.py) checks the
+numbers; this checks that the kernels the GPU runs are well-formed Triton IR."""
 
 import contextlib
 import functools

@@ -31,8 +31,8 @@ from gateloop_jax.ops.common import polar_to_complex, reverse_exclusive_cumsum, 
 from gateloop_jax.ops.scan import scan_elementwise
 
 # Defaults from the H200 sweep of experiments/kernel_dev/bench_chunked.py (experiments/perf_notes.md; 32768 tokens,
-# 8 heads, d_qk = d_v = 64, fwd+bwd): C = 64 / c = 16 11.6 ms at L = 1024 and 8192; c = 32 ~19.9 ms (the per-channel diagonal
-# dominates); C = 128 2% faster but 6% more memory and longer compiles; sequential carry +1.5 ms at L = 8192.
+# 8 heads, d_qk = d_v = 64, fwd+bwd): C = 64 / c = 16 11.6 ms at L = 1024 and 8192; c = 32 ~19.9 ms (the per-channel
+# diagonal dominates); C = 128 2% faster but 6% more memory and longer compiles; sequential carry +1.5 ms at L = 8192.
 DEFAULT_CHUNK_SIZE = 64  # multi-head outer chunk C
 SUB_BLOCK = 16  # multi-head sub-block c; chunk sizes above it are rounded up to a multiple of it
 CARRY = "associative"  # "associative" (jax.lax.associative_scan over chunks) or "sequential" (jax.lax.scan)
