@@ -90,7 +90,7 @@ def memory_horizon(
     Returns: {"inputs", "targets", "mask"} of shape (b, t).
     """
     if reset_prob < 0 or query_prob <= 0 or reset_prob + query_prob >= 1:
-        raise ConfigError(
+        raise ValueError(
             f"memory_horizon needs reset_prob >= 0, query_prob > 0 and reset_prob + query_prob < 1, "
             f"got reset_prob={reset_prob}, query_prob={query_prob}"
         )
@@ -140,7 +140,7 @@ def mqar(
     """
     k, half = num_kv_pairs, vocab_size // 2
     if seq_len < 3 * k or k > half - 1:
-        raise ConfigError(
+        raise ValueError(
             f"mqar needs seq_len >= 3 * num_kv_pairs and num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, "
             f"num_kv_pairs={num_kv_pairs}, vocab_size={vocab_size}"
         )
@@ -195,7 +195,7 @@ def selective_copy(
     k = num_copy_tokens
     context = seq_len - k
     if context < k:
-        raise ConfigError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
+        raise ValueError(f"selective_copy needs seq_len >= 2 * num_copy_tokens, got {seq_len=}, {num_copy_tokens=}")
     ids = selective_copy_vocab(num_values)
     positions = np.sort(_random_subsets(rng, batch_size, context, k), axis=1)
     values = rng.integers(0, num_values, size=(batch_size, k)) + ids["first_value"]
@@ -271,8 +271,12 @@ def check_config(config: Any) -> None:
     for field in ("seq_len", "num_eval_batches", "read_threads"):
         if config[field] < 1:
             raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
-    # The generator's own checks (relations between the fields), on a single row: microseconds.
-    generate(np.random.default_rng(0), 1, **{f: config[f] for f in fields})
+    # The generator's own checks (relations between the fields), on a single row: microseconds. Any ValueError it
+    # raises there is about these settings.
+    try:
+        generate(np.random.default_rng(0), 1, **{f: config[f] for f in fields})
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from e
 
 
 def vocab_size(config: Any) -> int:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gateloop_jax import data
-from gateloop_jax.errors import ConfigError, MissingPathError
+from gateloop_jax.errors import ConfigError, MissingPathError, UserError
 from gateloop_jax.models import build_model, resolve_config
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, LENGTH, logical_to_spec, make_mesh
@@ -48,35 +48,41 @@ def model_config_from(config) -> ModelConfig:
     """The ModelConfig of a run: config.model with vocab_size taken from the data (data.vocab_size)."""
     fields = dict(config.model)
     fields["vocab_size"] = data.vocab_size(config.data)
-    try:
-        return resolve_config(ModelConfig.from_mapping(fields))
-    except ConfigError:
-        raise
-    except ValueError as e:  # every ModelConfig check is a ValueError naming the field and the fix
-        raise ConfigError(str(e)) from e
+    return resolve_config(ModelConfig.from_mapping(fields))
 
 
 def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]:
-    """Everything that can be checked before compiling; raises ConfigError / MissingPathError naming the setting."""
-    settings.check_settings(config)
+    """Everything that can be checked before compiling; raises ConfigError / MissingPathError naming the setting.
+
+    Every check here is about the settings (a field's range, a ModelConfig field, the mesh against the devices, the
+    batch against the mesh), so a ValueError raised by one is re-raised as the ConfigError (a ValueError too) that the
+    command lines answer in one line.
+    """
     try:
-        mesh = make_mesh(config.mesh, mesh_devices)
-        learning_rate_schedule(config)  # checks optimizer.decay
-    except ValueError as e:  # make_mesh and the schedule check nothing but these settings
+        return _validate(config, mesh_devices)
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
         raise ConfigError(str(e)) from e
+
+
+def _validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]:
+    settings.check_settings(config)
+    mesh = make_mesh(config.mesh, mesh_devices)
+    learning_rate_schedule(config)  # checks optimizer.decay
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     b, accum, procs = config.global_batch_size, config.grad_accum_steps, jax.process_count()
-    if b % accum:
-        raise ConfigError(f"global_batch_size={b} is not divisible by grad_accum_steps={accum}.")
+    if accum < 1 or b % accum:
+        raise ValueError(f"global_batch_size={b} is not divisible by grad_accum_steps={accum}.")
     if (b // accum) % dp:
-        raise ConfigError(
+        raise ValueError(
             f"global_batch_size={b} / grad_accum_steps={accum} = {b // accum} sequences per micro-batch is not "
             f"divisible by the data-parallel size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}).")
     if b % procs or config.eval_batch_size % procs:
-        raise ConfigError(f"global_batch_size={b} and eval_batch_size={config.eval_batch_size} must be divisible by "
-                          f"the number of processes {procs}.")
+        raise ValueError(f"global_batch_size={b} and eval_batch_size={config.eval_batch_size} must be divisible by "
+                         f"the number of processes {procs}.")
     if config.eval_batch_size % dp:
-        raise ConfigError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
+        raise ValueError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
     data.check_config(config.data)
     if config.data.name == "wikitext103":
         data_dir = os.path.expanduser(config.data.data_dir)
