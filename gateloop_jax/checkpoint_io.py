@@ -28,9 +28,7 @@ def _model_config(config: ml_collections.ConfigDict):
     return resolve_config(ModelConfig.from_mapping(dict(config.model)))
 
 
-def load(
-    path: str, step: int | None = None, *, tokenizer: bool = True
-) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
+def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
     """(model, config, tokenizer or None) from a workdir or a checkpoints directory.
 
     Args:
