@@ -50,10 +50,7 @@ class ModelConfig:
     # --- GateLoop mixer ---
     # How the recurrence is computed: one set of parameters, several modes (ops.gateloop).
     mode: str = "auto"
-    # Chunk length of the modes that chunk ("chunked", and "pallas" multi-head); None = the op's default. Ignored
-    # wherever the mode that runs does not chunk: "scan", "recurrent", "attention", "auto" where it resolves to one
-    # of them (max-headed off GPU), and the configs' CPU sizes that turn "auto" into "recurrent" (every test size,
-    # memory_horizon's runlocal).
+    # Chunk length for mode="chunked"; None = the op's default.
     chunk_size: int | None = None
     # "data_controlled" (GateLoop), "fixed" (a per channel, input independent: S5/LRU/RetNet-like ablation),
     # "real" (data-controlled magnitude, phase 0), "none" (a = 1: linear attention).
@@ -115,10 +112,9 @@ class ModelConfig:
             value = getattr(self, field)
             if value not in choices:
                 raise ValueError(f"model config: {field}={value!r} is not one of {choices}.")
-        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_qk", "d_v", "mlp_dim", "chunk_size"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise ValueError(f"model config: {field} must be >= 1, got {value}.")
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"model config: {field} must be >= 1, got {getattr(self, field)}.")
         if (self.d_qk is None or self.d_v is None) and self.d_model % self.num_heads:
             raise ValueError(
                 f"model config: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
