@@ -12,14 +12,17 @@ Every mixer implements the same protocol, so the LM shell and the decoder are sh
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gateloop_jax import ops
-from gateloop_jax.config import ModelConfig
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
+
+if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
+    from gateloop_jax.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transition parametrisation: pure functions, shared by the mixer, its initialisers and the inspection tools.
