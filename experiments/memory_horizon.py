@@ -46,11 +46,8 @@ VARIANTS = {
     "transformer": ("transformer", {"model.num_heads": 4, "model.d_qk": 8, "model.d_v": 8}),
 }
 LABELS = {
-    "gateloop": "GateLoop (data-controlled)",
-    "fixed": "fixed transition",
-    "real": "real-only (phase 0)",
-    "linear_attention": "linear attention (a = 1)",
-    "transformer": "Transformer",
+    "gateloop": "GateLoop (data-controlled)", "fixed": "fixed transition", "real": "real-only (phase 0)",
+    "linear_attention": "linear attention (a = 1)", "transformer": "Transformer",
 }
 
 
