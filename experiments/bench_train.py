@@ -74,24 +74,13 @@ def bench_model(args, spec: str) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     key = jax.random.key(0)
-    batches = [
-        jax.random.randint(jax.random.fold_in(key, i), (args.batch, args.length + 1), 0, config.vocab_size, jnp.int32)
-        for i in range(2)
-    ]
-    rec = {
-        "model": spec,
-        "name": name,
-        "preset": preset,
-        "mode": config.mode if name != "transformer" else "-",
-        "params": n_params,
-        "batch": args.batch,
-        "length": args.length,
-        "dtype": args.dtype,
-        "tokens": args.batch * args.length,
-    }
-    compiled, rec["compile_s"], rec["xla_memory"] = bc.compile_fn(
-        step, (params, opt_state, rest, batches[0]), donate_argnums=(0, 1)
-    )
+    batches = [jax.random.randint(jax.random.fold_in(key, i), (args.batch, args.length + 1), 0, config.vocab_size,
+                                  jnp.int32) for i in range(2)]
+    rec = {"model": spec, "name": name, "preset": preset, "mode": config.mode if name != "transformer" else "-",
+           "params": n_params, "batch": args.batch, "length": args.length, "dtype": args.dtype,
+           "tokens": args.batch * args.length}
+    compiled, rec["compile_s"], rec["xla_memory"] = bc.compile_fn(step, (params, opt_state, rest, batches[0]),
+                                                                  donate_argnums=(0, 1))
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -102,9 +91,8 @@ def bench_model(args, spec: str) -> dict:
 
     def call():
         # Rotating two token batches: a different input every step, as in training.
-        state["params"], state["opt_state"], loss = compiled(
-            state["params"], state["opt_state"], rest, batches[state["i"] % 2]
-        )
+        state["params"], state["opt_state"], loss = compiled(state["params"], state["opt_state"], rest,
+                                                             batches[state["i"] % 2])
         state["i"] += 1
         state["losses"].append(loss)
         return loss
@@ -135,12 +123,8 @@ def main(argv=None):
         return None
     start = time.perf_counter()
     path = os.path.join(args.out, args.json)
-    result = {
-        "benchmark": "train",
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "peak_flops": args.peak_flops,
-        "records": [],
-    }
+    result = {"benchmark": "train", "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "peak_flops": args.peak_flops, "records": []}
     for i, spec in enumerate(args.models.split(",")):
         if args.isolate == "model":
             argv_child = [os.path.abspath(__file__), "--_model", spec]
@@ -163,12 +147,9 @@ def main(argv=None):
         result["records"].append(rec)
         bc.write_json(path, result)  # partial results survive a timeout
         if "median_s" in rec:
-            print(
-                f"{spec:<28} {rec['median_s'] * 1e3:8.1f} ms/step {rec['tokens_per_s']:10.0f} tokens/s "
-                f"MFU {rec['mfu']:.3f} peak {bc.gib(rec.get('peak_bytes'))} GiB "
-                f"loss {rec['loss_first']:.3f}->{rec['loss_last']:.3f}",
-                flush=True,
-            )
+            print(f"{spec:<28} {rec['median_s'] * 1e3:8.1f} ms/step {rec['tokens_per_s']:10.0f} tokens/s "
+                  f"MFU {rec['mfu']:.3f} peak {bc.gib(rec.get('peak_bytes'))} GiB "
+                  f"loss {rec['loss_first']:.3f}->{rec['loss_last']:.3f}", flush=True)
         else:
             print(f"{spec:<28} skipped: {rec.get('skipped')}", flush=True)
     bc.configure_jax_memory()
