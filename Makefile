@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e ".[dev,bench]"
+	$(PYTHON) -m pip install -q -e ".[dev,bench,eval]"
 	@touch $@
 
 test: install

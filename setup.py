@@ -2,9 +2,12 @@
 
 from setuptools import find_packages, setup
 
-# Ranges chosen to resolve on Python 3.11 (jax stops at 0.10.x there) and 3.12 (jax 0.11.x).
+# Ranges chosen to resolve on Python 3.11 (jax stops at 0.10.x there) and 3.12 (jax 0.11.x). On 3.12 jax is pinned to
+# the 0.11 line whose Pallas Mosaic GPU API (and GPU interpret mode) mode="mosaic_gpu" is written and tested against;
+# that API changes between releases. On 3.11 the mode is unavailable (a clear error) and "auto" never picks it.
 INSTALL_REQUIRES = [
-    "jax>=0.6.0,<0.12",
+    "jax>=0.6.0,<0.12; python_version < '3.12'",
+    "jax>=0.11.2,<0.12; python_version >= '3.12'",
     "flax>=0.11.0,<0.13",
     "optax>=0.2.4,<0.3",
     "orbax-checkpoint>=0.11.0,<0.13",
@@ -18,6 +21,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    # Exports (gateloop_jax/export.py): model.safetensors; bfloat16 tensors through ml_dtypes.
+    "safetensors>=0.8,<1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,6 +37,11 @@ EXTRAS_REQUIRE = {
     ],
     "bench": [
         "tabulate>=0.9",
+    ],
+    # EleutherAI's lm-evaluation-harness for gateloop_jax/lm_eval_adapter.py (pure Python, no PyTorch; part of
+    # `make test`, whose adapter tests need it).
+    "eval": [
+        "lm-eval>=0.4.13,<0.5",
     ],
     # The peer kernels experiments/bench_modes.py times beside GateLoop's on a GPU (reported as skipped where not
     # importable): jax-linear-attention's Mosaic GPU GLA (Hopper, Python >= 3.12, pins jax 0.11.2) and fla's Triton

@@ -11,9 +11,20 @@ import ml_collections
 from ml_collections import config_dict
 
 from gateloop_jax import data
+from gateloop_jax.data import synthetic
 from gateloop_jax.errors import ConfigError
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
+from gateloop_jax.train.optimizer import DECAYS
+
+# The values a string field of base_config may take (ModelConfig's are _CHOICES in gateloop_jax/models/config.py);
+# tests/knobs_test.py trains each.
+CHOICES = {
+    "eval_split": ("validation", "test"),
+    "optimizer.decay": DECAYS,
+    "data.query_gaps": synthetic.MQAR_QUERY_GAPS,
+    "data.packing": data.PACKINGS,
+}
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -70,7 +81,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     # Linear warmup from 0.
     c.optimizer.warmup_steps = 1000
-    # After warmup: "cosine", "linear" or "constant" decay to learning_rate * end_lr_factor at total_steps.
+    # After warmup: "cosine", "linear" or "constant" (DECAYS) decay to learning_rate * end_lr_factor at total_steps.
     c.optimizer.decay = "cosine"
     c.optimizer.end_lr_factor = 0.1
     # Adam moments and epsilon.
@@ -84,9 +95,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # Learning-rate multiplier of the state-transition parameters (gamma/theta projections, fixed gamma/theta).
     c.optimizer.transition_lr_factor = 1.0
 
-    # Device mesh sizes over ("data", "fsdp", "tensor"); -1 = all remaining devices. Batch is split over
-    # data x fsdp, parameters over fsdp (along embed) and tensor (heads, mlp, vocab).
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Device mesh sizes over ("data", "fsdp", "sequence", "tensor"); -1 = all remaining devices. Batch is split over
+    # data x fsdp, parameters over fsdp (along embed) and tensor (heads, mlp, vocab); sequence > 1 splits every row's
+    # length into that many contiguous shards (context parallelism; data.seq_len must be divisible by it).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1})
     # Logical axis -> mesh axes (gateloop_jax/sharding.py defines the logical names once).
     c.axis_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
     # Peak FLOP/s of one device for MFU; None = looked up from the device kind (gateloop_jax/train/metrics.py).
@@ -95,13 +107,22 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.progress_bar = True
     # Stop after this many seconds of training with a checkpoint (for job time limits); None = no limit.
     c.max_train_seconds = config_dict.placeholder(float)
+    # jax.profiler trace of steps START..START+COUNT-1 into <workdir>/profile (TensorBoard / Perfetto), given as
+    # --config.profile_steps=START,COUNT; None = no trace. Start after step 1, which includes compilation.
+    c.profile_steps = config_dict.placeholder(tuple)
+    # The loss applies the output head and cross-entropy to this many positions at a time (a scan recomputed in the
+    # backward; gateloop_jax/train/loss.py), so the (batch, length, vocab) float32 logits never exist at once.
+    # Used when the vocabulary has >= chunked_loss_min_vocab entries (WikiText's 32k: chunked; the synthetic tasks'
+    # few dozen: plain); loss_chunk_size 0 = always the plain loss.
+    c.loss_chunk_size = 256
+    c.chunked_loss_min_vocab = 8192
     return c
 
 
 # variant=<short name> in a config arg -> the registered model name (gateloop_jax.models.MODELS).
 MODEL_VARIANTS = {
     "gateloop": "gateloop", "fixed": "gateloop_fixed", "real": "gateloop_real",
-    "linear_attention": "linear_attention", "transformer": "transformer",
+    "linear_attention": "linear_attention", "transformer": "transformer", "hybrid": "hybrid",
 }
 
 
@@ -153,6 +174,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def apply_test_size(c: ml_collections.ConfigDict) -> None:
     """The tiny size every shipped config is tested at (derived, not copied): two steps, a few-kilo-parameter model."""
     c.model.update(d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+    if c.model.name == "hybrid":  # the smallest stack with both block kinds
+        c.model.update(num_layers=2, block_pattern="ga")
     # The quickest mode to compile on CPU; that all modes compute the same function is tests/ops_test.py's job.
     if c.model.mode == "auto":
         c.model.mode = "recurrent"

@@ -11,7 +11,9 @@ Expected: eval/accuracy >= 0.95 on the QUERY positions at the end (chance 0.1).
 Ablation on the same budget (expected to stay far below):
     python -m gateloop_jax.main --config configs/memory_horizon.py:variant=fixed,runlocal --workdir workdirs/mh_fixed
 
-Arg keys: variant = gateloop | fixed | real | linear_attention | transformer; mode = the GateLoop computation mode
+Arg keys: variant = gateloop | fixed | real | linear_attention | transformer | hybrid (the last two need multi-head
+--config.model.num_heads=4 --config.model.d_qk=8 --config.model.d_v=8, the hybrid also --config.model.block_pattern=ga,
+as experiments/memory_horizon.py passes); mode = the GateLoop computation mode
 (auto | scan | recurrent | attention | chunked); runlocal = CPU-sized run; test = the tiny two-step test size.
 """
 

@@ -9,8 +9,9 @@ Expected: not yet measured with this code. The paper reports test perplexity 13.
 unrecoverable tokenizer and schedule; compare eval/word_ppl and eval/bits_per_byte across tokenizers, not eval/ppl.
 Variants: variant=transformer is the softmax baseline of the same size; mode=chunked is the fast multi-head path.
 
-Arg keys: variant = gateloop | multihead | fixed | real | linear_attention | transformer; mode = the GateLoop mode;
-runlocal = a CPU smoke run on prepared data (small model, short context); test = the tiny two-step test size.
+Arg keys: variant = gateloop | multihead | fixed | real | linear_attention | transformer | hybrid (GateLoop and
+attention blocks, "ggga"); mode = the GateLoop mode; runlocal = a CPU smoke run on prepared data (small model, short
+context); test = the tiny two-step test size.
 """
 
 import os
@@ -26,6 +27,7 @@ VARIANTS = {
     "gateloop": ("gateloop", "125m"), "multihead": ("gateloop", "125m_multihead"),
     "fixed": ("gateloop_fixed", "125m"), "real": ("gateloop_real", "125m"),
     "linear_attention": ("linear_attention", "125m"), "transformer": ("transformer", "125m_multihead"),
+    "hybrid": ("hybrid", "125m_multihead"),
 }
 
 

@@ -46,6 +46,7 @@ def fill_cache(cache, context: int, seed: int):
                 shape, dtype = layer[name].shape, layer[name].dtype
                 layer[name] = jax.device_put(rng.standard_normal(shape, np.float32).astype(dtype))
             layer["length"] = jnp.full_like(layer["length"], context)
+            layer["start"] = jnp.zeros(layer["start"].shape, layer["start"].dtype)  # one document from position 0
         else:  # recurrent state, complex
             noise = rng.standard_normal((2,) + layer.shape, np.float32) * 0.1
             layer = jax.device_put((noise[0] + 1j * noise[1]).astype(layer.dtype))

@@ -86,6 +86,13 @@ def parse_args(argv=None):
         "to each shape, instead of the random gates; the kernels' speed depends on the gates",
     )
     p.add_argument(
+        "--segment_length",
+        type=int,
+        default=0,
+        help="scope op: pack each row with segments (segment_ids, a state reset at each start) of this "
+        "mean length, starts at random (seeded); 0: one segment. Peers are skipped (no resets there)",
+    )
+    p.add_argument(
         "--pipeline",
         type=int,
         default=5,

@@ -62,6 +62,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             "tokens": b * t,
             **dims,
             "gates": (args.gates_file or "random") if scope == "op" else "the layer's own",
+            "segment_length": args.segment_length if scope == "op" else 0,
         }
         auto = resolve_auto(dims, t, max(b, 1)) if "auto" in modes else None
         for mode in modes + [p for p in peers if p not in modes]:
@@ -69,6 +70,8 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
                 c = {**base, "mode": mode, "pass": pass_, "kind": "peer" if mode in PEER_MODES else "gateloop"}
                 if b < 1:
                     c["skipped"] = f"length {t} exceeds --tokens {args.tokens}"
+                elif mode in PEER_MODES and args.segment_length and scope == "op":
+                    c["skipped"] = "--segment_length: the peers take no segment_ids"
                 elif mode in PEERS_JLA and jla_missing:
                     c["skipped"] = jla_missing
                 elif mode == "attention" and limit:
@@ -102,7 +105,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     def build(c, *, upcast=False, mode=None):
         mode = mode or c["mode"]
         if scope == "op":
-            return op_fn(mode, c["pass"], args.chunk_size, upcast=upcast)
+            return op_fn(mode, c["pass"], args.chunk_size, upcast=upcast, segments=bool(args.segment_length))
         graphdef, _ = modules[mode if mode in PEERS_SOFTMAX else "gateloop"]
         return layer_fn(graphdef, mode, c["pass"])
 
@@ -135,6 +138,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
             }
             specs = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for n, s in shapes.items()}
             specs["log_magnitude"] = specs["phase"] = jax.ShapeDtypeStruct(shapes["q"], jnp.float32)
+            specs["segment_ids"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
         else:
             x = jax.ShapeDtypeStruct((b, t, dims["d_model"]), jnp.dtype(dtype))
             params = modules[c["mode"] if c["mode"] in PEERS_SOFTMAX else "gateloop"][1]
@@ -144,7 +148,7 @@ def run_group(args, group: str, emit, skip: set[str], deadline: float) -> None:
     def inputs_for(t, b):
         seed = 1000 + t  # the same inputs for every mode at this length
         if scope == "op":
-            return op_inputs(seed, b, t, dims, dtype, args.gates_file)
+            return op_inputs(seed, b, t, dims, dtype, args.gates_file, args.segment_length)
         x = layer_inputs(seed, b, t, dims["d_model"], dtype)
         return x
 

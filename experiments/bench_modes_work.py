@@ -50,7 +50,9 @@ def _jit_maker(kind: str, b: int, t: int, h: int, dk: int, dv: int, dtype: str):
     return jax.jit(make_op if kind == "op" else make_layer)
 
 
-def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str = "") -> dict:
+def op_inputs(
+    seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str = "", segment_length: int = 0
+) -> dict:
     """Random op inputs on the device (never zeros): q (scaled by d_qk^-1/2), k, v, the cotangent dy in `dtype`;
     log|a| = log sigmoid(U[0, 6]) (|a| in [0.5, 0.9975]) and phases U[-pi, pi) in float32. With gates_file
     ("path.npz:layerN", tame_fraction.py --save_gates), log|a| is a trained model's instead, tiled to the shape."""
@@ -61,10 +63,13 @@ def op_inputs(seed: int, b: int, t: int, dims: dict, dtype: str, gates_file: str
     if gates_file:
         gates = bc.tile_gates(bc.load_gates(gates_file), b, t, dims["heads"], dims["d_qk"])
         inputs["log_magnitude"] = jnp.asarray(gates)
+    if segment_length:  # a segment starts at each position with probability 1 / segment_length
+        starts = jax.random.bernoulli(jax.random.key(seed + 1), 1.0 / segment_length, (b, t))
+        inputs["segment_ids"] = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
     return inputs
 
 
-def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
+def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False, segments: bool = False):
     """(fn, argument names). fwd -> y; fwdbwd -> (y, the five input gradients): what a training step computes.
 
     y must be an output of fwdbwd: GateLoop's backward does not read y, so with only the gradients returned XLA drops
@@ -95,18 +100,24 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False):
     else:
         kw = {"chunk_size": chunk_size} if (mode == "chunked" and chunk_size) else {}
 
-        def forward(q, k, v, log_magnitude, phase):
+        def forward(q, k, v, log_magnitude, phase, segment_ids=None):
             if upcast:
                 q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-            return ops.gateloop(q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode, **kw)
+            return ops.gateloop(
+                q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode, segment_ids=segment_ids, **kw
+            )
 
-        names = ("q", "k", "v", "log_magnitude", "phase")
+        names = ("q", "k", "v", "log_magnitude", "phase") + (("segment_ids",) if segments else ())
     if pass_ == "fwd":
         return forward, names
 
     def fwdbwd(*xs):
         *inputs, dy = xs
-        y, vjp = jax.vjp(forward, *inputs)
+        fn = forward
+        if segments:  # integer ids: not differentiated
+            *inputs, ids = inputs
+            fn = functools.partial(forward, segment_ids=ids)
+        y, vjp = jax.vjp(fn, *inputs)
         return y, *vjp(dy.astype(y.dtype))
 
     return fwdbwd, names + ("dy",)

@@ -4,9 +4,12 @@ Transformer at length 2048 on one device.
     python experiments/bench_train.py --out experiments/results
     python experiments/bench_train.py --out /tmp/t --models gateloop:test,transformer:test --length 32 --batch 2 \
         --reps 2 --isolate none                                         # what tests/bench_test.py runs (CPU)
+    python experiments/bench_train.py --models gateloop:125m --loss_chunk_size 256 --json train_chunked_loss.json
+                                                                        # the chunked loss (peak_bytes vs 0 = plain)
 
-The step is written here (not imported from the trainer): cross-entropy on next tokens, value_and_grad, optax adamw,
-jitted once with the parameters and optimizer state donated; bf16 activations with float32 parameters (--dtype).
+The step is written here (not imported from the trainer): cross-entropy on next tokens (the trainer's loss function,
+plain or chunked by --loss_chunk_size), value_and_grad, optax adamw, jitted once with the parameters and optimizer
+state donated; bf16 activations with float32 parameters (--dtype).
 Each model runs in a fresh process (--isolate model) so its peak memory is its own.
 
 MFU = model FLOPs per second / peak, model FLOPs per token = 6 N (N = all parameters; with tied embeddings the
@@ -34,6 +37,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--mode", default="auto", help="GateLoop mode for the step")
     p.add_argument("--remat", action="store_true", help="rematerialise each block in the backward (long lengths)")
+    p.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        default=0,
+        help="head + cross-entropy over sequence chunks of this length (gateloop_jax/train/loss.py); "
+        "0 = the plain loss over the full (b, t, V) logits",
+    )
     p.add_argument("--matmul_n", type=int, default=8192, help="size of the matmul-rate measurement (0: skip)")
     p.add_argument("--peak_flops", type=float, default=bc.H200_BF16_PEAK_FLOPS)
     p.add_argument("--isolate", choices=("model", "none"), default="model")
@@ -49,6 +59,7 @@ def bench_model(args, spec: str) -> dict:
     from flax import nnx
 
     from gateloop_jax.models import build_model, param_count, preset_config
+    from gateloop_jax.train.loss import model_token_stats
 
     name, preset = spec.split(":")
     config = preset_config(preset, name=name, dtype=args.dtype)
@@ -65,8 +76,9 @@ def bench_model(args, spec: str) -> dict:
 
     def loss_fn(params, rest, tokens):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        mask = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+        stats = model_token_stats(model, tokens[:, :-1], tokens[:, 1:], mask, chunk_size=args.loss_chunk_size)
+        return stats["nll"] / stats["count"]
 
     def step(params, opt_state, rest, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, rest, tokens)
@@ -78,7 +90,7 @@ def bench_model(args, spec: str) -> dict:
                                   jnp.int32) for i in range(2)]
     rec = {"model": spec, "name": name, "preset": preset, "mode": config.mode if name != "transformer" else "-",
            "params": n_params, "batch": args.batch, "length": args.length, "dtype": args.dtype,
-           "tokens": args.batch * args.length}
+           "tokens": args.batch * args.length, "loss_chunk_size": args.loss_chunk_size}
     compiled, rec["compile_s"], rec["xla_memory"] = bc.compile_fn(step, (params, opt_state, rest, batches[0]),
                                                                   donate_argnums=(0, 1))
     try:
@@ -105,8 +117,8 @@ def bench_model(args, spec: str) -> dict:
     rec["peak_bytes"] = stats.get("peak_bytes_in_use")
     rec["tokens_per_s"] = rec["tokens"] / rec["median_s"]
     per_token = 6.0 * n_params
-    if name == "transformer":
-        per_token += 12.0 * config.num_layers * config.d_model * args.length
+    # Attention layers only: all of a Transformer's, a hybrid's "a" blocks.
+    per_token += 12.0 * config.layer_kinds.count("a") * config.d_model * args.length
     rec["model_flops_per_token"] = per_token
     rec["mfu"] = per_token * rec["tokens_per_s"] / args.peak_flops
     if rec["xla_flops"]:

@@ -44,10 +44,13 @@ VARIANTS = {
     "real": ("real", {}),
     "linear_attention": ("linear_attention", {}),
     "transformer": ("transformer", {"model.num_heads": 4, "model.d_qk": 8, "model.d_v": 8}),
+    # A GateLoop block then an attention block, both 4 heads of 8 (attention needs d_qk >= 2 for RoPE).
+    "hybrid": ("hybrid", {"model.num_heads": 4, "model.d_qk": 8, "model.d_v": 8, "model.block_pattern": "ga"}),
 }
 LABELS = {
     "gateloop": "GateLoop (data-controlled)", "fixed": "fixed transition", "real": "real-only (phase 0)",
     "linear_attention": "linear attention (a = 1)", "transformer": "Transformer",
+    "hybrid": "hybrid (GateLoop + attention)",
 }
 
 

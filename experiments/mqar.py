@@ -38,9 +38,11 @@ MODELS = {
     "gateloop_multi_head": ("variant=gateloop,mode=recurrent,runlocal", {}),
     # Softmax attention, 4 heads of 16: looks the keys up directly.
     "transformer": ("variant=transformer,runlocal", {}),
+    # A GateLoop block (4 x 16, mode=recurrent) then an attention block (4 x 16).
+    "hybrid": ("variant=hybrid,mode=recurrent,runlocal", {"model.block_pattern": "ga"}),
 }
 LABELS = {"gateloop_max_headed": "GateLoop max-headed (64 x 1)", "gateloop_multi_head": "GateLoop multi-head (4 x 16)",
-          "transformer": "Transformer (4 x 16)"}
+          "transformer": "Transformer (4 x 16)", "hybrid": "hybrid GateLoop + attention (4 x 16)"}
 
 
 def workdir(model: str, k: int, seed: int) -> Path:

@@ -6,7 +6,8 @@
 Shape legend: b batch, t prompt length (the longest prompt), n max_new_tokens, V vocab.
 
 The cache is whatever the model's mixers keep (CausalLM.prefill / decode_step): GateLoop's (b, h, k, v) complex
-state per layer, O(1) in the length, or the Transformer's KV cache of max_len = t + n positions.
+state per layer, O(1) in the length, or the Transformer's KV cache of max_len = t + n positions; a hybrid keeps each
+kind for its own layers.
 
 The loop is a Python loop over one jitted step (decode the previous token, then sample the next), not a
 lax.while_loop: it lets `callback` stream tokens as they are produced, and the extra cost is one dispatch per token
@@ -16,6 +17,7 @@ loop). The step is compiled once per (model structure, batch size, sampling sett
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gateloop_jax.sharding import DEFAULT_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,12 @@ def pad_prompts(prompt, prompt_mask=None) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
+@contextlib.contextmanager
+def _mesh_context(mesh):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        yield
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "max_len", "sampler"))
 def _prefill(graphdef, state, tokens, mask, key, *, mode, max_len, sampler):
     model = nnx.merge(graphdef, state)
@@ -127,6 +137,7 @@ def generate(
     prompt_mask=None,
     callback: Callable[[int, np.ndarray], None] | None = None,
     mode: str | None = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Sample max_new_tokens tokens after each prompt.
 
@@ -144,6 +155,10 @@ def generate(
       mode: GateLoop computation mode of the prefill. The default "auto" picks a parallel one (scan/pallas
         max-headed, chunked multi-head) whatever mode the model trained with; None = the model's configured mode.
         Decoding is always the O(1) recurrent step.
+      mesh: run the prefill over this mesh (gateloop_jax.sharding.make_mesh) with the default logical axis rules;
+        with a "sequence" axis of size n > 1 the prompt is split into n contiguous shards (context parallelism; the
+        prompt is right padded to a multiple of n, masked out) and decoding continues from the last shard's state.
+        The decode steps run outside the mesh, on the prefill's cache as it is placed.
 
     Returns:
       tokens (b, n) int32: the generated continuation of each row (row i continues after its own last prompt token).
@@ -154,12 +169,20 @@ def generate(
     if sampler.temperature == 0 or sampler.top_k == 1:
         sampler = Sampler(0.0)  # Every greedy setting shares one compiled program.
     tokens, mask = pad_prompts(prompt, prompt_mask)
+    prefill_context = contextlib.nullcontext()
+    if mesh is not None:
+        # Padding is masked out (identity steps for GateLoop, never attended to under the causal mask), so it only
+        # makes the length divisible by the sequence axis.
+        pad = -tokens.shape[1] % mesh.shape.get("sequence", 1)
+        tokens, mask = np.pad(tokens, ((0, 0), (0, pad))), np.pad(mask, ((0, 0), (0, pad)))
+        prefill_context = _mesh_context(mesh)
     # The KV cache (Transformer) has a fixed size: the padded prompt plus every new token; GateLoop ignores it.
     max_len = tokens.shape[1] + max_new_tokens
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    token, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), keys[0], mode=mode,
-                            max_len=max_len, sampler=sampler)
+    with prefill_context:
+        token, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), keys[0], mode=mode,
+                                max_len=max_len, sampler=sampler)
     out = [token]
     if callback is not None:
         callback(0, np.asarray(token))

@@ -23,7 +23,7 @@ from flax import nnx
 
 
 def _check_gateloop(model):
-    if not all(hasattr(block.mixer, "transition") for block in model.blocks):
+    if not any(hasattr(block.mixer, "transition") for block in model.blocks):
         raise ValueError(f"inspection: model {model.config.name!r} has no state transitions (only GateLoop mixers do).")
 
 
@@ -41,8 +41,8 @@ def transitions(model, tokens) -> list[dict[str, np.ndarray]]:
       tokens: (b, t) or (t,) int.
 
     Returns:
-      one dict per layer: magnitude (b, t, h*k) in [0, 1], phase (b, t, h*k) in radians, log_magnitude (b, t, h*k)
-      (exact where |a| underflows to 0); float32 NumPy arrays.
+      one dict per GateLoop layer (a hybrid's attention layers have none): magnitude (b, t, h*k) in [0, 1], phase
+      (b, t, h*k) in radians, log_magnitude (b, t, h*k) (exact where |a| underflows to 0); float32 NumPy arrays.
     """
     _check_gateloop(model)
     tokens = jnp.asarray(tokens, jnp.int32)

@@ -2,11 +2,14 @@
 
 Shape legend: b batch, t length, d d_model, h heads, k d_qk, v d_v, f mlp_dim, V vocab.
 Every mixer implements the same protocol, so the LM shell and the decoder are shared by all architectures:
-  __call__(x, *, mask=None, mode=None) -> y                 x, y: (b, t, d)
+  __call__(x, *, mask=None, mode=None, segment_ids=None) -> y                 x, y: (b, t, d)
   init_cache(batch_size, max_len) -> cache
-  prefill(x, *, mask=None, mode=None, max_len) -> (y, cache)
-  step(x_t, cache) -> (y_t, cache)                          x_t, y_t: (b, d)
+  prefill(x, *, mask=None, mode=None, max_len, segment_ids=None) -> (y, cache)
+  step(x_t, cache) -> (y_t, cache)                                            x_t, y_t: (b, d)
 `mask` (b, t) marks real tokens; padded positions must come after the real ones of their row (right padding).
+`segment_ids` (b, t) int packs several documents into one row: a new segment starts wherever the id differs from the
+previous position, and each segment is mixed as if it were alone (the recurrence restarts, attention stays inside it,
+RoPE positions restart). After a prefill, step() continues the row's last segment.
 """
 
 from __future__ import annotations
@@ -18,11 +21,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gateloop_jax import ops
+from gateloop_jax import context_parallel, ops
+from gateloop_jax.ops.common import segment_starts
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
 
 if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
     from gateloop_jax.models.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed rows: segment boundaries as pure functions of segment_ids (b, t); ops.common.segment_starts marks where the
+# id changes (never at position 0, where every row's first segment begins anyway).
+
+
+def segment_start_index(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) int32: the index where each position's segment begins."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    return jax.lax.cummax(jnp.where(segment_starts(segment_ids), index, 0), axis=1)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) int32: each position's index within its own segment (the RoPE positions of a packed row)."""
+    return jnp.arange(segment_ids.shape[1], dtype=jnp.int32) - segment_start_index(segment_ids)
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """(b, t, t) bool: query i and key j lie in the same segment. Compares segment ordinals rather than the ids
+    themselves, so a row whose ids repeat (1, 1, 2, 1) still has three separate segments."""
+    ordinal = jnp.cumsum(segment_starts(segment_ids), axis=1)
+    return ordinal[:, :, None] == ordinal[:, None, :]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The transition parametrisation: pure functions, shared by the mixer, its initialisers and the inspection tools.
@@ -198,29 +225,58 @@ class GateLoopMixer(nnx.Module):
         return constrain(self.out_proj(y), (BATCH, LENGTH, None))
 
     # -- the mixer protocol ----------------------------------------------------------------------------------------
-    def _recurrence(self, q, k, v, a, mode, return_state=False):
-        """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard."""
+    def _recurrence(self, q, k, v, a, mode, return_state=False, segment_ids=None):
+        """ops.gateloop; a kernel mode (a pallas_call XLA cannot partition) runs per (batch, head) shard, and a length
+        split over the mesh (context parallelism) per (batch, length, head) shard."""
         mode = mode or self.config.mode
-        fn = lambda q, k, v, a: ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size,  # noqa: E731
+        resolved = ops.resolve_mode(mode, q.shape, v.shape)
+        # config.chunk_size is for the chunked modes; a run whose mode (given, or what "auto" resolved to on this
+        # platform and shape, or the eval / prefill override) does not chunk ignores it (ModelConfig.chunk_size).
+        chunk_size = self.config.chunk_size if resolved in ops.CHUNKED_MODES else None
+        if context_parallel.sequence_axes()[0] is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids with a length split over the mesh (mesh.sequence > 1) is not supported; "
+                                 "set mesh.sequence=1 or train without packed documents.")
+            return context_parallel.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size,
                                              return_state=return_state)
-        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
-            return fn(q, k, v, a)
-        out_kinds = ("sequence", "state") if return_state else ("sequence",)
-        return map_over_batch_and_heads(fn, q, k, v, a, out_kinds=out_kinds)
 
-    def __call__(self, x, *, mask=None, mode=None):
+        def fn(q, k, v, a, *segments):
+            # segment_ids only when given, so a row without segments traces exactly the unsegmented op.
+            kw = {"segment_ids": segments[0]} if segments else {}
+            return ops.gateloop(q, k, v, a, mode=mode, chunk_size=chunk_size, return_state=return_state, **kw)
+
+        args = (q, k, v, a) + (() if segment_ids is None else (segment_ids,))
+        if resolved not in ops.KERNEL_MODES:
+            return fn(*args)
+        out_kinds = ("sequence", "state") if return_state else ("sequence",)
+        return map_over_batch_and_heads(fn, *args, out_kinds=out_kinds)
+
+        def fn(q, k, v, a, *segments):
+            # segment_ids only when given, so a row without segments traces exactly the unsegmented op.
+            kw = {"segment_ids": segments[0]} if segments else {}
+            return ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size, return_state=return_state,
+                                **kw)
+
+        args = (q, k, v, a) + (() if segment_ids is None else (segment_ids,))
+        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
+            return fn(*args)
+        out_kinds = ("sequence", "state") if return_state else ("sequence",)
+        return map_over_batch_and_heads(fn, *args, out_kinds=out_kinds)
+
+    def __call__(self, x, *, mask=None, mode=None, segment_ids=None):
         q, k, v, a = self._inputs(x, mask)
-        return self._output(x, self._recurrence(q, k, v, a, mode))
+        return self._output(x, self._recurrence(q, k, v, a, mode, segment_ids=segment_ids))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         del max_len  # The recurrent state is O(1) in the length.
         dk, dv = self.config.head_dims
         return jnp.zeros((batch_size, self.config.num_heads, dk, dv), jnp.complex64)
 
-    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+    def prefill(self, x, *, mask=None, mode=None, max_len=None, segment_ids=None):
         del max_len
         q, k, v, a = self._inputs(x, mask)
-        y, state = self._recurrence(q, k, v, a, mode, return_state=True)
+        # The final state is the last segment's (ops.gateloop), so decoding continues that segment.
+        y, state = self._recurrence(q, k, v, a, mode, return_state=True, segment_ids=segment_ids)
         return self._output(x, y), state
 
     def step(self, x_t, cache):
@@ -267,11 +323,23 @@ class CausalSelfAttention(nnx.Module):
         k = rope(self.k_proj(x), positions, self.config.rope_base)
         return q, k, self.v_proj(x)
 
-    def __call__(self, x, *, mask=None, mode=None):
-        del mode, mask  # Right padding never influences earlier (real) positions under a causal mask.
+    def _attend(self, x, segment_ids):
+        """(q, k, v, y) of causal self-attention over x (b, t, d); with segment_ids, within each segment only."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        if segment_ids is None:
+            q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+            y = context_parallel.causal_attention(q, k, v, implementation=self._implementation())
+        else:
+            # jax.nn.dot_product_attention has no segment-id argument: a (b, 1, t, t) block-diagonal mask, ANDed
+            # with the causal one. It costs what the t x t logits already cost.
+            q, k, v = self._qkv(x, segment_positions(segment_ids))
+            y = jax.nn.dot_product_attention(q, k, v, mask=same_segment(segment_ids)[:, None], is_causal=True,
+                                             implementation=self._implementation())
+        return q, k, v, y
+
+    def __call__(self, x, *, mask=None, mode=None, segment_ids=None):
+        del mode, mask  # Right padding never influences earlier (real) positions under a causal mask.
+        y = self._attend(x, segment_ids)[-1]
         return constrain(self.out_proj(y), (BATCH, LENGTH, None))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
@@ -283,32 +351,39 @@ class CausalSelfAttention(nnx.Module):
             "k": jnp.zeros((batch_size, max_len, h, dk), dtype),
             "v": jnp.zeros((batch_size, max_len, h, dv), dtype),
             "length": jnp.zeros((batch_size,), jnp.int32),
+            # Where the row's current segment begins: decoding attends to keys in [start, length) only.
+            "start": jnp.zeros((batch_size,), jnp.int32),
         }
 
-    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+    def prefill(self, x, *, mask=None, mode=None, max_len=None, segment_ids=None):
         b, t, _ = x.shape
         if max_len is None or max_len < t:
             raise ValueError(
                 f"prefill: max_len={max_len} must be given and cover the prompt ({t}) plus the tokens to decode: "
                 "the KV cache has a fixed size.")
-        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        _, k, v, y = self._attend(x, segment_ids)
         cache = self.init_cache(b, max_len)
         cache["k"] = cache["k"].at[:, :t].set(k.astype(cache["k"].dtype))
         cache["v"] = cache["v"].at[:, :t].set(v.astype(cache["v"].dtype))
         cache["length"] = (jnp.full((b,), t, jnp.int32) if mask is None else mask.sum(-1).astype(jnp.int32))
+        if segment_ids is not None:  # the segment of each row's last real token
+            last = jnp.maximum(cache["length"] - 1, 0)[:, None]
+            cache["start"] = jnp.take_along_axis(segment_start_index(segment_ids), last, axis=1)[:, 0]
         return self.out_proj(y), cache
 
     def step(self, x_t, cache):
-        length = cache["length"]  # (b,): where this token goes, per row
-        q, k, v = self._qkv(x_t[:, None, :], length[:, None])
+        length, start = cache["length"], cache["start"]  # (b,): where this token goes / its segment begins, per row
+        q, k, v = self._qkv(x_t[:, None, :], (length - start)[:, None])
         write = jax.vmap(lambda buf, new, pos: jax.lax.dynamic_update_slice_in_dim(buf, new, pos, axis=0))
         cache = {
             "k": write(cache["k"], k.astype(cache["k"].dtype), length),
             "v": write(cache["v"], v.astype(cache["v"].dtype), length),
             "length": length + 1,
+            "start": start,
         }
-        y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], key_value_seq_lengths=cache["length"],
+        index = jnp.arange(cache["k"].shape[1])
+        visible = (index >= start[:, None]) & (index <= length[:, None])  # (b, max_len)
+        y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible[:, None, None, :],
                                          implementation="xla")
         return self.out_proj(y)[:, 0], cache
 
@@ -355,16 +430,17 @@ class Block(nnx.Module):
         out = fn(x)
         return norm(x + self.dropout(out, deterministic=deterministic)), out
 
-    def __call__(self, x, *, mask=None, mode=None, deterministic=True):
-        x, _ = self._residual(x, self.mixer_norm, lambda z: self.mixer(z, mask=mask, mode=mode), deterministic)
+    def __call__(self, x, *, mask=None, mode=None, deterministic=True, segment_ids=None):
+        mix = lambda z: self.mixer(z, mask=mask, mode=mode, segment_ids=segment_ids)  # noqa: E731
+        x, _ = self._residual(x, self.mixer_norm, mix, deterministic)
         x, _ = self._residual(x, self.ffn_norm, self.ffn, deterministic)
         return x
 
-    def prefill(self, x, *, mask=None, mode=None, max_len=None):
+    def prefill(self, x, *, mask=None, mode=None, max_len=None, segment_ids=None):
         caches = []
 
         def mix(z):
-            y, cache = self.mixer.prefill(z, mask=mask, mode=mode, max_len=max_len)
+            y, cache = self.mixer.prefill(z, mask=mask, mode=mode, max_len=max_len, segment_ids=segment_ids)
             caches.append(cache)
             return y
 

@@ -1,8 +1,9 @@
 """Logical axis names (defined once), default rules mapping them onto mesh axes, and activation constraints.
 
 Parameters carry logical names through nnx.with_partitioning; the trainer maps them onto a Mesh with axes
-("data", "fsdp", "tensor") using rules that are config data. Activations are constrained with `constrain`, which is a
-no-op unless a mesh and logical rules are active (so models run unchanged in notebooks and tests).
+("data", "fsdp", "sequence", "tensor") using rules that are config data. Activations are constrained with
+`constrain`, which is a no-op unless a mesh and logical rules are active (so models run unchanged in notebooks and
+tests).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ BATCH, LENGTH, EMBED, HEADS, QK, V, MLP, VOCAB, LAYERS = (
     "batch", "length", "embed", "heads", "qk", "v", "mlp", "vocab", "layers",
 )
 LOGICAL_AXES = (BATCH, LENGTH, EMBED, HEADS, QK, V, MLP, VOCAB, LAYERS)
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
-# Data parallelism over batch (data x fsdp); FSDP shards parameters along embed; tensor parallelism splits heads,
+# Data parallelism over batch (data x fsdp); FSDP shards parameters along embed; context parallelism splits the
+# length into contiguous shards (gateloop_jax/context_parallel.py); tensor parallelism splits heads,
 # the MLP hidden dimension and the vocabulary. Parameters' "embed" is sharded over fsdp; activations never name
 # "embed" (see `constrain` call sites), so the residual stream is only batch-sharded.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
+    (LENGTH, "sequence"),
     (EMBED, "fsdp"),
     (HEADS, "tensor"),
     (QK, None),
@@ -57,9 +59,9 @@ def map_over_batch_and_heads(fn, *args, out_kinds: Sequence[str]):
 
     For ops that are independent per (batch row, head) but opaque to XLA's partitioner, such as a pallas_call: XLA
     cannot split a custom call, so under a sharded jit it would gather the whole batch onto every device. Every input
-    leaf is (batch, length, heads, ...); out_kinds gives per output leaf "sequence" for (b, t, h, ...) or "state" for
-    (b, h, ...). A mesh axis that does not divide the batch or head count is left out (that dimension is then
-    replicated), never an error.
+    leaf is (batch, length, heads, ...) or, like segment_ids, (batch, length); each argument's first leaf decides its
+    spec. out_kinds gives per output leaf "sequence" for (b, t, h, ...) or "state" for (b, h, ...). A mesh axis that
+    does not divide the batch or head count is left out (that dimension is then replicated), never an error.
     """
     rules = core_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
@@ -69,12 +71,12 @@ def map_over_batch_and_heads(fn, *args, out_kinds: Sequence[str]):
     batch_axes = _dividing_axes(logical_to_spec((BATCH,), rules)[0], mesh, first.shape[0])
     head_axes = _dividing_axes(logical_to_spec((HEADS,), rules)[0], mesh, first.shape[2])
     in_spec = PartitionSpec(batch_axes, None, head_axes)
+    in_specs = tuple(in_spec if jax.tree.leaves(arg)[0].ndim > 2 else PartitionSpec(batch_axes, None) for arg in args)
     by_kind = {"sequence": in_spec, "state": PartitionSpec(batch_axes, head_axes)}
     out_specs = tuple(by_kind[kind] for kind in out_kinds)
     out_specs = out_specs[0] if len(out_specs) == 1 else out_specs
     # check_vma=False: pallas_call has no replication rule; the specs above state the (trivial) per-shard semantics.
-    return jax.shard_map(fn, mesh=mesh, in_specs=(in_spec,) * len(args), out_specs=out_specs,
-                         check_vma=False)(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def _dividing_axes(axes, mesh, size):
@@ -88,7 +90,7 @@ def _dividing_axes(axes, mesh, size):
 
 
 def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
-    """A Mesh over MESH_AXES from sizes like {"data": -1, "fsdp": 1, "tensor": 1}; -1 takes the remaining devices.
+    """A Mesh over MESH_AXES from sizes like {"data": -1, "sequence": 1}; -1 takes the remaining devices.
 
     Axes missing from `mesh_shape` have size 1. A mesh needing more devices than exist is an error naming the sizes
     and the device count. Explicit sizes whose product is smaller than the device count use the first devices (with

@@ -176,11 +176,12 @@ def test_bench_decode_tiny(tmp_path):
 def test_bench_train_tiny(tmp_path):
     train = bench_train.main(["--out", str(tmp_path), "--models", "gateloop:test,transformer:test",
                               "--mode", "recurrent", "--length", "16", "--batch", "2", "--reps", "2", "--warmup", "1",
-                              "--matmul_n", "64", "--isolate", "none", "--remat"])
+                              "--matmul_n", "64", "--isolate", "none", "--remat",
+                              "--loss_chunk_size", "4"])
     _check_env(train["env"])
     for r in train["records"]:
         assert "skipped" not in r, r.get("skipped")
-        assert r["finite"] and r["tokens_per_s"] > 0 and r["params"] > 0
+        assert r["finite"] and r["tokens_per_s"] > 0 and r["params"] > 0 and r["loss_chunk_size"] == 4
         assert 0 < r["mfu"] and math.isfinite(r["mfu_measured_peak"])
     assert train["matmul"]["flops_per_s"] > 0
     plot_bench.main(["--results", str(tmp_path), "--no_plots"])
@@ -215,3 +216,36 @@ def test_profile_pallas_chunked_variant(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_bench_modes_segment_length(tmp_path):
+    """--segment_length: packed rows (segment_ids) in the op; the modes still agree with the reference, which gets the
+    same ids, and the peers, which take none, are skipped with the reason."""
+    out = tmp_path / "segments"
+    bench_modes.main(["--out", str(out), "--tokens", "32", "--lengths", "32", "--settings", "multihead",
+                      "--heads", "2", "--d_head", "4", "--dtypes", "float32", "--passes", "fwdbwd", "--scopes", "op",
+                      "--modes", "scan,chunked", "--peers", "softmax_xla", "--reps", "1", "--warmup", "1",
+                      "--isolate", "none", "--copy_bytes", "65536", "--segment_length", "6"])
+    records = {r["mode"]: r for r in json.loads((out / "modes.json").read_text())["records"]}
+    assert "segment_ids" in records["softmax_xla"]["skipped"]
+    for mode in ("scan", "chunked"):
+        assert records[mode]["segment_length"] == 6 and "skipped" not in records[mode]
+        assert records[mode]["error"]["max_rel"] < 1e-4, records[mode]["error"]  # float32 against float32 recurrent
+    ids = np.asarray(bench_modes.op_inputs(1032, 1, 32, {"heads": 2, "d_qk": 4, "d_v": 4}, "float32",
+                                           segment_length=6)["segment_ids"])
+    assert 1 <= ids[0, -1] <= 20  # ~5 starts expected in 32 positions at probability 1/6
+
+
+def test_segments_overhead_compares_runs(tmp_path):
+    """experiments/segments_overhead.py: each config of a --segment_length run against the same config without."""
+    import segments_overhead
+
+    rec = {"setting": "multihead", "dtype": "bfloat16", "length": 2048, "mode": "pallas", "pass": "fwdbwd"}
+    for s, median in ((0, 2.0), (512, 2.1)):
+        (tmp_path / f"len{s}").mkdir()
+        records = [dict(rec, median_s=median, error={"max_rel": 1e-6}), dict(rec, mode="chunked", skipped="slow")]
+        (tmp_path / f"len{s}" / "modes.json").write_text(json.dumps({"records": records}))
+    rows = segments_overhead.main([str(tmp_path), "512"])
+    assert len(rows) == 1 and rows[0]["segment_length"] == 512 and rows[0]["mode"] == "pallas"
+    assert math.isclose(rows[0]["median_s"]["overhead"], 0.05)
+    assert json.loads((tmp_path / "overhead.json").read_text()) == rows

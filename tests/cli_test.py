@@ -104,7 +104,7 @@ def test_missing_init_from_and_wrong_eval_split(tmp_path):
         settings.check_settings(c)
     c = get_config("wikitext103")
     c.eval_split = "valid"
-    with pytest.raises(ConfigError, match=r"config.eval_split='valid': WikiText-103 has 'validation' and 'test'"):
+    with pytest.raises(ConfigError, match=r"config.eval_split='valid': wikitext103 has 'validation' and 'test'"):
         settings.check_settings(c)
 
 

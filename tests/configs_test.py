@@ -19,7 +19,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "wikitext-103", "wikitext-103-
 
 
 def test_the_task_configs_are_all_here():
-    assert CONFIGS == ["memory_horizon", "mqar", "wikitext103"]
+    assert CONFIGS == ["memory_horizon", "mqar", "text_corpus", "wikitext103"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,18 @@ def wikitext_dir(tmp_path_factory):
         for name in wt.SPLIT_FILES.values():
             zf.write(os.path.join(FIXTURE, name), f"{wt.RAW_DIR}/{name}")
     wt.prepare(str(tmp / "data"), str(tmp / "manual"), vocab_size=400)
+    return str(tmp / "data")
+
+
+@pytest.fixture(scope="module")
+def text_corpus_dir(tmp_path_factory):
+    """The WikiText fixture's articles as a folder of .txt files, prepared like a user's corpus."""
+    from data_text_corpus_test import write_folder
+    from gateloop_jax.data import text_corpus
+
+    tmp = tmp_path_factory.mktemp("text_corpus")
+    write_folder(str(tmp / "txt"))
+    text_corpus.prepare(str(tmp / "data"), str(tmp / "txt"), vocab_size=400)
     return str(tmp / "data")
 
 
@@ -56,13 +68,13 @@ def test_config_fields_and_locking(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_trains_two_steps_at_test_size(name, tmp_path, request):
     c = get_config(name, "test")
-    if name == "wikitext103":
-        c.data.data_dir = request.getfixturevalue("wikitext_dir")
+    if name in ("wikitext103", "text_corpus"):
+        c.data.data_dir = request.getfixturevalue("wikitext_dir" if name == "wikitext103" else "text_corpus_dir")
         c.data.vocab_size = 400
     c.mesh.update(data=-1)
     result = train_and_evaluate(c, str(tmp_path))
     lines = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert [m["step"] for m in lines if "train/loss" in m] == [1, 2]
     assert result["step"] == 2 and np.isfinite(result["eval/loss"])
-    if name == "wikitext103":
+    if name in ("wikitext103", "text_corpus"):
         assert "eval/word_ppl" in result and "eval/bits_per_byte" in result

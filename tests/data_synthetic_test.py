@@ -81,7 +81,7 @@ def mqar_reference(inputs, num_kv_pairs, vocab_size):
     return targets, mask
 
 
-@pytest.mark.parametrize("knobs", [{}, {"num_kv_pairs": 4, "vocab_size": 16, "seq_len": 12}])
+@pytest.mark.parametrize("knobs", [{}, {"num_kv_pairs": 4, "vocab_size": 16, "seq_len": 12, "query_gaps": "uniform"}])
 def test_mqar_matches_reference(knobs):
     config, b = batch("mqar", seed=1, index=2, **knobs)
     check_shapes(config, b, 16)
@@ -105,6 +105,50 @@ def test_selective_copy_matches_reference(knobs):
     for row in range(16):
         targets, mask = selective_copy_reference(list(b["inputs"][row]), config.num_copy_tokens)
         assert list(b["targets"][row]) == targets and list(b["mask"][row]) == mask
+
+
+# --- several examples per row --------------------------------------------------------------------------------
+
+REFERENCES = {
+    "memory_horizon": lambda c, x: memory_horizon_reference(x, c.num_digits, c.modulus),
+    "mqar": lambda c, x: mqar_reference(x, c.num_kv_pairs, c.vocab_size),
+    "selective_copy": lambda c, x: selective_copy_reference(x, c.num_copy_tokens),
+}
+PACKED = {
+    "memory_horizon": {"seq_len": 60},
+    "mqar": {"num_kv_pairs": 2, "vocab_size": 16, "seq_len": 48},
+    "selective_copy": {"num_copy_tokens": 3, "num_values": 4, "seq_len": 30},
+}
+
+
+@pytest.mark.parametrize("name", synthetic.TASKS)
+@pytest.mark.parametrize("per_row", [2, 3])
+def test_examples_per_row_packs_independent_examples(name, per_row):
+    config, b = batch(name, seed=6, index=1, batch_size=4, examples_per_row=per_row, **PACKED[name])
+    check_shapes(config, b, 4)
+    length = config.seq_len // per_row
+    assert b["segment_ids"].dtype == np.int32
+    np.testing.assert_array_equal(b["segment_ids"], np.repeat(np.arange(1, per_row + 1), length)[None].repeat(4, 0))
+    for row in range(4):
+        for j in range(per_row):
+            span = slice(j * length, (j + 1) * length)
+            # Each segment follows the task's rule on its own, from its own start (a full example of `length`).
+            targets, mask = REFERENCES[name](config, list(b["inputs"][row, span]))
+            assert list(b["targets"][row, span]) == targets and list(b["mask"][row, span]) == mask
+    # One example per row (the default) adds no segment_ids: the model runs unsegmented.
+    assert "segment_ids" not in batch(name, **PACKED[name])[1]
+
+
+def test_examples_per_row_must_divide_seq_len():
+    config = data.default_config("memory_horizon")
+    config.update(seq_len=64, examples_per_row=3)
+    with pytest.raises(ValueError, match=r"data.examples_per_row=3 must be >= 1 and divide data.seq_len=64"):
+        data.vocab_size(config)
+    # The task's own limits apply to the example length, and are checked before any batch is drawn.
+    config = data.default_config("mqar")
+    config.update(seq_len=64, num_kv_pairs=5, examples_per_row=4)
+    with pytest.raises(ValueError, match=r"got seq_len=16, num_kv_pairs=5.*examples_per_row = 16 positions"):
+        data.vocab_size(config)
 
 
 # --- determinism, sharding, resume, speed ------------------------------------------------------------------
@@ -173,6 +217,8 @@ def test_bad_knobs():
     with pytest.raises(ValueError, match="reset_prob \\+ query_prob < 1"):
         batch("memory_horizon", reset_prob=0.5, query_prob=0.5)
     with pytest.raises(ValueError, match="seq_len >= 3 \\* num_kv_pairs"):
+        batch("mqar", seq_len=20, num_kv_pairs=8, query_gaps="uniform")
+    with pytest.raises(ValueError, match="seq_len >= 4 \\* num_kv_pairs"):
         batch("mqar", seq_len=20, num_kv_pairs=8)
     with pytest.raises(ValueError, match="seq_len >= 2 \\* num_copy_tokens"):
         batch("selective_copy", seq_len=20, num_copy_tokens=16)

@@ -1,4 +1,4 @@
-"""WikiText-103 on the fixture: builder, statistics, tokenizer, packing, eval coverage, resume, bad input."""
+"""WikiText-103 on the fixture: builder, statistics, tokenizer, both packings, eval coverage, resume, bad input."""
 
 import json
 import os
@@ -10,10 +10,11 @@ import pytest
 
 from gateloop_jax import data
 from gateloop_jax.data import pipeline
+from gateloop_jax.data import tokenizer as tok
 from gateloop_jax.data import wikitext103 as wt
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "wikitext-103", "wikitext-103-raw")
-VOCAB = 400  # the fixture has ~70 distinct characters; byte fallback adds 256 pieces + 3 specials
+VOCAB = 400  # the fixture has ~70 distinct characters; byte fallback adds 256 pieces + 4 specials (<eod> too)
 SEQ_LEN = 64
 # Articles per split, as written in tests/fixtures/wikitext-103/make_fixture.py.
 DOCUMENTS = {"train": 6, "validation": 2, "test": 2}
@@ -40,6 +41,15 @@ def config(tmp_path_factory):
     wt.prepare(str(tmp / "data"), str(tmp / "manual"), vocab_size=VOCAB)
     c = data.default_config("wikitext103")
     c.data_dir, c.vocab_size, c.seq_len = str(tmp / "data"), VOCAB, SEQ_LEN
+    assert c.packing == "documents"  # the documented default
+    return c
+
+
+@pytest.fixture(scope="module")
+def stream(config):
+    c = data.default_config("wikitext103")
+    c.update(config.to_dict())
+    c.packing = "stream"
     return c
 
 
@@ -59,9 +69,11 @@ def test_builder_keeps_articles_in_order_byte_for_byte(config, split):
 
 
 @pytest.mark.parametrize("split", wt.SPLITS)
-def test_split_statistics(config, split):
+def test_split_statistics(config, stream, split):
     raw = raw_text(split)
-    stats = data.split_statistics(config, split)
+    # Scored tokens: the stream's, plus one <eod> per document when packing documents.
+    assert data.split_statistics(config, split)["num_tokens"] == len(tokens(config, split)) + DOCUMENTS[split]
+    stats = data.split_statistics(stream, split)
     assert stats["num_words"] == len(raw.split())
     assert stats["num_bytes"] == os.path.getsize(os.path.join(FIXTURE, wt.SPLIT_FILES[split]))
     assert stats["num_lines"] == raw.count("\n")
@@ -98,7 +110,8 @@ def window_index(p, process_count, batch, row, local):
 
 @pytest.mark.parametrize("split", ["validation", "test"])
 @pytest.mark.parametrize("process_count,batch_size", [(1, 4), (2, 4), (4, 8)])
-def test_eval_covers_every_token_exactly_once(config, split, process_count, batch_size):
+def test_stream_eval_covers_every_token_exactly_once(stream, split, process_count, batch_size):
+    config = stream
     local = batch_size // process_count
     windows = {}
     counts = set()
@@ -128,15 +141,92 @@ def test_eval_covers_every_token_exactly_once(config, split, process_count, batc
     assert all((a["targets"] == b["targets"]).all() for a, b in zip(first, second))
 
 
+def documents_of(config, split):
+    """Each article's tokens by the encoding rule, encoded here from the builder's texts."""
+    sp = data.load_tokenizer(config)
+    return [list(tok.encode_text(sp, text)) for text in wt.documents(config.data_dir, split)]
+
+
+def test_documents_window_by_hand():
+    # Documents [10, 11], [] and [12, 13, 14]: T = 10 11 <eod> <eod> 12 13 14 <eod>, windows of 3.
+    packed = pipeline.Documents(np.array([10, 11, 12, 13, 14]), np.array([2, 2, 5]))
+    E, B = tok.EOD_ID, tok.BOS_ID
+    expected = [
+        dict(inputs=[B, 10, 11], targets=[10, 11, E], segment_ids=[1, 1, 1], mask=[1, 1, 1]),
+        dict(inputs=[B, B, 12], targets=[E, 12, 13], segment_ids=[1, 2, 2], mask=[1, 1, 1]),
+        dict(inputs=[13, 14, 0], targets=[14, E, 0], segment_ids=[1, 1, 0], mask=[1, 1, 0]),
+        dict(inputs=[0, 0, 0], targets=[0, 0, 0], segment_ids=[0, 0, 0], mask=[0, 0, 0]),
+    ]
+    assert packed.size == 8
+    for j, e in enumerate(expected):
+        w = packed.window(j, 3)
+        assert {k: w[k].tolist() for k in e} == e, j
+        assert w["segment_ids"].dtype == np.int32 and w["mask"].dtype == np.float32
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+@pytest.mark.parametrize("process_count,batch_size", [(1, 4), (2, 4)])
+def test_documents_eval_scores_every_document_once(config, split, process_count, batch_size):
+    local = batch_size // process_count
+    windows = {}
+    for p in range(process_count):
+        batches = data.eval_batches(config, split=split, batch_size=batch_size, process_index=p,
+                                    process_count=process_count)
+        for k, b in enumerate(batches):
+            assert set(b) == {"inputs", "targets", "mask", "segment_ids"} and b["segment_ids"].dtype == np.int32
+            for r in range(local):
+                windows[window_index(p, process_count, k, r, local)] = {key: v[r] for key, v in b.items()}
+    ordered = [windows[j] for j in range(len(windows))]
+    docs = documents_of(config, split)
+    assert len(docs) == DOCUMENTS[split]
+    real = np.concatenate([w["mask"] for w in ordered]) == 1
+    # The metrics' token count is the number of scored positions: every token and one <eod> per document.
+    assert real.sum() == data.split_statistics(config, split)["num_tokens"] == sum(len(d) + 1 for d in docs)
+    # Read on its own, each document is BOS doc -> doc <eod>; in order, those fill the windows' real positions.
+    targets = np.concatenate([w["targets"] for w in ordered])[real]
+    inputs = np.concatenate([w["inputs"] for w in ordered])[real]
+    np.testing.assert_array_equal(targets, np.concatenate([d + [tok.EOD_ID] for d in docs]))
+    np.testing.assert_array_equal(inputs, np.concatenate([[tok.BOS_ID] + d for d in docs]))
+    for w in ordered:
+        n = int(w["mask"].sum())
+        assert (w["mask"][:n] == 1).all() and not w["segment_ids"][n:].any() and not w["targets"][n:].any()
+        # Ids: 1 at the window's start, +1 at each later document start (input BOS), so <eod> ends a segment.
+        starts = w["inputs"][:n] == tok.BOS_ID
+        starts[:1] = True
+        np.testing.assert_array_equal(w["segment_ids"][:n], np.cumsum(starts))
+        eod = np.flatnonzero(w["targets"][: n - 1] == tok.EOD_ID)
+        assert (w["segment_ids"][eod + 1] == w["segment_ids"][eod] + 1).all()
+
+
+def test_documents_training_epoch_is_a_permutation_of_all_windows(config):
+    packed = pipeline.Documents(pipeline.load_tokens(config, "train"), pipeline.load_ends(config, "train"))
+    num = -(-packed.size // SEQ_LEN)
+    it = data.train_iterator(config, global_batch_size=4, seed=3)
+    epoch = rows([next(it) for _ in range(-(-num // 4))])[:num]
+    windows = rows([{k: v[None] for k, v in packed.window(j, SEQ_LEN).items()} for j in range(num)])
+    assert sorted(epoch) == sorted(windows)  # no window lost or duplicated
+    assert epoch != windows  # and shuffled
+
+
+def test_unknown_packing_names_the_field(config):
+    other = data.default_config("wikitext103")
+    other.update(config.to_dict())
+    other.packing = "bogus"
+    with pytest.raises(ValueError, match=r"data.packing='bogus' is not one of \('documents', 'stream'\)"):
+        data.vocab_size(other)
+
+
 def rows(batches):
+    keys = ("inputs", "targets", "mask", "segment_ids")
     return [
-        tuple(np.concatenate([b["inputs"][r], b["targets"][r], b["mask"][r]]))
+        tuple(np.concatenate([b[k][r] for k in keys if k in b]))
         for b in batches
         for r in range(len(b["inputs"]))
     ]
 
 
-def test_training_epoch_is_a_permutation_of_all_windows(config):
+def test_stream_training_epoch_is_a_permutation_of_all_windows(stream):
+    config = stream
     n = len(tokens(config, "train"))
     num = -(-n // SEQ_LEN)
     it = data.train_iterator(config, global_batch_size=4, seed=3)
@@ -150,7 +240,9 @@ def test_training_epoch_is_a_permutation_of_all_windows(config):
     np.testing.assert_array_equal(np.sort(got), np.sort(tokens(config, "train")))
 
 
-def test_training_shards_deal_the_global_batch(config):
+@pytest.mark.parametrize("packing", pipeline.PACKINGS)
+def test_training_shards_deal_the_global_batch(config, stream, packing):
+    config = config if packing == "documents" else stream
     whole = data.train_iterator(config, global_batch_size=4, seed=5)
     shards = [
         data.train_iterator(config, global_batch_size=4, seed=5, process_index=p, process_count=2) for p in range(2)

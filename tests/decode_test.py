@@ -30,8 +30,9 @@ NEW = 6
 
 def tiny_model(name):
     # Untied head: a random model with tied embeddings just repeats its last token, which would make parity trivial.
-    return build_model(preset_config("test", name=name, vocab_size=VOCAB, num_layers=1, tie_embeddings=False),
-                       rngs=nnx.Rngs(0))
+    # The hybrid needs two layers (one of each kind).
+    return build_model(preset_config("test", name=name, vocab_size=VOCAB, num_layers=2 if name == "hybrid" else 1,
+                                     tie_embeddings=False), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module", params=["gateloop", "transformer"])
@@ -44,7 +45,13 @@ def prefill_mode(model):
     return "chunked" if model.config.name == "gateloop" else None
 
 
-def test_greedy_equals_argmax_of_the_full_forward(model):
+@pytest.fixture(scope="module", params=["gateloop", "transformer", "hybrid"])
+def any_model(request):
+    return tiny_model(request.param)
+
+
+def test_greedy_equals_argmax_of_the_full_forward(any_model):
+    model = any_model
     out = np.asarray(gateloop_jax.generate(model, PROMPTS, NEW, temperature=0, mode=prefill_mode(model)))
     assert out.shape == (len(PROMPTS), NEW) and out.dtype == np.int32
     # One right-padded batch of prompt + generated (padding is causally invisible to the real positions).

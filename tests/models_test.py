@@ -47,20 +47,29 @@ def test_one_optimisation_step_lowers_the_loss(name):
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("name", ["gateloop", "transformer"])
+@pytest.mark.parametrize("name", ["gateloop", "transformer", "hybrid"])
 def test_every_preset_builds_with_the_formula_parameter_count(preset, name):
     config = resolve_config(preset_config(preset, name=name))
-    if name == "transformer" and config.head_dims[0] == 1:
-        config = config.replace(num_heads=config.d_model // 64, d_qk=None, d_v=None)  # max-headed makes no sense for attention
+    if name != "gateloop" and config.head_dims[0] == 1:  # max-headed makes no sense for attention
+        config = config.replace(num_heads=config.d_model // 64, d_qk=None, d_v=None)
     # Abstract build: shapes only, so the 350M preset costs no memory.
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
     assert param_count(model) == expected_param_count(config)
 
 
 def test_presets_have_the_advertised_sizes():
-    count = lambda p: expected_param_count(resolve_config(preset_config(p)))
+    count = lambda p, name="gateloop": expected_param_count(resolve_config(preset_config(p, name=name)))  # noqa: E731
     assert 120e6 <= count("125m") <= 135e6
     assert 330e6 <= count("350m") <= 370e6
+    # A hybrid "ggga" stack: three GateLoop blocks (15 d^2 each) per attention block (12 d^2), between the two.
+    assert count("125m_multihead", "transformer") < count("125m_multihead", "hybrid") < count("125m_multihead")
+
+
+def test_hybrid_interleaves_blocks_by_the_pattern():
+    model = nnx.eval_shape(lambda: build_model(tiny("hybrid", num_layers=6, block_pattern="gga"), rngs=nnx.Rngs(0)))
+    kinds = ["a" if isinstance(block.mixer, layers.CausalSelfAttention) else "g" for block in model.blocks]
+    assert "".join(kinds) == "ggagga" == model.config.layer_kinds
+    assert resolve_config(tiny("hybrid", num_layers=5)).layer_kinds == "gagag"  # the test preset's "ga", tiled
 
 
 @pytest.mark.parametrize("layout", [dict(num_heads=2), dict(num_heads=32, d_qk=1, d_v=1)],
@@ -149,13 +158,15 @@ def test_sigmoid_log_magnitude_is_exact_for_extreme_gates():
     ("output_norm", "groupnorm", r"output_norm='groupnorm' normalises each head over d_v, which is 1"),
     ("num_heads", 3, r"d_model=32 is not divisible by num_heads=3"),
     ("init_max_magnitude", 1.0, r"init_min_magnitude <= init_max_magnitude < 1"),
+    ("block_pattern", "gxa", r"block_pattern='gxa' must be a non-empty string over 'g' \(GateLoop block\) and 'a'"),
+    ("block_pattern", "ggga", r"block_pattern='ggga' tiled to num_layers=2 is 'gg', a stack of one kind"),
 ])
 def test_bad_model_config_names_the_field(field, value, pattern):
     overrides = {field: value}
     if field == "output_norm":
         overrides.update(num_heads=32, d_qk=1, d_v=1)
     with pytest.raises(ValueError, match=pattern):
-        tiny("gateloop", **overrides)
+        tiny("hybrid" if field == "block_pattern" else "gateloop", **overrides)
 
 
 def test_unknown_field_and_name_are_errors():

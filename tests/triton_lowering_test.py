@@ -37,29 +37,32 @@ def verified_modules():
         triton_lowering.lower_jaxpr_to_triton_module = lower
 
 
-def lower_fwd_bwd_for_cuda(fn, d, dtype):
+def lower_fwd_bwd_for_cuda(fn, d, dtype, segments=False):
     """Lower jit(grad) of the kernel at a small multi-chunk shape for platform "cuda" (no device needed)."""
     qkv = [jax.ShapeDtypeStruct((2, 96, 4, d), dtype)] * 3
     gates = [jax.ShapeDtypeStruct((2, 96, 4, d), jnp.float32)] * 2
+    kw = {"reset": jnp.arange(2 * 96).reshape(2, 96) % 7 == 3} if segments else {}
 
     def loss(q, k, v, log_r, theta):
-        y, final = fn(q, k, v, log_r, theta, None, interpret=False, out_dtype=dtype)
+        y, final = fn(q, k, v, log_r, theta, None, interpret=False, out_dtype=dtype, **kw)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(jnp.abs(final))
 
     jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*qkv, *gates).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", ["elementwise", "multihead", "multihead_carry_u1"])
+@pytest.mark.parametrize("kernel", ["elementwise", "multihead", "multihead_carry_u1", "elementwise_segments"])
 def test_triton_kernels_lower_and_verify(kernel, dtype):
     def multihead(**config):
         return functools.partial(pc.gateloop_pallas_chunked, config=pc.Config(**config))
 
     fn, d, expected = {"elementwise": (pe.gateloop_pallas_elementwise, 1, 4),  # fwd: local + main; bwd: the same
                        "multihead": (multihead(), 64, 7),  # 3 forward, 4 backward
-                       "multihead_carry_u1": (multihead(carry_unroll=1), 64, 7)}[kernel]
+                       "multihead_carry_u1": (multihead(carry_unroll=1), 64, 7),
+                       # segment_ids: the elementwise kernels read a keep scalar per step
+                       "elementwise_segments": (pe.gateloop_pallas_elementwise, 1, 4)}[kernel]
     with verified_modules() as names:
-        lower_fwd_bwd_for_cuda(fn, d, dtype)
+        lower_fwd_bwd_for_cuda(fn, d, dtype, segments=kernel.endswith("_segments"))
     assert len(names) == expected, names
 
 

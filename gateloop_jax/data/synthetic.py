@@ -12,6 +12,11 @@ Determinism: `global_batch(task, config, seed, index)` draws batch `index` from 
 (seed, stream, index), so batch n does not depend on batches 0..n-1 and resuming is just setting the index.
 The global batch is generated whole and each process keeps its rows, so the data does not depend on the
 number of processes.
+
+Packing: with `examples_per_row` = m > 1, each row of t = seq_len positions holds m independent examples of
+seq_len / m positions each (drawn as a batch of b * m examples), and the batch gains segment_ids int32 (b, t):
+1, 2, ..., m for the examples, so the model starts afresh at each. Every task knob (e.g. mqar's seq_len >= 3K)
+then applies to the example length seq_len / m.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ def _random_subsets(rng: np.random.Generator, batch_size: int, population: int, 
     # The k smallest of i.i.d. uniforms are a uniform k-subset (argpartition: O(population), not a full sort);
     # an independent random permutation of them makes the order uniform too.
     subset = np.argpartition(rng.random((batch_size, population)), k - 1, axis=1)[:, :k]
+    order = np.argsort(rng.random((batch_size, k)), axis=1)
+    return np.take_along_axis(subset, order, axis=1)
+
+
+def _weighted_subsets(rng: np.random.Generator, batch_size: int, weights: np.ndarray, k: int) -> np.ndarray:
+    """k distinct indices into `weights` per row, drawn without replacement with probability proportional to the
+    weights (successive draws, as numpy's choice(replace=False, p=...)), in random order. Shape (b, k)."""
+    # Exponential race (Efraimidis-Spirakis): the k smallest of E_i / w_i, E_i ~ Exp(1), are distributed as k
+    # successive weighted draws without replacement; vectorised over the batch.
+    keys = rng.exponential(size=(batch_size, weights.size)) / weights
+    subset = np.argpartition(keys, k - 1, axis=1)[:, :k]
     order = np.argsort(rng.random((batch_size, k)), axis=1)
     return np.take_along_axis(subset, order, axis=1)
 
@@ -113,6 +129,9 @@ def memory_horizon(
 # Multi-query associative recall
 
 
+MQAR_QUERY_GAPS = ("power_law", "uniform")
+
+
 def mqar(
     rng: np.random.Generator,
     batch_size: int,
@@ -120,6 +139,8 @@ def mqar(
     seq_len: int,
     num_kv_pairs: int = 16,
     vocab_size: int = 8192,
+    query_gaps: str = "power_law",
+    power_a: float = 0.01,
 ) -> Batch:
     """Multi-query associative recall (Zoology-style): recall the value bound to a key seen earlier.
 
@@ -129,24 +150,40 @@ def mqar(
     Sequence of t = seq_len positions, K = num_kv_pairs:
       positions 0..2K-1: k_1 v_1 k_2 v_2 ... k_K v_K, the K keys distinct and the K values distinct, each a
         uniform random subset in random order;
-      positions 2K..t-1: filler 0 except K query positions, distinct and uniform in [2K, t), each holding one of
-        the K keys (every key queried exactly once, in random order).
+      positions 2K..t-1: filler 0 except K query positions, distinct, each holding one of the K keys (every key
+        queried exactly once, in random order). Where the queries go (`query_gaps`):
+        "power_law" (Zoology's protocol, its default power_a = 0.01): query slots 2K + 2g for gaps
+          g in [0, (t - 2K) // 2), drawn without replacement with probability proportional to (g + 1)^(power_a - 1),
+          so most queries come soon after the bindings and a few far away, as repeated bigrams do in text;
+        "uniform": positions uniform in [2K, t), every distance equally likely (harder for recurrent models).
     Target rule: at a query position holding key k_j, target = v_j, mask 1; elsewhere target 0, mask 0.
 
     Difficulty knobs: `num_kv_pairs` (how many associations the state must hold), `seq_len` (distance between
-    binding and query), `vocab_size`. Needs seq_len >= 3K, K < vocab_size // 2.
+    binding and query), `query_gaps` / `power_a` (how those distances are spread), `vocab_size`. Needs
+    seq_len >= 3K (>= 4K for power_law, whose query slots are every other position), K < vocab_size // 2.
 
     Returns: {"inputs", "targets", "mask"} of shape (b, t).
     """
     k, half = num_kv_pairs, vocab_size // 2
-    if seq_len < 3 * k or k > half - 1:
+    min_len = 4 * k if query_gaps == "power_law" else 3 * k
+    if seq_len < min_len or k > half - 1:
         raise ValueError(
-            f"mqar needs seq_len >= 3 * num_kv_pairs and num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, "
-            f"num_kv_pairs={num_kv_pairs}, vocab_size={vocab_size}"
+            f"mqar needs seq_len >= {min_len // k} * num_kv_pairs (query_gaps={query_gaps!r}) and "
+            f"num_kv_pairs < vocab_size // 2, got seq_len={seq_len}, num_kv_pairs={num_kv_pairs}, "
+            f"vocab_size={vocab_size}"
         )
+    if query_gaps not in MQAR_QUERY_GAPS:
+        raise ValueError(f"mqar: query_gaps={query_gaps!r} is not one of {MQAR_QUERY_GAPS}.")
+    if query_gaps == "power_law" and not 0.0 < power_a <= 1.0:
+        raise ValueError(f"mqar: power_a={power_a} must be in (0, 1] (1 = uniform gaps).")
     keys = _random_subsets(rng, batch_size, half - 1, k) + 1
     values = _random_subsets(rng, batch_size, vocab_size - half, k) + half
-    query_pos = _random_subsets(rng, batch_size, seq_len - 2 * k, k) + 2 * k
+    if query_gaps == "uniform":
+        query_pos = _random_subsets(rng, batch_size, seq_len - 2 * k, k) + 2 * k
+    else:
+        slots = (seq_len - 2 * k) // 2
+        weights = np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1.0)
+        query_pos = 2 * k + 2 * _weighted_subsets(rng, batch_size, weights, k)
 
     inputs = np.zeros((batch_size, seq_len), np.int64)
     targets = np.zeros((batch_size, seq_len), np.int64)
@@ -238,6 +275,10 @@ def default_config(name: str) -> ml_collections.ConfigDict:
         c.num_kv_pairs = 16
         # Model vocabulary: keys from [1, vocab_size/2), values from [vocab_size/2, vocab_size).
         c.vocab_size = 8192
+        # Where the queries go: "power_law" (Zoology: mostly soon after the bindings) or "uniform" (any distance).
+        c.query_gaps = "power_law"
+        # Exponent of the power law, P(gap g) ~ (g + 1)^(power_a - 1); Zoology's 0.01; 1.0 = uniform over the slots.
+        c.power_a = 0.01
     elif name == "selective_copy":
         # Sequence length t: context of seq_len - num_copy_tokens positions, then the COPY positions.
         c.seq_len = 256
@@ -247,6 +288,9 @@ def default_config(name: str) -> ml_collections.ConfigDict:
         c.num_values = 16
     else:
         raise ValueError(f"unknown synthetic task {name!r}; known: {TASKS}")
+    # Independent examples packed into each row of seq_len positions (each seq_len / examples_per_row long), with
+    # segment_ids marking them; 1 = one example per row, no segment_ids.
+    c.examples_per_row = 1
     # Evaluation set: this many global batches, drawn from eval_seed (independent of the training seed).
     c.num_eval_batches = 8
     c.eval_seed = 12345
@@ -258,9 +302,19 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 
 _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
     "memory_horizon": (memory_horizon, ("seq_len", "num_digits", "modulus", "reset_prob", "query_prob")),
-    "mqar": (mqar, ("seq_len", "num_kv_pairs", "vocab_size")),
+    "mqar": (mqar, ("seq_len", "num_kv_pairs", "vocab_size", "query_gaps", "power_a")),
     "selective_copy": (selective_copy, ("seq_len", "num_copy_tokens", "num_values")),
 }
+
+
+def check(config: Any) -> None:
+    """ConfigError naming the field if examples_per_row does not divide seq_len into examples of >= 1 position."""
+    m, t = config.examples_per_row, config.seq_len
+    if m < 1 or t % m:
+        raise ConfigError(
+            f"data.examples_per_row={m} must be >= 1 and divide data.seq_len={t} (each example is seq_len / "
+            "examples_per_row positions long): pick a divisor of seq_len."
+        )
 
 
 def check_config(config: Any) -> None:
@@ -271,16 +325,40 @@ def check_config(config: Any) -> None:
     for field in ("seq_len", "num_eval_batches", "read_threads"):
         if config[field] < 1:
             raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
-    # The generator's own checks (relations between the fields), on a single row: microseconds. Any ValueError it
-    # raises there is about these settings.
+    check(config)
+    # The generator's own checks (relations between the fields), on a single example: microseconds. Any ValueError
+    # it raises there is about these settings.
+    kwargs = {f: config[f] for f in fields}
+    kwargs["seq_len"] = config.seq_len // config.examples_per_row
     try:
-        generate(np.random.default_rng(0), 1, **{f: config[f] for f in fields})
+        generate(np.random.default_rng(0), 1, **kwargs)
     except ValueError as e:
-        raise ConfigError(f"data: {e}") from e
+        note = ""
+        if config.examples_per_row > 1:
+            note = (
+                f" (data.examples_per_row={config.examples_per_row}: each example has seq_len / "
+                f"examples_per_row = {kwargs['seq_len']} positions)"
+            )
+        raise ConfigError(f"data: {e}{note}") from e
 
 
 def vocab_size(config: Any) -> int:
-    """Model vocabulary size the task needs."""
+    """Model vocabulary size the task needs. Also checks the knobs (the trainer calls it before compiling): one
+    example is drawn, so a knob the generator refuses is an error here, at the example length seq_len / m."""
+    check(config)
+    fn, fields = _GENERATORS.get(config.name, (None, ()))
+    if fn is not None:
+        kwargs = {f: config[f] for f in fields}
+        kwargs["seq_len"] = config.seq_len // config.examples_per_row
+        try:
+            fn(np.random.default_rng(0), 1, **kwargs)
+        except ValueError as e:
+            if config.examples_per_row == 1:
+                raise
+            raise ValueError(
+                f"{e} (data.examples_per_row={config.examples_per_row}: each example has seq_len / "
+                f"examples_per_row = {kwargs['seq_len']} positions)"
+            ) from e
     if config.name == "memory_horizon":
         return memory_horizon_vocab(config.num_digits, config.modulus)["vocab_size"]
     if config.name == "mqar":
@@ -292,9 +370,20 @@ def vocab_size(config: Any) -> int:
 
 def global_batch(config: Any, *, batch_size: int, seed: int, index: int, stream: int = TRAIN_STREAM) -> Batch:
     """Global batch number `index` of the task: a pure function of (config, batch_size, seed, stream, index)."""
+    check(config)
     fn, fields = _GENERATORS[config.name]
     rng = np.random.default_rng([seed, stream, index])
-    return fn(rng, batch_size, **{f: config[f] for f in fields})
+    m = config.examples_per_row
+    kwargs = {f: config[f] for f in fields}
+    if m == 1:
+        return fn(rng, batch_size, **kwargs)
+    # m examples of seq_len / m positions, laid side by side in each row.
+    kwargs["seq_len"] = config.seq_len // m
+    batch = {k: v.reshape(batch_size, config.seq_len) for k, v in fn(rng, batch_size * m, **kwargs).items()}
+    batch["segment_ids"] = np.repeat(np.arange(1, m + 1, dtype=np.int32), config.seq_len // m)[None].repeat(
+        batch_size, axis=0
+    )
+    return batch
 
 
 class _Batches:

@@ -47,10 +47,15 @@ class ModelConfig:
     dropout_rate: float = 0.0
     # Share the embedding matrix with the output head.
     tie_embeddings: bool = True
+    # Standard deviation of the token embeddings at initialisation.
+    embedding_init_std: float = 1.0
     # --- GateLoop mixer ---
     # How the recurrence is computed: one set of parameters, several modes (ops.gateloop).
     mode: str = "auto"
-    # Chunk length for mode="chunked"; None = the op's default.
+    # Chunk length of the modes that chunk ("chunked", and "pallas" multi-head); None = the op's default. Ignored
+    # wherever the mode that runs does not chunk: "scan", "recurrent", "attention", "auto" where it resolves to one
+    # of them (max-headed off GPU), and the configs' CPU sizes that turn "auto" into "recurrent" (every test size,
+    # memory_horizon's runlocal).
     chunk_size: int | None = None
     # "data_controlled" (GateLoop), "fixed" (a per channel, input independent: S5/LRU/RetNet-like ablation),
     # "real" (data-controlled magnitude, phase 0), "none" (a = 1: linear attention).
@@ -79,6 +84,11 @@ class ModelConfig:
     rope_base: float = 10000.0
     # jax.nn.dot_product_attention implementation: "auto" picks cuDNN on GPU when it applies, else XLA.
     attention_impl: str = "auto"
+    # --- Hybrid stack (name="hybrid") ---
+    # Block kinds, a string over {g, a} tiled to num_layers: g = GateLoop block, a = attention block (RoPE, so d_qk
+    # must be even). Default "ggga": one attention block after every three GateLoop blocks (Griffin / Jamba-like
+    # ratios); with num_layers=2 write e.g. "ga", since "ggga" tiled to 2 layers has no attention block.
+    block_pattern: str = "ggga"
     # --- Numerics and memory ---
     # Activation dtype; parameters stay param_dtype and the recurrence always accumulates in float32/complex64.
     dtype: str = "float32"
@@ -104,6 +114,15 @@ class ModelConfig:
         return d_qk, d_v
 
     @property
+    def layer_kinds(self) -> str:
+        """The block kind of each layer, one character per layer: "g" GateLoop, "a" attention."""
+        if self.name == "transformer":
+            return "a" * self.num_layers
+        if self.name == "hybrid":
+            return (self.block_pattern * self.num_layers)[:self.num_layers]
+        return "g" * self.num_layers
+
+    @property
     def hidden_dim(self) -> int:
         return self.mlp_dim if self.mlp_dim is not None else 4 * self.d_model
 
@@ -112,9 +131,10 @@ class ModelConfig:
             value = getattr(self, field)
             if value not in choices:
                 raise ValueError(f"model config: {field}={value!r} is not one of {choices}.")
-        for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"model config: {field} must be >= 1, got {getattr(self, field)}.")
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_qk", "d_v", "mlp_dim", "chunk_size"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"model config: {field} must be >= 1, got {value}.")
         if (self.d_qk is None or self.d_v is None) and self.d_model % self.num_heads:
             raise ValueError(
                 f"model config: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
@@ -130,6 +150,16 @@ class ModelConfig:
                 "model config: output_norm='groupnorm' normalises each head over d_v, which is 1 here "
                 "(max-headed); use output_norm='layernorm' or 'none'."
             )
+        if self.embedding_init_std <= 0.0:
+            raise ValueError(f"model config: embedding_init_std must be > 0, got {self.embedding_init_std}.")
+        if not self.block_pattern or set(self.block_pattern) - {"g", "a"}:
+            raise ValueError(f"model config: block_pattern={self.block_pattern!r} must be a non-empty string over "
+                             "'g' (GateLoop block) and 'a' (attention block), e.g. 'ggga'.")
+        if self.name == "hybrid" and len(set(self.layer_kinds)) < 2:
+            raise ValueError(
+                f"model config: block_pattern={self.block_pattern!r} tiled to num_layers={self.num_layers} is "
+                f"{self.layer_kinds!r}, a stack of one kind; give the hybrid both 'g' and 'a' within its layers "
+                "(e.g. block_pattern='ga'), or use name='gateloop' / 'transformer'.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"model config: dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         if self.remat and self.dropout_rate > 0.0:

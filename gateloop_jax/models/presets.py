@@ -5,9 +5,12 @@ from __future__ import annotations
 from gateloop_jax.models.config import ModelConfig
 
 # d_model / layers / heads per size. "max_headed" sizes use num_heads = d_model, d_qk = d_v = 1 (the paper's LM).
+# block_pattern only matters for name="hybrid": the two-layer sizes interleave "ga" (the default "ggga" tiled to two
+# layers would have no attention block); the max-headed sizes cannot hold attention blocks (RoPE needs d_qk >= 2), so a
+# hybrid of ~125M is "125m_multihead".
 PRESETS: dict[str, dict] = {
-    "test": dict(d_model=32, num_layers=2, num_heads=2, vocab_size=64),
-    "tiny": dict(d_model=64, num_layers=2, num_heads=4),
+    "test": dict(d_model=32, num_layers=2, num_heads=2, vocab_size=64, block_pattern="ga"),
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, block_pattern="ga"),
     "small": dict(d_model=256, num_layers=4, num_heads=4),
     "base": dict(d_model=512, num_layers=8, num_heads=8),
     # ~125M with a 32k vocabulary and tied embeddings, the paper's size (max-headed, as the paper's LM).
@@ -32,19 +35,18 @@ def expected_param_count(config: ModelConfig) -> int:
     bias = config.use_bias
     qkv = d * h * (2 * dk + dv) + (h * (2 * dk + dv) if bias else 0)
     out = h * dv * d + (d if bias else 0)
-    if config.name == "transformer":
-        mixer = qkv + out
-    else:
-        gate_params = d * h * dk + h * dk  # one gate projection (weights + bias)
-        n_gates = {"data_controlled": 2, "real": 1, "fixed": 0, "none": 0}[config.transition]
-        mixer = qkv + out + n_gates * gate_params
-        if config.transition == "fixed":
-            mixer += 2 * h * dk
-        if config.output_norm != "none":
-            mixer += 2 * h * dv
-        if config.output_gate:
-            mixer += d * h * dv + (h * dv if bias else 0)
+    attention = qkv + out
+    gate_params = d * h * dk + h * dk  # one gate projection (weights + bias)
+    n_gates = {"data_controlled": 2, "real": 1, "fixed": 0, "none": 0}[config.transition]
+    gateloop = qkv + out + n_gates * gate_params
+    if config.transition == "fixed":
+        gateloop += 2 * h * dk
+    if config.output_norm != "none":
+        gateloop += 2 * h * dv
+    if config.output_gate:
+        gateloop += d * h * dv + (h * dv if bias else 0)
     ffn = 2 * d * f + f + d if config.ffn == "gelu" else 3 * d * f
-    block = mixer + ffn + 2 * 2 * d  # two LayerNorms
+    mixers = sum(attention if kind == "a" else gateloop for kind in config.layer_kinds)
+    blocks = mixers + L * (ffn + 2 * 2 * d)  # two LayerNorms per block
     head = 0 if config.tie_embeddings else d * vocab
-    return vocab * d + L * block + 2 * d + head
+    return vocab * d + blocks + 2 * d + head

@@ -20,6 +20,12 @@ Multi-head shapes use secondary chunking: each chunk is split into sub-blocks of
 Every exponent of a magnitude is a sum of log|a| <= 0 over a segment (or a double-float difference that equals one),
 so nothing overflows for any gate in [0, 1]. Phases are wrapped per step, per sub-block total and per chunk, and are
 taken relative to the sub-block (or chunk) start, so cos/sin never see large angles.
+
+Segments (reset): a restart cannot enter the log-space sums (a log|a| of -inf gives inf - inf in the differences
+above), so the sums are left as they are and the terms that cross a segment start are masked after they are formed:
+pairs (n, m) of one chunk in different segments, queries after a start in their chunk (the chunk-start state),
+keys before a later start in their chunk (the chunk's increment), and the transition of every chunk holding a start
+(exactly 0, so the carry restarts). Max-headed, a = 0 at a start in the complex scans does it.
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def _resolve_sizes(t, chunk_size, sub_block):
     return -(-chunk // sub_block) * sub_block, sub_block
 
 
-def gateloop_chunked(q, k, v, log_r, theta, h0, chunk_size=None):
+def gateloop_chunked(q, k, v, log_r, theta, h0, chunk_size=None, reset=None):
     """Same contract as ops.scan.gateloop_scan. Lengths that are not a multiple of chunk_size are padded internally
     with identity steps (a = 1, k = v = 0), which change neither the outputs nor the final state.
 
@@ -99,14 +105,21 @@ def gateloop_chunked(q, k, v, log_r, theta, h0, chunk_size=None):
         chunk_size, sub_block = _resolve_sizes(t, chunk_size, SUB_BLOCK)
     pad = -t % chunk_size
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if reset is not None and not elementwise:
+        # The masks below do the reset; the start's own gate only enters sums of masked terms. Neutral (a = 1) there,
+        # its gradients are exactly 0 (as the oracle's), not the rounding noise of terms that cancel.
+        start = reset[:, :, None, None]
+        log_r, theta = jnp.where(start, 0.0, log_r), jnp.where(start, 0.0, theta)
     if pad:
         q, k, v, log_r, theta = (_pad_time(x, pad) for x in (q, k, v, log_r, theta))
+        if reset is not None:
+            reset = jnp.pad(reset, ((0, 0), (0, pad)))
     if h0 is None:
         h0 = jnp.zeros((b, h, dk, dv), jnp.complex64)
     if elementwise:
-        y, final = _chunked_elementwise(q, k, v, log_r, theta, h0, chunk_size)
+        y, final = _chunked_elementwise(q, k, v, log_r, theta, h0, chunk_size, reset)
     else:
-        y, final = _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block)
+        y, final = _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block, reset)
     return y[:, :t], final
 
 
@@ -134,7 +147,7 @@ def _exclusive_cumsum(x, axis):
     return jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis)), sums], axis=axis)
 
 
-def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block):
+def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block, reset=None):
     """Multi-head chunked form with secondary chunking (module docstring). Shapes below: n chunks, nb = C / c
     sub-blocks per chunk, positions (c) inside a sub-block; i indexes query sub-blocks, j key sub-blocks."""
     b, tp, h, dk = q.shape
@@ -197,6 +210,11 @@ def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block):
             parts.append(jnp.zeros((b, h, n, c, (nb - 1 - i) * c), diag.dtype))
         rows.append(jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0])
     scores = jnp.stack(rows, axis=3).reshape(b, h, n, chunk_size, chunk_size)  # block lower-triangular
+    if reset is not None:
+        # begun[b, j, n]: segment starts in chunk j up to position n inclusive; equal counts share a segment.
+        begun = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)
+        scores = jnp.where((begun[..., :, None] == begun[..., None, :])[:, None], scores, 0.0)
+        per_row = lambda mask: mask.reshape(b, 1, n, nb, c, 1)  # noqa: E731 - (b, n, C) -> the blocks' layout
     v_chunk = v.reshape(b, h, n, chunk_size, dv)
     y = dot("bhnqm,bhnmv->bhnqv", scores, v_chunk)
 
@@ -206,9 +224,13 @@ def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block):
     to_end_p = tail_p + post_p[..., None, :]
     k_end = k * jnp.exp(to_end_r)
     k_end = jnp.concatenate([k_end * jnp.cos(to_end_p), k_end * jnp.sin(to_end_p)], axis=-1)
+    if reset is not None:  # keys followed by a segment start in their chunk do not reach its end state
+        k_end = jnp.where(per_row(begun == begun[..., -1:]), k_end, 0.0)
     inc = dot("bhnmd,bhnmv->bhndv", k_end.reshape(b, h, n, chunk_size, 2 * dk), v_chunk)
     increments = jax.lax.complex(inc[..., :dk, :], inc[..., dk:, :])  # (b, h, n, k, v)
     transitions = polar_to_complex(jnp.sum(tot_r, axis=3), wrap_phase(jnp.sum(tot_p, axis=3)))  # (b, h, n, k)
+    if reset is not None:  # a chunk holding a segment start passes nothing of its start state on
+        transitions = jnp.where((begun[..., -1] == 0)[:, None, :, None], transitions, 0.0)
     carry = _carry_states_associative if CARRY == "associative" else _carry_states
     starts, final = carry(transitions, increments, h0)
 
@@ -218,20 +240,25 @@ def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block):
     from_start_p = pre_p[..., None, :] + phi
     q_start = q * jnp.exp(from_start_r)
     q_start = jnp.concatenate([q_start * jnp.cos(from_start_p), -q_start * jnp.sin(from_start_p)], axis=-1)
+    if reset is not None:  # queries after a segment start in their chunk do not see the chunk-start state
+        q_start = jnp.where(per_row(begun == 0), q_start, 0.0)
     state = jnp.concatenate([jnp.real(starts), jnp.imag(starts)], axis=-2)  # (b, h, n, 2k, v)
     y = y + dot("bhnqd,bhndv->bhnqv", q_start.reshape(b, h, n, chunk_size, 2 * dk), state)
     y = jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(b, tp, h, dv)
     return y, final
 
 
-def _chunked_elementwise(q, k, v, log_r, theta, h0, chunk_size):
+def _chunked_elementwise(q, k, v, log_r, theta, h0, chunk_size, reset=None):
     """Max-headed: an associative scan inside each chunk, then a short sequential carry across chunks.
 
     Memory O(t) per channel like mode="scan", but the scan depth is log C and the carry touches t / C states.
     """
     b, tp, h, _ = q.shape
     n_chunks = tp // chunk_size
-    a = polar_to_complex(log_r[..., 0], theta[..., 0]).reshape(b, n_chunks, chunk_size, h)
+    a = polar_to_complex(log_r[..., 0], theta[..., 0])
+    if reset is not None:  # a segment start: a = 0 exactly in the complex scans and products below
+        a = jnp.where(reset[:, :, None], 0.0, a)
+    a = a.reshape(b, n_chunks, chunk_size, h)
     x = (k[..., 0] * v[..., 0]).astype(jnp.complex64).reshape(b, n_chunks, chunk_size, h)
     # Within-chunk prefix: local states (from a zero start) and the cumulative transition since the chunk start.
     flat = lambda z: z.reshape(b * n_chunks, chunk_size, h)

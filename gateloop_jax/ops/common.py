@@ -13,12 +13,25 @@ import jax.numpy as jnp
 MODES = ("scan", "recurrent", "attention", "chunked")
 # Kernels computing the same function: "pallas" runs our elementwise kernel for max-headed shapes (d_qk = d_v = 1)
 # and our chunked kernel for multi-head shapes (Triton on GPU, interpret mode elsewhere); "gla_rotation" runs
-# jax-linear-attention's real-gated GLA kernel through the rotation identity (Hopper and bf16 only; ops/gla_rotation.py).
-KERNEL_MODES = ("pallas", "gla_rotation")
+# jax-linear-attention's real-gated GLA kernel through the rotation identity (Hopper and bf16 only;
+# ops/gla_rotation.py); "mosaic_gpu" our multi-head Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret
+# mode elsewhere; ops/pallas_mosaic_gpu.py).
+KERNEL_MODES = ("pallas", "gla_rotation", "mosaic_gpu")
+# The modes that take a chunk_size (the others compute without chunks).
+CHUNKED_MODES = ("chunked", "pallas")
+# Modes that take segment_ids (state resets inside a row). "gla_rotation" cannot: jla's kernel has no reset, and
+# faking one through its log-space decay would not be exact.
+SEGMENT_MODES = MODES + ("pallas",)
 
 # Below this magnitude a transition is treated as exactly forgetting: log|a| is floored here so that |a| = 0 gives a
 # finite log (about -69) instead of -inf, which would turn masked products into NaNs in the backward pass.
 MIN_MAGNITUDE = 1e-30
+
+# log|a| the Pallas kernels are given at a segment start. Its exp, and the exp of every sum that contains it, is exactly
+# 0 in float32 (a = 0: the reset, exactly), and it is finite, so their 0/1-matrix segment sums see no 0 * -inf. This is
+# exact only because every exponent in those kernels is a direct sum over its own span, never a difference of prefix
+# sums (which would cancel against it); the pure-JAX chunked form takes such differences and masks instead.
+ZERO_LOG_MAGNITUDE = -1e30
 
 
 class PolarTransition(NamedTuple):
@@ -104,6 +117,22 @@ def reverse_exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(jnp.pad(rev, pad), 1, x.shape[axis] + 1, axis=axis)
 
 
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """(b, t) int segment ids -> (b, t) bool, True where a new segment starts: where the id differs from the previous
+    position's. Position 0 never starts one (the initial state belongs to each row's first segment)."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+def reset_gates(log_r: jax.Array, theta: jax.Array, reset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(b, t, h, k) log|a| and phase with a = 0 exactly where reset (b, t) is True, for the chunked Pallas kernels:
+    log|a| = ZERO_LOG_MAGNITUDE there (see its comment: exact only where every exponent is a direct sum over its own
+    span; their sub-blocks holding a start fail the tame test and take the exact row loop), phase 0. The selects also
+    make the gradients there exactly 0, where the kernels' reverse sums would leave rounding noise."""
+    start = reset[:, :, None, None]
+    return jnp.where(start, ZERO_LOG_MAGNITUDE, log_r), jnp.where(start, 0.0, theta)
+
+
 def is_elementwise(q: jax.Array, v: jax.Array) -> bool:
     """Max-headed GateLoop (d_qk = d_v = 1): the state is one complex number per channel."""
     return q.shape[-1] == 1 and v.shape[-1] == 1
@@ -113,7 +142,7 @@ def _shape_error(name: str, got, expected: str) -> ValueError:
     return ValueError(f"gateloop: argument '{name}' has shape {tuple(got)}, expected {expected}.")
 
 
-def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
+def validate_inputs(q, k, v, a, initial_state, mode, chunk_size, segment_ids=None) -> None:
     """One clear ValueError naming the argument, the shape received and the shape expected; runs before any compute."""
     if mode != "auto" and mode not in MODES + KERNEL_MODES:
         raise ValueError(f"gateloop: unknown mode {mode!r}; expected one of {('auto',) + MODES + KERNEL_MODES}.")
@@ -144,8 +173,21 @@ def validate_inputs(q, k, v, a, initial_state, mode, chunk_size) -> None:
         expected = (b, h, dk, v.shape[-1])
         if tuple(initial_state.shape) != expected:
             raise _shape_error("initial_state", initial_state.shape, f"{expected} (batch, heads, d_qk, d_v)")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, t):
+            raise _shape_error("segment_ids", segment_ids.shape, f"{(b, t)} (batch, length) like q's first two axes")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"gateloop: argument 'segment_ids' must be an integer array (a new segment starts where the id "
+                f"changes), got dtype {segment_ids.dtype}; pass segment_ids.astype(jnp.int32)."
+            )
+        if mode != "auto" and mode not in SEGMENT_MODES:
+            raise ValueError(
+                f"gateloop: segment_ids is not supported by mode={mode!r} (its kernel cannot reset the state exactly); "
+                f"use one of {SEGMENT_MODES} or 'auto'."
+            )
     if chunk_size is not None:
-        if mode not in ("auto", "chunked", "pallas"):
+        if mode != "auto" and mode not in CHUNKED_MODES:
             raise ValueError(
                 f"gateloop: chunk_size={chunk_size} only applies to mode='chunked', 'pallas' or 'auto', not {mode!r}."
             )

@@ -5,21 +5,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise, pallas_tpu,
-                              recurrent, scan)
-from gateloop_jax.ops.common import PolarTransition, is_elementwise, polar_to_complex, to_polar, validate_inputs
+from gateloop_jax.ops import (attention, chunked, gla_rotation, pallas_chunked, pallas_elementwise,
+                              pallas_mosaic_gpu, pallas_tpu, recurrent, scan)
+from gateloop_jax.ops.common import (CHUNKED_MODES, SEGMENT_MODES, PolarTransition, is_elementwise,
+                                     polar_to_complex, segment_starts, to_polar, validate_inputs)
 
 
-def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32):
+def _pallas(q, k, v, log_r, theta, h0, chunk_size=None, platform=None, out_dtype=jnp.float32, reset=None):
     """The Pallas kernel for the platform and shape: on TPU the Mosaic kernel (every shape; max-headed ones are
     padded to 128 lanes); elsewhere the Triton kernels, elementwise (max-headed) or chunked (multi-head). y is in
     out_dtype from the Triton kernels, float32 from the TPU one."""
+    kw = {} if reset is None else {"reset": reset}
     if (platform or jax.default_backend()) == "tpu":
-        return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size)
+        return pallas_tpu.gateloop_pallas_tpu(q, k, v, log_r, theta, h0, chunk_size=chunk_size, **kw)
     if is_elementwise(q, v):
-        return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, out_dtype=out_dtype)
+        return pallas_elementwise.gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, out_dtype=out_dtype, **kw)
     return pallas_chunked.gateloop_pallas_chunked(q, k, v, log_r, theta, h0, chunk_size=chunk_size,
-                                                  out_dtype=out_dtype)
+                                                  out_dtype=out_dtype, **kw)
 
 
 _MODE_FNS = {
@@ -29,10 +31,11 @@ _MODE_FNS = {
     "chunked": chunked.gateloop_chunked,
     "pallas": _pallas,
     "gla_rotation": gla_rotation.gateloop_gla_rotation,
+    "mosaic_gpu": pallas_mosaic_gpu.gateloop_mosaic_gpu,
 }
 
 
-def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> str:
+def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None, segments: bool = False) -> str:
     """The concrete mode "auto" stands for on this platform and shape.
 
     Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.56 ms vs 1.6 ms for "scan", y and the
@@ -48,12 +51,17 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None) -> st
     so "auto" keeps the portable modes there until it is measured.
     Never "gla_rotation" (jax-linear-attention's kernel behind the rotation identity): 2.1-2.3x faster than "pallas"
     for bf16 multi-head on an H200, but its phase gradient is bf16-accurate only (ops/gla_rotation.py).
+    Multi-head on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11): "mosaic_gpu" at every head width
+    (ops/pallas_mosaic_gpu.py); the Triton kernel only on other GPUs, and for packed rows (`segments`: the Mosaic
+    GPU kernel has no state reset).
     """
     if mode != "auto":
         return mode
     platform = platform or jax.default_backend()
     if q_shape[-1] == 1 and v_shape[-1] == 1:
         return "pallas" if pallas_elementwise.supported(q_shape, v_shape, platform) and platform == "gpu" else "scan"
+    if platform == "gpu" and not segments and pallas_mosaic_gpu.serves_default_device():
+        return "mosaic_gpu"
     narrow = q_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM and v_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM
     return "pallas" if platform == "gpu" and narrow else "chunked"
 
@@ -68,6 +76,7 @@ def gateloop(
     initial_state: jax.Array | None = None,
     return_state: bool = False,
     chunk_size: int | None = None,
+    segment_ids: jax.Array | None = None,
 ):
     """GateLoop: H_n = diag(a_n) H_{n-1} + k_n^T v_n,  y_n = Re(q_n H_n), per head.
 
@@ -76,30 +85,44 @@ def gateloop(
       v: (b, t, h, v) real values.
       a: (b, t, h, k) complex transitions with |a| <= 1, or a PolarTransition(log|a|, arg a) of real (b, t, h, k)
         arrays (what layers pass: exact for extreme gates).
-      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "auto". All compute the
-        same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow, elsewhere), "auto"
-        the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs jax-linear-attention's GLA
-        kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase gradients bf16-accurate:
-        ops/gla_rotation.py); it is never picked by "auto".
+      mode: "scan" | "recurrent" | "attention" | "chunked" | "pallas" | "gla_rotation" | "mosaic_gpu" | "auto". All
+        compute the same function; "pallas" is the hand-written kernel (Triton on GPU; interpret mode, slow,
+        elsewhere), "auto" the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs
+        jax-linear-attention's GLA kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase
+        gradients bf16-accurate: ops/gla_rotation.py); it is never picked by "auto". "mosaic_gpu": the multi-head
+        Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs for multi-head
+        on Hopper.
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head
         "pallas" kernel (default 16, rounded up to a multiple of 16); any length is accepted.
+      segment_ids: (b, t) int, packed sequences: wherever the id differs from the previous position's a new segment
+        starts and the state restarts from zero (H_n = k_n^T v_n there: no term of an earlier segment, state or
+        accumulated decay and phase, reaches a later one). initial_state applies to each row's first segment; the
+        final state is its last segment's. Every mode in SEGMENT_MODES ("gla_rotation" is not); None: one segment.
 
     Returns:
       y (b, t, h, v) in the promoted dtype of q, k, v; with return_state, (y, final_state).
     """
-    validate_inputs(q, k, v, a, initial_state, mode, chunk_size)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+    validate_inputs(q, k, v, a, initial_state, mode, chunk_size, segment_ids)
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    mode = resolve_mode(mode, q.shape, v.shape)
+    mode = resolve_mode(mode, q.shape, v.shape, segments=segment_ids is not None)
+    if segment_ids is not None and mode not in SEGMENT_MODES:
+        raise ValueError(f"gateloop: segment_ids is not supported by mode={mode!r}; use one of {SEGMENT_MODES}.")
     if mode == "gla_rotation":
         reason = gla_rotation.unsupported_reason(q.shape, v.shape, out_dtype)
         if reason:
             raise ValueError(f"gateloop: mode='gla_rotation' cannot run here: {reason}.")
+    if mode == "mosaic_gpu" and pallas_mosaic_gpu.unavailable_reason():
+        raise ValueError(f"gateloop: {pallas_mosaic_gpu.unavailable_reason()}; use mode='pallas' or 'chunked' here.")
     # The recurrence accumulates in float32 / complex64 whatever the input dtype: a bf16 state loses ~3 significant
     # digits per step and the error compounds over the length.
     polar = to_polar(a)
-    kw = {"chunk_size": chunk_size} if mode in ("chunked", "pallas") else {}
+    kw = {"chunk_size": chunk_size} if mode in CHUNKED_MODES else {}
+    if segment_ids is not None:
+        kw["reset"] = segment_starts(segment_ids)
     if mode == "pallas":
         # The Triton kernels read q, k, v as they are (upcast on load) and write y and the gradients in the inputs'
         # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,

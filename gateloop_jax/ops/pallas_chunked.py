@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gateloop_jax.ops.common import cmul, polar_pair
+from gateloop_jax.ops.common import cmul, polar_pair, reset_gates
 from gateloop_jax.ops.kernel_util import dot as _dot
 from gateloop_jax.ops.kernel_util import dot_nt as _dot_nt
 from gateloop_jax.ops.kernel_util import dot_tn as _dot_tn
@@ -712,12 +712,14 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None = None,
-                            interpret: bool | None = None, config: Config | None = None, out_dtype=jnp.float32):
+                            interpret: bool | None = None, config: Config | None = None, out_dtype=jnp.float32,
+                            reset=None):
     """Mode contract: q, k, log_r, theta (b, t, h, dk), v (b, t, h, dv) real; h0 (b, h, dk, dv) complex or None.
 
     Returns (y (b, t, h, dv) in out_dtype, float32 by default, final state (b, h, dk, dv) complex64); differentiable
     in every argument (custom_vjp). chunk_size (default Config.chunk) is rounded up to a multiple of 16. Inputs go
     into the kernels in their own dtype (bf16 ones are upcast on load) and q, k, v's gradients come out in it.
+    reset: (b, t) bool or None, True where a segment starts (the state restarts there: a = 0).
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -726,6 +728,8 @@ def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None
     plan = make_plan(config or Config(), b, h, t, dk, dv, interpret=interpret, chunk_size=chunk_size,
                      y_dtype=out_dtype)
     tp, dkp, dvp = plan.t, plan.dk, plan.dv
+    if reset is not None:  # exact here: every exponent of these kernels is a direct sum over its own span
+        log_r, theta = reset_gates(log_r, theta, reset)
 
     def prep(x, width):
         if tp != t or width != x.shape[-1]:

@@ -20,6 +20,10 @@ h_n - k_n v_n, so nothing cancels when |a| is tiny.
 Every loop iteration issues all loads of its `unroll` steps before any store: a store to a ref the compiler cannot
 prove distinct from the inputs would otherwise hold the next step's loads back, one memory latency per step.
 
+Packed sequences (segment_ids): an optional keep array (b, t), 0 at a segment start and 1 elsewhere, read as one
+scalar per row and step, multiplies a_n: a = 0 exactly there, so the state restarts and the gradients of log|a| and
+phase there, formed from w_n = a_n h_{n-1} = 0, are exactly 0. The segments' (P, local) stitching needs nothing more.
+
 Arithmetic is float32 whatever the input dtype (bf16 inputs are upcast on load): the state is carried over
 thousands of steps and a bf16 state would lose ~3 digits per step. Gradients are stored in their input's dtype
 (rounded once, at the store), so bf16 inputs also halve the gradients' bytes and need no cast after the kernel.
@@ -95,8 +99,31 @@ def _load_rows(refs, bi, rows, cols):
     return [[_f32(r[bi, n, cols]) for n in rows] for r in refs]
 
 
-def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, *, seg, cb, unroll):
+def _load_keeps(keep_ref, bi, rows):
+    """keep (b, t) at the block's rows, scalars (0 at a segment start), loaded with the block's other rows; None
+    without segment_ids."""
+    return None if keep_ref is None else [keep_ref[bi, n] for n in rows]
+
+
+def _gate(lr, th, keeps, u):
+    """a_n = e^{lr + i th} as (re, im); at a segment start (keep 0) exactly 0, so the state restarts and the gradients
+    of lr, th there, which are formed from a_n h_{n-1}, are exactly 0."""
+    ar, ai = polar_pair(lr, th)
+    if keeps is None:
+        return ar, ai
+    return ar * keeps[u], ai * keeps[u]
+
+
+def _split_keep(refs, n_in, reset):
+    """The kernel's first n_in input refs, keep_ref (the next input with segment_ids, else None), and the rest."""
+    if reset:
+        return refs[:n_in], refs[n_in], refs[n_in + 1:]
+    return refs[:n_in], None, refs[n_in:]
+
+
+def _fwd_local_kernel(*refs, seg, cb, unroll, reset):
     """Per segment: its state from a zero start and the product of its transitions."""
+    (k_ref, v_ref, lr_ref, th_ref), keep_ref, (loc_re, loc_im, p_re, p_im) = _split_keep(refs, 4, reset)
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
     t0 = si * seg
@@ -105,8 +132,9 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
         hr, hi, pr, pi = carry
         rows = [t0 + j * unroll + u for u in range(unroll)]
         ks, vs, lrs, ths = _load_rows((k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
+        keeps = _load_keeps(keep_ref, bi, rows)
         for u in range(unroll):
-            ar, ai = polar_pair(lrs[u], ths[u])
+            ar, ai = _gate(lrs[u], ths[u], keeps, u)
             hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
             pr, pi = cmul(ar, ai, pr, pi)
@@ -120,9 +148,8 @@ def _fwd_local_kernel(k_ref, v_ref, lr_ref, th_ref, loc_re, loc_im, p_re, p_im, 
     p_im[bi, si, cols] = pi
 
 
-def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
-    q_ref, k_ref, v_ref, lr_ref, th_ref, h0_re, h0_im = refs[:7]
-    refs = refs[7:]
+def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states, reset):
+    (q_ref, k_ref, v_ref, lr_ref, th_ref, h0_re, h0_im), keep_ref, refs = _split_keep(refs, 7, reset)
     if segmented:
         loc_re, loc_im, p_re, p_im = refs[:4]
         refs = refs[4:]
@@ -149,12 +176,13 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
         hr, hi = carry
         rows = [t0 + j * unroll + u for u in range(unroll)]
         qs, ks, vs, lrs, ths = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref), bi, rows, cols)
+        keeps = _load_keeps(keep_ref, bi, rows)
         if save_states:
             blk = si * (seg // unroll) + j
             hb_re[bi, blk, cols] = hr
             hb_im[bi, blk, cols] = hi
         for u in range(unroll):
-            ar, ai = polar_pair(lrs[u], ths[u])
+            ar, ai = _gate(lrs[u], ths[u], keeps, u)
             hr, hi = cmul(ar, ai, hr, hi)
             hr = hr + ks[u] * vs[u]
             y_ref[bi, rows[u], cols] = (qs[u] * hr).astype(y_ref.dtype)
@@ -165,8 +193,9 @@ def _fwd_kernel(*refs, seg, cb, unroll, segmented, save_states):
     end_im[bi, si, cols] = hi
 
 
-def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, unroll):
+def _bwd_local_kernel(*refs, seg, cb, unroll, reset):
     """Per segment, reverse time from a zero incoming cotangent: c <- conj(a_n) (q_n dy_n + c)."""
+    (q_ref, dy_ref, lr_ref, th_ref), keep_ref, (gl_re, gl_im) = _split_keep(refs, 4, reset)
     bi, ci, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols = pl.ds(pl.multiple_of(ci * cb, cb), cb)
     t_last = si * seg + seg - 1
@@ -175,8 +204,9 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
         cr, ci_ = carry
         rows = [t_last - (j * unroll + u) for u in range(unroll)]
         qs, dys, lrs, ths = _load_rows((q_ref, dy_ref, lr_ref, th_ref), bi, rows, cols)
+        keeps = _load_keeps(keep_ref, bi, rows)
         for u in range(unroll):
-            ar, ai = polar_pair(lrs[u], ths[u])
+            ar, ai = _gate(lrs[u], ths[u], keeps, u)
             gr = qs[u] * dys[u] + cr
             cr, ci_ = cmul(ar, -ai, gr, ci_)
         return cr, ci_
@@ -187,9 +217,9 @@ def _bwd_local_kernel(q_ref, dy_ref, lr_ref, th_ref, gl_re, gl_im, *, seg, cb, u
     gl_im[bi, si, cols] = ci_
 
 
-def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
-    (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hb_re, hb_im, gf_re, gf_im) = refs[:10]
-    refs = refs[10:]
+def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments, reset):
+    (q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref, hb_re, hb_im, gf_re, gf_im), keep_ref, refs = _split_keep(refs, 10,
+                                                                                                            reset)
     if segmented:
         p_re, p_im, gl_re, gl_im = refs[:4]
         refs = refs[4:]
@@ -215,11 +245,12 @@ def _bwd_kernel(*refs, seg, cb, unroll, segmented, num_segments):
         blk = si * blocks + (blocks - 1 - j)  # blocks of the segment, last first
         rows = [blk * unroll + u for u in range(unroll)]
         qs, ks, vs, lrs, ths, dys = _load_rows((q_ref, k_ref, v_ref, lr_ref, th_ref, dy_ref), bi, rows, cols)
+        keeps = _load_keeps(keep_ref, bi, rows)
         # Recompute the block's states h_{n-1} (before each step) in registers from the saved state before the block.
         hr, hi = hb_re[bi, blk, cols], hb_im[bi, blk, cols]
         before, trans = [], []
         for u in range(unroll):
-            ar, ai = polar_pair(lrs[u], ths[u])
+            ar, ai = _gate(lrs[u], ths[u], keeps, u)
             before.append((hr, hi))
             trans.append((ar, ai))
             hr, hi = cmul(ar, ai, hr, hi)
@@ -289,74 +320,78 @@ def _f32_shape(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, save_states):
+def _forward(plan: _Plan, q, k, v, lr, th, h0re, h0im, keep, save_states):
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
-    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll, reset=keep is not None)
+    keep = () if keep is None else (keep,)
     small = _f32_shape(b, s, h)
     segmented = s > 1
     extra = ()
     if segmented:
-        extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th,
+        extra = _call(plan, functools.partial(_fwd_local_kernel, **kw), (small,) * 4, k, v, lr, th, *keep,
                       name="gateloop_ew_fwd_local")
         p_re, p_im = extra[2], extra[3]
     states = (_f32_shape(b, t // plan.unroll, h),) * 2 if save_states else ()
     outs = (jax.ShapeDtypeStruct((b, t, h), plan.y_dtype), small, small) + states
     res = _call(plan, functools.partial(_fwd_kernel, segmented=segmented, save_states=save_states, **kw), outs,
-                q, k, v, lr, th, h0re, h0im, *extra, name="gateloop_ew_fwd")
+                q, k, v, lr, th, h0re, h0im, *keep, *extra, name="gateloop_ew_fwd")
     y, end_re, end_im = res[:3]
     states = res[3:] if save_states else None
     transitions = (p_re, p_im) if segmented else None
     return y, end_re[:, -1], end_im[:, -1], states, transitions
 
 
-def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, gf_re, gf_im):
+def _backward(plan: _Plan, q, k, v, lr, th, h0re, h0im, keep, states, transitions, dy, gf_re, gf_im):
     b, t, h, seg, s = plan.b, plan.t, plan.h, plan.seg, plan.num_segments
-    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll)
+    kw = dict(seg=seg, cb=plan.cb, unroll=plan.unroll, reset=keep is not None)
+    keep = () if keep is None else (keep,)
     small = _f32_shape(b, s, h)
     segmented = s > 1
     extra = ()
     if segmented:
-        gl = _call(plan, functools.partial(_bwd_local_kernel, **kw), (small, small), q, dy, lr, th,
+        gl = _call(plan, functools.partial(_bwd_local_kernel, **kw), (small, small), q, dy, lr, th, *keep,
                    name="gateloop_ew_bwd_local")
         extra = (*transitions, *gl)
     grads = tuple(jax.ShapeDtypeStruct((b, t, h), x.dtype) for x in (q, k, v, lr, th))
     dq, dk, dv, dlr, dth, c_re, c_im = _call(
         plan, functools.partial(_bwd_kernel, segmented=segmented, num_segments=s, **kw), grads + (small,) * 2,
-        q, k, v, lr, th, dy, *states, gf_re, gf_im, *extra, name="gateloop_ew_bwd")
+        q, k, v, lr, th, dy, *states, gf_re, gf_im, *keep, *extra, name="gateloop_ew_bwd")
     return dq, dk, dv, dlr, dth, c_re[:, 0], c_im[:, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(plan, q, k, v, lr, th, h0re, h0im):
-    y, fre, fim, _, _ = _forward(plan, q, k, v, lr, th, h0re, h0im, save_states=False)
+def _core(plan, q, k, v, lr, th, h0re, h0im, keep):
+    y, fre, fim, _, _ = _forward(plan, q, k, v, lr, th, h0re, h0im, keep, save_states=False)
     return y, fre, fim
 
 
-def _core_fwd(plan, q, k, v, lr, th, h0re, h0im):
-    y, fre, fim, states, transitions = _forward(plan, q, k, v, lr, th, h0re, h0im, save_states=True)
-    return (y, fre, fim), (q, k, v, lr, th, h0re, h0im, states, transitions)
+def _core_fwd(plan, q, k, v, lr, th, h0re, h0im, keep):
+    y, fre, fim, states, transitions = _forward(plan, q, k, v, lr, th, h0re, h0im, keep, save_states=True)
+    return (y, fre, fim), (q, k, v, lr, th, h0re, h0im, keep, states, transitions)
 
 
 def _core_bwd(plan, res, cts):
-    q, k, v, lr, th, h0re, h0im, states, transitions = res
+    q, k, v, lr, th, h0re, h0im, keep, states, transitions = res
     dy, gf_re, gf_im = cts
     # dy goes in as it comes (bf16 with a bf16 y): the kernels upcast it on load.
-    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, states, transitions, dy, _f32(gf_re), _f32(gf_im))
+    grads = _backward(plan, q, k, v, lr, th, h0re, h0im, keep, states, transitions, dy, _f32(gf_re), _f32(gf_im))
     primals = (q, k, v, lr, th, h0re, h0im)
-    return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+    # keep comes from the integer segment_ids: it has no gradient.
+    return tuple(g.astype(p.dtype) for g, p in zip(grads, primals)) + (None if keep is None else jnp.zeros_like(keep),)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
 def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | None = None,
-                                config: Config | None = None, out_dtype=jnp.float32):
+                                config: Config | None = None, out_dtype=jnp.float32, reset=None):
     """Mode contract: q, k, v, log_r, theta (b, t, h, 1) real; h0 (b, h, 1, 1) complex or None.
 
     Returns (y (b, t, h, 1) in out_dtype (float32 by default; ops.gateloop asks for its output dtype, so bf16 inputs
     cost no cast pass), final state (b, h, 1, 1) complex64). Differentiable (custom_vjp) in every argument, h0
     included. Any t and h: they are padded internally with identity steps (a = 1, k = v = q = 0) and
-    idle channels, which change neither the outputs nor the final state.
+    idle channels, which change neither the outputs nor the final state. reset: (b, t) bool or None, True where a
+    segment starts (the state restarts there: a = 0).
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -385,7 +420,11 @@ def gateloop_pallas_elementwise(q, k, v, log_r, theta, h0, *, interpret: bool | 
         h0re, h0im = jnp.real(h0c).astype(jnp.float32), jnp.imag(h0c).astype(jnp.float32)
         if hp != h:
             h0re, h0im = (jnp.pad(x, ((0, 0), (0, hp - h))) for x in (h0re, h0im))
-    y, fre, fim = _core(plan, *args, h0re, h0im)
+    # Segment starts go into the kernels as keep = 0 (else 1), one scalar per (row, step) that zeroes a_n: (b, t), a
+    # 1 / h of a gate array's bytes, where a select on log|a| in XLA would be a pass over all of it (and its gradient).
+    keep = None if reset is None else jnp.pad(1.0 - reset.astype(jnp.float32), ((0, 0), (0, tp - t)),
+                                              constant_values=1.0)
+    y, fre, fim = _core(plan, *args, h0re, h0im, keep)
     final = jax.lax.complex(fre[:, :h], fim[:, :h])
     return y[:, :t, :h, None], final[:, :, None, None]
 

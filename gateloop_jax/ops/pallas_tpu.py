@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gateloop_jax.ops import kernel_util as ku
-from gateloop_jax.ops.common import cmul, polar_pair
+from gateloop_jax.ops.common import cmul, polar_pair, reset_gates
 
 LANES = 128  # TPU vector lane width: the last dim of a VMEM block
 SUBLANES = 8  # TPU sublane count: row offsets of value slices stay multiples of it
@@ -429,12 +429,13 @@ def make_plan(cfg: Config, t: int, *, interpret: bool, chunk_size: int | None = 
 
 
 def gateloop_pallas_tpu(q, k, v, log_r, theta, h0, *, chunk_size: int | None = None, interpret: bool | None = None,
-                        config: Config | None = None):
+                        config: Config | None = None, reset=None):
     """Mode contract: q, k, log_r, theta (b, t, h, dk), v (b, t, h, dv) real; h0 (b, h, dk, dv) complex or None.
 
     Returns (y (b, t, h, dv) float32, final state (b, h, dk, dv) complex64); differentiable in every argument
     (custom_vjp). chunk_size (default Config.chunk) is rounded up to a multiple of Config.sub_block. interpret=None
-    runs interpret mode unless the default backend is TPU.
+    runs interpret mode unless the default backend is TPU. reset: (b, t) bool or None, True where a segment starts
+    (the state restarts there: a = 0).
     """
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -449,6 +450,8 @@ def gateloop_pallas_tpu(q, k, v, log_r, theta, h0, *, chunk_size: int | None = N
         x = jnp.transpose(x.astype(jnp.float32), (0, 2, 1, 3))
         return jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, width - x.shape[-1])))
 
+    if reset is not None:  # exact here: every exponent of these kernels is a direct sum over its own span
+        log_r, theta = reset_gates(log_r, theta, reset)
     log_r = jnp.maximum(log_r.astype(jnp.float32), LOG_MAGNITUDE_FLOOR)
     args = [prep(x, dkp) for x in (q, k)] + [prep(v, dvp)] + [prep(x, dkp) for x in (log_r, theta)]
     if h0 is None:

@@ -25,11 +25,13 @@ def step(q_t, k_t, v_t, a_t, state):
     return y_t, state
 
 
-def gateloop_recurrent(q, k, v, log_r, theta, h0):
+def gateloop_recurrent(q, k, v, log_r, theta, h0, reset=None):
     """Same contract as ops.scan.gateloop_scan, computed one position at a time."""
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     a = polar_to_complex(log_r, theta)
+    if reset is not None:  # a segment start: H_n = k_n^T v_n (a = 0 exactly)
+        a = jnp.where(reset[:, :, None, None], 0.0, a)
     state = jnp.zeros((b, h, dk, dv), jnp.complex64) if h0 is None else h0
 
     def body(state, xs):

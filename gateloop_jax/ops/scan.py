@@ -27,9 +27,14 @@ def scan_elementwise(x, a, h0):
     return h
 
 
-def gateloop_scan(q, k, v, log_r, theta, h0):
-    """q, k, log_r, theta: (b, t, h, k) f32; v: (b, t, h, v) f32; h0: (b, h, k, v) c64 or None -> (y, H_t)."""
+def gateloop_scan(q, k, v, log_r, theta, h0, reset=None):
+    """q, k, log_r, theta: (b, t, h, k) f32; v: (b, t, h, v) f32; h0: (b, h, k, v) c64 or None -> (y, H_t).
+
+    reset: (b, t) bool or None, True where a segment starts: the state restarts there (a = 0, exactly: the scan
+    multiplies complex numbers, so nothing earlier survives and no log-space sum sees it)."""
     a = polar_to_complex(log_r, theta)
+    if reset is not None:
+        a = jnp.where(reset[:, :, None, None], 0.0, a)
     if q.shape[-1] == 1 and v.shape[-1] == 1:
         # Max-headed: one complex number per channel, everything elementwise (no 1x1 matrix products).
         x = (k[..., 0] * v[..., 0]).astype(jnp.complex64)

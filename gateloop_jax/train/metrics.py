@@ -61,11 +61,9 @@ def flops_per_token(model_config, params, seq_len: int) -> float:
     """Training FLOPs per token (formula in the module docstring)."""
     h = model_config.num_heads
     dk, dv = model_config.head_dims
-    if model_config.name == "transformer":
-        mixer = 2 * h * (seq_len / 2) * (dk + dv)
-    else:
-        mixer = h * 10 * dk * dv
-    return 6.0 * matmul_params(params) + model_config.num_layers * 3.0 * mixer
+    attention, gateloop = 2 * h * (seq_len / 2) * (dk + dv), h * 10 * dk * dv
+    mixers = sum(attention if kind == "a" else gateloop for kind in model_config.layer_kinds)
+    return 6.0 * matmul_params(params) + 3.0 * mixers
 
 
 def every(step: int, period: int, total_steps: int) -> bool:

@@ -43,6 +43,10 @@ def transition_labels(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: "transition" if is_transition(p) else "default", params)
 
 
+# The learning-rate decays after warmup (config.optimizer.decay).
+DECAYS = ("cosine", "linear", "constant")
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `decay` ("cosine" | "linear" | "constant")
     to `learning_rate * end_lr_factor` at `total_steps`."""
@@ -57,7 +61,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
     elif opt.decay == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"optimizer.decay={opt.decay!r} is not one of ('cosine', 'linear', 'constant').")
+        raise ValueError(f"optimizer.decay={opt.decay!r} is not one of {DECAYS}.")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gateloop_jax.data import TEXT_NAMES
 from gateloop_jax.errors import ConfigError, MissingPathError
 
 # Fields that count something: must be integers >= 1.
@@ -49,8 +50,10 @@ def check_settings(config: Any) -> None:
         raise ConfigError(f"config.keep_ckpts={config.keep_ckpts!r}: must be an integer >= 1, or None to keep all.")
     if config.max_train_seconds is not None and config.max_train_seconds <= 0:
         raise ConfigError(f"config.max_train_seconds={config.max_train_seconds!r}: must be > 0, or None for no limit.")
-    if config.data.name == "wikitext103" and config.eval_split not in ("validation", "test"):
-        raise ConfigError(f"config.eval_split={config.eval_split!r}: WikiText-103 has 'validation' and 'test'.")
+    if config.data.name in TEXT_NAMES and config.eval_split not in ("validation", "test"):
+        raise ConfigError(
+            f"config.eval_split={config.eval_split!r}: {config.data.name} has 'validation' and 'test'."
+        )
     if config.init_from is not None and not os.path.isdir(os.path.expanduser(config.init_from)):
         raise MissingPathError(
             f"config.init_from={config.init_from!r} does not exist; pass a training workdir or its "

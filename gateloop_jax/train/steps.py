@@ -7,6 +7,8 @@ of n alone and a resumed run needs nothing but the step to continue the same str
 
 Loss: masked cross-entropy, summed over the global batch and divided by the number of scored tokens of the global
 batch (not averaged per micro-batch), so gradient accumulation and any data-parallel split give the same gradient.
+With loss_chunk_size > 0 the head and cross-entropy run over sequence chunks (train/loss.py), never holding the
+(b, t, V) float32 logits.
 
 Shapes: b batch, t length, V vocabulary.
 """
@@ -22,7 +24,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-Batch = dict[str, jax.Array]  # {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32}
+from gateloop_jax.train.loss import model_token_stats, token_stats  # noqa: F401 - token_stats is re-exported
+
+# {"inputs": (b, t) int32, "targets": (b, t) int32, "mask": (b, t) float32} and optionally "segment_ids": (b, t) int32
+# (packed documents: each segment is modelled as if alone, see CausalLM).
+Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -57,22 +63,17 @@ class ModelParts:
         return nnx.merge(self.graphdef, state, rest)
 
 
-def token_stats(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Summed NLL, correct predictions and scored tokens over mask; logits (b, t, V) float32."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return {"nll": jnp.sum(nll * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
-
-
 def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum_steps: int, seed: int, mode: str | None = None) -> Callable:
+                    grad_accum_steps: int, seed: int, mode: str | None = None,
+                    loss_chunk_size: int = 0) -> Callable:
     """train_step(state, batch) -> (state, metrics); pure, to be jitted once by the trainer."""
 
     def micro_grads(params, micro: Batch, key):
         def loss_fn(p):
             model = parts.merge(p, key)
-            logits = model(micro["inputs"], mode=mode, deterministic=False)
-            stats = token_stats(logits, micro["targets"], micro["mask"])
+            stats = model_token_stats(model, micro["inputs"], micro["targets"], micro["mask"],
+                                      chunk_size=loss_chunk_size, mode=mode, deterministic=False,
+                                      segment_ids=micro.get("segment_ids"))
             return stats["nll"], stats
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -111,11 +112,12 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
     return train_step
 
 
-def make_eval_step(parts: ModelParts, *, mode: str | None = None) -> Callable:
+def make_eval_step(parts: ModelParts, *, mode: str | None = None, loss_chunk_size: int = 0) -> Callable:
     """eval_step(params, batch) -> {"nll", "correct", "count"} sums over the batch (the loop adds them up)."""
 
     def eval_step(params, batch: Batch):
-        logits = parts.merge(params)(batch["inputs"], mode=mode, deterministic=True)
-        return token_stats(logits, batch["targets"], batch["mask"])
+        return model_token_stats(parts.merge(params), batch["inputs"], batch["targets"], batch["mask"],
+                                 chunk_size=loss_chunk_size, mode=mode, deterministic=True,
+                                 segment_ids=batch.get("segment_ids"))
 
     return eval_step

@@ -30,13 +30,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gateloop_jax import data
 from gateloop_jax.errors import ConfigError, MissingPathError, UserError
-from gateloop_jax.models import build_model, resolve_config
+from gateloop_jax.models import build_model, check_platform, resolve_config
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, LENGTH, logical_to_spec, make_mesh
 from gateloop_jax.train import checkpoint as ckpt_lib
+from gateloop_jax.train import loss as loss_lib
 from gateloop_jax.train import metrics as metrics_lib
 from gateloop_jax.train import settings
 from gateloop_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from gateloop_jax.train.profiler import StepProfiler, check_profile_steps
 from gateloop_jax.train.steps import ModelParts, TrainState, make_eval_step, make_train_step
 
 
@@ -84,13 +86,20 @@ def _validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig
     if config.eval_batch_size % dp:
         raise ValueError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
     data.check_config(config.data)
-    if config.data.name == "wikitext103":
+    seq_len, shards = config.data.get("seq_len"), mesh.shape["sequence"]
+    if seq_len is not None and seq_len % shards:
+        raise ValueError(f"data.seq_len={seq_len} is not divisible by mesh.sequence={shards} (context parallelism "
+                         "splits every row into that many equal shards); choose a sequence size that divides it.")
+    check_profile_steps(config.profile_steps)
+    loss_lib.chunk_size_for(config.loss_chunk_size, config.chunked_loss_min_vocab, 0)
+    if config.data.name in data.TEXT_NAMES:
         data_dir = os.path.expanduser(config.data.data_dir)
         if not os.path.isdir(data_dir):
             raise MissingPathError(
-                f"data.data_dir={config.data.data_dir!r} does not exist. Prepare WikiText-103 with\n"
-                f"  python -m gateloop_jax.data.wikitext103 --manual_dir MANUAL_DIR --data_dir {config.data.data_dir}")
+                f"data.data_dir={config.data.data_dir!r} does not exist. Prepare it with\n"
+                f"  {data.prepare_command(config.data)}")
     model_config = model_config_from(config)  # also checks the data's tokenizer / files exist
+    check_platform(model_config, mesh.devices.flat[0].platform)
     return mesh, model_config
 
 
@@ -118,7 +127,8 @@ class _Preemption:
 
 
 def _local_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "mask")}
+    # segment_ids only where the data packs documents: a batch without it compiles the unsegmented model.
+    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "mask", "segment_ids") if k in batch}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -152,8 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
     tx, schedule = make_optimizer(config, abstract_params)
     abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_sharding,
-                                         transform_non_params=lambda _: replicated)
+    # A multi_transform / masked optimizer (optimizer.transition_lr_factor != 1) keeps, per inner optimizer, a copy
+    # of the parameter tree with MaskedNode where the other one owns the parameter: those stay MaskedNode.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sharding = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract_opt_state, param_sharding,
+                                         transform_non_params=lambda _: replicated, is_leaf=masked)
     state_sharding = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding)
     rest_sharding = jax.tree.map(lambda _: replicated, parts.rest)
 
@@ -211,8 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- the two compiled functions ------------------------------------------------------------------------------
     # The computation mode is the model config's (config.model.mode); the steps do not override it.
-    train_step = make_train_step(parts, tx, schedule, grad_accum_steps=config.grad_accum_steps, seed=config.seed)
-    eval_step = make_eval_step(parts)
+    loss_chunk = loss_lib.chunk_size_for(config.loss_chunk_size, config.chunked_loss_min_vocab,
+                                         model_config.vocab_size)
+    train_step = make_train_step(parts, tx, schedule, grad_accum_steps=config.grad_accum_steps, seed=config.seed,
+                                 loss_chunk_size=loss_chunk)
+    eval_step = make_eval_step(parts, loss_chunk_size=loss_chunk)
     with mesh_ctx(), nnx.logical_axis_rules(rules):
         train_step_jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
@@ -230,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if totals["count"] == 0:
             raise ValueError("evaluation set has no scored tokens (mask all zero).")
         extra = {}
-        if config.data.name == "wikitext103":
+        if config.data.name in data.TEXT_NAMES:
             stats = data.split_statistics(config.data, config.eval_split)
             extra = dict(num_words=stats["num_words"], num_bytes=stats["num_bytes"])
         lm = data.lm_metrics(totals["nll"], int(totals["count"]), **extra)
@@ -271,6 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise FloatingPointError(
                     f"train/loss is {m['train/loss']} at step {step}; stopping. Last good checkpoint: {where}.")
 
+    profiler = StepProfiler(config.profile_steps, workdir)
     last_metrics: dict[str, float] = {}
     pending: list[tuple[int, Any]] = []
     t_interval, steps_in_interval, compile_seconds = None, 0, None
@@ -280,9 +297,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _Preemption() as preemption:
             while step < total:
                 batch = to_global(next(train_iter))
-                with mesh_ctx(), nnx.logical_axis_rules(rules):
+                profiler.before(step + 1)
+                with mesh_ctx(), nnx.logical_axis_rules(rules), profiler.annotate(step + 1):
                     state, m = train_step_jit(state, batch)
                 step += 1
+                profiler.after(step, m)
                 pending.append((step, m))
                 if bar is not None:
                     bar.update(1)
@@ -336,6 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         print(f"\nstopping at step {step} ({why}); checkpoint saved.", flush=True)
                     break
     finally:
+        profiler.close(state)
         if bar is not None:
             bar.close()
         checkpointer.close()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# mode="mosaic_gpu" on a Hopper GPU (jax 0.11 CUDA): accuracy at every width, the op benchmark beside its peers, the
+# 125M multi-head LM's training step. Each part has its own timeout and writes JSON under $OUT as it goes; a failing
+# part does not stop the next. About 8 minutes in all.
+#
+#   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
+set -u
+OUT=${OUT:-experiments/results/mosaic_gpu}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
+
+log "device"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee -a "$OUT/log.txt"
+$PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/log.txt"
+
+# (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering.
+log "accuracy"
+timeout 140 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+
+# (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
+# pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at
+# batch 1 in its own call (--tokens 65536).
+common=(--settings multihead --scopes op --passes fwdbwd --dtypes bfloat16 --modes mosaic_gpu,pallas,chunked
+        --peers softmax_cudnn --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority)
+log "bench d=64"
+timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \
+    --lengths 1024,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+log "bench d=64 L=65536"
+timeout 55 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64_L65536.json "${common[@]}" \
+    --lengths 65536 --tokens 65536 --budget_s 40 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+log "bench d=128"
+timeout 60 $PY experiments/bench_modes.py --out "$OUT" --json modes_d128.json "${common[@]}" \
+    --d_head 128 --lengths 1024,8192 --budget_s 45 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+
+# (3) The 125M multi-head GateLoop LM (8 heads of 96: "auto" is mosaic_gpu on Hopper) against the Transformer.
+log "train"
+timeout 100 $PY experiments/bench_train.py --out "$OUT" --json train_mosaic.json --length 2048 --batch 16 \
+    --models gateloop:125m_multihead,transformer:125m_multihead --reps 5 --warmup 1 --matmul_n 0 2>&1 \
+    | tail -20 | tee -a "$OUT/log.txt"
+log "done"
