@@ -48,7 +48,7 @@ def assert_one_line(rc, stderr, *fragments):
         ("bogus_field", "--config.bogus_field: --config has no field 'bogus_field'; the fields of --config are"),
         (
             "mesh.bogus_axis",
-            "--config.mesh has no field 'bogus_axis'; the fields of --config.mesh are data, fsdp, tensor",
+            "--config.mesh has no field 'bogus_axis'; the fields of --config.mesh are data, fsdp, sequence, tensor",
         ),
         ("model.d_modle", "--config.model has no field 'd_modle'; did you mean --config.model.d_model"),
         ("total_steps.x", "--config.total_steps is a value (int), not a group of fields"),
@@ -81,7 +81,7 @@ def test_known_config_fields_are_not_reported():
         ("keep_ckpts", 0, "config.keep_ckpts=0"),
         ("model.name", "nosuchmodel", "name='nosuchmodel' is not registered"),
         ("model.mode", "bogus", "mode='bogus' is not one of"),
-        ("data.num_kv_pairs", 40, "mqar needs seq_len >= 3 * num_kv_pairs"),
+        ("data.num_kv_pairs", 40, "mqar needs seq_len >= 4 * num_kv_pairs"),
     ],
 )
 def test_bad_setting_is_a_config_error_before_compiling(field, value, expected, monkeypatch):
@@ -210,7 +210,7 @@ def test_main_unknown_field_one_line(tmp_path):
     rc, _, err = run_cli(
         "gateloop_jax.main", "--config", MH_TEST, "--workdir", str(tmp_path / "w"), "--config.mesh.bogus_axis=2"
     )
-    assert_one_line(rc, err, "gateloop_jax.main: error: --config.mesh.bogus_axis", "data, fsdp, tensor")
+    assert_one_line(rc, err, "gateloop_jax.main: error: --config.mesh.bogus_axis", "data, fsdp, sequence, tensor")
 
 
 def test_main_negative_batch_one_line_and_debug_traceback(tmp_path):
