@@ -48,8 +48,11 @@ def check_settings(config: Any) -> None:
             raise ConfigError(f"config.optimizer.{field}={opt[field]!r}: must be >= 0.")
     if config.keep_ckpts is not None and (not _is_int(config.keep_ckpts) or config.keep_ckpts < 1):
         raise ConfigError(f"config.keep_ckpts={config.keep_ckpts!r}: must be an integer >= 1, or None to keep all.")
-    if config.max_train_seconds is not None and config.max_train_seconds <= 0:
-        raise ConfigError(f"config.max_train_seconds={config.max_train_seconds!r}: must be > 0, or None for no limit.")
+    if config.max_train_seconds is not None and not config.max_train_seconds >= 0:
+        raise ConfigError(
+            f"config.max_train_seconds={config.max_train_seconds!r}: must be >= 0 (0 stops after the first step), "
+            "or None for no limit."
+        )
     if config.data.name in TEXT_NAMES and config.eval_split not in ("validation", "test"):
         raise ConfigError(
             f"config.eval_split={config.eval_split!r}: {config.data.name} has 'validation' and 'test'."
