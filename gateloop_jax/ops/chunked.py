@@ -188,7 +188,8 @@ def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block, reset=None
     diag = diag + jnp.eye(c, dtype=diag.dtype) * jnp.sum(q * k, axis=-1)[..., :, None]
 
     # Off-diagonal sub-blocks, one row of key sub-blocks j < i per query sub-block i, relative to B_i.
-    # Queries: q_n e^{l_n - l_B} [cos, sin](Phi_n - Phi_B). Keys of sub-block j: k_m e^{l_B - l_m} [cos, -sin](Phi_B - Phi_m)
+    # Queries: q_n e^{l_n - l_B} [cos, sin](Phi_n - Phi_B).
+    # Keys of sub-block j: k_m e^{l_B - l_m} [cos, -sin](Phi_B - Phi_m)
     # with l_B - l_m = tail_m + (totals of the sub-blocks strictly between j and i).
     q_off = q * jnp.exp(l_in)
     q_off = jnp.concatenate([q_off * jnp.cos(phi), q_off * jnp.sin(phi)], axis=-1)  # (b, h, n, nb, c, 2k)
