@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gateloop_jax-installed
 WORKDIR ?= workdirs/memory_horizon
 PYTEST_ARGS ?=
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 train: install
 	$(PYTHON) -m gateloop_jax.main --config configs/memory_horizon.py:runlocal --workdir $(WORKDIR)
+
+# The style check (ruff.toml): lint rules and formatting of the whole tree; changes nothing.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 bench: install
 	$(PYTHON) experiments/bench_modes.py --out experiments/results

@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 from gateloop_jax import data
 from gateloop_jax.data import synthetic
+from gateloop_jax.errors import ConfigError
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
 from gateloop_jax.train.optimizer import DECAYS
@@ -39,7 +40,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         else:
             c[field.name] = value
     if overrides:
-        raise ValueError(f"model_config: unknown ModelConfig field(s) {sorted(overrides)}.")
+        raise ConfigError(f"model_config: unknown ModelConfig field(s) {sorted(overrides)}.")
     return c
 
 
@@ -128,8 +129,19 @@ MODEL_VARIANTS = {
 def model_variant(task: str, variant: str, variants=MODEL_VARIANTS):
     """variants[variant], or one error naming the task, the value and the choices."""
     if variant not in variants:
-        raise ValueError(f"{task}: variant={variant!r} is not one of {sorted(variants)}.")
+        raise ConfigError(f"{task}: variant={variant!r} is not one of {sorted(variants)}.")
     return variants[variant]
+
+
+def synthetic_task_config(task: str, arg: str | None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(config, parsed arg) a synthetic task's get_config starts from: base_config(task) with the model of
+    `variant=` (MODEL_VARIANTS) and the GateLoop computation mode of `mode=` (all modes compute the same function).
+    Arg keys: variant, mode, runlocal (CPU-sized run), test (the tiny two-step test size)."""
+    arg = parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
+    c = base_config(task)
+    c.model.name = model_variant(task, arg.variant)
+    c.model.mode = arg.mode
+    return c, arg
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -142,7 +154,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key, sep, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"config arg: unknown key {key!r} in {arg!r}; known keys are {sorted(defaults)}.")
+            raise ConfigError(f"config arg: unknown key {key!r} in {arg!r}; known keys are {sorted(defaults)}.")
         if not sep:
             out[key] = True
             continue

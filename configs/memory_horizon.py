@@ -27,12 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
-    c = common.base_config("memory_horizon")
-    # The architecture under test (the registered model name of the variant).
-    c.model.name = common.model_variant("memory_horizon", arg.variant)
-    # How the recurrence is computed (all modes compute the same function).
-    c.model.mode = arg.mode
+    # The variant's model and the computation mode (configs/common.py).
+    c, arg = common.synthetic_task_config("memory_horizon", arg)
     # A small max-headed model (the paper's LM layout: one complex state per channel, d_qk = d_v = 1): the task
     # needs a phase that counts mod 10 and a gate that closes on RESET, not width.
     c.model.update(d_model=32, num_layers=2, num_heads=32, d_qk=1, d_v=1)

@@ -26,12 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, variant="gateloop", mode="auto", runlocal=False, test=False)
-    c = common.base_config("mqar")
-    # The architecture under test.
-    c.model.name = common.model_variant("mqar", arg.variant)
-    # How the GateLoop recurrence is computed.
-    c.model.mode = arg.mode
+    # The variant's model and the computation mode (configs/common.py).
+    c, arg = common.synthetic_task_config("mqar", arg)
     # Multi-head (4 heads of 32): associative recall needs a matrix-valued state (d_qk x d_v per head).
     c.model.update(d_model=128, num_layers=2, num_heads=4)
     # An untied output head. With the head tied to the unit-variance embeddings and scaled by d_model^-1/2, a logit

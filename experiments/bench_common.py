@@ -11,6 +11,7 @@ configs in ascending order of XLA's compile-time estimate and says per row wheth
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import datetime
 import json
@@ -21,7 +22,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -50,8 +54,13 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -59,8 +68,12 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO)
-                                              else "python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    return " ".join(
+        shlex.quote(a)
+        for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else "python"]
+        + [os.path.relpath(sys.argv[0], REPO)]
+        + sys.argv[1:]
+    )
 
 
 def env_record(command: str | None = None) -> dict[str, Any]:
@@ -119,11 +132,20 @@ def compile_fn(fn: Callable, abstract_args: Sequence, *, donate_argnums=()) -> t
     analysis = {}
     try:
         mem = compiled.memory_analysis()
-        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             analysis[field] = int(getattr(mem, field, 0) or 0)
-        analysis["estimated_peak_bytes"] = (analysis["argument_size_in_bytes"] + analysis["output_size_in_bytes"]
-                                            + analysis["temp_size_in_bytes"] - analysis["alias_size_in_bytes"])
+        analysis["estimated_peak_bytes"] = (
+            analysis["argument_size_in_bytes"]
+            + analysis["output_size_in_bytes"]
+            + analysis["temp_size_in_bytes"]
+            - analysis["alias_size_in_bytes"]
+        )
     except Exception:  # noqa: BLE001 - memory_analysis is unavailable on some backends
         pass
     return compiled, seconds, analysis
@@ -150,8 +172,9 @@ def compile_many(jobs: dict[Any, tuple[Callable, Sequence]], workers: int, deadl
     return results
 
 
-def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None,
-               pipeline: int = 0) -> dict[str, Any]:
+def time_calls(
+    call: Callable[[], Any], *, warmup: int, reps: int, budget_s: float | None = None, pipeline: int = 0
+) -> dict[str, Any]:
     """Median wall time of call() synchronised with block_until_ready, after warm-up.
 
     When budget_s is given, the first warm-up run decides: if warm-up + reps runs would exceed it, timing stops there
@@ -165,9 +188,11 @@ def time_calls(call: Callable[[], Any], *, warmup: int, reps: int, budget_s: flo
     first = time.perf_counter() - start
     total_runs = max(warmup - 1, 0) + reps * (1 + pipeline)
     if budget_s is not None and first * total_runs > budget_s:
-        return {"skipped": f"too slow: one run took {first:.3g} s, {total_runs} more would take "
-                           f"{first * total_runs:.3g} s (budget {budget_s:.3g} s per config)",
-                "single_run_s": first}
+        return {
+            "skipped": f"too slow: one run took {first:.3g} s, {total_runs} more would take "
+            f"{first * total_runs:.3g} s (budget {budget_s:.3g} s per config)",
+            "single_run_s": first,
+        }
     for _ in range(max(warmup - 1, 0)):
         block(call())
     times = []
@@ -207,8 +232,13 @@ def time_sync_and_pipelined(fn, args, *, runs: int = 10, reps: int = 5, warmup: 
         start = time.perf_counter()
         block([fn(*args) for _ in range(reps)])
         piped.append((time.perf_counter() - start) / reps)
-    return {"ms": 1e3 * statistics.median(piped), "ms_sync": 1e3 * statistics.median(sync),
-            "ms_min": 1e3 * min(piped), "runs": runs, "reps": reps}
+    return {
+        "ms": 1e3 * statistics.median(piped),
+        "ms_sync": 1e3 * statistics.median(sync),
+        "ms_min": 1e3 * min(piped),
+        "runs": runs,
+        "reps": reps,
+    }
 
 
 def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
@@ -220,13 +250,18 @@ def copy_bandwidth(nbytes: int, *, reps: int = 20) -> dict[str, Any]:
     n = max(nbytes // 4, 1024)
     x = jax.jit(lambda key: jax.random.normal(key, (n,), jnp.float32))(jax.random.key(0))
     compiled, _, _ = compile_fn(lambda z: -z, (x,))
-    result = time_calls(lambda: compiled(x), warmup=3, reps=reps)
+    result = time_calls(lambda: compiled(x), warmup=3, reps=reps)  # noqa: F821 - x is deleted below, after use
     y = compiled(x)
     correct = bool(jnp.array_equal(y, -x))
     moved = 2 * n * 4
     del x, y
-    return {"bytes_moved": moved, "median_s": result["median_s"], "bytes_per_s": moved / result["median_s"],
-            "correct": correct, "how": "jit(lambda x: -x) on a float32 array: bytes read + written / median time"}
+    return {
+        "bytes_moved": moved,
+        "median_s": result["median_s"],
+        "bytes_per_s": moved / result["median_s"],
+        "correct": correct,
+        "how": "jit(lambda x: -x) on a float32 array: bytes read + written / median time",
+    }
 
 
 def matmul_rate(n: int, *, reps: int = 10) -> dict[str, Any]:
@@ -239,7 +274,7 @@ def matmul_rate(n: int, *, reps: int = 10) -> dict[str, Any]:
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     compiled, _, _ = compile_fn(lambda x, y: x @ y, (a, b))
     result = time_calls(lambda: compiled(a, b), warmup=3, reps=reps)
-    return {"n": n, "median_s": result["median_s"], "flops_per_s": 2 * n ** 3 / result["median_s"]}
+    return {"n": n, "median_s": result["median_s"], "flops_per_s": 2 * n**3 / result["median_s"]}
 
 
 def max_rel_error(out, ref) -> dict[str, float]:
@@ -288,13 +323,15 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
-        output = (proc.stdout + proc.stderr)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+        output = proc.stdout + proc.stderr
         code = proc.returncode
     except subprocess.TimeoutExpired as err:
-        output = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + \
-                 ((err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or ""))
+        output = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + (
+            (err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+        )
         code = -9
     log = os.environ.get("BENCH_LOG")
     if log:  # the whole output of every child, for the record (the device call returns only a tail)
@@ -307,4 +344,44 @@ def run_child(argv: Sequence[str], *, timeout_s: float, log_prefix: str = "") ->
 
 
 def gib(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2 ** 30:.2f}"
+    return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
+def model_bench_parser(doc: str, *, json_name: str, dtype_help: str) -> argparse.ArgumentParser:
+    """The flags bench_decode.py and bench_train.py share: output, models (name:preset), repetitions, dtype."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument(
+        "--models",
+        default="gateloop:125m,gateloop:125m_multihead,transformer:125m_multihead",
+        help="comma list of name:preset (gateloop_jax.models registry name and preset)",
+    )
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", help=f"{dtype_help} (parameters float32)")
+    p.add_argument("--json", default=json_name)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learned gates (kernel_dev/tame_fraction.py --save_gates) as benchmark inputs: --gates_file path.npz:layerN
+
+
+def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
+    """A (b, t, h, k) log|a| array made of log_r (b0, t0, c0) repeated cyclically along batch, time and channels:
+    learned gate statistics at a benchmark's shape (each tile of rows sees the model's own sequences)."""
+    import numpy as np
+
+    b0, t0, c0 = log_r.shape
+    rows = np.arange(b)[:, None] % b0, np.arange(t)[None, :] % t0
+    out = np.asarray(log_r, np.float32)[rows[0], rows[1]]  # (b, t, c0)
+    return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
+
+
+def load_gates(spec: str) -> np.ndarray:
+    """ "path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
+    import numpy as np
+
+    path, _, layer = spec.partition(":")
+    with np.load(path) as f:
+        return np.asarray(f[layer or "layer0"], np.float32)

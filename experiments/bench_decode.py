@@ -14,7 +14,6 @@ The cache is donated, so the KV cache is updated in place as a serving loop woul
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -24,18 +23,11 @@ import bench_common as bc  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--models", default="gateloop:125m,gateloop:125m_multihead,transformer:125m_multihead",
-                   help="comma list of name:preset (gateloop_jax.models registry name and preset)")
+    p = bc.model_bench_parser(__doc__, json_name="decode.json", dtype_help="activation and KV-cache dtype")
     p.add_argument("--contexts", default="1024,4096,16384,65536")
     p.add_argument("--batches", default="1,16", help="batch 1: latency; larger: throughput")
     p.add_argument("--steps", type=int, default=32, help="tokens decoded per timed call")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="bfloat16", help="activation and KV-cache dtype (parameters float32)")
     p.add_argument("--budget_s", type=float, default=0.0, help="overall time budget (0: none)")
-    p.add_argument("--json", default="decode.json")
     return p.parse_args(argv)
 
 
@@ -73,10 +65,18 @@ def main(argv=None):
     from gateloop_jax.models import build_model, param_count, preset_config
 
     start = time.perf_counter()
-    result = {"benchmark": "decode", "env": bc.env_record(), "args": vars(args), "records": [], "notes": [
-        "ms_per_token: median time of one jitted call decoding `steps` tokens greedily (lax.scan), divided by steps",
-        "tokens_per_s: batch * steps / median call time",
-        "cache_bytes: the cache arrays' sizes (GateLoop: a complex64 state per layer; Transformer: K and V)"]}
+    result = {
+        "benchmark": "decode",
+        "env": bc.env_record(),
+        "args": vars(args),
+        "records": [],
+        "notes": [
+            "ms_per_token: median time of one jitted call decoding `steps` tokens greedily (lax.scan), divided by "
+            "steps",
+            "tokens_per_s: batch * steps / median call time",
+            "cache_bytes: the cache arrays' sizes (GateLoop: a complex64 state per layer; Transformer: K and V)",
+        ],
+    }
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     for spec in args.models.split(","):
@@ -102,8 +102,16 @@ def main(argv=None):
         executables = {}
         for batch in batches:
             for context in contexts:
-                rec = {"model": f"{name}:{preset}", "name": name, "preset": preset, "batch": batch,
-                       "context": context, "params": n_params, "dtype": args.dtype, "steps": args.steps}
+                rec = {
+                    "model": f"{name}:{preset}",
+                    "name": name,
+                    "preset": preset,
+                    "batch": batch,
+                    "context": context,
+                    "params": n_params,
+                    "dtype": args.dtype,
+                    "steps": args.steps,
+                }
                 if args.budget_s and time.perf_counter() - start > args.budget_s:
                     rec["skipped"] = "overall time budget (--budget_s) spent"
                     result["records"].append(rec)
@@ -113,8 +121,9 @@ def main(argv=None):
                     template = jax.eval_shape(lambda: nnx.merge(graphdef, params).init_cache(batch, max_len))
                     cache = fill_cache(template, context, seed=context)
                     del template
-                    rec["cache_bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)
-                                                 if x.ndim > 1))
+                    rec["cache_bytes"] = int(
+                        sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim > 1)
+                    )
                     token = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (batch,), np.int32))
                     # GateLoop's cache does not depend on the context: one executable serves every context.
                     shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(cache))
@@ -125,9 +134,9 @@ def main(argv=None):
                     compiled, rec["compile_s"], rec["xla_memory"] = executables[shapes]
                     state = {"cache": cache, "token": token}
 
-                    def call():
-                        tokens, state["cache"] = compiled(params, state["token"], state["cache"])
-                        state["token"] = tokens[-1]
+                    def call():  # state is deleted below, after use (hence the noqa: F821)
+                        tokens, state["cache"] = compiled(params, state["token"], state["cache"])  # noqa: F821
+                        state["token"] = tokens[-1]  # noqa: F821
                         return tokens
 
                     rec.update(bc.time_calls(call, warmup=args.warmup, reps=args.reps))
@@ -140,9 +149,15 @@ def main(argv=None):
                     rec["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 result["records"].append(rec)
                 bc.write_json(os.path.join(args.out, args.json), result)  # partial results survive a timeout
-                print(f"{rec['model']:<28} batch {batch:>3} context {context:>6}: "
-                      + (f"{rec['ms_per_token']:.3f} ms/token, {rec['tokens_per_s']:.0f} tokens/s"
-                         if "ms_per_token" in rec else rec.get("skipped", "")), flush=True)
+                print(
+                    f"{rec['model']:<28} batch {batch:>3} context {context:>6}: "
+                    + (
+                        f"{rec['ms_per_token']:.3f} ms/token, {rec['tokens_per_s']:.0f} tokens/s"
+                        if "ms_per_token" in rec
+                        else rec.get("skipped", "")
+                    ),
+                    flush=True,
+                )
     result["wall_s"] = time.perf_counter() - start
     path = os.path.join(args.out, args.json)
     bc.write_json(path, result)

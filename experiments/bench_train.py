@@ -32,24 +32,21 @@ import bench_common as bc  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--models", default="gateloop:125m,gateloop:125m_multihead,transformer:125m_multihead",
-                   help="comma list of name:preset")
+    p = bc.model_bench_parser(__doc__, json_name="train.json", dtype_help="activation dtype")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--mode", default="auto", help="GateLoop mode for the step")
-    p.add_argument("--dtype", default="bfloat16", help="activation dtype (parameters float32)")
     p.add_argument("--remat", action="store_true", help="rematerialise each block in the backward (long lengths)")
-    p.add_argument("--loss_chunk_size", type=int, default=0,
-                   help="head + cross-entropy over sequence chunks of this length (gateloop_jax/train/loss.py); "
-                        "0 = the plain loss over the full (b, t, V) logits")
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--loss_chunk_size",
+        type=int,
+        default=0,
+        help="head + cross-entropy over sequence chunks of this length (gateloop_jax/train/loss.py); "
+        "0 = the plain loss over the full (b, t, V) logits",
+    )
     p.add_argument("--matmul_n", type=int, default=8192, help="size of the matmul-rate measurement (0: skip)")
     p.add_argument("--peak_flops", type=float, default=bc.H200_BF16_PEAK_FLOPS)
     p.add_argument("--isolate", choices=("model", "none"), default="model")
-    p.add_argument("--json", default="train.json")
     p.add_argument("--_model", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -13,15 +13,9 @@ time, return code). Nothing here forks the trainer: the variants differ only by 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # The repository root (configs, gateloop_jax) and experiments/ (the shared helpers), from any working directory.
@@ -30,8 +24,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import results_common as cr  # noqa: E402
 
-WORKROOT = ROOT / "workdirs" / "experiments" / "memory_horizon"
-RESULTS = ROOT / "experiments" / "results"
+WORKROOT = cr.workroot("memory_horizon")
+RESULTS = cr.RESULTS
 CONFIG = "configs/memory_horizon.py"
 
 # The runlocal size (d_model 32, 2 layers, batch 32) and budget, identical for every variant.
@@ -67,50 +61,62 @@ def workdir(variant: str, seed: int, steps: int = TOTAL_STEPS) -> Path:
 
 def command(variant: str, seed: int, total_steps: int = TOTAL_STEPS, eval_every: int = EVAL_EVERY) -> list[str]:
     arg, overrides = VARIANTS[variant]
-    overrides = {"seed": seed, "total_steps": total_steps, "eval_every_steps": eval_every,
-                 "progress_bar": False, **overrides}
+    overrides = {
+        "seed": seed,
+        "total_steps": total_steps,
+        "eval_every_steps": eval_every,
+        "progress_bar": False,
+        **overrides,
+    }
     return cr.trainer_command(f"{CONFIG}:variant={arg},runlocal", workdir(variant, seed, total_steps), overrides)
 
 
 def run(args) -> None:
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: complete seeds first if time runs out
-    cr.run_jobs([(f"{v}_s{s}", command(v, s, args.steps), workdir(v, s, args.steps), args.steps) for v, s in jobs],
-                parallel=args.parallel)
+    cr.run_jobs(
+        [(f"{v}_s{s}", command(v, s, args.steps), workdir(v, s, args.steps), args.steps) for v, s in jobs],
+        parallel=args.parallel,
+    )
 
 
 def aggregate(args) -> dict:
     summary = cr.summarize_runs({v: [workdir(v, s, args.steps) for s in args.seeds] for v in args.variants})
     summary["task"] = "memory_horizon"
     summary["setting"] = {
-        "config": f"{CONFIG}:variant=<v>,runlocal", "total_steps": args.steps, "eval_every_steps": EVAL_EVERY,
-        "seeds": list(args.seeds), "hardware": cr.hardware(), "labels": LABELS,
+        "config": f"{CONFIG}:variant=<v>,runlocal",
+        "total_steps": args.steps,
+        "eval_every_steps": EVAL_EVERY,
+        "seeds": list(args.seeds),
+        "hardware": cr.hardware(),
+        "labels": LABELS,
         "commands": {v: " ".join(command(v, args.seeds[0], args.steps)) for v in args.variants},
     }
     stem = "memory_horizon" + ("" if args.steps == TOTAL_STEPS else f"_steps{args.steps}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    cr.write_json(RESULTS / f"{stem}.json", summary)
-    (RESULTS / f"{stem}.md").write_text(cr.markdown_table(
-        summary, LABELS, title=f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)"))
-    cr.plot_curves(summary, RESULTS / f"{stem}_curves.png", LABELS,
-                   title=f"Memory horizon: eval accuracy at QUERY positions, {args.steps} steps\n"
-                         f"(mean over seeds {','.join(map(str, args.seeds))}; shaded: min..max)")
+    title = f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)"
+    cr.write_summary(stem, summary, cr.markdown_table(summary, LABELS, title=title))
+    cr.plot_curves(
+        summary,
+        RESULTS / f"{stem}_curves.png",
+        LABELS,
+        title=f"Memory horizon: eval accuracy at QUERY positions, {args.steps} steps\n"
+        f"(mean over seeds {','.join(map(str, args.seeds))}; shaded: min..max)",
+    )
     return summary
 
 
 def transitions(args) -> None:
     import transition_plots
+
     runs = {v: workdir(v, args.seeds[0]) for v in ("gateloop", "fixed", "real") if workdir(v, args.seeds[0]).exists()}
-    transition_plots.plot_memory_horizon_transitions(runs, RESULTS / "memory_horizon_transitions.png",
-                                                     RESULTS / "memory_horizon_transitions.json", LABELS)
+    transition_plots.plot_memory_horizon_transitions(
+        runs, RESULTS / "memory_horizon_transitions.png", RESULTS / "memory_horizon_transitions.json", LABELS
+    )
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "aggregate", "transitions", "all"))
+    p = cr.driver_parser(__doc__, ("run", "aggregate", "transitions", "all"), seeds=SEEDS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--steps", type=int, default=TOTAL_STEPS)
-    p.add_argument("--parallel", type=int, default=2, help="trainer processes at once (2 on the 2-core CPU)")
     args = p.parse_args(argv)
     if args.action in ("run", "all"):
         run(args)

@@ -12,7 +12,6 @@ length 64, vocabulary 256, batch 32) with the head layout per model (MODELS).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import results_common as cr  # noqa: E402
 
-WORKROOT = ROOT / "workdirs" / "experiments" / "mqar"
-RESULTS = ROOT / "experiments" / "results"
+WORKROOT = cr.workroot("mqar")
+RESULTS = cr.RESULTS
 CONFIG = "configs/mqar.py"
 NUM_KV_PAIRS = (4, 8, 16)
 TOTAL_STEPS = 1000
@@ -72,9 +71,7 @@ def aggregate(args) -> dict:
                           "num_kv_pairs": list(args.kv), "hardware": cr.hardware(), "labels": LABELS,
                           "commands": {f"{m}_k{k}": " ".join(command(m, k, args.seeds[0], args.steps))
                                        for m in args.models for k in args.kv}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    cr.write_json(RESULTS / "mqar.json", summary)
-    (RESULTS / "mqar.md").write_text(accuracy_vs_k_table(summary, args.models, args.kv))
+    cr.write_summary("mqar", summary, accuracy_vs_k_table(summary, args.models, args.kv))
     plot_accuracy_vs_k(summary, args.models, args.kv, RESULTS / "mqar.png")
     return summary
 
@@ -140,13 +137,10 @@ def plot_accuracy_vs_k(summary: dict, models, kv, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "aggregate", "all"))
+    p = cr.driver_parser(__doc__, ("run", "aggregate", "all"), seeds=[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--kv", nargs="+", type=int, default=list(NUM_KV_PAIRS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=TOTAL_STEPS)
-    p.add_argument("--parallel", type=int, default=2)
     args = p.parse_args(argv)
     if args.action in ("run", "all"):
         run(args)

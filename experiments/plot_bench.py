@@ -47,7 +47,7 @@ def _cell_gib(rec) -> str:
     if rec is None or "peak_bytes" not in rec:
         return "" if rec is None else _short_reason(rec) if "skipped" in rec else "-"
     mark = "" if rec.get("peak_exact", True) else "≤"
-    return f"{mark}{rec['peak_bytes'] / 2 ** 30:.2f}"
+    return f"{mark}{rec['peak_bytes'] / 2**30:.2f}"
 
 
 def _memory_bytes(rec):
@@ -61,7 +61,7 @@ def _cell_xla(rec) -> str:
     if rec is None:
         return ""
     est = rec.get("xla_memory", {}).get("estimated_peak_bytes")
-    return "-" if est is None else f"{est / 2 ** 30:.2f}"
+    return "-" if est is None else f"{est / 2**30:.2f}"
 
 
 def _cell_err(rec) -> str:
@@ -130,50 +130,68 @@ def modes_table(result, lengths=None, passes=("fwd", "fwdbwd"), scopes=("op", "l
                     grid = _grid(result, scope, pass_, setting, dtype, _cell_ms, lengths)
                     if grid is None:
                         continue
-                    out.append(f"\n{scope} {pass_} {setting} {dtype}: median ms "
-                               "(mem/slow/budget/skip = skipped, (x) = one run, [x] = pipelined)")
+                    out.append(
+                        f"\n{scope} {pass_} {setting} {dtype}: median ms "
+                        "(mem/slow/budget/skip = skipped, (x) = one run, [x] = pipelined)"
+                    )
                     out.append(_text_table(*grid))
     return "\n".join(out)
 
 
 def modes_markdown(result) -> str:
     env = result.get("env", {})
-    lines = ["# GateLoop modes benchmark", "",
-             f"Command: `{env.get('command', '?')}`  ",
-             f"Device: {env.get('device_kind', '?')} ({env.get('platform', '?')}), jax {env.get('jax', '?')}, "
-             f"jaxlib {env.get('jaxlib', '?')}, commit {env.get('git_commit', '?')}, {env.get('date_utc', '')}  ",
-             f"Tokens per batch: {result.get('args', {}).get('tokens')}; reps {result.get('args', {}).get('reps')} "
-             "after warm-up; time = median.", ""]
+    lines = [
+        "# GateLoop modes benchmark",
+        "",
+        f"Command: `{env.get('command', '?')}`  ",
+        f"Device: {env.get('device_kind', '?')} ({env.get('platform', '?')}), jax {env.get('jax', '?')}, "
+        f"jaxlib {env.get('jaxlib', '?')}, commit {env.get('git_commit', '?')}, {env.get('date_utc', '')}  ",
+        f"Tokens per batch: {result.get('args', {}).get('tokens')}; reps {result.get('args', {}).get('reps')} "
+        "after warm-up; time = median.",
+        "",
+    ]
     bw = result.get("copy_bandwidth", {})
     if "bytes_per_s" in bw:
         lines.append(f"Copy bandwidth (same run): **{bw['bytes_per_s'] / 1e12:.2f} TB/s** ({bw['how']}).")
         lines.append("")
     for name, st in result.get("peers", {}).items():
         lines.append(f"- peer {name}: {st['status']}" + (f" ({st['reason']})" if st.get("reason") else ""))
-    lines += ["", "Cells: median ms of synchronised calls, [x] = per call with several calls in flight (pipelined: "
-              "launch gaps hidden); `mem` = skipped, would not fit (XLA's estimate); `slow` = skipped, over the "
-              "per-config budget ((x) = the one run's ms); `budget` = the overall time budget ran out; "
-              "memory in GiB from the device's peak counter, `≤` = an upper bound (see bench_modes.py).", ""]
+    lines += [
+        "",
+        "Cells: median ms of synchronised calls, [x] = per call with several calls in flight (pipelined: "
+        "launch gaps hidden); `mem` = skipped, would not fit (XLA's estimate); `slow` = skipped, over the "
+        "per-config budget ((x) = the one run's ms); `budget` = the overall time budget ran out; "
+        "memory in GiB from the device's peak counter, `≤` = an upper bound (see bench_modes.py).",
+        "",
+    ]
     settings, dtypes = _settings_dtypes(result)
     for scope in ("op", "layer"):
         for pass_ in ("fwdbwd", "fwd"):
             for setting in settings:
                 for dtype in dtypes:
-                    for title, cell in (("time (ms)", _cell_ms), ("peak memory, device (GiB)", _cell_gib),
-                                        ("peak memory, XLA's compile-time estimate (GiB)", _cell_xla),
-                                        ("max rel. error vs reference", _cell_err)):
+                    for title, cell in (
+                        ("time (ms)", _cell_ms),
+                        ("peak memory, device (GiB)", _cell_gib),
+                        ("peak memory, XLA's compile-time estimate (GiB)", _cell_xla),
+                        ("max rel. error vs reference", _cell_err),
+                    ):
                         grid = _grid(result, scope, pass_, setting, dtype, cell)
                         if grid is None:
                             continue
                         lines += [f"### {scope} {pass_}, {setting}, {dtype}: {title}", "", _md_table(*grid), ""]
-                    bound = [r for r in _records(result, scope=scope, setting=setting, dtype=dtype,
-                                                 **{"pass": pass_}) if "bandwidth_bound_s" in r]
+                    bound = [
+                        r
+                        for r in _records(result, scope=scope, setting=setting, dtype=dtype, **{"pass": pass_})
+                        if "bandwidth_bound_s" in r
+                    ]
                     if bound:
                         by_len = {}
                         for r in bound:
                             by_len[r["length"]] = r["bandwidth_bound_s"]
-                        lines.append("Bandwidth bound (bytes read and written once at the copy bandwidth), ms: "
-                                     + ", ".join(f"{t}: {s * 1e3:.3g}" for t, s in sorted(by_len.items())))
+                        lines.append(
+                            "Bandwidth bound (bytes read and written once at the copy bandwidth), ms: "
+                            + ", ".join(f"{t}: {s * 1e3:.3g}" for t, s in sorted(by_len.items()))
+                        )
                         lines.append("")
     skipped = [r for r in result.get("records", []) if r.get("skipped") or r.get("group_skipped")]
     if skipped:
@@ -182,21 +200,31 @@ def modes_markdown(result) -> str:
             if "group_skipped" in r:
                 lines.append(f"- {r['group_skipped']}")
             else:
-                lines.append(f"- {r['scope']} {r['pass']} {r['setting']} {r['dtype']} L={r['length']} {r['mode']}: "
-                             f"{r['skipped']}")
+                lines.append(
+                    f"- {r['scope']} {r['pass']} {r['setting']} {r['dtype']} L={r['length']} {r['mode']}: "
+                    f"{r['skipped']}"
+                )
         lines.append("")
     return "\n".join(lines)
 
 
 def decode_markdown(result) -> str:
     env = result.get("env", {})
-    lines = ["# Decode benchmark", "", f"Command: `{env.get('command', '?')}`  ",
-             f"Device: {env.get('device_kind', '?')}, jax {env.get('jax', '?')}, commit {env.get('git_commit', '?')}",
-             "", "| model | batch | context | ms / token | tokens/s | cache (MiB) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Decode benchmark",
+        "",
+        f"Command: `{env.get('command', '?')}`  ",
+        f"Device: {env.get('device_kind', '?')}, jax {env.get('jax', '?')}, commit {env.get('git_commit', '?')}",
+        "",
+        "| model | batch | context | ms / token | tokens/s | cache (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result.get("records", []):
         if "median_s" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.3f} | "
-                         f"{r['tokens_per_s']:.0f} | {r['cache_bytes'] / 2 ** 20:.1f} |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['context']} | {r['ms_per_token']:.3f} | "
+                f"{r['tokens_per_s']:.0f} | {r['cache_bytes'] / 2**20:.1f} |"
+            )
         else:
             lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r.get('skipped', '-')} | | |")
     return "\n".join(lines) + "\n"
@@ -204,30 +232,41 @@ def decode_markdown(result) -> str:
 
 def train_markdown(result) -> str:
     env = result.get("env", {})
-    lines = ["# Training-step benchmark", "", f"Command: `{env.get('command', '?')}`  ",
-             f"Device: {env.get('device_kind', '?')}, jax {env.get('jax', '?')}, commit {env.get('git_commit', '?')}",
-             ""]
+    lines = [
+        "# Training-step benchmark",
+        "",
+        f"Command: `{env.get('command', '?')}`  ",
+        f"Device: {env.get('device_kind', '?')}, jax {env.get('jax', '?')}, commit {env.get('git_commit', '?')}",
+        "",
+    ]
     mm = result.get("matmul")
     if mm and "flops_per_s" in mm:
-        lines.append(f"Measured bf16 matmul rate (same run, n={mm['n']}): {mm['flops_per_s'] / 1e12:.0f} TFLOP/s; "
-                     f"datasheet peak {result.get('peak_flops', 0) / 1e12:.0f} TFLOP/s.")
+        lines.append(
+            f"Measured bf16 matmul rate (same run, n={mm['n']}): {mm['flops_per_s'] / 1e12:.0f} TFLOP/s; "
+            f"datasheet peak {result.get('peak_flops', 0) / 1e12:.0f} TFLOP/s."
+        )
         lines.append("")
-    lines += ["| model | mode | params | batch x length | step ms | tokens/s | MFU (datasheet) | MFU (measured "
-              "matmul) | XLA FLOPs util. | peak GiB | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| model | mode | params | batch x length | step ms | tokens/s | MFU (datasheet) | MFU (measured "
+        "matmul) | XLA FLOPs util. | peak GiB | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result.get("records", []):
         if "median_s" in r:
             lines.append(
                 f"| {r['model']} | {r.get('mode', '-')} | {r['params'] / 1e6:.1f}M | {r['batch']}x{r['length']} | "
                 f"{r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.3f} | "
-                f"{r.get('mfu_measured_peak', float('nan')):.3f} | {r.get('xla_flops_utilization', float('nan')):.3f} | "
-                f"{bytes_gib(r.get('peak_bytes'))} | {r.get('compile_s', float('nan')):.1f} |")
+                f"{r.get('mfu_measured_peak', float('nan')):.3f} | "
+                f"{r.get('xla_flops_utilization', float('nan')):.3f} | "
+                f"{bytes_gib(r.get('peak_bytes'))} | {r.get('compile_s', float('nan')):.1f} |"
+            )
         else:
             lines.append(f"| {r['model']} | {r.get('mode', '-')} | | | {r.get('skipped', '-')} | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
 def bytes_gib(x):
-    return "-" if x is None else f"{x / 2 ** 30:.2f}"
+    return "-" if x is None else f"{x / 2**30:.2f}"
 
 
 def plot_modes(result, out_dir) -> list[str]:
@@ -249,20 +288,25 @@ def plot_modes(result, out_dir) -> list[str]:
                     if mode == "auto":
                         continue
                     for dtype, style in zip(dtypes, ("-o", "--s")):
-                        pts = sorted(((r["length"], r) for r in recs if r["mode"] == mode and r["dtype"] == dtype),
-                                     key=lambda p: p[0])
+                        pts = sorted(
+                            ((r["length"], r) for r in recs if r["mode"] == mode and r["dtype"] == dtype),
+                            key=lambda p: p[0],
+                        )
                         xt = [(t, r["median_s"] * 1e3) for t, r in pts if "median_s" in r]
-                        xm = [(t, _memory_bytes(r) / 2 ** 30) for t, r in pts if _memory_bytes(r) and "median_s" in r]
+                        xm = [(t, _memory_bytes(r) / 2**30) for t, r in pts if _memory_bytes(r) and "median_s" in r]
                         if xt:
                             ax_t.plot(*zip(*xt), style, label=f"{mode} {dtype}", markersize=4)
                         if xm:
                             ax_m.plot(*zip(*xm), style, label=f"{mode} {dtype}", markersize=4)
-                bound = sorted((r["length"], r["bandwidth_bound_s"] * 1e3) for r in recs
-                               if "bandwidth_bound_s" in r and r["mode"] == _modes_in(recs)[0]
-                               and r["dtype"] == dtypes[0])
+                bound = sorted(
+                    (r["length"], r["bandwidth_bound_s"] * 1e3)
+                    for r in recs
+                    if "bandwidth_bound_s" in r and r["mode"] == _modes_in(recs)[0] and r["dtype"] == dtypes[0]
+                )
                 if bound:
                     ax_t.plot(*zip(*bound), ":", color="gray", label=f"bandwidth bound {dtypes[0]}")
-                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory, GiB (device peak if exact, else XLA est.)")):
+                memory_label = "peak memory, GiB (device peak if exact, else XLA est.)"
+                for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, memory_label)):
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
                     ax.set_xlabel("sequence length (tokens per batch fixed)")
@@ -323,7 +367,8 @@ def merge_modes(result, results_dir):
             other = json.load(f)
         newer = {_config_key(r) for r in other.get("records", [])}
         result["records"] = [r for r in result.get("records", []) if _config_key(r) not in newer] + other.get(
-            "records", [])
+            "records", []
+        )
         commands.append(other.get("env", {}).get("command", "?"))
         if "bytes_per_s" in other.get("copy_bandwidth", {}):
             result.setdefault("copy_bandwidth_other_runs", []).append(other["copy_bandwidth"])
@@ -338,8 +383,11 @@ def main(argv=None):
     p.add_argument("--no_plots", action="store_true")
     args = p.parse_args(argv)
     parts, written = [], []
-    for name, md, plot in (("modes.json", modes_markdown, plot_modes), ("decode.json", decode_markdown, plot_decode),
-                           ("train.json", train_markdown, None)):
+    for name, md, plot in (
+        ("modes.json", modes_markdown, plot_modes),
+        ("decode.json", decode_markdown, plot_decode),
+        ("train.json", train_markdown, None),
+    ):
         path = os.path.join(args.results, name)
         if not os.path.exists(path):
             continue

@@ -7,6 +7,7 @@ an experiment is a config plus `--config.<field>=<value>` overrides.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,28 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the drivers write their tables, JSON and plots (committed), and where their trainer runs go (git-ignored).
+RESULTS = ROOT / "experiments" / "results"
+
+
+def workroot(task: str) -> Path:
+    return ROOT / "workdirs" / "experiments" / task
+
+
+def driver_parser(doc: str, actions: Sequence[str], *, seeds: Sequence[int]) -> argparse.ArgumentParser:
+    """The command line every driver shares: the action, the seeds, trainer processes at once."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=tuple(actions))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    p.add_argument("--parallel", type=int, default=2, help="trainer processes at once (2 on the 2-core CPU)")
+    return p
+
+
+def write_summary(stem: str, summary: dict, markdown: str) -> None:
+    """results/<stem>.json and results/<stem>.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{stem}.json", summary)
+    (RESULTS / f"{stem}.md").write_text(markdown)
 
 
 # ---------------------------------------------------------------- launching
@@ -121,9 +144,13 @@ def run_jobs(jobs: Sequence[tuple[str, list[str], Path, int]], parallel: int = 2
             wall = time.time() - start
             prev = _read_json(wd / "driver.json")
             # A resumed run adds to the wall time of its earlier attempts.
-            record = {"command": " ".join(cmd), "returncode": proc.returncode,
-                      "wall_seconds": wall + (prev.get("wall_seconds", 0.0) if prev else 0.0),
-                      "attempts": (prev.get("attempts", 0) if prev else 0) + 1, "finished": time.time()}
+            record = {
+                "command": " ".join(cmd),
+                "returncode": proc.returncode,
+                "wall_seconds": wall + (prev.get("wall_seconds", 0.0) if prev else 0.0),
+                "attempts": (prev.get("attempts", 0) if prev else 0) + 1,
+                "finished": time.time(),
+            }
             write_json(wd / "driver.json", record)
             log(f"[{'done' if proc.returncode == 0 else 'FAILED rc=%d' % proc.returncode}] {name}: {wall:.0f} s")
 
@@ -156,6 +183,7 @@ def hardware() -> dict:
         pass
     try:
         import jax
+
         info["jax"] = jax.__version__
         info["device"] = str(jax.devices()[0].device_kind)
     except Exception:  # noqa: BLE001 - hardware info is best effort
@@ -216,19 +244,28 @@ def summarize_runs(groups: Mapping[str, Sequence[Path]], count_params: bool = Tr
                 # No driver record (launched by hand): from the resolved config's write to the last metric.
                 driver["wall_seconds"] = float(rows[-1]["time"]) - (Path(wd) / "config.json").stat().st_mtime
             _, loss = eval_curve(rows, "eval/loss")
-            runs.append({
-                "workdir": str(Path(wd).relative_to(ROOT)) if Path(wd).is_absolute() and ROOT in Path(wd).parents
-                else str(wd),
-                "seed": cfg.get("seed"), "final_step": int(steps[-1]), "total_steps": total,
-                "complete": total is not None and int(steps[-1]) == int(total),
-                "final_accuracy": float(acc[-1]), "final_eval_loss": float(loss[-1]) if len(loss) else None,
-                "best_accuracy": float(acc.max()), "wall_seconds": driver.get("wall_seconds"),
-                "steps": steps.tolist(), "accuracy": acc.tolist(),
-            })
+            runs.append(
+                {
+                    "workdir": str(Path(wd).relative_to(ROOT))
+                    if Path(wd).is_absolute() and ROOT in Path(wd).parents
+                    else str(wd),
+                    "seed": cfg.get("seed"),
+                    "final_step": int(steps[-1]),
+                    "total_steps": total,
+                    "complete": total is not None and int(steps[-1]) == int(total),
+                    "final_accuracy": float(acc[-1]),
+                    "final_eval_loss": float(loss[-1]) if len(loss) else None,
+                    "best_accuracy": float(acc.max()),
+                    "wall_seconds": driver.get("wall_seconds"),
+                    "steps": steps.tolist(),
+                    "accuracy": acc.tolist(),
+                }
+            )
         finals = np.array([r["final_accuracy"] for r in runs])
         walls = [r["wall_seconds"] for r in runs if r["wall_seconds"] is not None]
         out["models"][name] = {
-            "num_runs": len(runs), "missing": missing,
+            "num_runs": len(runs),
+            "missing": missing,
             "final_accuracy_mean": float(finals.mean()) if len(finals) else None,
             "final_accuracy_std": float(finals.std(ddof=0)) if len(finals) else None,
             "final_accuracy_min": float(finals.min()) if len(finals) else None,
@@ -248,8 +285,10 @@ def markdown_table(summary: dict, labels: Mapping[str, str] | None = None, title
     """The final-accuracy table (mean ± std over seeds: population std, ddof=0) as Markdown."""
     labels = labels or {}
     lines = [f"## {title}", ""] if title else []
-    lines += ["| model | params | runs (seeds) | final eval accuracy (mean ± std) | min / max | "
-              "wall time per run (s) |", "|---|---:|---|---:|---:|---:|"]
+    lines += [
+        "| model | params | runs (seeds) | final eval accuracy (mean ± std) | min / max | wall time per run (s) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for name, m in summary["models"].items():
         seeds = ",".join(str(r["seed"]) for r in m["runs"])
         incomplete = [r for r in m["runs"] if not r["complete"]]
@@ -260,14 +299,17 @@ def markdown_table(summary: dict, labels: Mapping[str, str] | None = None, title
             f"| {labels.get(name, name)} | {_fmt(m['params'], ',')} | {m['num_runs']} ({seeds}){note} | "
             f"{_fmt(m['final_accuracy_mean'], '.3f')} ± {_fmt(m['final_accuracy_std'], '.3f')} | "
             f"{_fmt(m['final_accuracy_min'], '.3f')} / {_fmt(m['final_accuracy_max'], '.3f')} | "
-            f"{_fmt(m['wall_seconds_mean'], '.0f')} |")
+            f"{_fmt(m['wall_seconds_mean'], '.0f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(summary: dict, path: Path, labels: Mapping[str, str] | None = None, title: str = "",
-                chance: float | None = 0.1) -> None:
+def plot_curves(
+    summary: dict, path: Path, labels: Mapping[str, str] | None = None, title: str = "", chance: float | None = 0.1
+) -> None:
     """Eval accuracy vs step, one line per model (mean over its runs), the seed spread (min..max) shaded."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -281,7 +323,7 @@ def plot_curves(summary: dict, path: Path, labels: Mapping[str, str] | None = No
         n = min(len(r["steps"]) for r in runs)
         steps = np.array(runs[0]["steps"][:n])
         acc = np.array([r["accuracy"][:n] for r in runs])
-        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{labels.get(name, name)} (n={len(runs)})")
+        (line,) = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{labels.get(name, name)} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
     if chance is not None:
@@ -310,8 +352,7 @@ def config_of_command(cmd: Sequence[str]):
     args = ["trainer"] + [a for a in cmd if a.startswith("--config")]
     values = flags.FlagValues()
     # The overrides are read from the argv given here (by default the config flag reads sys.argv).
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
-                                    sys_argv=args)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True, sys_argv=args)
     cwd = os.getcwd()
     try:
         os.chdir(ROOT)  # config paths are relative to the repository root, as the drivers run the trainer there

@@ -14,7 +14,6 @@ config's default on memory horizon at the memory-horizon budget is the GateLoop 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,20 +23,28 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import results_common as cr  # noqa: E402
 
-WORKROOT = ROOT / "workdirs" / "experiments" / "sweeps"
-RESULTS = ROOT / "experiments" / "results"
+WORKROOT = cr.workroot("sweeps")
+RESULTS = cr.RESULTS
 
 # Base task configs (config path:arg) and their step budget / eval cadence for the sweeps.
 BASES = {
-    "memory_horizon": {"config": "configs/memory_horizon.py:variant=gateloop,runlocal", "total_steps": 3000,
-                       "eval_every_steps": 250, "chance": 0.1},
-    "mqar": {"config": "configs/mqar.py:variant=gateloop,runlocal", "total_steps": 1000, "eval_every_steps": 250,
-             "chance": 1 / 128},
+    "memory_horizon": {
+        "config": "configs/memory_horizon.py:variant=gateloop,runlocal",
+        "total_steps": 3000,
+        "eval_every_steps": 250,
+        "chance": 0.1,
+    },
+    "mqar": {
+        "config": "configs/mqar.py:variant=gateloop,runlocal",
+        "total_steps": 1000,
+        "eval_every_steps": 250,
+        "chance": 1 / 128,
+    },
 }
 
 # sweep name -> (ModelConfig field, values). Each value becomes --config.model.<field>=<value>.
 SWEEPS = {
-    # Transition initialisation (models/config.py `init`): slow forgetting (ours), the LRU ring, plain Lecun normal.
+    # Transition initialisation (models/config.py `init`): slow forgetting (ours), the LRU ring, Lecun normal.
     "init": ("init", ("slow_forget", "lru_ring", "default")),
     # |a| = f(gamma): the paper's sigmoid, GLA-style tempered sigmoid, LRU-style exp(-exp(gamma)).
     "magnitude_activation": ("magnitude_activation", ("sigmoid", "sigmoid_tempered", "lru_exp")),
@@ -52,10 +59,19 @@ def points(sweep: str, base: str = "memory_horizon") -> list[dict]:
     """Every point of a sweep: {"name", "config", "overrides"} with overrides as {dotted field: value}."""
     field, values = SWEEPS[sweep]
     b = BASES[base]
-    return [{"name": str(v), "config": b["config"],
-             "overrides": {f"model.{field}": v, "total_steps": b["total_steps"],
-                           "eval_every_steps": b["eval_every_steps"], "progress_bar": False}}
-            for v in values]
+    return [
+        {
+            "name": str(v),
+            "config": b["config"],
+            "overrides": {
+                f"model.{field}": v,
+                "total_steps": b["total_steps"],
+                "eval_every_steps": b["eval_every_steps"],
+                "progress_bar": False,
+            },
+        }
+        for v in values
+    ]
 
 
 def build_config(sweep: str, base: str, point: dict, seed: int = 0):
@@ -75,8 +91,11 @@ def _reused_workdir(sweep: str, base: str, point: dict, seed: int) -> Path | Non
 
     field, _ = SWEEPS[sweep]
     default = getattr(__import__("gateloop_jax.models.config", fromlist=["ModelConfig"]).ModelConfig, field)
-    if (point["overrides"][f"model.{field}"] == default and point["overrides"]["total_steps"] == mh.TOTAL_STEPS
-            and point["overrides"]["eval_every_steps"] == mh.EVAL_EVERY):
+    if (
+        point["overrides"][f"model.{field}"] == default
+        and point["overrides"]["total_steps"] == mh.TOTAL_STEPS
+        and point["overrides"]["eval_every_steps"] == mh.EVAL_EVERY
+    ):
         return mh.workdir("gateloop", seed)
     return None
 
@@ -96,31 +115,40 @@ def run(args) -> None:
 
 
 def aggregate(args) -> dict:
-    groups = {p["name"]: [command(args.sweep, args.base, p, s)[1] for s in args.seeds]
-              for p in points(args.sweep, args.base)}
+    groups = {
+        p["name"]: [command(args.sweep, args.base, p, s)[1] for s in args.seeds] for p in points(args.sweep, args.base)
+    }
     summary = cr.summarize_runs(groups)
     field, _ = SWEEPS[args.sweep]
     stem = f"sweep_{args.sweep}" + ("" if args.base == "memory_horizon" else f"_{args.base}")
     summary["task"] = args.base
-    summary["setting"] = {"sweep": args.sweep, "field": f"model.{field}", "base": BASES[args.base],
-                          "seeds": list(args.seeds), "hardware": cr.hardware(),
-                          "commands": {p["name"]: " ".join(command(args.sweep, args.base, p, args.seeds[0])[0])
-                                       for p in points(args.sweep, args.base)}}
+    summary["setting"] = {
+        "sweep": args.sweep,
+        "field": f"model.{field}",
+        "base": BASES[args.base],
+        "seeds": list(args.seeds),
+        "hardware": cr.hardware(),
+        "commands": {
+            p["name"]: " ".join(command(args.sweep, args.base, p, args.seeds[0])[0])
+            for p in points(args.sweep, args.base)
+        },
+    }
     labels = {p["name"]: f"{field}={p['name']}" for p in points(args.sweep, args.base)}
-    cr.write_json(RESULTS / f"{stem}.json", summary)
-    (RESULTS / f"{stem}.md").write_text(cr.markdown_table(summary, labels, title=f"Sweep {field} on {args.base}"))
-    cr.plot_curves(summary, RESULTS / f"{stem}.png", labels, chance=BASES[args.base]["chance"],
-                   title=f"{args.base}: sweep of model.{field} (seeds {','.join(map(str, args.seeds))})")
+    cr.write_summary(stem, summary, cr.markdown_table(summary, labels, title=f"Sweep {field} on {args.base}"))
+    cr.plot_curves(
+        summary,
+        RESULTS / f"{stem}.png",
+        labels,
+        chance=BASES[args.base]["chance"],
+        title=f"{args.base}: sweep of model.{field} (seeds {','.join(map(str, args.seeds))})",
+    )
     return summary
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("list", "run", "aggregate"))
+    p = cr.driver_parser(__doc__, ("list", "run", "aggregate"), seeds=[0])
     p.add_argument("--sweep", choices=list(SWEEPS), default="init")
     p.add_argument("--base", choices=list(BASES), default="memory_horizon")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--parallel", type=int, default=2)
     args = p.parse_args(argv)
     if args.action == "list":
         for sweep in SWEEPS:

@@ -26,7 +26,7 @@ def nearest_reset_offset(tokens: np.ndarray, reset_id: int) -> np.ndarray:
     tokens = np.asarray(tokens)
     b, t = tokens.shape
     pos = np.arange(t)
-    out = np.full((b, t), 10 ** 6, dtype=np.int64)
+    out = np.full((b, t), 10**6, dtype=np.int64)
     for r in range(b):
         resets = np.flatnonzero(tokens[r] == reset_id)
         if not len(resets):
@@ -56,30 +56,41 @@ def token_profile(tokens: np.ndarray, values: np.ndarray, vocab_size: int) -> di
     """Mean over batch and channels of `values` (b, t, c) per input token id 0..vocab_size-1 (NaN if absent)."""
     per_pos = np.asarray(values, np.float64).mean(-1)
     tokens = np.asarray(tokens)
-    return {"token": list(range(vocab_size)),
-            "mean": [float(per_pos[tokens == i].mean()) if (tokens == i).any() else float("nan")
-                     for i in range(vocab_size)]}
+    return {
+        "token": list(range(vocab_size)),
+        "mean": [
+            float(per_pos[tokens == i].mean()) if (tokens == i).any() else float("nan") for i in range(vocab_size)
+        ],
+    }
 
 
 def profiles(tokens: np.ndarray, layers: list[dict], reset_id: int, vocab_size: int) -> list[dict]:
     """Per layer: |a| around RESET, |a| per token, |arg a| per token (from inspection.transitions' dicts)."""
     out = []
     for layer in layers:
-        out.append({
-            "magnitude_vs_reset_offset": reset_profile(tokens, layer["magnitude"], reset_id),
-            "magnitude_by_token": token_profile(tokens, layer["magnitude"], vocab_size),
-            "abs_phase_by_token": token_profile(tokens, np.abs(layer["phase"]), vocab_size),
-        })
+        out.append(
+            {
+                "magnitude_vs_reset_offset": reset_profile(tokens, layer["magnitude"], reset_id),
+                "magnitude_by_token": token_profile(tokens, layer["magnitude"], vocab_size),
+                "abs_phase_by_token": token_profile(tokens, np.abs(layer["phase"]), vocab_size),
+            }
+        )
     return out
 
 
-def plot_profiles(per_model: Mapping[str, list[dict]], heatmap: Mapping[str, object] | None, path: Path,
-                  labels: Mapping[str, str] | None = None, token_names: list[str] | None = None,
-                  title: str = "") -> None:
+def plot_profiles(
+    per_model: Mapping[str, list[dict]],
+    heatmap: Mapping[str, object] | None,
+    path: Path,
+    labels: Mapping[str, str] | None = None,
+    token_names: list[str] | None = None,
+    title: str = "",
+) -> None:
     """Top: mean |a| vs offset from the nearest RESET, and |a| / |arg a| per input token, one line per (model,
     layer). Bottom (when `heatmap` is given: {"tokens": (t,), "labels": [t str], "layers": [{"magnitude","phase"}
     (t, c)], "reset_id", "name"}): |a| and arg a of one sequence, channels x positions, RESET positions marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -120,11 +131,19 @@ def plot_profiles(per_model: Mapping[str, list[dict]], heatmap: Mapping[str, obj
         toks = np.asarray(heatmap["tokens"])
         resets = np.flatnonzero(toks == heatmap["reset_id"])
         for l_i, layer in enumerate(heatmap["layers"]):
-            for c_i, (key, cmap, lo, hi) in enumerate((("magnitude", "viridis", 0, 1),
-                                                       ("phase", "twilight", -np.pi, np.pi))):
-                ax = fig.add_subplot(grid[1 + l_i, 3 * c_i:3 * c_i + 3])
-                im = ax.imshow(np.asarray(layer[key]).T, aspect="auto", interpolation="nearest", origin="lower",
-                               cmap=cmap, vmin=lo, vmax=hi)
+            for c_i, (key, cmap, lo, hi) in enumerate(
+                (("magnitude", "viridis", 0, 1), ("phase", "twilight", -np.pi, np.pi))
+            ):
+                ax = fig.add_subplot(grid[1 + l_i, 3 * c_i : 3 * c_i + 3])
+                im = ax.imshow(
+                    np.asarray(layer[key]).T,
+                    aspect="auto",
+                    interpolation="nearest",
+                    origin="lower",
+                    cmap=cmap,
+                    vmin=lo,
+                    vmax=hi,
+                )
                 fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
                 ax.set_xticks(range(len(toks)))
                 ax.set_xticklabels(heatmap["labels"], fontsize=6)
@@ -132,8 +151,11 @@ def plot_profiles(per_model: Mapping[str, list[dict]], heatmap: Mapping[str, obj
                     ax.get_xticklabels()[p].set_color("red")
                     ax.axvline(p, color="red", lw=0.6, alpha=0.6)
                 ax.set_ylabel("channel")
-                ax.set_title(f"{heatmap['name']}, layer {l_i}: {'|a|' if key == 'magnitude' else 'arg a'} "
-                             "(one eval sequence; R = RESET in red, Q = QUERY)", fontsize=9)
+                ax.set_title(
+                    f"{heatmap['name']}, layer {l_i}: {'|a|' if key == 'magnitude' else 'arg a'} "
+                    "(one eval sequence; R = RESET in red, Q = QUERY)",
+                    fontsize=9,
+                )
     if title:
         fig.suptitle(title, fontsize=11)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -141,9 +163,14 @@ def plot_profiles(per_model: Mapping[str, list[dict]], heatmap: Mapping[str, obj
     plt.close(fig)
 
 
-def plot_memory_horizon_transitions(runs: Mapping[str, Path], png: Path, json_path: Path | None = None,
-                                    labels: Mapping[str, str] | None = None, batch_size: int = 64,
-                                    heat_len: int = 48) -> dict:
+def plot_memory_horizon_transitions(
+    runs: Mapping[str, Path],
+    png: Path,
+    json_path: Path | None = None,
+    labels: Mapping[str, str] | None = None,
+    batch_size: int = 64,
+    heat_len: int = 48,
+) -> dict:
     """Load each trained workdir, compute the profiles on the fixed eval set, plot; the first run (GateLoop) gets the
     heat maps of one eval sequence. Returns (and writes to json_path) the profile numbers."""
     import gateloop_jax
@@ -156,8 +183,9 @@ def plot_memory_horizon_transitions(runs: Mapping[str, Path], png: Path, json_pa
         model, config, _ = gateloop_jax.load(str(wd), tokenizer=False)
         d = config.data
         ids = synthetic.memory_horizon_vocab(d.num_digits, d.modulus)
-        batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0,
-                                       stream=synthetic.EVAL_STREAM)
+        batch = synthetic.global_batch(
+            d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM
+        )
         tokens = np.asarray(batch["inputs"])
         layers = inspection.transitions(model, tokens)
         per_model[name] = profiles(tokens, layers, ids["reset"], ids["vocab_size"])
@@ -166,13 +194,26 @@ def plot_memory_horizon_transitions(runs: Mapping[str, Path], png: Path, json_pa
         if heat is None:
             # The eval row with the most RESETs in its first heat_len positions: the clearest picture.
             row = int(np.argmax((tokens[:, :heat_len] == ids["reset"]).sum(1)))
-            heat = {"tokens": tokens[row, :heat_len], "reset_id": ids["reset"], "name": (labels or {}).get(name, name),
-                    "labels": inspection.token_labels(config, tokens[row, :heat_len]),
-                    "layers": [{"magnitude": l["magnitude"][row, :heat_len], "phase": l["phase"][row, :heat_len]}
-                               for l in layers]}
-    plot_profiles(per_model, heat, png, labels, token_names,
-                  title="Memory horizon: learned transitions a = |a| exp(i arg a) on the eval set (seed 0 models)")
+            heat = {
+                "tokens": tokens[row, :heat_len],
+                "reset_id": ids["reset"],
+                "name": (labels or {}).get(name, name),
+                "labels": inspection.token_labels(config, tokens[row, :heat_len]),
+                "layers": [
+                    {"magnitude": layer["magnitude"][row, :heat_len], "phase": layer["phase"][row, :heat_len]}
+                    for layer in layers
+                ],
+            }
+    plot_profiles(
+        per_model,
+        heat,
+        png,
+        labels,
+        token_names,
+        title="Memory horizon: learned transitions a = |a| exp(i arg a) on the eval set (seed 0 models)",
+    )
     if json_path is not None:
         import json
+
         Path(json_path).write_text(json.dumps(numbers, indent=1) + "\n")
     return numbers

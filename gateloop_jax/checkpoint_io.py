@@ -18,6 +18,8 @@ import jax
 import ml_collections
 from flax import nnx
 
+from gateloop_jax.errors import ConfigError, MissingPathError
+
 
 def _model_config(config: ml_collections.ConfigDict):
     """The ModelConfig of a saved training config (the trainer stores model.vocab_size as the data's)."""
@@ -41,11 +43,13 @@ def latest_step(path: str) -> int:
     if os.path.isdir(path):
         steps = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(path), read_only=True).all_steps()
     if not steps:
-        raise FileNotFoundError(f"gateloop_jax: no checkpoint in {path}.")
+        raise MissingPathError(f"gateloop_jax: no checkpoint in {path}.")
     return steps[-1]
 
 
-def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
+def load(
+    path: str, step: int | None = None, *, tokenizer: bool = True
+) -> tuple[nnx.Module, ml_collections.ConfigDict, Any]:
     """(model, config, tokenizer or None) from a workdir or a checkpoints directory.
 
     Args:
@@ -65,10 +69,13 @@ def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"gateloop_jax.load: {path} does not exist.")
+        raise MissingPathError(
+            f"gateloop_jax.load: {path} does not exist; pass a training workdir, its checkpoints directory or an "
+            "export directory."
+        )
     if export.is_export(path):
         if step is not None:
-            raise ValueError(f"gateloop_jax.load: {path} is an export (one step); load it with step=None.")
+            raise ConfigError(f"gateloop_jax.load: {path} is an export (one step); load it with step=None.")
         return export.load_export(path, tokenizer=tokenizer)
     # Imported here so that `import gateloop_jax` does not pay for Orbax.
     from gateloop_jax.train import checkpoint as ckpt_lib
@@ -77,12 +84,12 @@ def load(path: str, step: int | None = None, *, tokenizer: bool = True) -> tuple
     checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
     steps = checkpointer.all_steps()
     if not steps:
-        raise FileNotFoundError(f"gateloop_jax.load: no checkpoint in {directory} (expected <step>/ directories "
+        raise MissingPathError(f"gateloop_jax.load: no checkpoint in {directory} (expected <step>/ directories "
                                 "written by the trainer, or a workdir holding checkpoints/).")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ValueError(f"gateloop_jax.load: no checkpoint step {step} in {directory}; available steps: {steps}.")
+        raise ConfigError(f"gateloop_jax.load: no checkpoint step {step} in {directory}; available steps: {steps}.")
 
     meta = checkpointer.restore(step, data=False)["meta"]
     config = ml_collections.ConfigDict(meta["config"])

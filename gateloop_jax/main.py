@@ -3,11 +3,15 @@
     python -m gateloop_jax.main --config configs/memory_horizon.py:runlocal --workdir workdirs/memory_horizon \
         [--config.<field>=<value> ...] [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
-Everything else lives in gateloop_jax.train (importable from a notebook).
+Everything else lives in gateloop_jax.train (importable from a notebook). A mistake in the flags or the config is
+answered in one line (exit status 2) before anything compiles; --debug shows its traceback (gateloop_jax/cli.py).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from gateloop_jax import cli
+from gateloop_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with get_config(arg): path[:arg].",
                                           lock_config=True)
@@ -21,7 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments {argv[1:]}: every setting is a flag (--config.<field>=<value>).")
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every file it renames at INFO; keep the console to the progress bar unless asked (-v 0).
         logging.set_verbosity(logging.WARNING)
@@ -35,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main, prog="gateloop_jax.main")

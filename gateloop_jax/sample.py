@@ -8,13 +8,18 @@ Text prompts go through the checkpoint's tokenizer (WikiText). Synthetic tasks h
 space-separated token ids (memory_horizon: digits 0-9, RESET 10, QUERY 11; the token generated after a QUERY is the
 model's answer, the running digit sum mod 10 since the last RESET). Several --prompt flags decode as one batch of
 prompts of different lengths. Tokens stream to stdout as they are generated when there is one prompt.
+A mistake in the flags is answered in one line (exit status 2) before the checkpoint loads; --debug shows its
+traceback (gateloop_jax/cli.py).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from gateloop_jax import cli
+from gateloop_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints directory).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (token ids for synthetic tasks); repeatable.")
@@ -33,17 +38,36 @@ def parse_ids(prompt: str, vocab_size: int) -> list[int]:
     try:
         ids = [int(word) for word in prompt.split()]
     except ValueError:
-        raise app.UsageError(f"this checkpoint has no tokenizer (a synthetic task): --prompt must be space-separated "
+        raise ConfigError(f"this checkpoint has no tokenizer (a synthetic task): --prompt must be space-separated "
                              f"token ids, got {prompt!r}.") from None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad or not ids:
-        raise app.UsageError(f"--prompt {prompt!r}: token ids must be in [0, {vocab_size}) and at least one is needed.")
+        raise ConfigError(f"--prompt {prompt!r}: token ids must be in [0, {vocab_size}) and at least one is needed.")
     return ids
+
+
+def check_flags() -> None:
+    """The sampling flags' ranges, before the checkpoint loads (ConfigError naming the flag)."""
+    from gateloop_jax.decode import Sampler
+    from gateloop_jax.ops.common import KERNEL_MODES, MODES
+
+    if _MAX_NEW_TOKENS.value < 1:
+        raise ConfigError(f"--max_new_tokens={_MAX_NEW_TOKENS.value}: must be >= 1.")
+    try:  # generate's own checks of temperature, top_k, top_p, answered as the flags they came from
+        Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("generate: ", "--")) from None
+    if _STEP.value is not None and _STEP.value < 0:
+        raise ConfigError(f"--step={_STEP.value}: must be a checkpoint step >= 0, or left out for the latest.")
+    modes = ("auto",) + MODES + KERNEL_MODES
+    if _MODE.value is not None and _MODE.value not in modes:
+        raise ConfigError(f"--mode={_MODE.value!r} is not one of {modes}.")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments {argv[1:]}: quote a prompt with spaces, --prompt \"3 4 11\".")
+    check_flags()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
     import numpy as np
@@ -79,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main, prog="gateloop_jax.sample")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-sys.path.insert(0, EXPERIMENTS)
+# experiments/ (what users run) and experiments/kernel_dev/ (the kernel tooling) import as top-level modules.
+sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "kernel_dev")]
 
 import bench_decode  # noqa: E402
 import bench_modes  # noqa: E402
@@ -106,7 +107,7 @@ def test_bench_modes_jla_peers_skip_with_reason(tmp_path):
 
 def test_check_gla_rotation_records_why_it_cannot_run(tmp_path):
     """On a machine without jax-linear-attention's kernel every check records the mode's own error, and the JSON is
-    written (on the H200 the same script measured the mode: results/s7_gla_rotation_h200.json)."""
+    written (on the H200 the same script measured the mode: results/gla_rotation_h200.json)."""
     import check_gla_rotation
 
     out = check_gla_rotation.main(["--out", str(tmp_path), "--shapes", "2x16", "--heads", "2", "--d_head", "64",
@@ -115,13 +116,13 @@ def test_check_gla_rotation_records_why_it_cannot_run(tmp_path):
     (row,) = out["rows"]
     assert "mode='gla_rotation' cannot run here" in row["error"]
     assert "mode='gla_rotation' cannot run here" in out["layer"]["layer_error"]
-    assert json.loads((tmp_path / "s7_gla_rotation_h200.json").read_text())["rows"] == out["rows"]
+    assert json.loads((tmp_path / "gla_rotation_h200.json").read_text())["rows"] == out["rows"]
 
 
 def test_bench_modes_learned_gates(tmp_path):
     """--gates_file: a trained model's log|a| (tame_fraction.py --save_gates) tiled to the shape replaces the random
     gates; every mode still agrees with the reference on them."""
-    gates = os.path.join(EXPERIMENTS, "results", "gates_memory_horizon_multihead.npz") + ":layer1"
+    gates = os.path.join(EXPERIMENTS, "results", "kernel_dev", "gates_memory_horizon_multihead.npz") + ":layer1"
     out = tmp_path / "modes"
     bench_modes.main(["--out", str(out), "--tokens", "32", "--lengths", "32", "--settings", "multihead",
                       "--heads", "2", "--d_head", "4", "--dtypes", "float32", "--passes", "fwdbwd", "--scopes", "op",
@@ -189,7 +190,7 @@ def test_bench_train_tiny(tmp_path):
 
 def test_profile_pallas_chunked_tiny(tmp_path):
     """Every kernel of the multi-head Pallas op timed alone (interpret mode here), plus the whole op."""
-    gates = os.path.join(EXPERIMENTS, "results", "gates_memory_horizon_multihead.npz") + ":layer1"
+    gates = os.path.join(EXPERIMENTS, "results", "kernel_dev", "gates_memory_horizon_multihead.npz") + ":layer1"
     res = profile_pallas_chunked.main(["--smoke", "--lengths", "32", "--runs", "1", "--out", str(tmp_path),
                                        "--heads", "2", "--gates_file", gates])
     # The random gates, then the learned ones (tame_fraction.py --save_gates) tiled to the shape.

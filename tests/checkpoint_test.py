@@ -137,7 +137,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path,
     capsys.readouterr()
     train_and_evaluate(tiny(data=4, fsdp=2), str(workdir))
     out = capsys.readouterr().out
-    assert "WARNING: checkpoint step 3" in out and "falling back" in out
+    warning = [line for line in out.splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "WARNING: checkpoint step 3 is unreadable" in warning[0], out  # one line
+    assert f"{workdir}/checkpoints/3" in warning[0] and "falling back to step 2" in warning[0]
     assert "resumed from" in out and "/2 at step 2" in out
     redone = [m for m in read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in m][-1]
     original = [m for m in read_jsonl(str(trained / "metrics.jsonl")) if "train/loss" in m][-1]

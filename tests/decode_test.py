@@ -183,12 +183,11 @@ def test_sample_cli(trained):
 
 
 def test_sample_cli_parses_token_ids():
-    from absl import app
-
+    from gateloop_jax.errors import ConfigError
     from gateloop_jax.sample import parse_ids
 
     assert parse_ids(" 3 4  11 ", 12) == [3, 4, 11]
-    with pytest.raises(app.UsageError, match="space-separated token ids"):
+    with pytest.raises(ConfigError, match="space-separated token ids"):
         parse_ids("three four", 12)
-    with pytest.raises(app.UsageError, match=r"in \[0, 12\)"):
+    with pytest.raises(ConfigError, match=r"in \[0, 12\)"):
         parse_ids("3 12", 12)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-sys.path.insert(0, EXPERIMENTS)
+# experiments/ (what users run) and experiments/kernel_dev/ (the kernel tooling) import as top-level modules.
+sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "kernel_dev")]
 
 import memory_horizon  # noqa: E402
 import mqar  # noqa: E402
@@ -46,7 +47,7 @@ def fake_runs(tmp_path):
             groups[name].append(wd)
     # An unfinished run and a run that never evaluated.
     _fake_run(tmp_path / "real_s0", seed=0, total_steps=400, final=0.5)
-    rows = [json.loads(l) for l in (tmp_path / "real_s0" / "metrics.jsonl").read_text().splitlines()[:-1]]
+    rows = [json.loads(line) for line in (tmp_path / "real_s0" / "metrics.jsonl").read_text().splitlines()[:-1]]
     (tmp_path / "real_s0" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["step"] <= 200))
     groups["real"] = [tmp_path / "real_s0", tmp_path / "real_s1"]
     return groups

@@ -3,7 +3,7 @@
 Its kernel (jax-linear-attention, Hopper only) never runs in CI; the rotation identity around it does: the tests put
 a real-gated GLA computed by mode "scan" with zero phase in its place and check the whole mode (y, final state, every
 gradient, carried state) against the float64 oracle, as tests/ops_test.py checks the other modes. The kernel itself
-was checked on the H200 (experiments/README.md, session 7)."""
+was checked on the H200 (experiments/README.md; results/gla_rotation_h200.json)."""
 
 import jax
 import jax.numpy as jnp

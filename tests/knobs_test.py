@@ -192,8 +192,9 @@ def settings() -> list[Setting]:
 
 
 def valid(changes) -> bool:
+    # init_from must name an existing directory to validate (what it holds is read only when training starts).
     try:
-        validate(configure(changes, source="unused"))
+        validate(configure(changes, source=os.path.dirname(os.path.abspath(__file__))))
     except ValueError:
         return False
     return True

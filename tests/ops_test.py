@@ -143,7 +143,8 @@ def test_complex_input_and_exact_zero_gates(mode):
     assert max_rel_error(y, ref_y) <= 2e-5, f"seed={SEED}"
     loss = lambda a_re, a_im: jnp.sum(gateloop(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
                                                jnp.asarray(v, jnp.float32), jax.lax.complex(a_re, a_im), mode=mode))
-    g_re, g_im = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(a.real, jnp.float32), jnp.asarray(a.imag, jnp.float32))
+    a_re32, a_im32 = jnp.asarray(a.real, jnp.float32), jnp.asarray(a.imag, jnp.float32)
+    g_re, g_im = jax.jit(jax.grad(loss, argnums=(0, 1)))(a_re32, a_im32)
     assert np.all(np.isfinite(g_re)) and np.all(np.isfinite(g_im))
 
 
@@ -162,8 +163,8 @@ def test_bfloat16_inputs(mode, layout):
     as64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     ref_y, _ = gateloop_forward(as64(qb), as64(kb), as64(vb), log_r, theta)
     assert max_rel_error(y.astype(jnp.float32), ref_y) <= 1e-2, f"seed={SEED}"
-    grads = jax.jit(jax.grad(lambda q: jnp.sum(gateloop(q, kb, vb, PolarTransition(jnp.asarray(log_r), jnp.asarray(theta)),
-                                                mode=mode).astype(jnp.float32))))(qb)
+    transition = PolarTransition(jnp.asarray(log_r), jnp.asarray(theta))
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(gateloop(q, kb, vb, transition, mode=mode).astype(jnp.float32))))(qb)
     assert grads.dtype == jnp.bfloat16 and np.all(np.isfinite(grads.astype(jnp.float32)))
 
 

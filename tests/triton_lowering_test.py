@@ -1,7 +1,7 @@
 """The Triton kernels lower for CUDA, and every module verifies, on this CPU machine: the class of error the H200
-only reports at compile time as "Failed to parse Triton module" (session 5: a select between two integer constants
-became an i1 operand of an atomic) is caught without a GPU. Interpret mode (pallas_test.py) checks the numbers; this
-checks that the kernels the GPU runs are well-formed Triton IR."""
+only reports at compile time as "Failed to parse Triton module" (seen on the H200: a select between two integer
+constants became an i1 operand of an atomic) is caught without a GPU. Interpret mode (pallas_test.py) checks the
+numbers; this checks that the kernels the GPU runs are well-formed Triton IR."""
 
 import contextlib
 import functools
@@ -68,7 +68,7 @@ def test_triton_kernels_lower_and_verify(kernel, dtype):
 
 def test_the_check_rejects_an_invalid_module():
     """The check can fail: jax 0.10-0.11 lower a scalar jnp.where between integer constants to an i1, which the
-    verifier rejects as the operand of an int32 atomic (the session-5 H200 error). If this starts passing, jax
+    verifier rejects as the operand of an int32 atomic (the error seen on the H200). If this starts passing, jax
     lowers it correctly now: the workarounds that avoid scalar jnp.where in the kernels can go."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from gateloop_jax.data import synthetic
+from gateloop_jax.errors import ConfigError
 from gateloop_jax.data.metrics import lm_metrics
 
 # The text-task modules (TFDS, SentencePiece) load on first use: synthetic-task runs never pay for TFDS's
@@ -42,6 +43,7 @@ __all__ = [
     "NAMES",
     "TEXT_NAMES",
     "PACKINGS",
+    "check_config",
     "prepare_command",
     "default_config",
     "vocab_size",
@@ -74,6 +76,23 @@ def default_config(name: str) -> ml_collections.ConfigDict:
     if name in synthetic.TASKS:
         return synthetic.default_config(name)
     raise ValueError(f"unknown data name {name!r}; known: {NAMES}")
+
+
+def check_config(config: Any) -> None:
+    """Raises ConfigError naming the field when the data settings cannot make a batch (no data is read)."""
+    if config.name not in NAMES:
+        raise ConfigError(f"data.name={config.name!r} is not one of {NAMES}.")
+    if config.name in TEXT_NAMES:
+        for field in ("seq_len", "vocab_size", "read_threads"):
+            if config[field] < 1:
+                raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
+        if config.packing not in PACKINGS:
+            raise ConfigError(
+                f"data.packing={config.packing!r} is not one of {PACKINGS}: 'documents' packs documents with "
+                "resets, 'stream' runs them together."
+            )
+        return
+    synthetic.check_config(config)
 
 
 def vocab_size(config: Any) -> int:

@@ -43,6 +43,7 @@ from gateloop_jax import data
 from gateloop_jax.data import text_corpus, text_prep
 from gateloop_jax.data import tokenizer as tok
 from gateloop_jax.data import wikitext103 as wt
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 Batch = dict[str, np.ndarray]
 # The text tasks, by data.name: each module has NAME and prepare_command.
@@ -79,9 +80,9 @@ def _name(config: Any) -> str:
 
 def _task(config: Any):
     if config.name not in TASKS:
-        raise ValueError(f"unknown text task {config.name!r}; known: {tuple(TASKS)}")
+        raise ConfigError(f"data.name={config.name!r} is not a text task; known: {tuple(TASKS)}")
     if config.packing not in PACKINGS:
-        raise ValueError(
+        raise ConfigError(
             f"data.packing={config.packing!r} is not one of {PACKINGS}: 'documents' packs documents with resets, "
             "'stream' runs them together."
         )
@@ -101,7 +102,7 @@ def load_tokenizer(config: Any):
     """The SentencePiece processor of this config; a clear error naming the prepare command if missing."""
     path = text_prep.tokenizer_path(config.data_dir, _task(config).NAME, _name(config))
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"tokenizer {path} does not exist: make it (and the data) with\n  {prepare_command(config)}"
         )
     return tok.load(path)
@@ -129,7 +130,7 @@ def _load(config: Any, split: str, path_fn) -> np.ndarray:
         raise ValueError(f"unknown split {split!r}; known: {text_prep.SPLITS}")
     path = path_fn(config.data_dir, _task(config).NAME, _name(config), split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: prepare the data with\n  {prepare_command(config)}")
+        raise MissingPathError(f"{path} does not exist: prepare the data with\n  {prepare_command(config)}")
     return np.load(path, mmap_mode="r")
 
 

@@ -28,6 +28,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from gateloop_jax.errors import ConfigError
+
 Batch = dict[str, np.ndarray]
 
 # Streams keep the training and evaluation draws apart even when a seed value is reused for both.
@@ -306,13 +308,38 @@ _GENERATORS: dict[str, tuple[Callable[..., Batch], tuple[str, ...]]] = {
 
 
 def check(config: Any) -> None:
-    """ValueError naming the field if examples_per_row does not divide seq_len into examples of >= 1 position."""
+    """ConfigError naming the field if examples_per_row does not divide seq_len into examples of >= 1 position."""
     m, t = config.examples_per_row, config.seq_len
     if m < 1 or t % m:
-        raise ValueError(
+        raise ConfigError(
             f"data.examples_per_row={m} must be >= 1 and divide data.seq_len={t} (each example is seq_len / "
             "examples_per_row positions long): pick a divisor of seq_len."
         )
+
+
+def check_config(config: Any) -> None:
+    """Raises ConfigError naming the field when the task's settings cannot make a batch (before any compute)."""
+    if config.name not in _GENERATORS:
+        raise ConfigError(f"data.name={config.name!r} is not one of {TASKS}.")
+    generate, fields = _GENERATORS[config.name]
+    for field in ("seq_len", "num_eval_batches", "read_threads"):
+        if config[field] < 1:
+            raise ConfigError(f"data.{field}={config[field]!r}: must be >= 1.")
+    check(config)
+    # The generator's own checks (relations between the fields), on a single example: microseconds. Any ValueError
+    # it raises there is about these settings.
+    kwargs = {f: config[f] for f in fields}
+    kwargs["seq_len"] = config.seq_len // config.examples_per_row
+    try:
+        generate(np.random.default_rng(0), 1, **kwargs)
+    except ValueError as e:
+        note = ""
+        if config.examples_per_row > 1:
+            note = (
+                f" (data.examples_per_row={config.examples_per_row}: each example has seq_len / "
+                f"examples_per_row = {kwargs['seq_len']} positions)"
+            )
+        raise ConfigError(f"data: {e}{note}") from e
 
 
 def vocab_size(config: Any) -> int:

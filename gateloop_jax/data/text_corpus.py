@@ -18,7 +18,6 @@ written: a missing or empty folder, no .txt file, a non-UTF-8 file or an empty s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zlib
@@ -26,7 +25,9 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from gateloop_jax import cli
 from gateloop_jax.data import text_prep
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 NAME = "text_corpus"
 COMMAND = "python -m gateloop_jax.data.text_corpus"
@@ -61,32 +62,32 @@ def _txt_files(folder: str, root: str) -> list[str]:
 def find_files(manual_dir: str) -> dict[str, list[str]]:
     """{split: [path relative to manual_dir, ...]} by the module docstring's rules, every file checked as UTF-8.
 
-    Raises FileNotFoundError (no folder, no .txt file) or ValueError (a non-UTF-8 file, an empty split),
+    Raises MissingPathError (no folder, no .txt file) or ConfigError (a non-UTF-8 file, an empty split),
     naming the path.
     """
     root = os.path.expanduser(manual_dir)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"text_corpus manual_dir {root} does not exist or is not a directory. {HOW_TO}")
+        raise MissingPathError(f"text_corpus manual_dir {root} does not exist or is not a directory. {HOW_TO}")
     folders = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if folders:
         missing = [s for s in SPLITS if s not in folders]
         if missing:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"text_corpus manual_dir {root} has the split folder(s) {folders} but not {missing}: give all of "
                 f"train/, validation/ and test/, or none (then files are split by a hash of their path). {HOW_TO}"
             )
         splits = {s: _txt_files(os.path.join(root, s), root) for s in SPLITS}
         for s, files in splits.items():
             if not files:
-                raise FileNotFoundError(f"text_corpus split folder {os.path.join(root, s)} has no .txt file. {HOW_TO}")
+                raise MissingPathError(f"text_corpus split folder {os.path.join(root, s)} has no .txt file. {HOW_TO}")
     else:
         files = _txt_files(root, root)
         if not files:
-            raise FileNotFoundError(f"text_corpus manual_dir {root} has no .txt file (searched recursively). {HOW_TO}")
+            raise MissingPathError(f"text_corpus manual_dir {root} has no .txt file (searched recursively). {HOW_TO}")
         splits = {s: [f for f in files if split_of(f) == s] for s in SPLITS}
         for s, chosen in splits.items():
             if not chosen:
-                raise ValueError(
+                raise ConfigError(
                     f"text_corpus: no file of the {len(files)} .txt files under {root} falls in the {s} split "
                     f"(buckets {HELD_OUT.get(s, 'the rest')} of crc32(path) % 100): add files, or give the folders "
                     "train/, validation/ and test/."
@@ -103,7 +104,7 @@ def _read(root: str, relative_path: str) -> str:
         with open(path, encoding="utf-8", newline="") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise ConfigError(
             f"text_corpus: {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
             f"iconv -f LATIN1 -t UTF-8, or remove it."
         ) from e
@@ -156,13 +157,14 @@ def prepare(data_dir: str, manual_dir: str, *, vocab_size: int = VOCAB_SIZE, **t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--manual_dir", required=True, help="the folder of .txt files (see the splitting rules)")
     text_prep.add_tokenizer_arguments(parser, vocab_size=VOCAB_SIZE)
     args = parser.parse_args(argv)
+    text_prep.check_tokenizer_args(args)
     summary = prepare(args.data_dir, args.manual_dir, **text_prep.tokenizer_kwargs(args))
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main, prog=COMMAND)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from gateloop_jax.data import tokenizer as tok
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 SPLITS = ("train", "validation", "test")
 
@@ -85,7 +86,7 @@ def split_statistics(data_dir: str, dataset: str, name: str, split: str, command
     token_json = os.path.join(root_dir(data_dir, dataset), name, "statistics.json")
     for path in (text_json, token_json):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: prepare the data with\n  {command}")
+            raise MissingPathError(f"{path} does not exist: prepare the data with\n  {command}")
     return {**_read_json(text_json)[split], **_read_json(token_json)[split]}
 
 
@@ -170,6 +171,16 @@ def add_tokenizer_arguments(parser: argparse.ArgumentParser, vocab_size: int = 3
     parser.add_argument("--nobyte_fallback", dest="byte_fallback", action="store_false")
     parser.add_argument("--input_sentence_size", type=int, default=2_000_000)
     parser.add_argument("--read_threads", type=int, default=os.cpu_count() or 2)
+
+
+def check_tokenizer_args(args: argparse.Namespace) -> None:
+    """add_tokenizer_arguments' ranges and --data_dir, before anything is built (ConfigError naming the flag)."""
+    for field in ("vocab_size", "input_sentence_size", "read_threads"):
+        if getattr(args, field) < 1:
+            raise ConfigError(f"--{field}={getattr(args, field)}: must be >= 1.")
+    data_dir = os.path.expanduser(args.data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data_dir={args.data_dir!r} is an existing file; pass a directory (created if missing).")
 
 
 def tokenizer_kwargs(args: argparse.Namespace) -> dict[str, Any]:

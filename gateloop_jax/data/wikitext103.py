@@ -25,7 +25,9 @@ from typing import Any, Iterable, Iterator
 import grain
 import tensorflow_datasets as tfds
 
+from gateloop_jax import cli
 from gateloop_jax.data import text_prep
+from gateloop_jax.errors import ConfigError, MissingPathError
 
 ARCHIVE = "wikitext-103-raw-v1.zip"
 ARCHIVE_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
@@ -54,7 +56,7 @@ def find_archive(manual_dir: str) -> str:
     """
     manual_dir = os.path.expanduser(manual_dir)
     if not os.path.isdir(manual_dir):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"WikiText-103 manual_dir {manual_dir} does not exist or is not a directory. {HOW_TO_GET}"
         )
     archive = os.path.join(manual_dir, ARCHIVE)
@@ -65,19 +67,19 @@ def find_archive(manual_dir: str) -> str:
     if os.path.isdir(folder):
         missing = [f for f in SPLIT_FILES.values() if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise ValueError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
+            raise ConfigError(f"WikiText-103 folder {folder} lacks {missing}. {HOW_TO_GET}")
         return folder
-    raise FileNotFoundError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
+    raise MissingPathError(f"Neither {archive} nor {folder}/ exists. {HOW_TO_GET}")
 
 
 def _check_archive(archive: str) -> None:
     if not zipfile.is_zipfile(archive):
-        raise ValueError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
+        raise ConfigError(f"{archive} is not a valid zip archive (corrupt or truncated download?). {HOW_TO_GET}")
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
     missing = [f"{RAW_DIR}/{f}" for f in SPLIT_FILES.values() if f"{RAW_DIR}/{f}" not in names]
     if missing:
-        raise ValueError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
+        raise ConfigError(f"{archive} lacks {missing}: not the raw WikiText-103 archive. {HOW_TO_GET}")
 
 
 def _raw_lines(path: str, split: str) -> Iterator[str]:
@@ -91,7 +93,7 @@ def _raw_lines(path: str, split: str) -> Iterator[str]:
             with zipfile.ZipFile(path) as zf, io.TextIOWrapper(zf.open(member), encoding="utf-8", newline="") as f:
                 yield from f
     except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
+        raise ConfigError(f"reading {member} from {path} failed ({e}): corrupt archive? {HOW_TO_GET}") from e
 
 
 def is_title(line: str) -> bool:
@@ -192,14 +194,22 @@ def prepare(data_dir: str, manual_dir: str | None = None, **tokenizer_kwargs) ->
     return text_prep.prepare(builder(data_dir), data_dir, config, **tokenizer_kwargs)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The arguments' ranges and paths, before anything is built (ConfigError / MissingPathError naming them)."""
+    text_prep.check_tokenizer_args(args)
+    if args.manual_dir is not None:
+        find_archive(args.manual_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--manual_dir", default=None, help=f"directory holding {ARCHIVE}; omit to download it")
     text_prep.add_tokenizer_arguments(parser)
     args = parser.parse_args(argv)
+    check_args(args)
     summary = prepare(args.data_dir, args.manual_dir, **text_prep.tokenizer_kwargs(args))
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main, prog=COMMAND)

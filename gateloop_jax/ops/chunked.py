@@ -36,9 +36,9 @@ import jax.numpy as jnp
 from gateloop_jax.ops.common import polar_to_complex, reverse_exclusive_cumsum, segsum, wrap_phase
 from gateloop_jax.ops.scan import scan_elementwise
 
-# Defaults from the H200 sweep of experiments/bench_chunked.py (experiments/perf_notes.md; 32768 tokens, 8 heads,
-# d_qk = d_v = 64, fwd+bwd): C = 64 / c = 16 11.6 ms at L = 1024 and 8192; c = 32 ~19.9 ms (the per-channel diagonal
-# dominates); C = 128 2% faster but 6% more memory and longer compiles; sequential carry +1.5 ms at L = 8192.
+# Defaults from the H200 sweep of experiments/kernel_dev/bench_chunked.py (experiments/perf_notes.md; 32768 tokens,
+# 8 heads, d_qk = d_v = 64, fwd+bwd): C = 64 / c = 16 11.6 ms at L = 1024 and 8192; c = 32 ~19.9 ms (the per-channel
+# diagonal dominates); C = 128 2% faster but 6% more memory and longer compiles; sequential carry +1.5 ms at L = 8192.
 DEFAULT_CHUNK_SIZE = 64  # multi-head outer chunk C
 SUB_BLOCK = 16  # multi-head sub-block c; chunk sizes above it are rounded up to a multiple of it
 CARRY = "associative"  # "associative" (jax.lax.associative_scan over chunks) or "sequential" (jax.lax.scan)
@@ -188,7 +188,8 @@ def _chunked_matrix(q, k, v, log_r, theta, h0, chunk_size, sub_block, reset=None
     diag = diag + jnp.eye(c, dtype=diag.dtype) * jnp.sum(q * k, axis=-1)[..., :, None]
 
     # Off-diagonal sub-blocks, one row of key sub-blocks j < i per query sub-block i, relative to B_i.
-    # Queries: q_n e^{l_n - l_B} [cos, sin](Phi_n - Phi_B). Keys of sub-block j: k_m e^{l_B - l_m} [cos, -sin](Phi_B - Phi_m)
+    # Queries: q_n e^{l_n - l_B} [cos, sin](Phi_n - Phi_B).
+    # Keys of sub-block j: k_m e^{l_B - l_m} [cos, -sin](Phi_B - Phi_m)
     # with l_B - l_m = tail_m + (totals of the sub-blocks strictly between j and i).
     q_off = q * jnp.exp(l_in)
     q_off = jnp.concatenate([q_off * jnp.cos(phi), q_off * jnp.sin(phi)], axis=-1)  # (b, h, n, nb, c, 2k)

@@ -42,8 +42,8 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None, segme
     gradients at 32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs,
     and the log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
     Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": 4.7 ms vs 11.5 ms for
-    "chunked", y and the gradients at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md,
-    session 6), and a quarter of the memory);
+    "chunked", y and the gradients at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md),
+    and a quarter of the memory);
     wider heads are padded to 128 there and spill registers (a 125M LM with 96-wide heads stepped 1.65x slower than
     with "chunked" at length 131072), so they, and every other platform, get "chunked" - memory linear in length
     with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
@@ -126,7 +126,7 @@ def gateloop(
     if mode == "pallas":
         # The Triton kernels read q, k, v as they are (upcast on load) and write y and the gradients in the inputs'
         # dtypes: bf16 then costs no cast pass around them (max-headed fwd+bwd with bf16 inputs 0.725 -> 0.49 ms,
-        # below float32's 0.53; 32768 tokens x 512 channels, H200, session 5). The TPU kernel's wrapper upcasts.
+        # below float32's 0.53; 32768 tokens x 512 channels, H200). The TPU kernel's wrapper upcasts.
         kw["out_dtype"] = out_dtype
     elif mode != "gla_rotation":  # whose kernel takes bf16 q, k, v only (it rotates them in float32 first)
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))

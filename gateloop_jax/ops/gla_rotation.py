@@ -11,8 +11,8 @@ maps as S_0 = [Re H_0; -Im H_0] and H_n = e^{i Phi_n} (S_n[:d_qk] - i S_n[d_qk:]
 
 The kernel is jax-linear-attention's Mosaic GPU GLA (module `jla`: Hopper, bf16 q, k, v, Python >= 3.12, jax 0.11.2;
 `pip install -e ".[peers]"`). On an H200 at 32768 tokens x 8 heads x 64 x 64, bf16, fwd+bwd with y, it ran in
-2.22-2.41 ms against 5.0 for mode "pallas" (experiments/README.md, session 7; results/s7_peers_h200.json,
-s7_gla_rotation_h200.json). It is not what mode "auto" picks, because it is less accurate: the rotated q, k are
+2.22-2.41 ms against 5.0 for mode "pallas" (experiments/README.md; results/peers_h200.json,
+gla_rotation_h200.json). It is not what mode "auto" picks, because it is less accurate: the rotated q, k are
 rounded to bf16, and the phase gradient, a suffix sum over the sequence of terms that cancel (turning q and k by the
 same phase changes nothing), was 1.4e-2 to 3.6e-2 off at L = 1024 to 8192 (max|err| / max|ref| against float32
 "recurrent"; growing with the length), where "pallas" keeps 1e-6. Even in float32 that cancellation costs dtheta
@@ -68,7 +68,7 @@ def jla_gla(q, k, v, g, initial_state):
     """(y, final state) of jax-linear-attention's Mosaic GPU GLA kernel, scale 1; the state is float32
     (b, h, key width, d_v)."""
     # Imported here, and its kernels registered before the call: jla registers them on its first call and flags them
-    # loaded before the import finishes, so concurrent first calls (threads compiling) found none (session 7).
+    # loaded before the import finishes, so concurrent first calls (threads compiling) found none.
     import jla.ops.mosaic_gpu  # noqa: F401
     from jla import ops as jla_ops
 

@@ -78,12 +78,12 @@ MAX_FAST_HEAD_DIM = 64
 class Config(NamedTuple):
     """Static kernel parameters (hashable: one compiled kernel per config and shape).
 
-    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md, session 3): C = 16,
+    Defaults: the fastest float32-accurate variant timed on an H200 (experiments/perf_notes.md): C = 16,
     4-row carry programs, matrix-product diagonal sub-blocks when tame, 8 warps for the carries and the key side:
     4.20 ms fwd+bwd at 32768 tokens x 8 heads x 64 x 64 (6.70 with 4 warps everywhere, 6.86 with the row loop
     everywhere, 5.38 with C = 32, in the same runs). The price of C = 16: the states saved for the backward,
     (t / C) x d_qk x d_v per head, are twice those of C = 32. tame_nats decides how many sub-blocks of a real model
-    get the fast form: on a trained memory-horizon model's gates (session 5, H200) 4.26 ms at 48 against 6.10 at 32
+    get the fast form: on a trained memory-horizon model's gates (H200) 4.26 ms at 48 against 6.10 at 32
     and 6.99 at 16; on random gates, where every sub-block is tame, all three are 4.2.
     """
 
@@ -94,7 +94,7 @@ class Config(NamedTuple):
     num_stages: int = 1
     carry_block: int = 4  # d_qk rows of the state per program of the carry kernel (more programs: it is sequential)
     # Chunks per iteration of the carry loop, all their loads issued before any store (as the max-headed kernel does):
-    # one store per step otherwise holds the next step's loads back, one memory latency per chunk. H200, session 6,
+    # one store per step otherwise holds the next step's loads back, one memory latency per chunk. H200,
     # L = 8192: 1 -> 4 takes each carry from 0.42-0.45 to 0.35-0.36 ms (0.07-0.17 ms of the op); 8 is no better.
     carry_unroll: int = 4
     triangle: str = "ieee"  # the 16 x 16 triangular sums: "ieee" or "tf32x3" (the 0/1 matrix is exact in tf32)
@@ -103,33 +103,33 @@ class Config(NamedTuple):
     # >= -tame_nats) take the matrix-product form (factors e^{+-G} stay within e^{tame_nats}; relative error <=
     # 2 tame_nats x 6e-8, measured far less); others the exact row loop. 0 = always the row loop. 48: in a trained
     # memory-horizon model 99.6% / 97% of the sub-blocks of its two layers are within 48 nats, against 89% / 43%
-    # within 32 and 20% / 0.6% within 16 (experiments/tame_fraction.py, perf_notes.md sessions 4 and 5).
+    # within 32 and 20% / 0.6% within 16 (experiments/kernel_dev/tame_fraction.py, perf_notes.md).
     tame_nats: float = 48.0
     ablate: str = ""  # profiling only (wrong results): skip the "diag" and / or "offdiag" sub-blocks
 
 
-# Variants timed by experiments/bench_kernels.py and profile_pallas_chunked.py (the first is the default). Two
-# session-5 alternatives were timed on the H200 in session 6 and removed (code at commit ae99aef): fused_state (outer
+# Variants timed by experiments/kernel_dev/bench_kernels.py and profile_pallas_chunked.py (the first is the default).
+# Two alternatives were timed on the H200 and removed (code at commit ae99aef): fused_state (outer
 # + carry in one kernel per direction, 245 ms fwd+bwd against 4.0, both without y) and step_state (query and key
 # sides walking each chunk's sub-blocks with the state in registers, C = 32 / 64: 6.4 / 7.1 ms against 4.0).
 VARIANTS = {
     "default": Config(),
     "default_again": Config(),  # the same kernel twice: the run-to-run spread
     "c32": Config(chunk=32),
-    "c32_carry16": Config(chunk=32, carry_block=16),  # the default until the last H200 call of session 2
+    "c32_carry16": Config(chunk=32, carry_block=16),  # 7.93 ms against the default's 6.77 in one H200 profile
     "c64": Config(chunk=64),
     "w8": Config(num_warps=8),
-    "w4": Config(carry_warps=4, backward_warps=4),  # the session-2 warps
+    "w4": Config(carry_warps=4, backward_warps=4),  # 4 warps everywhere
     "carry16": Config(carry_block=16),
-    "carry_u1": Config(carry_unroll=1),  # the default until session 6: one chunk per carry step
+    "carry_u1": Config(carry_unroll=1),  # one chunk per carry step
     "carry_u8": Config(carry_unroll=8),
     "tri_tf32x3": Config(triangle="tf32x3"),
     "nodiag": Config(ablate="diag"),  # ablations: wrong results, they show what each part costs
     "nooff": Config(ablate="offdiag"),
     "tf32": Config(precision="tf32"),  # speed reference only: ~1e-3 error
-    "rowloop": Config(tame_nats=0.0),  # every diagonal sub-block by the exact row loop (the session-2 kernel)
-    "tame16": Config(tame_nats=16.0),  # the session-3 default
-    "tame32": Config(tame_nats=32.0),  # the session-4 default
+    "rowloop": Config(tame_nats=0.0),  # every diagonal sub-block by the exact row loop
+    "tame16": Config(tame_nats=16.0),  # fast form for fewer sub-blocks
+    "tame32": Config(tame_nats=32.0),
     "no_rowloop": Config(ablate="rowloop"),  # profiling: the matrix-product form only (wrong for wild gates)
     "c32_rowloop": Config(chunk=32, tame_nats=0.0),
 }

@@ -69,7 +69,7 @@ MIN_JAX = (0, 11)
 # shared-memory writes and reads), so "auto" keeps the Triton kernel (heads <= 64) and "chunked".
 AUTO_ON_HOPPER = False
 # Until then an explicit mode="mosaic_gpu" on a real GPU is refused unless this environment variable is set (kernel
-# development: experiments/check_mosaic_gpu.py sets it).
+# development: experiments/kernel_dev/check_mosaic_gpu.py sets it).
 UNVERIFIED_ENV = "GATELOOP_MOSAIC_GPU_UNVERIFIED"
 _TWO_PI = 2.0 * math.pi
 

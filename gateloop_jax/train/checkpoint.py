@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -147,13 +148,16 @@ class Checkpointer:
             try:
                 restored = self.restore(step, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
-                logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one.",
-                                self.directory, step, type(e).__name__, str(e)[:500])
-                print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one.", flush=True)
+                # The full error (Orbax/TensorStore print pages of spec) only in the log; the console gets one line.
+                logging.info("checkpoint %s/%d is unreadable: %r", self.directory, step, e)
                 errors.append((step, e))
                 continue
-            self._set_aside([bad for bad, _ in errors])
+            stamp = int(time.time())
+            for bad, e in errors:
+                print(f"WARNING: checkpoint step {bad} is unreadable ({type(e).__name__} reading "
+                      f"{self._damaged_file(bad, e)}); falling back to step {step}; the damaged one is kept as "
+                      f"{self.directory}/corrupt-{bad}-{stamp}.", flush=True)
+            self._set_aside([bad for bad, _ in errors], stamp)
             return step, restored
         if steps:
             raise RuntimeError(
@@ -162,7 +166,18 @@ class Checkpointer:
             ) from errors[0][1]
         return None, None
 
-    def _set_aside(self, steps) -> None:
+    def _damaged_file(self, step: int, error: Exception) -> str:
+        """The first path under the step's directory that the error (or one it was raised from) names, else that
+        directory (a JSONDecodeError, say, names no file)."""
+        step_dir = os.path.join(self.directory, str(step))
+        while error is not None:
+            found = re.search(re.escape(step_dir) + r"/[^\s'\",}]*", str(error))
+            if found:
+                return found.group(0)
+            error = error.__cause__ or error.__context__
+        return step_dir
+
+    def _set_aside(self, steps, stamp: int) -> None:
         """Renames unreadable checkpoints to corrupt-<step>-<time> (kept for inspection): the resumed run saves
         those steps again, and Orbax would otherwise list (and refuse to overwrite) them."""
         if not steps:
@@ -171,7 +186,7 @@ class Checkpointer:
             for step in steps:
                 src = os.path.join(self.directory, str(step))
                 if os.path.isdir(src):
-                    os.rename(src, os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}"))
+                    os.rename(src, os.path.join(self.directory, f"corrupt-{step}-{stamp}"))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -29,13 +29,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gateloop_jax import data
+from gateloop_jax.errors import ConfigError, MissingPathError, UserError
 from gateloop_jax.models import build_model, check_platform, resolve_config
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import BATCH, LENGTH, logical_to_spec, make_mesh
 from gateloop_jax.train import checkpoint as ckpt_lib
 from gateloop_jax.train import loss as loss_lib
 from gateloop_jax.train import metrics as metrics_lib
-from gateloop_jax.train.optimizer import make_optimizer
+from gateloop_jax.train import settings
+from gateloop_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from gateloop_jax.train.profiler import StepProfiler, check_profile_steps
 from gateloop_jax.train.steps import ModelParts, TrainState, make_eval_step, make_train_step
 
@@ -52,8 +54,24 @@ def model_config_from(config) -> ModelConfig:
 
 
 def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]:
-    """Everything that can be checked before compiling; raises ValueError / FileNotFoundError naming the setting."""
+    """Everything that can be checked before compiling; raises ConfigError / MissingPathError naming the setting.
+
+    Every check here is about the settings (a field's range, a ModelConfig field, the mesh against the devices, the
+    batch against the mesh), so a ValueError raised by one is re-raised as the ConfigError (a ValueError too) that the
+    command lines answer in one line.
+    """
+    try:
+        return _validate(config, mesh_devices)
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(str(e)) from e
+
+
+def _validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]:
+    settings.check_settings(config)
     mesh = make_mesh(config.mesh, mesh_devices)
+    learning_rate_schedule(config)  # checks optimizer.decay
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     b, accum, procs = config.global_batch_size, config.grad_accum_steps, jax.process_count()
     if accum < 1 or b % accum:
@@ -67,18 +85,17 @@ def validate(config, mesh_devices=None) -> tuple[jax.sharding.Mesh, ModelConfig]
                          f"the number of processes {procs}.")
     if config.eval_batch_size % dp:
         raise ValueError(f"eval_batch_size={config.eval_batch_size} is not divisible by the data-parallel size {dp}.")
+    data.check_config(config.data)
     seq_len, shards = config.data.get("seq_len"), mesh.shape["sequence"]
     if seq_len is not None and seq_len % shards:
         raise ValueError(f"data.seq_len={seq_len} is not divisible by mesh.sequence={shards} (context parallelism "
                          "splits every row into that many equal shards); choose a sequence size that divides it.")
-    if config.total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {config.total_steps}.")
     check_profile_steps(config.profile_steps)
     loss_lib.chunk_size_for(config.loss_chunk_size, config.chunked_loss_min_vocab, 0)
     if config.data.name in data.TEXT_NAMES:
         data_dir = os.path.expanduser(config.data.data_dir)
         if not os.path.isdir(data_dir):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"data.data_dir={config.data.data_dir!r} does not exist. Prepare it with\n"
                 f"  {data.prepare_command(config.data)}")
     model_config = model_config_from(config)  # also checks the data's tokenizer / files exist
@@ -116,6 +133,7 @@ def _local_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains config on all visible devices (of all processes), writing to workdir; returns the last metrics."""
+    settings.check_workdir(workdir)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh, model_config = validate(config)
     # The saved config is the resolved one: the model's vocab_size is the data's.

@@ -1,12 +1,12 @@
 """H200 timing of the multi-head pure-JAX chunked form: the secondary-chunking version (gateloop_jax/ops/chunked.py)
 against the previous per-channel-decay version (kept below as `old_chunked`), mode="scan" and cuDNN attention.
 
-Usage (GPU machine):  python experiments/bench_chunked.py --out $OUT [--budget-s 200]
-                      python experiments/bench_chunked.py --smoke   (tiny shapes on CPU: checks the script only)
+Usage (GPU machine):  python experiments/kernel_dev/bench_chunked.py --out $OUT [--budget-s 200]
+                      python experiments/kernel_dev/bench_chunked.py --smoke   (tiny shapes on CPU: the script only)
 
 What is timed: forward+backward of the op alone, jit(vjp(op)) returning y and the five input cotangents, at 32768 tokens
 per batch (b = 32768 / L), 8 heads, d_qk = d_v = 64, L in {8192, 1024}; median of `runs` timed runs of `reps`
-back-to-back calls after a warm-up (as experiments/bench_kernels.py). Memory: XLA's temp allocation of the compiled
+back-to-back calls after a warm-up (as kernel_dev/bench_kernels.py). Memory: XLA's temp allocation of the compiled
 fwd+bwd (memory_analysis). Errors: max |x - ref| / max |ref| of y and each gradient against mode="scan" float32 on the
 same inputs (for bf16 rows: on the same bf16-rounded inputs). The script watches its own time and skips the rest of
 the list once --budget-s is spent; the JSON is rewritten after every measurement.
@@ -22,8 +22,9 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(EXPERIMENTS)
+sys.path[:0] = [REPO, EXPERIMENTS]
 if "gateloop_jax" not in sys.modules:  # import ops/ alone, without the model stack (see bench_kernels.py)
     import types
 
@@ -35,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench_common as bc  # noqa: E402  (experiments/ is sys.path[0] when run as a script)
+import bench_common as bc  # noqa: E402
 
 from gateloop_jax.ops import chunked, scan  # noqa: E402
 from gateloop_jax.ops.common import polar_to_complex, reverse_exclusive_cumsum, segsum, wrap_phase  # noqa: E402
@@ -127,13 +128,19 @@ def compile_and_time(f, args, runs, reps, compiled=None):
     mem = None
     try:
         ma = compiled.memory_analysis()
-        mem = {"temp_GB": ma.temp_size_in_bytes / 1e9, "out_GB": ma.output_size_in_bytes / 1e9,
-               "arg_GB": ma.argument_size_in_bytes / 1e9}
+        mem = {
+            "temp_GB": ma.temp_size_in_bytes / 1e9,
+            "out_GB": ma.output_size_in_bytes / 1e9,
+            "arg_GB": ma.argument_size_in_bytes / 1e9,
+        }
     except Exception:  # noqa: BLE001
         pass
     out = jax.block_until_ready(compiled(*args))
-    r = {**bc.time_sync_and_pipelined(compiled, args, runs=runs, reps=reps, warmup=0), "compile_s": compile_s,
-         "mem": mem}
+    r = {
+        **bc.time_sync_and_pipelined(compiled, args, runs=runs, reps=reps, warmup=0),
+        "compile_s": compile_s,
+        "mem": mem,
+    }
     return r, out, compiled
 
 
@@ -174,9 +181,16 @@ def main():
         args.lengths = "256"
     start = time.perf_counter()
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "tokens": TOKENS, "heads": HEADS, "d": D,
-               "timing": f"median of {runs} runs x {reps} back-to-back calls", "rows": []}
-    path = os.path.join(args.out, "bench_chunked_h200.json") if args.out else None
+    results = {
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "tokens": TOKENS,
+        "heads": HEADS,
+        "d": D,
+        "timing": f"median of {runs} runs x {reps} back-to-back calls",
+        "rows": [],
+    }
+    path = os.path.join(args.out, "kernel_dev/bench_chunked_h200.json") if args.out else None
 
     def save():
         if path:

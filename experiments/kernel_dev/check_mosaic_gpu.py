@@ -1,6 +1,6 @@
 """mode="mosaic_gpu" on the real GPU lowering (Hopper) against the float64 oracle, at every head width.
 
-    python experiments/check_mosaic_gpu.py --out /tmp/mosaic_accuracy.json
+    python experiments/kernel_dev/check_mosaic_gpu.py --out /tmp/mosaic_accuracy.json
 
 Per (d_qk, d_v) pair (every width in {32, 64, 96, 128, 256} on each side, as in tests/mosaic_gpu_test.py) and gate
 regime (tests/mosaic_gpu_test._inputs: |a| log-uniform in [1e-6, 1], ~1e-6, within 1e-5 of 1, both extremes
@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 # This script is how the kernel gets verified on a GPU: run it even where gateloop() refuses the unverified kernel.
 os.environ.setdefault("GATELOOP_MOSAIC_GPU_UNVERIFIED", "1")
 

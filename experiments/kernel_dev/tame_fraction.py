@@ -1,14 +1,15 @@
 """How often the multi-head Pallas kernel takes its fast path with learned gates.
 
 The kernel (gateloop_jax/ops/pallas_chunked.py) computes a 16-row diagonal sub-block as two matrix products when the
-sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 since
-session 5; --nats, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower over
-the op, perf_notes.md session 3). This reads a trained workdir's transitions on its eval data (synthetic tasks:
-data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block) tiles, for blocks of 16 (the
-kernel's) and, for comparison, 32 and 64 rows.
+sub-block is "tame" - every key channel of the head decays by at most Config.tame_nats nats over its rows (48 by
+default; --nats here, default 16 as in the committed results) - and by the exact row loop otherwise (1.5x slower
+over the op, perf_notes.md, "Matrix-product diagonal sub-blocks"). This reads a trained workdir's transitions on its
+eval data (synthetic tasks: data.synthetic.TASKS) and reports the tame fraction of those (batch, head, sub-block)
+tiles, for blocks of 16 (the kernel's) and, for comparison, 32 and 64 rows.
 
-    python experiments/tame_fraction.py --workdir WORKDIR [--out experiments/results/tame_fraction.json] \
-        [--save_gates experiments/results/gates_X.npz]
+    python experiments/kernel_dev/tame_fraction.py --workdir WORKDIR \
+        [--out experiments/results/kernel_dev/tame_fraction.json] \
+        [--save_gates experiments/results/kernel_dev/gates_X.npz]
 
 --save_gates keeps the learned log|a| (one array per layer, (b, t, h * k), float16) so that the GPU profiler can time
 the kernel on them (profile_pallas_chunked.py --gates_file), where the model stack is not installed.
@@ -20,9 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
+from bench_common import load_gates, tile_gates  # noqa: E402, F401 - part of this tool's interface
 
 
 def _block_sums(log_r: np.ndarray, heads: int, block: int) -> np.ndarray:
@@ -34,7 +40,7 @@ def _block_sums(log_r: np.ndarray, heads: int, block: int) -> np.ndarray:
     n = t // block
     if n == 0:
         raise ValueError(f"tame_fraction: length {t} is shorter than one block of {block}")
-    return np.asarray(log_r, np.float64)[:, :n * block].reshape(b, n, block, heads, channels // heads).sum(2)
+    return np.asarray(log_r, np.float64)[:, : n * block].reshape(b, n, block, heads, channels // heads).sum(2)
 
 
 def tame_fraction(log_r: np.ndarray, heads: int, block: int, nats: float) -> float:
@@ -51,49 +57,50 @@ def untame_channel_share(log_r: np.ndarray, heads: int, block: int, nats: float)
     return float(over.mean(-1)[untame].mean()) if untame.any() else float("nan")
 
 
-def tile_gates(log_r: np.ndarray, b: int, t: int, h: int, k: int) -> np.ndarray:
-    """A (b, t, h, k) log|a| array made of log_r (b0, t0, c0) repeated cyclically along batch, time and channels:
-    learned gate statistics at a benchmark's shape (each tile of rows sees the model's own sequences)."""
-    b0, t0, c0 = log_r.shape
-    rows = np.arange(b)[:, None] % b0, np.arange(t)[None, :] % t0
-    out = np.asarray(log_r, np.float32)[rows[0], rows[1]]  # (b, t, c0)
-    return out[..., np.arange(h * k) % c0].reshape(b, t, h, k)
-
-
-def load_gates(spec: str) -> np.ndarray:
-    """"path.npz:layerN" (--save_gates) -> that layer's learned log|a|, (b0, t0, channels) float32."""
-    path, _, layer = spec.partition(":")
-    with np.load(path) as f:
-        return np.asarray(f[layer or "layer0"], np.float32)
-
-
-def measure(workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64,
-            save_gates: str | None = None) -> dict:
+def measure(
+    workdir: str, blocks=(16, 32, 64), nats: float = 16.0, batch_size: int = 64, save_gates: str | None = None
+) -> dict:
     import gateloop_jax
     from gateloop_jax import inspection
     from gateloop_jax.data import synthetic
 
     model, config, _ = gateloop_jax.load(workdir, tokenizer=False)
     if config.model.d_qk == 1 and config.model.d_v == 1:
-        raise ValueError(f"{workdir}: a max-headed model (d_qk = d_v = 1) runs the elementwise kernel, which has no "
-                         "tame / untame forms; train a multi-head one (e.g. --config.model.d_qk=16)")
+        raise ValueError(
+            f"{workdir}: a max-headed model (d_qk = d_v = 1) runs the elementwise kernel, which has no "
+            "tame / untame forms; train a multi-head one (e.g. --config.model.d_qk=16)"
+        )
     d = config.data
     batch = synthetic.global_batch(d, batch_size=batch_size, seed=d.eval_seed, index=0, stream=synthetic.EVAL_STREAM)
     layers = inspection.transitions(model, np.asarray(batch["inputs"]))
     if save_gates:
-        np.savez_compressed(save_gates, **{f"layer{i}": l["log_magnitude"][:16].astype(np.float16)
-                                           for i, l in enumerate(layers)})
-    out = {"workdir": str(workdir), "task": d.name, "heads": config.model.num_heads, "d_qk": config.model.d_qk,
-           "tame_nats": nats, "layers": []}
+        np.savez_compressed(
+            save_gates,
+            **{f"layer{i}": layer["log_magnitude"][:16].astype(np.float16) for i, layer in enumerate(layers)},
+        )
+    out = {
+        "workdir": str(workdir),
+        "task": d.name,
+        "heads": config.model.num_heads,
+        "d_qk": config.model.d_qk,
+        "tame_nats": nats,
+        "layers": [],
+    }
     for layer in layers:
         lr = layer["log_magnitude"]
-        out["layers"].append({
-            "tame_fraction": {str(bl): tame_fraction(lr, config.model.num_heads, bl, nats) for bl in blocks
-                              if bl <= lr.shape[1]},
-            "untame_channel_share": {str(bl): untame_channel_share(lr, config.model.num_heads, bl, nats)
-                                     for bl in blocks if bl <= lr.shape[1]},
-            "log_magnitude_quantiles": {str(p): float(np.quantile(lr, p)) for p in (0.01, 0.1, 0.5, 0.9)},
-        })
+        out["layers"].append(
+            {
+                "tame_fraction": {
+                    str(bl): tame_fraction(lr, config.model.num_heads, bl, nats) for bl in blocks if bl <= lr.shape[1]
+                },
+                "untame_channel_share": {
+                    str(bl): untame_channel_share(lr, config.model.num_heads, bl, nats)
+                    for bl in blocks
+                    if bl <= lr.shape[1]
+                },
+                "log_magnitude_quantiles": {str(p): float(np.quantile(lr, p)) for p in (0.01, 0.1, 0.5, 0.9)},
+            }
+        )
     return out
 
 

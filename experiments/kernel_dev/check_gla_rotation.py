@@ -1,7 +1,7 @@
 """Mode "gla_rotation" on the GPU: its errors per output against float32 "recurrent", with a carried state and the
 final state, the layer with config mode "gla_rotation" against "pallas", and its fwd+bwd time beside "pallas".
 
-    python experiments/check_gla_rotation.py --out experiments/results     # H200: s7_gla_rotation_h200.json
+    python experiments/kernel_dev/check_gla_rotation.py --out experiments/results     # H200: gla_rotation_h200.json
 
 Needs jax-linear-attention (pip install -e ".[peers]") and a Hopper GPU; elsewhere every row records the mode's own
 error (what tests/bench_test.py checks on CPU). Inputs are bench_modes.op_inputs' (bf16 q, k, v, dy; |a| in
@@ -12,14 +12,13 @@ flight per synchronisation (bench_modes' "pipelined").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
 import bench_common as bc  # noqa: E402
 import bench_modes  # noqa: E402
 
@@ -29,7 +28,7 @@ OUTPUTS = ("y", "final", "dq", "dk", "dv", "dlog_magnitude", "dphase", "dh0")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results")
-    p.add_argument("--json", default="s7_gla_rotation_h200.json")
+    p.add_argument("--json", default="gla_rotation_h200.json")
     p.add_argument("--shapes", default="32x1024,4x8192", help="batch x length of the op checks")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d_head", type=int, default=64)
@@ -47,8 +46,9 @@ def fwdbwd(mode, upcast=False):
     def forward(q, k, v, log_magnitude, phase, h0):
         if upcast:
             q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-        return ops.gateloop(q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode, initial_state=h0,
-                            return_state=True)
+        return ops.gateloop(
+            q, k, v, ops.PolarTransition(log_magnitude, phase), mode=mode, initial_state=h0, return_state=True
+        )
 
     @jax.jit
     def run(q, k, v, log_magnitude, phase, h0, dy):
@@ -79,15 +79,19 @@ def check_op(b, t, heads, d_head):
     dims = {"heads": heads, "d_qk": d_head, "d_v": d_head}
     inputs = bench_modes.op_inputs(7 + t, b, t, dims, "bfloat16")
     shape = (b, heads, d_head, d_head)
-    h0 = (jax.random.normal(jax.random.key(1), shape) + 1j * jax.random.normal(jax.random.key(2), shape))
-    args = tuple(inputs[n] for n in ("q", "k", "v", "log_magnitude", "phase")) + (h0.astype(jnp.complex64),
-                                                                                  inputs["dy"])
+    h0 = jax.random.normal(jax.random.key(1), shape) + 1j * jax.random.normal(jax.random.key(2), shape)
+    args = tuple(inputs[n] for n in ("q", "k", "v", "log_magnitude", "phase")) + (
+        h0.astype(jnp.complex64),
+        inputs["dy"],
+    )
     row = {"b": b, "t": t}
     try:
         got = [np.asarray(x) for x in fwdbwd("gla_rotation")(*args)]
         ref = [np.asarray(x) for x in fwdbwd("recurrent", upcast=True)(*args)]
-        row["errors"] = {name: float(np.max(np.abs(g.astype(np.complex128) - r)) / np.max(np.abs(r)))
-                         for name, g, r in zip(OUTPUTS, got, ref)}
+        row["errors"] = {
+            name: float(np.max(np.abs(g.astype(np.complex128) - r)) / np.max(np.abs(r)))
+            for name, g, r in zip(OUTPUTS, got, ref)
+        }
         for mode in ("gla_rotation", "pallas"):
             row[f"{mode}_ms_pipelined"] = pipelined_ms(fwdbwd(mode), args)
     except Exception as err:  # noqa: BLE001 - recorded: e.g. no kernel on this machine
@@ -106,8 +110,15 @@ def check_layer(b, t, heads, d_head):
     from gateloop_jax.models.config import ModelConfig
 
     d_model = heads * d_head
-    config = ModelConfig(name="gateloop", d_model=d_model, num_heads=heads, d_qk=d_head, d_v=d_head,
-                         dtype="bfloat16", mode="gla_rotation")
+    config = ModelConfig(
+        name="gateloop",
+        d_model=d_model,
+        num_heads=heads,
+        d_qk=d_head,
+        d_v=d_head,
+        dtype="bfloat16",
+        mode="gla_rotation",
+    )
     layer = GateLoopMixer(config, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (b, t, d_model)).astype(jnp.bfloat16)
 
@@ -117,12 +128,16 @@ def check_layer(b, t, heads, d_head):
 
     try:
         y = {mode: layer(x, mode=mode) for mode in ("gla_rotation", "pallas")}
-        grads = {mode: jax.tree.leaves(nnx.state(nnx.grad(
-            lambda m, mode=mode: jnp.mean(m(x, mode=mode).astype(jnp.float32) ** 2))(layer)))
-            for mode in ("gla_rotation", "pallas")}
-        return {"layer_y_vs_pallas": rel(y["gla_rotation"], y["pallas"]),
-                "layer_worst_param_grad_vs_pallas": max(rel(a, b) for a, b in zip(grads["gla_rotation"],
-                                                                                   grads["pallas"]))}
+        grads = {
+            mode: jax.tree.leaves(
+                nnx.state(nnx.grad(lambda m, mode=mode: jnp.mean(m(x, mode=mode).astype(jnp.float32) ** 2))(layer))
+            )
+            for mode in ("gla_rotation", "pallas")
+        }
+        return {
+            "layer_y_vs_pallas": rel(y["gla_rotation"], y["pallas"]),
+            "layer_worst_param_grad_vs_pallas": max(rel(a, b) for a, b in zip(grads["gla_rotation"], grads["pallas"])),
+        }
     except Exception as err:  # noqa: BLE001
         return {"layer_error": f"{type(err).__name__}: {str(err)[:800]}"}
 

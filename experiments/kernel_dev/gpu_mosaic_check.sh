@@ -3,7 +3,7 @@
 # 125M multi-head LM's training step. Each part has its own timeout and writes JSON under $OUT as it goes; a failing
 # part does not stop the next. About 8 minutes in all.
 #
-#   OUT=/tmp/out bash experiments/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
+#   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
 set -u
 OUT=${OUT:-experiments/results/mosaic_gpu}
 PY=${PY:-python3}
@@ -16,7 +16,7 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 
 # (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering.
 log "accuracy"
-timeout 140 $PY experiments/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+timeout 140 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
 # pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at

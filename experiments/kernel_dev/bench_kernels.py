@@ -1,6 +1,7 @@
 """Quick H200 timing of the Pallas GateLoop kernels against the pure-JAX modes and cuDNN attention, in one run.
 
-Usage (on the GPU machine):  python experiments/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
+Usage (on the GPU machine):
+    python experiments/kernel_dev/bench_kernels.py --out $OUT [--suite ew,mh] [--ew-variants all]
 
 What is timed: forward+backward of the op alone, i.e. jit(lambda *xs: vjp(op, *xs)) returning y and the five input
 cotangents (no loss reduction around it), at 32768 tokens per batch (b = 32768 / L), L in {1024, 8192}:
@@ -23,8 +24,9 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(EXPERIMENTS)
+sys.path[:0] = [REPO, EXPERIMENTS]
 # The kernels need jax alone; the package's __init__ pulls in the model stack (flax, ml_collections, ...), which the
 # GPU image need not have. (Always stubbing the package would also skip __init__'s settings in a process, e.g. the
 # test run, that later builds models.)
@@ -41,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench_common as bc  # noqa: E402  (experiments/ is sys.path[0] when run as a script)
+import bench_common as bc  # noqa: E402
 
 from gateloop_jax.ops import chunked, scan  # noqa: E402
 from gateloop_jax.ops import pallas_elementwise as pe  # noqa: E402
@@ -101,7 +103,7 @@ EW_VARIANTS = {
     "cb64_w2_u8_p2048": pe.Config(block_channels=64, num_warps=2, unroll=8, min_programs=2048),
     "cb256_w8_u8_p256": pe.Config(block_channels=256, num_warps=8, unroll=8, min_programs=256),
     "cb32_u8_p512": pe.Config(block_channels=32, num_warps=1, unroll=8, min_programs=512),  # one segment at L=1024
-    # Session 6 (H200, fwd+bwd pipelined ms at L = 1024 / 8192; default 0.564 / 0.551, again 0.548 / 0.567): two or
+    # Measured (H200, fwd+bwd pipelined ms at L = 1024 / 8192; default 0.564 / 0.551, again 0.548 / 0.567): two or
     # four channels per thread (independent chains to interleave) did not help: 0.577 / 0.589 and 0.847 / 0.907.
     # (A Config.trig field, measured once and dropped, commit 78df046: PTX sin / cos.approx 0.744 / 0.741, and no
     # cos / sin at all 0.693 / 0.697, both slower than libdevice's: the trigonometry is not what bounds the kernel.)
@@ -143,9 +145,18 @@ def bench_ew(results, variants, lengths, runs):
         results["ew"].append(row)
     # Correctness on the GPU, smaller shape, every variant (incl. multi-segment paths) against ops scan.
     small = make_inputs(jax.random.PRNGKey(7), 2, 2048, 96, 1, 1)
-    check_variants(results["ew_check"], small, {
-        name: (lambda *a, cfg=EW_VARIANTS[name]._replace(segment_length=256):
-               pe.gateloop_pallas_elementwise(*a, interpret=INTERPRET, config=cfg)) for name in variants})
+    check_variants(
+        results["ew_check"],
+        small,
+        {
+            name: (
+                lambda *a, cfg=EW_VARIANTS[name]._replace(segment_length=256): pe.gateloop_pallas_elementwise(
+                    *a, interpret=INTERPRET, config=cfg
+                )
+            )
+            for name in variants
+        },
+    )
 
 
 def check_variants(out, inputs, fns):
@@ -205,8 +216,9 @@ def bench_mh(results, variants, lengths, runs):
                 print(L, vname, r, flush=True)
             # Forward alone (what inference / prefill pays), default config.
             try:
-                fwd = jax.jit(lambda q, k, v, lr, th: pc.gateloop_pallas_chunked(q, k, v, lr, th, None,
-                                                                                  interpret=INTERPRET)[0])
+                fwd = jax.jit(
+                    lambda q, k, v, lr, th: pc.gateloop_pallas_chunked(q, k, v, lr, th, None, interpret=INTERPRET)[0]
+                )
                 row["pallas_forward_only"] = bc.time_sync_and_pipelined(fwd, inputs[:5], runs=runs)
             except Exception as e:  # noqa: BLE001
                 row["pallas_forward_only"] = {"error": repr(e)[:2000]}
@@ -214,14 +226,21 @@ def bench_mh(results, variants, lengths, runs):
         results["mh"].append(row)
     if pc is not None:
         small = make_inputs(jax.random.PRNGKey(7), 2, 512, 2, 64, 64)
-        check_variants(results["mh_check"], small, {
-            name: (lambda *a, cfg=pc.VARIANTS[name]: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg))
-            for name in variants})
+        check_variants(
+            results["mh_check"],
+            small,
+            {
+                name: (
+                    lambda *a, cfg=pc.VARIANTS[name]: pc.gateloop_pallas_chunked(*a, interpret=INTERPRET, config=cfg)
+                )
+                for name in variants
+            },
+        )
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
     p.add_argument("--suite", default="ew,mh")
     p.add_argument("--ew-variants", default="all")
     p.add_argument("--mh-variants", default="all")
@@ -235,9 +254,18 @@ def main():
     import jaxlib
 
     dev = jax.devices()[0]
-    results = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-               "jaxlib": jaxlib.__version__, "command": " ".join(sys.argv), "tokens": TOKENS,
-               "ew": [], "mh": [], "ew_check": {}, "mh_check": {}}
+    results = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "command": " ".join(sys.argv),
+        "tokens": TOKENS,
+        "ew": [],
+        "mh": [],
+        "ew_check": {},
+        "mh_check": {},
+    }
     results["copy"] = copy_bandwidth() if not a.smoke else {"TBps": 0.0}
     print("copy", results["copy"], flush=True)
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -262,8 +290,13 @@ def main():
         print(row["L"], " ".join(f"{k}={v:.3f}" if v is not None else f"{k}=ERR" for k, v in cells.items()))
     for kind in ("ew_check", "mh_check"):
         for k, v in results[kind].items():
-            print(kind, k, {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in v.items()} if "error" not in v
-                  else v["error"][-600:])
+            print(
+                kind,
+                k,
+                {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in v.items()}
+                if "error" not in v
+                else v["error"][-600:],
+            )
 
 
 if __name__ == "__main__":
