@@ -30,6 +30,7 @@ import gateloop_jax
 from configs import common
 from gateloop_jax.decode import generate
 from gateloop_jax.models import MODELS
+from gateloop_jax.ops import pallas_mosaic_gpu
 from gateloop_jax.models.config import _CHOICES, ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES, EMBED
 from gateloop_jax.train import train_and_evaluate, validate
@@ -79,7 +80,9 @@ REQUIRES = {
     # Fields of the Transformer baseline; every other model field is swept on the default name (GateLoop).
     "model.attention_impl": [{"model.name": "transformer"}],
     "model.rope_base": [{"model.name": "transformer"}],
-    "model.block_pattern": [{"model.name": "hybrid"}],
+    # The test size has one layer, and a hybrid needs both block kinds within its layers.
+    "model.block_pattern": [{"model.name": "hybrid", "model.num_layers": 2}],
+    "model.name": [{"model.num_layers": 2, "model.block_pattern": "ga"}],
     "init_from_step": [{"init_from": SOURCE}],
     # Two micro-batches of 8 / 2 = 4 rows cannot split over the 8 data-parallel devices.
     "grad_accum_steps": [{"global_batch_size": 16}],
@@ -91,6 +94,8 @@ UNAVAILABLE = {
     ("model.mode", "gla_rotation"): r"mode='gla_rotation' cannot run here: .*jax-linear-attention",
     ("model.attention_impl", "cudnn"): r"attention_impl='cudnn' needs an NVIDIA GPU, this is cpu",
 }
+if pallas_mosaic_gpu.unavailable_reason():  # jax < 0.11 (Python 3.11); on jax 0.11 it runs in GPU interpret mode
+    UNAVAILABLE[("model.mode", "mosaic_gpu")] = r"mode='mosaic_gpu' needs jax >= 0.11"
 # Combinations meant to be refused: one error naming both fields, before compiling.
 REFUSED = {
     "remat_with_dropout": ({"model.remat": True, "model.dropout_rate": 0.1}, r"remat=True with dropout_rate=0.1"),

@@ -20,7 +20,7 @@ from gateloop_jax.layers import CausalSelfAttention, GateLoopMixer
 from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.models.lm import CausalLM, param_count
 from gateloop_jax.models.presets import PRESETS, expected_param_count, preset_config
-from gateloop_jax.ops import gla_rotation
+from gateloop_jax.ops import gla_rotation, pallas_mosaic_gpu
 
 # name -> (mixer class, or {block kind: mixer class} chosen per layer by config.layer_kinds; config fields the name
 # fixes)
@@ -72,6 +72,8 @@ def platform_problems(config: ModelConfig, platform: str | None = None) -> dict[
                                                  config.dtype, platform)
         if reason:
             problems["mode"] = f"mode='gla_rotation' cannot run here: {reason}"
+    if mixer_cls is GateLoopMixer and config.mode == "mosaic_gpu" and pallas_mosaic_gpu.unavailable_reason():
+        problems["mode"] = f"{pallas_mosaic_gpu.unavailable_reason()}; use mode='pallas' or 'chunked' here"
     return problems
 
 
