@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 
+
 def get_config(arg=None):
     # The variant's model and the computation mode (configs/common.py).
     c, arg = common.synthetic_task_config("mqar", arg)

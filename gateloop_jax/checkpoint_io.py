@@ -118,4 +118,3 @@ def load(
 
         tok = data.load_tokenizer(config.data)
     return model, config, tok
-

@@ -178,7 +178,6 @@ def test_training_sequence4_matches_data4(tmp_path, monkeypatch):
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=0)
 
 
-
 def test_bench_context_parallel_tiny(tmp_path):
     """experiments/bench_context_parallel.py at test size: it trains with the length split in 4 and finds the state
     exchange among the step's collectives (one all-gather per GateLoop layer, forward)."""
