@@ -94,6 +94,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0
     # Learning-rate multiplier of the state-transition parameters (gamma/theta projections, fixed gamma/theta).
     c.optimizer.transition_lr_factor = 1.0
+    # Learning-rate multiplier of the phase parameters (theta projection, fixed theta) on top of the above. Below 1 it
+    # keeps the per-token phase from drifting into a random rotation over long gaps (configs/mqar.py uses 0.1).
+    c.optimizer.phase_lr_factor = 1.0
 
     # Device mesh sizes over ("data", "fsdp", "sequence", "tensor"); -1 = all remaining devices. Batch is split over
     # data x fsdp, parameters over fsdp (along embed) and tensor (heads, mlp, vocab); sequence > 1 splits every row's

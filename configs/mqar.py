@@ -46,6 +46,10 @@ def get_config(arg=None):
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 1000
     c.optimizer.weight_decay = 0.1
+    # The phase projection learns at a tenth of the rate. At the full rate Adam's per-step moves grow the per-token
+    # phase jitter to ~0.8 rad in 6k steps; over a ~100-token gap that rotates a stored value by a random angle and
+    # the data-controlled model collapses to the per-token answer (experiments/README.md, MQAR).
+    c.optimizer.phase_lr_factor = 0.1
     c.log_every_steps = 100
     c.eval_every_steps = 1000
     c.ckpt_every_steps = 2000

@@ -154,9 +154,11 @@ def test_weight_decay_mask_and_transition_labels():
         assert flat["blocks/0/ffn/up/kernel"] == (True, "default")
         if name == "gateloop":
             assert flat["blocks/0/mixer/gamma_proj/kernel"] == (True, "transition")
-            assert flat["blocks/0/mixer/theta_proj/bias"] == (False, "transition")
+            assert flat["blocks/0/mixer/theta_proj/bias"] == (False, "phase")
+            assert flat["blocks/0/mixer/theta_proj/kernel"] == (True, "phase")
         else:
             assert flat["blocks/0/mixer/gamma_bias"] == (False, "transition")
+            assert flat["blocks/0/mixer/theta_bias"] == (False, "phase")
 
 
 def test_schedule_and_cadence():

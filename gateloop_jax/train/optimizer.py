@@ -39,8 +39,20 @@ def weight_decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params)
 
 
+def is_phase(path) -> bool:
+    """The parameters of arg a: the phase projection (theta_proj) and the fixed transitions' theta_bias."""
+    names = _names(path)
+    return "theta_proj" in names[:-1] or names[-1] == "theta_bias"
+
+
 def transition_labels(params) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda p, _: "transition" if is_transition(p) else "default", params)
+    """"phase" (arg a), "transition" (|a|) or "default" per parameter."""
+    def label(path, _):
+        if is_phase(path):
+            return "phase"
+        return "transition" if is_transition(path) else "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 # The learning-rate decays after warmup (config.optimizer.decay).
@@ -77,12 +89,16 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
         return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=weight_decay_mask)
 
-    if opt.transition_lr_factor == 1.0:
+    phase_factor = opt.transition_lr_factor * opt.phase_lr_factor
+    if opt.transition_lr_factor == 1.0 and phase_factor == 1.0:
         inner = adamw(1.0)
     else:
         # The transitions set every memory timescale at once; a lower learning rate for them is a common stabiliser
-        # for linear recurrences (e.g. LRU, Mamba's dt), so it is a knob here.
+        # for linear recurrences (e.g. LRU, Mamba's dt), so it is a knob here. The phase has its own factor on top:
+        # a token's arg a rotates the state for every later token, so Adam's per-step moves of the phase projection
+        # add up to a random rotation over long gaps (experiments/README.md, MQAR).
         inner = optax.multi_transform(
-            {"default": adamw(1.0), "transition": adamw(opt.transition_lr_factor)}, transition_labels)
+            {"default": adamw(1.0), "transition": adamw(opt.transition_lr_factor), "phase": adamw(phase_factor)},
+            transition_labels)
     parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
     return optax.chain(*parts, inner), schedule

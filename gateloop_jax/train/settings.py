@@ -43,7 +43,7 @@ def check_settings(config: Any) -> None:
         raise ConfigError(f"config.optimizer.learning_rate={lr!r}: must be a number > 0 (e.g. 1e-3).")
     if not _is_int(opt.warmup_steps) or opt.warmup_steps < 0:
         raise ConfigError(f"config.optimizer.warmup_steps={opt.warmup_steps!r}: must be an integer >= 0.")
-    for field in ("weight_decay", "grad_clip_norm", "end_lr_factor", "transition_lr_factor"):
+    for field in ("weight_decay", "grad_clip_norm", "end_lr_factor", "transition_lr_factor", "phase_lr_factor"):
         if opt[field] < 0:
             raise ConfigError(f"config.optimizer.{field}={opt[field]!r}: must be >= 0.")
     if config.keep_ckpts is not None and (not _is_int(config.keep_ckpts) or config.keep_ckpts < 1):
