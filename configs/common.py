@@ -17,7 +17,7 @@ from gateloop_jax.models.config import ModelConfig
 from gateloop_jax.sharding import DEFAULT_RULES
 from gateloop_jax.train.optimizer import DECAYS
 
-# The values a string field of base_config may take (ModelConfig's are _CHOICES in gateloop_jax/models/config.py);
+# The values a string field of base_config may take (ModelConfig's are _CHOICES in gateloop_jax/model_config.py);
 # tests/knobs_test.py trains each.
 CHOICES = {
     "eval_split": ("validation", "test"),
@@ -28,7 +28,7 @@ CHOICES = {
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-    """Every ModelConfig field with its default (documented field by field in gateloop_jax/models/config.py).
+    """Every ModelConfig field with its default (documented field by field in gateloop_jax/model_config.py).
 
     Fields whose default is None become typed placeholders, so `--config.model.d_qk=8` works on the command line.
     """
@@ -49,7 +49,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Seed of parameter initialisation, dropout and the training-data order.
     c.seed = 0
-    # The architecture: ModelConfig fields (gateloop_jax/models/config.py). vocab_size is set from the data.
+    # The architecture: ModelConfig fields (gateloop_jax/model_config.py). vocab_size is set from the data.
     c.model = model_config()
     # The data: fields of gateloop_jax.data.default_config(task) (documented there).
     c.data = data.default_config(task)

@@ -44,7 +44,7 @@ BASES = {
 
 # sweep name -> (ModelConfig field, values). Each value becomes --config.model.<field>=<value>.
 SWEEPS = {
-    # Transition initialisation (models/config.py `init`): slow forgetting (ours), the LRU ring, Lecun normal.
+    # Transition initialisation (model_config.py `init`): slow forgetting (ours), the LRU ring, Lecun normal.
     "init": ("init", ("slow_forget", "lru_ring", "default")),
     # |a| = f(gamma): the paper's sigmoid, GLA-style tempered sigmoid, LRU-style exp(-exp(gamma)).
     "magnitude_activation": ("magnitude_activation", ("sigmoid", "sigmoid_tempered", "lru_exp")),

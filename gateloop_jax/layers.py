@@ -15,18 +15,16 @@ RoPE positions restart). After a prefill, step() continues the row's last segmen
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gateloop_jax import context_parallel, ops
+from gateloop_jax.model_config import ModelConfig
 from gateloop_jax.ops.common import segment_starts
 from gateloop_jax.sharding import BATCH, EMBED, HEADS, LENGTH, MLP, QK, V, constrain, map_over_batch_and_heads
 
-if TYPE_CHECKING:  # models/ imports this module; the config is only needed for annotations here.
-    from gateloop_jax.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # Packed rows: segment boundaries as pure functions of segment_ids (b, t); ops.common.segment_starts marks where the

@@ -2,7 +2,7 @@
 
 The settings are generated from the config definitions, so a new field is covered without editing this file: every
 field of configs/mqar.py:test (the smallest size), walked as a ConfigDict - the model (ModelConfig's fields), the
-trainer, optimizer, cadence, checkpoint, mesh and data fields. Values: the documented choices (models/config.py
+trainer, optimizer, cadence, checkpoint, mesh and data fields. Values: the documented choices (model_config.py
 _CHOICES, the registered model names, configs/common.py CHOICES), the other side of a bool, and a representative
 non-default for a number. Below, with their reasons: fields with no non-default to try (NO_ALTERNATIVE), values
 the generic rule gets wrong (VALUES), documented special values (EXTRA), settings that only act together with
