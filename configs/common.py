@@ -194,3 +194,22 @@ def apply_test_size(c: ml_collections.ConfigDict) -> None:
         c.data.num_eval_batches = 1
     if "read_threads" in c.data:
         c.data.read_threads = 1
+
+
+def apply_text_sizes(c: ml_collections.ConfigDict, *, runlocal: bool, test: bool) -> None:
+    """The runlocal and test sizes of the text LM tasks (wikitext103, text_corpus), shared so they stay alike."""
+    if runlocal:
+        # CPU smoke run on prepared data: a 4-layer d=128 model, context 128, float32.
+        c.model.update(d_model=128, num_layers=4, num_heads=128, d_qk=1, d_v=1, dtype="float32", dropout_rate=0.0)
+        c.data.seq_len = 128
+        c.global_batch_size = 16
+        c.eval_batch_size = 16
+        c.total_steps = 500
+        c.optimizer.warmup_steps = 50
+        c.log_every_steps = 25
+        c.eval_every_steps = 250
+        c.ckpt_every_steps = 250
+    if test:
+        apply_test_size(c)
+        c.model.update(num_heads=2, d_qk=None, d_v=None, dtype="float32", dropout_rate=0.0)
+        c.data.seq_len = 16

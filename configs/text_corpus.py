@@ -59,20 +59,6 @@ def get_config(arg=None):
     c.ckpt_every_steps = 2000
     # Pure data parallelism: 125M parameters and their Adam state fit on every device.
     c.mesh.update(data=-1, fsdp=1, tensor=1)
-    if arg.runlocal:
-        # CPU smoke run on prepared data: a 4-layer d=128 model, context 128, float32.
-        c.model.update(d_model=128, num_layers=4, num_heads=128, d_qk=1, d_v=1, dtype="float32", dropout_rate=0.0)
-        c.data.seq_len = 128
-        c.global_batch_size = 16
-        c.eval_batch_size = 16
-        c.total_steps = 500
-        c.optimizer.warmup_steps = 50
-        c.log_every_steps = 25
-        c.eval_every_steps = 250
-        c.ckpt_every_steps = 250
-    if arg.test:
-        common.apply_test_size(c)
-        c.model.update(num_heads=2, d_qk=None, d_v=None, dtype="float32", dropout_rate=0.0)
-        c.data.seq_len = 16
+    common.apply_text_sizes(c, runlocal=arg.runlocal, test=arg.test)
     c.lock()
     return c
