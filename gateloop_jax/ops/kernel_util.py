@@ -90,3 +90,30 @@ def walk_rows(q_ref, lr_ref, th_ref, bi, hi, row0, kc, ks, body, init):
     state = (jnp.zeros((c, d), jnp.float32), jnp.zeros((1, d), jnp.float32), init)
     state = jax.lax.fori_loop(0, c, step, state)
     return state[2]
+
+
+def pad_operands(q, k, v, log_r, theta, h0, t_pad, dk_pad, dv_pad, dtype=None):
+    """The multi-head kernels' operands padded to (t_pad, dk_pad / dv_pad): [q, k, v, log_r, theta] (cast to `dtype`
+    when given) and h0 as float32 (re, im) of shape (b, h, dk_pad, dv_pad), zeros when h0 is None. Zero padding is
+    exact: padded channels carry no key, value or state, padded steps come after every real one."""
+    t = q.shape[1]
+
+    def pad(x, width):
+        x = x if dtype is None else x.astype(dtype)
+        if t_pad != t or width != x.shape[-1]:
+            x = jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x.shape[-1])))
+        return x
+
+    args = [pad(x, dk_pad) for x in (q, k)] + [pad(v, dv_pad)] + [pad(x, dk_pad) for x in (log_r, theta)]
+    if h0 is None:
+        h0re = h0im = jnp.zeros((q.shape[0], q.shape[2], dk_pad, dv_pad), jnp.float32)
+    else:
+        widths = ((0, 0), (0, 0), (0, dk_pad - h0.shape[-2]), (0, dv_pad - h0.shape[-1]))
+        h0re = jnp.pad(jnp.real(h0).astype(jnp.float32), widths)
+        h0im = jnp.pad(jnp.imag(h0).astype(jnp.float32), widths)
+    return args, h0re, h0im
+
+
+def unpad_outputs(y, f_re, f_im, t, dk, dv):
+    """(y (b, t, h, dv), final state complex (b, h, dk, dv)) from the padded kernel outputs."""
+    return y[:, :t, :, :dv], jax.lax.complex(f_re[:, :, :dk, :dv], f_im[:, :, :dk, :dv])

@@ -60,6 +60,7 @@ from gateloop_jax.ops.kernel_util import put_row as _put_row
 from gateloop_jax.ops.kernel_util import row as _row
 from gateloop_jax.ops.kernel_util import rows as _rows
 from gateloop_jax.ops.kernel_util import strict as _strict
+from gateloop_jax.ops.kernel_util import pad_operands, unpad_outputs
 from gateloop_jax.ops.kernel_util import walk_rows as _diagonal
 from gateloop_jax.ops.kernel_util import wrap as _wrap
 
@@ -731,21 +732,8 @@ def gateloop_pallas_chunked(q, k, v, log_r, theta, h0, *, chunk_size: int | None
     if reset is not None:  # exact here: every exponent of these kernels is a direct sum over its own span
         log_r, theta = reset_gates(log_r, theta, reset)
 
-    def prep(x, width):
-        if tp != t or width != x.shape[-1]:
-            x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
-        return x
-
-    args = [prep(x, dkp) for x in (q, k)] + [prep(v, dvp)] + [prep(x, dkp) for x in (log_r, theta)]
-    if h0 is None:
-        h0re = h0im = jnp.zeros((b, h, dkp, dvp), jnp.float32)
-    else:
-        pad = ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv))
-        h0re = jnp.pad(jnp.real(h0).astype(jnp.float32), pad)
-        h0im = jnp.pad(jnp.imag(h0).astype(jnp.float32), pad)
-    y, f_re, f_im = _core(plan, *args, h0re, h0im)
-    final = jax.lax.complex(f_re[:, :, :dk, :dv], f_im[:, :, :dk, :dv])
-    return y[:, :t, :, :dv], final
+    args, h0re, h0im = pad_operands(q, k, v, log_r, theta, h0, tp, dkp, dvp)
+    return unpad_outputs(*_core(plan, *args, h0re, h0im), t, dk, dv)
 
 
 __all__ = ["Config", "gateloop_pallas_chunked", "supported"]

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from gateloop_jax.ops.chunked import _carry_states_associative
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
+from gateloop_jax.ops.kernel_util import pad_operands, unpad_outputs
 
 try:
     from jax.experimental import pallas as pl
@@ -462,22 +463,8 @@ def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = N
     dv = v.shape[-1]
     tp, dkp, dvp = _round_up(t, CHUNK), _round_up(dk, TILE), _round_up(dv, TILE)
 
-    def prep(x, width):
-        x = x.astype(jnp.float32)
-        if tp != t or width != x.shape[-1]:
-            x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, width - x.shape[-1])))
-        return x
-
-    args = [prep(x, dkp) for x in (q, k)] + [prep(v, dvp)] + [prep(x, dkp) for x in (log_r, theta)]
-    if h0 is None:
-        h0re = h0im = jnp.zeros((b, h, dkp, dvp), jnp.float32)
-    else:
-        pad = ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv))
-        h0re = jnp.pad(jnp.real(h0).astype(jnp.float32), pad)
-        h0im = jnp.pad(jnp.imag(h0).astype(jnp.float32), pad)
-    y, f_re, f_im = _core(bool(interpret), *args, h0re, h0im)
-    final = jax.lax.complex(f_re[:, :, :dk, :dv], f_im[:, :, :dk, :dv])
-    return y[:, :t, :, :dv], final
+    args, h0re, h0im = pad_operands(q, k, v, log_r, theta, h0, tp, dkp, dvp, dtype=jnp.float32)
+    return unpad_outputs(*_core(bool(interpret), *args, h0re, h0im), t, dk, dv)
 
 
 __all__ = ["gateloop_mosaic_gpu", "serves_default_device", "supported", "unavailable_reason"]
