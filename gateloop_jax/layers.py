@@ -49,6 +49,36 @@ def same_segment(segment_ids: jax.Array) -> jax.Array:
     return ordinal[:, :, None] == ordinal[:, None, :]
 
 
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """y_n = sum_j kernel_j x_{n-j} per channel, over the taps j < w that stay inside the row (and, with
+    segment_ids, inside position n's segment). x: (b, t, h, c); kernel: (w, h, c), tap 0 the current position."""
+    t = x.shape[1]
+    kernel = kernel.astype(x.dtype)
+    positions = jnp.arange(t, dtype=jnp.int32)
+    start = None if segment_ids is None else segment_start_index(segment_ids)
+    y = x * kernel[0]
+    for j in range(1, min(kernel.shape[0], t)):  # a tap longer than the row sees only zeros
+        shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :t]
+        if start is not None:
+            shifted = jnp.where((positions - j >= start)[:, :, None, None], shifted, 0)
+        y = y + shifted * kernel[j]
+    return y
+
+
+def conv_history(x: jax.Array, width: int, lengths: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The last `width` inputs of each row before position lengths (b,), oldest first, zero where they lie before
+    the row (or before its last segment): the decode cache of causal_depthwise_conv. x: (b, t, h, c)."""
+    offsets = jnp.arange(width, dtype=jnp.int32) - width  # -width .. -1
+    index = lengths[:, None].astype(jnp.int32) + offsets[None, :]  # (b, width)
+    first = jnp.zeros_like(lengths, dtype=jnp.int32)
+    if segment_ids is not None:
+        last = jnp.clip(lengths - 1, 0, x.shape[1] - 1).astype(jnp.int32)
+        first = jnp.take_along_axis(segment_start_index(segment_ids), last[:, None], axis=1)[:, 0]
+    valid = index >= first[:, None]
+    gathered = jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[:, :, None, None], axis=1)
+    return jnp.where(valid[:, :, None, None], gathered, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The transition parametrisation: pure functions, shared by the mixer, its initialisers and the inspection tools.
 
@@ -151,6 +181,17 @@ class GateLoopMixer(nnx.Module):
         self.q_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
         self.k_proj = _projection("btd,dhk->bthk", (d, h, dk), (EMBED, HEADS, QK), config, rngs, bias_shape=bias)
         self.v_proj = _projection("btd,dhv->bthv", (d, h, dv), (EMBED, HEADS, V), config, rngs, bias_shape=bias_v)
+        # The short convolutions' taps, PyTorch Conv1d's default init (uniform in +-1/sqrt(taps)).
+        self.q_conv = self.k_conv = self.v_conv = nnx.data(None)
+        if config.short_conv_size:
+            w = config.short_conv_size
+            conv_init = nnx.initializers.uniform(2.0 / math.sqrt(w))
+
+            def taps(width, axis):
+                kernel = conv_init(rngs.params(), (w, h, width), _dtype(config.param_dtype)) - 1.0 / math.sqrt(w)
+                return nnx.Param(kernel, out_sharding=(None, HEADS, axis))
+
+            self.q_conv, self.k_conv, self.v_conv = taps(dk, QK), taps(dk, QK), taps(dv, V)
         gamma_init, theta_init = transition_bias_init(config)
         # The data-dependent part of the transition starts small (weights at 1% of the usual variance) unless
         # init="default", so the biases set the initial memory timescales and phases.
@@ -200,10 +241,20 @@ class GateLoopMixer(nnx.Module):
         phi = zeros if theta is None else phase(theta, config.phase_activation)
         return ops.PolarTransition(log_r, phi)
 
-    def _inputs(self, x, mask):
+    def _projections(self, x):
+        """q, k, v before the short convolution: (b, t, h, k), (b, t, h, k), (b, t, h, v)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def _convs(self):
+        return self.q_conv[...], self.k_conv[...], self.v_conv[...]
+
+    def _inputs(self, x, mask, segment_ids=None):
         dk = self.config.head_dims[0]
-        q = self.q_proj(x) * (dk ** -0.5)
-        k, v = self.k_proj(x), self.v_proj(x)
+        q, k, v = self._projections(x)
+        if self.config.short_conv_size:
+            q, k, v = (jax.nn.silu(causal_depthwise_conv(z, kernel, segment_ids))
+                       for z, kernel in zip((q, k, v), self._convs()))
+        q = q * (dk ** -0.5)
         a = self.transition(x)
         if mask is not None:
             # Padded positions become identity steps (a = 1, k = 0): they leave the state untouched, so the state
@@ -249,40 +300,55 @@ class GateLoopMixer(nnx.Module):
         out_kinds = ("sequence", "state") if return_state else ("sequence",)
         return map_over_batch_and_heads(fn, *args, out_kinds=out_kinds)
 
-        def fn(q, k, v, a, *segments):
-            # segment_ids only when given, so a row without segments traces exactly the unsegmented op.
-            kw = {"segment_ids": segments[0]} if segments else {}
-            return ops.gateloop(q, k, v, a, mode=mode, chunk_size=self.config.chunk_size, return_state=return_state,
-                                **kw)
-
-        args = (q, k, v, a) + (() if segment_ids is None else (segment_ids,))
-        if ops.resolve_mode(mode, q.shape, v.shape) not in ops.KERNEL_MODES:
-            return fn(*args)
-        out_kinds = ("sequence", "state") if return_state else ("sequence",)
-        return map_over_batch_and_heads(fn, *args, out_kinds=out_kinds)
-
     def __call__(self, x, *, mask=None, mode=None, segment_ids=None):
-        q, k, v, a = self._inputs(x, mask)
+        q, k, v, a = self._inputs(x, mask, segment_ids)
         return self._output(x, self._recurrence(q, k, v, a, mode, segment_ids=segment_ids))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
-        del max_len  # The recurrent state is O(1) in the length.
+        """The recurrent state (b, h, k, v) complex64, O(1) in the length; with a short convolution a dict that also
+        holds the last short_conv_size - 1 inputs of q, k and v (b, w - 1, h, k|v), oldest first."""
+        del max_len
         dk, dv = self.config.head_dims
-        return jnp.zeros((batch_size, self.config.num_heads, dk, dv), jnp.complex64)
+        state = jnp.zeros((batch_size, self.config.num_heads, dk, dv), jnp.complex64)
+        if not self.config.short_conv_size:
+            return state
+        shape = (batch_size, self.config.short_conv_size - 1, self.config.num_heads)
+        history = tuple(jnp.zeros(shape + (width,), _dtype(self.config.dtype)) for width in (dk, dk, dv))
+        return {"state": state, "conv": history}
 
     def prefill(self, x, *, mask=None, mode=None, max_len=None, segment_ids=None):
         del max_len
-        q, k, v, a = self._inputs(x, mask)
+        q, k, v, a = self._inputs(x, mask, segment_ids)
         # The final state is the last segment's (ops.gateloop), so decoding continues that segment.
         y, state = self._recurrence(q, k, v, a, mode, return_state=True, segment_ids=segment_ids)
-        return self._output(x, y), state
+        if not self.config.short_conv_size:
+            return self._output(x, y), state
+        b, t, _ = x.shape
+        lengths = jnp.full((b,), t, jnp.int32) if mask is None else jnp.sum(mask, axis=1, dtype=jnp.int32)
+        width = self.config.short_conv_size - 1
+        history = tuple(conv_history(z, width, lengths, segment_ids) for z in self._projections(x))
+        return self._output(x, y), {"state": state, "conv": history}
 
     def step(self, x_t, cache):
+        config = self.config
         x = x_t[:, None, :]
-        q, k, v, a = self._inputs(x, None)
-        y_t, cache = ops.gateloop_step(q[:, 0], k[:, 0], v[:, 0],
-                                       ops.PolarTransition(a.log_magnitude[:, 0], a.phase[:, 0]), cache)
-        return self._output(x, y_t[:, None])[:, 0], cache
+        if not config.short_conv_size:
+            q, k, v, a = self._inputs(x, None)
+            state = cache
+        else:
+            # The convolution over the cached inputs and this token's: (b, w, h, c) windows, oldest first.
+            windows = tuple(jnp.concatenate([past, now.astype(past.dtype)], axis=1)
+                            for past, now in zip(cache["conv"], self._projections(x)))
+            q, k, v = (jax.nn.silu(jnp.einsum("bwhc,whc->bhc", window, kernel[::-1].astype(window.dtype)))[:, None]
+                       for window, kernel in zip(windows, self._convs()))
+            q = q * (config.head_dims[0] ** -0.5)
+            a = self.transition(x)
+            state = cache["state"]
+        y_t, state = ops.gateloop_step(q[:, 0], k[:, 0], v[:, 0],
+                                       ops.PolarTransition(a.log_magnitude[:, 0], a.phase[:, 0]), state)
+        if config.short_conv_size:
+            state = {"state": state, "conv": tuple(window[:, 1:] for window in windows)}
+        return self._output(x, y_t[:, None])[:, 0], state
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -80,6 +80,11 @@ class ModelConfig:
     init_max_phase: float = 0.1
     # Biases on the q, k, v, gate and output projections (the gate projections always have one).
     use_bias: bool = False
+    # A causal depthwise convolution of this many taps on q, k and v, followed by SiLU (0 = none, the paper's layer).
+    # It lets a token see its few predecessors before the recurrence: the "token shift" that associative recall
+    # needs (bind each value to the key just before it), which the recurrence alone learns only slowly. The recurrent
+    # models in Zoology (Arora et al. 2023) and fla's GLA / Mamba carry one, with 3-4 taps.
+    short_conv_size: int = 0
     # --- Transformer baseline ---
     rope_base: float = 10000.0
     # jax.nn.dot_product_attention implementation: "auto" picks cuDNN on GPU when it applies, else XLA.
@@ -150,6 +155,9 @@ class ModelConfig:
                 "model config: output_norm='groupnorm' normalises each head over d_v, which is 1 here "
                 "(max-headed); use output_norm='layernorm' or 'none'."
             )
+        if self.short_conv_size < 0:
+            raise ValueError(f"model config: short_conv_size must be >= 0 (0 = no convolution), got "
+                             f"{self.short_conv_size}.")
         if self.embedding_init_std <= 0.0:
             raise ValueError(f"model config: embedding_init_std must be > 0, got {self.embedding_init_std}.")
         if not self.block_pattern or set(self.block_pattern) - {"g", "a"}:

@@ -58,6 +58,8 @@ VALUES = {
     "profile_steps": [(1, 1)],
     # A free-form pattern over {g, a}: the hybrid's two kinds, one attention block after one GateLoop block.
     "model.block_pattern": ["ag"],
+    # The paper's layer (no convolution) and one with shifts that reach past the previous token.
+    "model.short_conv_size": [0, 3],
     # Tensor parallelism off, parameters sharded along embed over fsdp x tensor (FSDP over every device).
     "axis_rules": [tuple((name, ("fsdp", "tensor") if name == EMBED else (None if axes == "tensor" else axes))
                          for name, axes in DEFAULT_RULES)],

@@ -83,10 +83,13 @@ def test_every_mode_gives_the_same_logits(layout):
         np.testing.assert_allclose(value, logits["recurrent"], rtol=0, atol=1e-5 * scale, err_msg=mode)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_prefill_then_decode_equals_full_forward(name):
-    """Batched prompts of different lengths (right padded), prefill in parallel, then one token at a time."""
-    model = build_model(tiny(name), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("name, overrides", [(name, {}) for name in sorted(MODELS)] + [("gateloop",
+                                                                                         {"short_conv_size": 4})],
+                         ids=sorted(MODELS) + ["gateloop_short_conv"])
+def test_prefill_then_decode_equals_full_forward(name, overrides):
+    """Batched prompts of different lengths (right padded), prefill in parallel, then one token at a time (with a
+    short convolution, the cache carries each row's last inputs before its own length)."""
+    model = build_model(tiny(name, **overrides), rngs=nnx.Rngs(0))
     b, t = 3, 16
     seq = tokens(3, b=b, t=t)
     full = model(seq)
@@ -210,3 +213,38 @@ def test_remat_matches_plain_forward_and_gradients():
 def test_remat_with_dropout_is_rejected():
     with pytest.raises(ValueError, match=r"remat=True with dropout_rate=0.1 is not supported"):
         preset_config("test", name="gateloop").replace(remat=True, dropout_rate=0.1)
+
+
+def test_short_convolution_matches_a_loop():
+    """layers.causal_depthwise_conv == the float64 sum over taps that stay inside the row and the segment; 1e-6:
+    a float32 sum of <= 4 products of O(1) numbers."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((2, 9, 2, 3))
+    kernel = rng.standard_normal((4, 2, 3))
+    segment_ids = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5] * 9])
+    expected = np.zeros_like(x)
+    for b in range(2):
+        for n in range(9):
+            for j in range(4):
+                m = n - j
+                if m >= 0 and np.all(segment_ids[b, m:n + 1] == segment_ids[b, n]):
+                    expected[b, n] += kernel[j] * x[b, m]
+    got = layers.causal_depthwise_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                                       jnp.asarray(segment_ids))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.max(np.abs(expected)))
+    # Without segment_ids the taps cross the boundaries: the same row differs there.
+    plain = layers.causal_depthwise_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    assert np.max(np.abs(np.asarray(plain)[0, 3] - expected[0, 3])) > 1e-3
+
+
+def test_short_convolution_makes_the_mixer_see_the_previous_token():
+    """With short_conv_size=2 a token's keys depend on the previous token: changing token 3 changes k at position 4
+    (and nothing before 3); without the convolution k at 4 depends on token 4 alone."""
+    for size, reaches in ((2, True), (0, False)):
+        config = tiny("gateloop", short_conv_size=size)
+        x = jax.random.normal(jax.random.key(0), (1, 8, config.d_model))
+        x2 = x.at[0, 3].add(1.0)
+        mixer = layers.GateLoopMixer(config, rngs=nnx.Rngs(0))
+        k1, k2 = mixer._inputs(x, None)[1], mixer._inputs(x2, None)[1]
+        delta = np.max(np.abs(np.asarray(k1 - k2)), axis=(0, 2, 3))
+        assert (delta[4] > 1e-4) == reaches and np.all(delta[:3] == 0) and np.all(delta[5:] == 0), (size, delta)

@@ -34,9 +34,16 @@ def modes_for(name):
     return ["recurrent", "scan", "chunked"] if name == "gateloop" else ["chunked"]
 
 
-def tiny(name):
+def tiny(name, **overrides):
     # Untied head, so that the logits depend on more than the last token's embedding.
-    return build_model(preset_config("test", name=name, vocab_size=VOCAB, tie_embeddings=False), rngs=nnx.Rngs(0))
+    return build_model(preset_config("test", name=name, vocab_size=VOCAB, tie_embeddings=False, **overrides),
+                       rngs=nnx.Rngs(0))
+
+
+# GateLoop with a short convolution besides every registered model: its taps must not reach across a boundary either.
+CONV = {"short_conv_size": 3}
+CASES = [(name, {}) for name in sorted(MODELS)] + [("gateloop", CONV)]
+CASE_IDS = sorted(MODELS) + ["gateloop_short_conv"]
 
 
 def segments(row):
@@ -79,9 +86,9 @@ def test_segment_helpers():
     assert segments(0) == [(0, 5), (5, 6), (6, 16)] and segments(1) == [(0, 1), (1, 16)]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_packed_row_equals_each_segment_alone(name):
-    model = tiny(name)
+@pytest.mark.parametrize("name, overrides", CASES, ids=CASE_IDS)
+def test_packed_row_equals_each_segment_alone(name, overrides):
+    model = tiny(name, **overrides)
     batch = tokens(1)
     rows, spans = unpack(batch, batch.shape[1])
     # The packed batch padded with empty rows to the unpacked one's shape: the packed calls below compile once.
@@ -99,11 +106,13 @@ def test_packed_row_equals_each_segment_alone(name):
     assert np.max(np.abs(unpacked[0, 6:] - packed[0, 6:])) > 1e-3 * scale
 
 
-@pytest.mark.parametrize("name", ["gateloop", "transformer", "hybrid"])
-def test_decoding_after_a_packed_prefill_continues_the_last_segment(name):
+@pytest.mark.parametrize("name, overrides", [("gateloop", {}), ("transformer", {}), ("hybrid", {}),
+                                             ("gateloop", CONV)], ids=["gateloop", "transformer", "hybrid",
+                                                                        "gateloop_short_conv"])
+def test_decoding_after_a_packed_prefill_continues_the_last_segment(name, overrides):
     """Right-padded prompts (lengths 9 and 12) packed as [document | start of the last one]; decoding then matches
-    the full forward of the last document alone."""
-    model = tiny(name)
+    the full forward of the last document alone (with a short convolution, its history restarts with the segment)."""
+    model = tiny(name, **overrides)
     seq = tokens(2)
     lengths = np.array([9, 12])
     mask = jnp.arange(12)[None, :] < jnp.asarray(lengths)[:, None]
