@@ -27,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # The full Zoology-style setting of configs/mqar.py and the CPU-sized one.
-FULL = dict(seq_len=256, num_kv_pairs=16, vocab_size=8192, d_model=128, num_heads=4, batch=64, query_gaps="power_law")
-SMALL = dict(seq_len=64, num_kv_pairs=4, vocab_size=256, d_model=64, num_heads=4, batch=64, query_gaps="power_law")
+# min_num_kv_pairs > 0 trains on the K mixture of synthetic.mqar_mixture (evaluation stays at num_kv_pairs).
+FULL = dict(seq_len=256, num_kv_pairs=16, vocab_size=8192, d_model=128, num_heads=4, batch=64, query_gaps="power_law",
+            min_num_kv_pairs=0)
+SMALL = dict(seq_len=64, num_kv_pairs=4, vocab_size=256, d_model=64, num_heads=4, batch=64, query_gaps="power_law",
+             min_num_kv_pairs=0)
 
 # name -> settings. `model` holds ModelConfig overrides; theta_lr / gamma_lr scale the learning rate of the phase /
 # magnitude projections' kernels; zero_theta starts the phase projection's kernel at zero.
@@ -48,6 +51,9 @@ PROBES = {
 # The same probes with small token embeddings at initialisation (std 0.02 instead of 1).
 PROBES.update({f"{name}@emb0.02": dict(settings, model={**settings.get("model", {}), "embedding_init_std": 0.02})
                for name, settings in list(PROBES.items())})
+# And with a short convolution (4 taps) on q, k and v of the GateLoop mixers.
+PROBES.update({f"{name}@conv4": dict(settings, model={**settings.get("model", {}), "short_conv_size": 4})
+               for name, settings in list(PROBES.items()) if not settings["name"].startswith("transformer")})
 # And with every distance equally likely between binding and query.
 PROBES.update({f"{name}@uniform": dict(settings, query_gaps="uniform") for name, settings in list(PROBES.items())})
 
@@ -132,7 +138,7 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
     log = (out / f"{name}.jsonl").open("w")
     start, record = time.time(), {}
     for step in range(1, steps + 1):
-        batch = synthetic.mqar(rng, size["batch"], **data)
+        batch = synthetic.mqar_mixture(rng, size["batch"], **data, min_num_kv_pairs=size["min_num_kv_pairs"])
         params, opt_state, loss, acc = train_step(params, opt_state, batch)
         out_of_time = budget_s is not None and time.time() - start > budget_s
         if step % eval_every == 0 or step == steps or out_of_time:

@@ -227,3 +227,23 @@ def test_bad_knobs():
     config = data.default_config("mqar")
     with pytest.raises(AttributeError, match="num_kv_pair"):  # locked: a typo is an error naming the key
         config.num_kv_pair = 3
+
+
+def test_mqar_kv_pairs_mixture_trains_on_every_k_and_evaluates_at_num_kv_pairs():
+    """min_num_kv_pairs=2 with K=8: training rows hold 2, 4 or 8 pairs (each row follows the documented rule at its
+    own K, every K present); the evaluation set keeps K=8 in every row."""
+    config = data.default_config("mqar")
+    config.update(seq_len=64, num_kv_pairs=8, vocab_size=64, min_num_kv_pairs=2)
+    assert synthetic.mqar_kv_pairs_mixture(8, 2) == (2, 4, 8) and synthetic.mqar_kv_pairs_mixture(8, 3) == (3, 6, 8)
+    b = synthetic.global_batch(config, batch_size=64, seed=0, index=0)
+    check_shapes(config, b, 64)
+    row_k = b["mask"].sum(axis=1).astype(int)
+    assert set(row_k) == {2, 4, 8}
+    for row in range(64):
+        targets, mask = mqar_reference(list(b["inputs"][row]), int(row_k[row]), config.vocab_size)
+        assert list(b["targets"][row]) == targets and list(b["mask"][row]) == mask
+    for evaluation in data.eval_batches(config, split="validation", batch_size=16):
+        assert np.all(evaluation["mask"].sum(axis=1) == 8)
+    config.min_num_kv_pairs = 9
+    with pytest.raises(ValueError, match="min_num_kv_pairs=9 must be 0 .* num_kv_pairs=8"):
+        data.vocab_size(config)
