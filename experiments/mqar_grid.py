@@ -112,7 +112,7 @@ def run(args) -> dict:
 def aggregate(args) -> dict:
     """Every run of the selected grid found under --root (metrics.jsonl + config.json + driver.json; no checkpoint),
     the best learning rate per cell, the table and the figure. Cells without an evaluation are "not run"."""
-    runs, hardware = [], []
+    runs = []
     for c in grid(args):
         wd = Path(args.root) / run_name(*c)
         summary = cr.summarize_runs({"run": [wd]}, count_params=False)["models"]["run"]
@@ -120,8 +120,6 @@ def aggregate(args) -> dict:
             continue
         r = summary["runs"][0]
         driver = cr._read_json(wd / "driver.json") or {}
-        if driver.get("hardware") and driver["hardware"] not in hardware:
-            hardware.append(driver["hardware"])
         L, K, D, v, lr = c
         runs.append({
             "name": run_name(*c), "seq_len": L, "num_kv_pairs": K, "d_model": D, "variant": v, "learning_rate": lr,
@@ -157,7 +155,7 @@ def aggregate(args) -> dict:
             "accuracy": "final eval/accuracy (query positions); a cell is the best final accuracy over its lrs",
             "state_size": "real numbers per layer carried between tokens (complex counts 2; Transformer: KV cache "
                           "2 L d_model)",
-            "hardware": hardware, "aggregated_on": cr.hardware(with_jax=False),
+            "hardware": cr.run_hardware(Path(args.root) / r["name"] for r in runs), "aggregated_on": cr.hardware(with_jax=False),
         },
         "cells": best,
         "runs": runs,

@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
+# Every driver's default workdirs are under this root; their trainer processes share the `parallel` slots.
+EXPERIMENTS_ROOT = ROOT / "workdirs" / "experiments"
+
+
 def workroot(task: str) -> Path:
-    return ROOT / "workdirs" / "experiments" / task
+    return EXPERIMENTS_ROOT / task
 
 
 def driver_parser(doc: str, actions: Sequence[str], *, seeds: Sequence[int]) -> argparse.ArgumentParser:
@@ -44,7 +48,8 @@ def add_run_options(p: argparse.ArgumentParser, default_root: Path | None) -> No
     """--root (where the workdirs go and aggregate reads them), --budget_s and --grace_s (run_jobs's time budget).
     default_root None: the driver picks the root after parsing (e.g. by size)."""
     where = default_root or "workdirs/experiments/<task>"
-    p.add_argument("--root", type=Path, default=default_root,
+    # Absolute: the trainers run from the repository root, and live_runs compares resolved paths.
+    p.add_argument("--root", type=lambda text: Path(text).resolve(), default=default_root,
                    help=f"directory of the run workdirs, for run, aggregate and pack (default {where})")
     p.add_argument("--budget_s", type=float, default=None,
                    help="launch no new run after this many seconds from the start (default: no limit)")
@@ -94,7 +99,7 @@ def live_runs(root: Path | None = None) -> set[str]:
     """Workdirs (resolved paths) of trainer processes running now under `root` (default workdirs/experiments),
     found from /proc: every driver counts every other driver's runs, so several drivers (and runs left behind by a
     killed driver) share the same slots and no workdir is trained twice at once."""
-    root = str((root or ROOT / "workdirs" / "experiments").resolve())
+    root = os.path.realpath(root or EXPERIMENTS_ROOT)
     out = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -109,7 +114,7 @@ def live_runs(root: Path | None = None) -> set[str]:
         for a in args:
             if a.startswith("--workdir="):
                 wd = os.path.realpath(a.split("=", 1)[1])
-                if wd.startswith(root):
+                if wd == root or wd.startswith(root + os.sep):
                     out.add(wd)
     return out
 
@@ -128,9 +133,9 @@ def run_jobs(
     budget_s: float | None = None,
     grace_s: float = 45.0,
 ) -> dict:
-    """Run (name, command, workdir, total_steps) jobs in order with at most `parallel` trainer processes under `root`
-    (default workdirs/experiments) at once, counted across drivers (see live_runs); finished ones are skipped, and a
-    job whose workdir is being trained by another process is waited for, not restarted.
+    """Run (name, command, workdir, total_steps) jobs in order with at most `parallel` trainer processes at once under
+    workdirs/experiments (or under `root` when it lies elsewhere), counted across drivers (see live_runs); finished
+    ones are skipped, and a job whose workdir is being trained by another process is waited for, not restarted.
 
     With `budget_s`, no job is launched after budget_s seconds; jobs still running at budget_s + grace_s get SIGTERM
     (the trainer saves a checkpoint at the next step and stops, so a rerun resumes them) and SIGKILL KILL_AFTER_S
@@ -141,6 +146,10 @@ def run_jobs(
     shared with the other runs. Returns {"finished": [...], "failed": [...], "stopped": [...], "not_started": [...]}.
     """
     log = log or (lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True))
+    # A root inside workdirs/experiments shares the slots with every driver there; one elsewhere counts its own runs.
+    shared = Path(os.path.realpath(EXPERIMENTS_ROOT))
+    if root is None or shared in (Path(os.path.realpath(root)), *Path(os.path.realpath(root)).parents):
+        root = shared
     t0 = time.time()
     outcome = {"finished": [], "failed": [], "stopped": [], "not_started": []}
     machine = hardware(with_jax=False)
@@ -268,6 +277,17 @@ def hardware(with_jax: bool = True) -> dict:
     except Exception:  # noqa: BLE001 - hardware info is best effort
         pass
     return info
+
+
+def run_hardware(workdirs: Iterable[Path]) -> list[dict]:
+    """The distinct machines (run_jobs's driver.json records, load average left out) the runs in `workdirs` ran on."""
+    out = []
+    for wd in workdirs:
+        driver = _read_json(Path(wd) / "driver.json") or {}
+        machine = {k: v for k, v in (driver.get("hardware") or {}).items() if k != "load_average"}
+        if machine and machine not in out:
+            out.append(machine)
+    return out
 
 
 # Per workdir, what aggregation reads (the trainer's metrics and resolved config, the driver's record and log):
