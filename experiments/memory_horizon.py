@@ -119,16 +119,17 @@ def aggregate(args) -> dict:
         "eval_every_steps": EVAL_EVERY,
         "seeds": list(args.seeds),
         # The CPU-scale runs were aggregated where they ran; remote runs' machines come from their driver records.
-        "hardware": cr.hardware() if args.size == "runlocal" else cr.run_hardware(w for g in groups.values() for w in g),
+        "hardware": (cr.hardware() if args.size == "runlocal"
+                     else cr.run_hardware(wd for wds in groups.values() for wd in wds)),
         "labels": LABELS,
         "commands": {v: " ".join(command(v, args.seeds[0], args.steps, **_where(args))) for v in args.variants},
     }
     out = stem(args.size, args.steps)
     title = f"Memory horizon ({args.steps} steps, {SIZES[args.size]['about']})"
-    cr.write_summary(out, summary, cr.markdown_table(summary, LABELS, title=title))
+    cr.write_summary(out, summary, cr.markdown_table(summary, LABELS, title=title), out=args.out)
     cr.plot_curves(
         summary,
-        RESULTS / f"{out}_curves.png",
+        Path(args.out) / f"{out}_curves.png",
         LABELS,
         title=f"Memory horizon: eval accuracy at QUERY positions, {args.steps} steps\n"
         f"(mean over seeds {','.join(map(str, args.seeds))}; shaded: min..max)",
@@ -153,13 +154,15 @@ def main(argv=None) -> None:
                    help="runlocal: the 2-core CPU comparison; full: the config's accelerator size (batch 64)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the size's, 3000 / 5000)")
     p.add_argument("--to", type=Path, default=None, help="pack: the archive to write (.tar.gz)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where aggregate writes its table, JSON and curves")
     cr.add_run_options(p, default_root=WORKROOT)
     args = p.parse_args(argv)
     args.steps = args.steps or SIZES[args.size]["steps"]
     if args.action == "pack" and args.to is None:
         p.error("pack needs --to FILE.tar.gz")
     if args.action == "pack":
-        print(f"{cr.pack(args.root, args.to)} files from {args.root} -> {args.to}")
+        wds = [workdir(v, s, args.steps, **_where(args)) for s in args.seeds for v in args.variants]
+        print(f"{cr.pack(wds, args.to)} files from {args.root} -> {args.to}")
     if args.action in ("run", "all"):
         run(args)
     if args.action in ("aggregate", "all"):

@@ -155,7 +155,8 @@ def aggregate(args) -> dict:
             "accuracy": "final eval/accuracy (query positions); a cell is the best final accuracy over its lrs",
             "state_size": "real numbers per layer carried between tokens (complex counts 2; Transformer: KV cache "
                           "2 L d_model)",
-            "hardware": cr.run_hardware(Path(args.root) / r["name"] for r in runs), "aggregated_on": cr.hardware(with_jax=False),
+            "hardware": cr.run_hardware(Path(args.root) / r["name"] for r in runs),
+            "aggregated_on": cr.hardware(with_jax=False),
         },
         "cells": best,
         "runs": runs,
@@ -278,7 +279,8 @@ def main(argv=None) -> None:
     if args.action in ("run", "all"):
         run(args)
     if args.action == "pack":
-        print(f"{cr.pack(args.root, args.to)} files from {args.root} -> {args.to}")
+        count = cr.pack((Path(args.root) / run_name(*c) for c in grid(args)), args.to)
+        print(f"{count} files from {args.root} -> {args.to}")
     if args.action in ("aggregate", "all"):
         aggregate(args)
 

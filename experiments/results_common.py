@@ -295,13 +295,13 @@ def run_hardware(workdirs: Iterable[Path]) -> list[dict]:
 SMALL_FILES = ("metrics.jsonl", "config.json", "driver.json", "driver.log")
 
 
-def pack(root: Path, archive: Path, names: Sequence[str] = SMALL_FILES) -> int:
-    """<archive> (.tar.gz): the SMALL_FILES of every workdir directly under `root`, as <workdir name>/<file>;
-    unpack with `tar xzf <archive> -C <dir>` and aggregate with --root <dir>. Returns the number of files."""
+def pack(workdirs: Iterable[Path], archive: Path, names: Sequence[str] = SMALL_FILES) -> int:
+    """<archive> (.tar.gz): the SMALL_FILES of each workdir that exists, as <workdir name>/<file>; unpack with
+    `tar xzf <archive> -C <dir>` and aggregate with --root <dir>. Returns the number of files."""
     count = 0
     Path(archive).parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
-        for wd in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for wd in map(Path, workdirs):
             for name in names:
                 if (wd / name).is_file():
                     tar.add(wd / name, arcname=f"{wd.name}/{name}")
