@@ -2,7 +2,7 @@ r"""MQAR at the Zoology standard (Arora et al. 2023, Figure 2): eval accuracy ag
 (sequence length L, key-value pairs K), for GateLoop, its ablations, linear attention and a Transformer, each cell the
 best of a small learning-rate sweep. Meant for an accelerator (one H100 runs about 8-10 of these trainers at once).
 
-    python experiments/mqar_grid.py run --parallel 10 --budget_s 520   # resumable: finished runs are skipped
+    python experiments/mqar_grid.py run --parallel 10 --budget_s 480   # resumable: finished runs are skipped
     python experiments/mqar_grid.py pack --to grid.tar.gz              # metrics + configs + driver records only
     python experiments/mqar_grid.py aggregate                          # -> experiments/results/mqar_grid.{json,md,png}
 
