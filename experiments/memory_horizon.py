@@ -9,6 +9,13 @@ Reproduce (2-core CPU; skips runs whose workdir already holds a finished run, so
 Each run is `python -m gateloop_jax.main --config configs/memory_horizon.py:variant=V,runlocal --config.seed=S ...`
 in workdirs/experiments/memory_horizon/<V>_s<S> (git-ignored); the driver writes driver.json there (command, wall
 time, return code). Nothing here forks the trainer: the variants differ only by config overrides (VARIANTS).
+
+`--size full` is the config without runlocal (batch 64, 5000 steps: the accelerator-scale run), in workdirs
+<V>_s<S>_full and results memory_horizon_full.{json,md} + _curves.png; with --budget_s and `pack` for a time-limited
+remote machine:
+    python experiments/memory_horizon.py run --size full --parallel 9 --budget_s 520
+    python experiments/memory_horizon.py pack --size full --to mh_full.tar.gz
+    python experiments/memory_horizon.py aggregate --size full --root DIR   # DIR: where the archive was unpacked
 """
 
 from __future__ import annotations
@@ -30,6 +37,13 @@ CONFIG = "configs/memory_horizon.py"
 
 # The runlocal size (d_model 32, 2 layers, batch 32) and budget, identical for every variant.
 TOTAL_STEPS = 3000
+# config arg, default steps, workdir suffix, result stem and the setting's description of each size.
+SIZES = {
+    "runlocal": {"arg": ",runlocal", "steps": TOTAL_STEPS, "suffix": "", "stem": "memory_horizon",
+                 "about": "d_model 32, 2 layers, batch 32"},
+    "full": {"arg": "", "steps": 5000, "suffix": "_full", "stem": "memory_horizon_full",
+             "about": "d_model 32, 2 layers, batch 64, the config's full size"},
+}
 # Evaluate more often than the config's 500 for the learning curves (the eval set is fixed, so this changes nothing
 # about training).
 EVAL_EVERY = 250
@@ -54,13 +68,21 @@ LABELS = {
 }
 
 
-def workdir(variant: str, seed: int, steps: int = TOTAL_STEPS) -> Path:
-    # A budget other than the comparison's (e.g. a longer supplementary run) gets its own workdir.
-    return WORKROOT / (f"{variant}_s{seed}" + ("" if steps == TOTAL_STEPS else f"_steps{steps}"))
+def workdir(variant: str, seed: int, steps: int | None = None, size: str = "runlocal", root: Path = WORKROOT) -> Path:
+    # A budget other than the size's (e.g. a longer supplementary run) gets its own workdir.
+    s = SIZES[size]
+    steps = steps or s["steps"]
+    return Path(root) / (f"{variant}_s{seed}" + s["suffix"] + ("" if steps == s["steps"] else f"_steps{steps}"))
 
 
-def command(variant: str, seed: int, total_steps: int = TOTAL_STEPS, eval_every: int = EVAL_EVERY) -> list[str]:
+def stem(size: str, steps: int) -> str:
+    return SIZES[size]["stem"] + ("" if steps == SIZES[size]["steps"] else f"_steps{steps}")
+
+
+def command(variant: str, seed: int, total_steps: int | None = None, eval_every: int = EVAL_EVERY,
+            size: str = "runlocal", root: Path = WORKROOT) -> list[str]:
     arg, overrides = VARIANTS[variant]
+    total_steps = total_steps or SIZES[size]["steps"]
     overrides = {
         "seed": seed,
         "total_steps": total_steps,
@@ -68,35 +90,46 @@ def command(variant: str, seed: int, total_steps: int = TOTAL_STEPS, eval_every:
         "progress_bar": False,
         **overrides,
     }
-    return cr.trainer_command(f"{CONFIG}:variant={arg},runlocal", workdir(variant, seed, total_steps), overrides)
+    config = f"{CONFIG}:variant={arg}{SIZES[size]['arg']}"
+    return cr.trainer_command(config, workdir(variant, seed, total_steps, size, root), overrides)
 
 
-def run(args) -> None:
+def _where(args) -> dict:
+    return {"size": args.size, "root": args.root}
+
+
+def run(args) -> dict:
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: complete seeds first if time runs out
-    cr.run_jobs(
-        [(f"{v}_s{s}", command(v, s, args.steps), workdir(v, s, args.steps), args.steps) for v, s in jobs],
-        parallel=args.parallel,
+    name = SIZES[args.size]["suffix"]
+    return cr.run_jobs(
+        [(f"{v}_s{s}{name}", command(v, s, args.steps, **_where(args)), workdir(v, s, args.steps, **_where(args)),
+          args.steps) for v, s in jobs],
+        parallel=args.parallel, root=args.root, budget_s=args.budget_s, grace_s=args.grace_s,
     )
 
 
 def aggregate(args) -> dict:
-    summary = cr.summarize_runs({v: [workdir(v, s, args.steps) for s in args.seeds] for v in args.variants})
+    groups = {v: [workdir(v, s, args.steps, **_where(args)) for s in args.seeds] for v in args.variants}
+    summary = cr.summarize_runs(groups)
     summary["task"] = "memory_horizon"
     summary["setting"] = {
-        "config": f"{CONFIG}:variant=<v>,runlocal",
+        "config": f"{CONFIG}:variant=<v>{SIZES[args.size]['arg']}",
+        "size": args.size,
         "total_steps": args.steps,
         "eval_every_steps": EVAL_EVERY,
         "seeds": list(args.seeds),
-        "hardware": cr.hardware(),
+        # The CPU-scale runs were aggregated where they ran; remote runs' machines come from their driver records.
+        "hardware": (cr.hardware() if args.size == "runlocal"
+                     else cr.run_hardware(wd for wds in groups.values() for wd in wds)),
         "labels": LABELS,
-        "commands": {v: " ".join(command(v, args.seeds[0], args.steps)) for v in args.variants},
+        "commands": {v: " ".join(command(v, args.seeds[0], args.steps, **_where(args))) for v in args.variants},
     }
-    stem = "memory_horizon" + ("" if args.steps == TOTAL_STEPS else f"_steps{args.steps}")
-    title = f"Memory horizon ({args.steps} steps, d_model 32, 2 layers, batch 32)"
-    cr.write_summary(stem, summary, cr.markdown_table(summary, LABELS, title=title))
+    out = stem(args.size, args.steps)
+    title = f"Memory horizon ({args.steps} steps, {SIZES[args.size]['about']})"
+    cr.write_summary(out, summary, cr.markdown_table(summary, LABELS, title=title), out=args.out)
     cr.plot_curves(
         summary,
-        RESULTS / f"{stem}_curves.png",
+        Path(args.out) / f"{out}_curves.png",
         LABELS,
         title=f"Memory horizon: eval accuracy at QUERY positions, {args.steps} steps\n"
         f"(mean over seeds {','.join(map(str, args.seeds))}; shaded: min..max)",
@@ -107,17 +140,29 @@ def aggregate(args) -> dict:
 def transitions(args) -> None:
     import transition_plots
 
-    runs = {v: workdir(v, args.seeds[0]) for v in ("gateloop", "fixed", "real") if workdir(v, args.seeds[0]).exists()}
+    wds = {v: workdir(v, args.seeds[0], **_where(args)) for v in ("gateloop", "fixed", "real")}
+    out = SIZES[args.size]["stem"] + "_transitions"
     transition_plots.plot_memory_horizon_transitions(
-        runs, RESULTS / "memory_horizon_transitions.png", RESULTS / "memory_horizon_transitions.json", LABELS
+        {v: wd for v, wd in wds.items() if wd.exists()}, RESULTS / f"{out}.png", RESULTS / f"{out}.json", LABELS
     )
 
 
 def main(argv=None) -> None:
-    p = cr.driver_parser(__doc__, ("run", "aggregate", "transitions", "all"), seeds=SEEDS)
+    p = cr.driver_parser(__doc__, ("run", "aggregate", "transitions", "pack", "all"), seeds=SEEDS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=TOTAL_STEPS)
+    p.add_argument("--size", choices=tuple(SIZES), default="runlocal",
+                   help="runlocal: the 2-core CPU comparison; full: the config's accelerator size (batch 64)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the size's, 3000 / 5000)")
+    p.add_argument("--to", type=Path, default=None, help="pack: the archive to write (.tar.gz)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where aggregate writes its table, JSON and curves")
+    cr.add_run_options(p, default_root=WORKROOT)
     args = p.parse_args(argv)
+    args.steps = args.steps or SIZES[args.size]["steps"]
+    if args.action == "pack" and args.to is None:
+        p.error("pack needs --to FILE.tar.gz")
+    if args.action == "pack":
+        wds = [workdir(v, s, args.steps, **_where(args)) for s in args.seeds for v in args.variants]
+        print(f"{cr.pack(wds, args.to)} files from {args.root} -> {args.to}")
     if args.action in ("run", "all"):
         run(args)
     if args.action in ("aggregate", "all"):

@@ -1,5 +1,6 @@
-"""Shared by the experiment drivers (memory_horizon.py, mqar.py, sweeps.py): launch trainer runs, read their
-metrics.jsonl, aggregate over seeds, write the JSON / Markdown tables and the learning-curve plots.
+"""Shared by the experiment drivers (memory_horizon.py, mqar.py, mqar_grid.py, sweeps.py): launch trainer runs (with
+a time budget), read their metrics.jsonl, aggregate over seeds, write the JSON / Markdown tables and the learning-curve
+plots, and pack a sweep's small files (metrics, configs, driver records; no checkpoints) into one archive.
 
 Runs are launched as subprocesses of the trainer CLI (`python -m gateloop_jax.main`), never by a forked trainer:
 an experiment is a config plus `--config.<field>=<value>` overrides.
@@ -11,8 +12,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -24,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
+# Every driver's default workdirs are under this root; their trainer processes share the `parallel` slots.
+EXPERIMENTS_ROOT = ROOT / "workdirs" / "experiments"
+
+
 def workroot(task: str) -> Path:
-    return ROOT / "workdirs" / "experiments" / task
+    return EXPERIMENTS_ROOT / task
 
 
 def driver_parser(doc: str, actions: Sequence[str], *, seeds: Sequence[int]) -> argparse.ArgumentParser:
@@ -37,11 +44,25 @@ def driver_parser(doc: str, actions: Sequence[str], *, seeds: Sequence[int]) -> 
     return p
 
 
-def write_summary(stem: str, summary: dict, markdown: str) -> None:
-    """results/<stem>.json and results/<stem>.md."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{stem}.json", summary)
-    (RESULTS / f"{stem}.md").write_text(markdown)
+def add_run_options(p: argparse.ArgumentParser, default_root: Path | None) -> None:
+    """--root (where the workdirs go and aggregate reads them), --budget_s and --grace_s (run_jobs's time budget).
+    default_root None: the driver picks the root after parsing (e.g. by size)."""
+    where = default_root or "workdirs/experiments/<task>"
+    # Absolute: the trainers run from the repository root, and live_runs compares resolved paths.
+    p.add_argument("--root", type=lambda text: Path(text).resolve(), default=default_root,
+                   help=f"directory of the run workdirs, for run, aggregate and pack (default {where})")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help="launch no new run after this many seconds from the start (default: no limit)")
+    p.add_argument("--grace_s", type=float, default=45.0,
+                   help="runs still going at budget_s + grace_s get SIGTERM (the trainer saves a checkpoint and "
+                        f"stops, so a rerun resumes them), SIGKILL {KILL_AFTER_S:.0f} s later")
+
+
+def write_summary(stem: str, summary: dict, markdown: str, out: Path = RESULTS) -> None:
+    """<out>/<stem>.json and <out>/<stem>.md (out: results/ by default)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / f"{stem}.json", summary)
+    (Path(out) / f"{stem}.md").write_text(markdown)
 
 
 # ---------------------------------------------------------------- launching
@@ -78,7 +99,7 @@ def live_runs(root: Path | None = None) -> set[str]:
     """Workdirs (resolved paths) of trainer processes running now under `root` (default workdirs/experiments),
     found from /proc: every driver counts every other driver's runs, so several drivers (and runs left behind by a
     killed driver) share the same slots and no workdir is trained twice at once."""
-    root = str((root or ROOT / "workdirs" / "experiments").resolve())
+    root = os.path.realpath(root or EXPERIMENTS_ROOT)
     out = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -93,20 +114,45 @@ def live_runs(root: Path | None = None) -> set[str]:
         for a in args:
             if a.startswith("--workdir="):
                 wd = os.path.realpath(a.split("=", 1)[1])
-                if wd.startswith(root):
+                if wd == root or wd.startswith(root + os.sep):
                     out.add(wd)
     return out
 
 
-def run_jobs(jobs: Sequence[tuple[str, list[str], Path, int]], parallel: int = 2, log=None) -> None:
-    """Run (name, command, workdir, total_steps) jobs with at most `parallel` trainer processes under
-    workdirs/experiments at once (counted across drivers, see live_runs); finished ones are skipped, and a job whose
-    workdir is being trained by another process is waited for, not restarted.
+# Seconds between polls of the running jobs, and from SIGTERM (at the budget's end) to SIGKILL.
+POLL_S = 3.0
+KILL_AFTER_S = 20.0
 
-    Each workdir gets driver.log (the trainer's stdout/stderr) and driver.json (command, wall seconds, return code).
-    Wall time is of the whole process (import + compile + train + eval + checkpoints) on a shared machine.
+
+def run_jobs(
+    jobs: Sequence[tuple[str, list[str], Path, int]],
+    parallel: int = 2,
+    log=None,
+    *,
+    root: Path | None = None,
+    budget_s: float | None = None,
+    grace_s: float = 45.0,
+) -> dict:
+    """Run (name, command, workdir, total_steps) jobs in order with at most `parallel` trainer processes at once under
+    workdirs/experiments (or under `root` when it lies elsewhere), counted across drivers (see live_runs); finished
+    ones are skipped, and a job whose workdir is being trained by another process is waited for, not restarted.
+
+    With `budget_s`, no job is launched after budget_s seconds; jobs still running at budget_s + grace_s get SIGTERM
+    (the trainer saves a checkpoint at the next step and stops, so a rerun resumes them) and SIGKILL KILL_AFTER_S
+    later, so that the whole call ends within about budget_s + grace_s + KILL_AFTER_S (plus a checkpoint write).
+
+    Each workdir gets driver.log (the trainer's stdout/stderr) and driver.json (command, wall seconds, return code,
+    the machine). Wall time is of the whole process (import + compile + train + eval + checkpoints), on a machine
+    shared with the other runs. Returns {"finished": [...], "failed": [...], "stopped": [...], "not_started": [...]}.
     """
     log = log or (lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True))
+    # A root inside workdirs/experiments shares the slots with every driver there; one elsewhere counts its own runs.
+    shared = Path(os.path.realpath(EXPERIMENTS_ROOT))
+    if root is None or shared in (Path(os.path.realpath(root)), *Path(os.path.realpath(root)).parents):
+        root = shared
+    t0 = time.time()
+    outcome = {"finished": [], "failed": [], "stopped": [], "not_started": []}
+    machine = hardware(with_jax=False)
     pending = []
     for job in jobs:
         if is_done(job[2], job[3]):
@@ -117,8 +163,27 @@ def run_jobs(jobs: Sequence[tuple[str, list[str], Path, int]], parallel: int = 2
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device per run, as the trainer's runlocal configs expect
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # Several trainer processes share one accelerator: JAX's default preallocation (75% of its memory per process)
+    # would fail every process after the first.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    stopping: dict[Path, float] = {}  # workdir -> when SIGTERM was sent
     while pending or running:
-        live = live_runs()
+        elapsed = time.time() - t0
+        if budget_s is not None and elapsed >= budget_s and pending:
+            log(f"[budget] {elapsed:.0f} s >= {budget_s:.0f} s: {len(pending)} runs not started: "
+                + ", ".join(j[0] for j in pending))
+            outcome["not_started"] += [j[0] for j in pending]
+            pending.clear()
+        if budget_s is not None and elapsed >= budget_s + grace_s:
+            for name, proc, wd, _, _ in running:
+                if wd not in stopping:
+                    log(f"[budget] SIGTERM {name} at {elapsed:.0f} s")
+                    proc.terminate()
+                    stopping[wd] = time.time()
+                elif time.time() - stopping[wd] >= KILL_AFTER_S and proc.poll() is None:
+                    log(f"[budget] SIGKILL {name}")
+                    proc.kill()
+        live = live_runs(root)
         for job in list(pending):
             if len(live) >= parallel:
                 break
@@ -135,7 +200,9 @@ def run_jobs(jobs: Sequence[tuple[str, list[str], Path, int]], parallel: int = 2
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
             running.append((name, proc, wd, time.time(), cmd))
             live.add(os.path.realpath(wd))
-        time.sleep(3.0)
+        if not pending and not running:
+            break
+        time.sleep(POLL_S)
         for item in list(running):
             name, proc, wd, start, cmd = item
             if proc.poll() is None:
@@ -150,9 +217,19 @@ def run_jobs(jobs: Sequence[tuple[str, list[str], Path, int]], parallel: int = 2
                 "wall_seconds": wall + (prev.get("wall_seconds", 0.0) if prev else 0.0),
                 "attempts": (prev.get("attempts", 0) if prev else 0) + 1,
                 "finished": time.time(),
+                "stopped_by_budget": wd in stopping,
+                "hardware": machine,
             }
             write_json(wd / "driver.json", record)
-            log(f"[{'done' if proc.returncode == 0 else 'FAILED rc=%d' % proc.returncode}] {name}: {wall:.0f} s")
+            if wd in stopping:
+                status, key = "stopped", "stopped"
+            elif proc.returncode == 0:
+                status, key = "done", "finished"
+            else:
+                status, key = f"FAILED rc={proc.returncode}", "failed"
+            outcome[key].append(name)
+            log(f"[{status}] {name}: {wall:.0f} s")
+    return outcome
 
 
 def _read_json(path: Path):
@@ -167,9 +244,18 @@ def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def hardware() -> dict:
-    """The machine the runs were measured on (CPU only here; the load average says how shared it was)."""
+def hardware(with_jax: bool = True) -> dict:
+    """The machine: CPU, load average (how shared it was), GPUs (nvidia-smi) and, with_jax, JAX's device kind.
+
+    run_jobs records it without importing JAX: a driver holding the accelerator would take memory from its runs."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            info["gpus"] = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -181,6 +267,8 @@ def hardware() -> dict:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
+    if not with_jax:
+        return info
     try:
         import jax
 
@@ -189,6 +277,36 @@ def hardware() -> dict:
     except Exception:  # noqa: BLE001 - hardware info is best effort
         pass
     return info
+
+
+def run_hardware(workdirs: Iterable[Path]) -> list[dict]:
+    """The distinct machines (run_jobs's driver.json records, load average left out) the runs in `workdirs` ran on."""
+    out = []
+    for wd in workdirs:
+        driver = _read_json(Path(wd) / "driver.json") or {}
+        machine = {k: v for k, v in (driver.get("hardware") or {}).items() if k != "load_average"}
+        if machine and machine not in out:
+            out.append(machine)
+    return out
+
+
+# Per workdir, what aggregation reads (the trainer's metrics and resolved config, the driver's record and log):
+# small files, so a sweep run on a remote machine comes back without its checkpoints.
+SMALL_FILES = ("metrics.jsonl", "config.json", "driver.json", "driver.log")
+
+
+def pack(workdirs: Iterable[Path], archive: Path, names: Sequence[str] = SMALL_FILES) -> int:
+    """<archive> (.tar.gz): the SMALL_FILES of each workdir that exists, as <workdir name>/<file>; unpack with
+    `tar xzf <archive> -C <dir>` and aggregate with --root <dir>. Returns the number of files."""
+    count = 0
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for wd in map(Path, workdirs):
+            for name in names:
+                if (wd / name).is_file():
+                    tar.add(wd / name, arcname=f"{wd.name}/{name}")
+                    count += 1
+    return count
 
 
 # ---------------------------------------------------------------- aggregation

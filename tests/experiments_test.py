@@ -1,10 +1,14 @@
-"""The experiment drivers of experiments/ (memory_horizon.py, mqar.py, sweeps.py) without training: aggregation and
-plots on fabricated metrics.jsonl files, the transition profiles on fabricated arrays, and every command the drivers
-would launch parsed into a valid config by the trainer's own config flag."""
+"""The experiment drivers of experiments/ (memory_horizon.py, mqar.py, mqar_grid.py, sweeps.py): aggregation and plots
+on fabricated metrics.jsonl files, the transition profiles on fabricated arrays, every command the drivers would launch
+parsed into a valid config by the trainer's own config flag, run_jobs's time budget on stand-in processes, and one
+tiny trainer run of the MQAR grid through run, pack and aggregate."""
 
 import json
 import os
 import sys
+import tarfile
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "kernel_dev")]
 
 import memory_horizon  # noqa: E402
 import mqar  # noqa: E402
+import mqar_grid  # noqa: E402
 import results_common as cr  # noqa: E402
 import sweeps  # noqa: E402
 import transition_plots  # noqa: E402
@@ -181,3 +186,91 @@ def test_tile_gates():
     # Batch row 2 is source row 0, position 5 is source position 2, channel 5 (head 2, column 1) is channel 1.
     assert out[2, 5, 2, 1] == src[0, 2, 1]
     assert out[1, 3, 0, 0] == src[1, 0, 0]
+
+
+def test_mqar_grid_order_commands_and_state_size():
+    args = mqar_grid.parse_args(["run"])
+    cells = mqar_grid.grid(args)
+    assert len(cells) == len(set(cells)) == 4 * 3 * 5 * 2
+    # The issue's cell first for every variant at the first lr, then (L, K), d_model, variant, lr ascending.
+    assert cells[:5] == [(256, 16, 128, v, 1e-3) for v in mqar_grid.VARIANTS]
+    assert cells[5:7] == [(64, 4, 64, "gateloop", 1e-3), (64, 4, 64, "gateloop", 3e-3)]
+    assert cells[-1] == (512, 32, 256, "transformer", 3e-3)
+    # d_model 128, 4 heads of 32: a complex 32 x 32 matrix per head, a real one, the KV cache of 256 positions.
+    assert mqar_grid.state_size("gateloop", 256, 128) == 2 * 4 * 32 * 32
+    assert mqar_grid.state_size("linear_attention", 256, 128) == 4 * 32 * 32
+    assert mqar_grid.state_size("transformer", 256, 128) == 2 * 256 * 128
+    for v in mqar_grid.VARIANTS:
+        c = cr.config_of_command(mqar_grid.command(args, 512, 32, 64, v, 3e-3))
+        assert (c.data.seq_len, c.data.num_kv_pairs, c.model.d_model, c.model.num_heads) == (512, 32, 64, 4)
+        assert c.optimizer.learning_rate == 3e-3 and c.total_steps == 4000 and c.optimizer.warmup_steps == 200
+        assert c.eval_every_steps == 1000 and c.ckpt_every_steps == 4000 and c.data.vocab_size == 8192
+    test = mqar_grid.parse_args(["run", "--size", "test"])
+    for v in mqar_grid.VARIANTS:
+        c = cr.config_of_command(mqar_grid.command(test, 16, 2, 16, v, 1e-3))
+        assert (c.data.seq_len, c.model.d_model, c.total_steps, c.data.vocab_size) == (16, 16, 2, 64)
+    with pytest.raises(SystemExit):
+        mqar_grid.parse_args(["run", "--d_models", "66"])  # not divisible by the 4 heads
+
+
+def test_memory_horizon_full_size_names_and_configs(tmp_path):
+    # The CPU-scale workdirs and results keep their names; the full size has its own.
+    assert memory_horizon.workdir("fixed", 1) == memory_horizon.WORKROOT / "fixed_s1"
+    assert memory_horizon.stem("runlocal", 3000) == "memory_horizon"
+    assert memory_horizon.workdir("fixed", 1, size="full", root=tmp_path) == tmp_path / "fixed_s1_full"
+    assert memory_horizon.stem("full", 5000) == "memory_horizon_full"
+    for v in memory_horizon.VARIANTS:
+        c = cr.config_of_command(memory_horizon.command(v, 2, size="full", root=tmp_path))
+        assert c.global_batch_size == 64 and c.total_steps == 5000 and c.seed == 2
+
+
+def _sleeper(workdir):
+    # Counted as a trainer run by live_runs (its argv names gateloop_jax.main and a --workdir), trains nothing.
+    return [sys.executable, "-c", "import time; time.sleep(60)", "gateloop_jax.main", f"--workdir={workdir}"]
+
+
+def test_run_jobs_budget_and_custom_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(cr, "POLL_S", 0.2)
+    monkeypatch.setattr(cr, "KILL_AFTER_S", 2.0)
+    jobs = [(name, _sleeper(tmp_path / name), tmp_path / name, 10) for name in ("a", "b")]
+    start = time.time()
+    # One slot: b waits while a runs (a live run under a root outside workdirs/experiments is seen), the budget ends
+    # before a does, so b never starts and a is stopped at budget + grace.
+    outcome = cr.run_jobs(jobs, parallel=1, log=lambda msg: None, root=tmp_path, budget_s=1.5, grace_s=0.5)
+    assert outcome == {"finished": [], "failed": [], "stopped": ["a"], "not_started": ["b"]}
+    assert time.time() - start < 10
+    record = json.loads((tmp_path / "a" / "driver.json").read_text())
+    assert record["stopped_by_budget"] and record["returncode"] != 0 and "cpu_count" in record["hardware"]
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.xdist_group("train_subprocess")
+def test_mqar_grid_runs_packs_and_aggregates_at_test_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gateloop_jax_test_cache"))
+    root, out = tmp_path / "runs", tmp_path / "results"
+    common = ["--size", "test", "--root", str(root), "--out", str(out)]
+    # One trainer run (one variant, one lr of the two the aggregate expects): a partial grid.
+    mqar_grid.main(["run", *common, "--variants", "gateloop", "--lrs", "1e-3", "--parallel", "1"])
+    name = "L16_K2_d16_gateloop_lr0.001"
+    assert cr.is_done(root / name, 2) and (root / name / "checkpoints").exists()
+    # Resume: the finished run is skipped, nothing is launched.
+    outcome = mqar_grid.run(mqar_grid.parse_args(["run", *common, "--variants", "gateloop", "--lrs", "1e-3"]))
+    assert outcome["finished"] == [] and outcome["not_started"] == []
+
+    # Aggregate from the packed small files alone (no checkpoints), as after a remote run.
+    archive = tmp_path / "grid.tar.gz"
+    mqar_grid.main(["pack", *common, "--to", str(archive)])
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == sorted(f"{name}/{f}" for f in cr.SMALL_FILES)
+        tar.extractall(tmp_path / "unpacked")
+    mqar_grid.main(["aggregate", "--size", "test", "--root", str(tmp_path / "unpacked"), "--out", str(out)])
+    summary = json.loads((out / "mqar_grid_test.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == [name]
+    (cell,) = summary["cells"]
+    assert (cell["variant"], cell["seq_len"], cell["d_model"], cell["state_size"]) == ("gateloop", 16, 16, 128)
+    assert cell["complete"] and cell["final_step"] == 2 and cell["lrs_run"] == 1 and cell["lrs_planned"] == 2
+    assert 0.0 <= cell["accuracy"] <= 1.0 and summary["runs"][0]["returncode"] == 0
+    table = (out / "mqar_grid_test.md").read_text()
+    assert "| GateLoop (data-controlled) | " in table and "(1/2 lr) (0.001)" in table
+    assert table.count("not run") == len(mqar_grid.VARIANTS) - 1
+    assert (out / "mqar_grid_test.png").stat().st_size > 1000
