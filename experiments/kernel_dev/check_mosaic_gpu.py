@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--budget_s", type=float, default=200.0, help="start nothing new after this many seconds")
     p.add_argument("--bench_length", type=int, default=8192, help="fwd+bwd timing: 4 x L tokens, 8 heads of 64, bf16")
     p.add_argument("--racecheck", action="store_true", help="one tiny fwd+bwd per variant, no checks")
-    p.add_argument("--interpret", action="store_true", help="Mosaic GPU's interpret mode (a CPU smoke test of this script)")
+    p.add_argument("--interpret", action="store_true", help="Mosaic GPU's interpret mode (CPU smoke test)")
     args = p.parse_args(argv)
     start = time.perf_counter()
 

@@ -5,9 +5,10 @@ addressing of the inferred 128-byte swizzle emulated in the shifted reads.
 
 Under the default (Warpgroup) lowering, Mosaic GPU gives each (128, 64) float32 pad buffer of the "swizzled" variant
 (ops/pallas_mosaic_gpu.py) tiles of one 128-byte row half and a 128-byte swizzle: the 16-byte group g of byte address
-A lives at g ^ ((A >> 7) & 7). TMA and the stores at rows 0 and 64 place the data by absolute address; a load of the
-window starting at a dynamic row r0 swizzles the offsets relative to the window's start (fragmented_array.transfer_tiled:
-the XOR is taken of the offset from memref_ptr(subview)). Both agree only where r0 * 256 bytes is a multiple of 1024.
+A lives at g ^ ((A >> 7) & 7). TMA and the stores at rows 0 and 64 place the data by absolute address; a load of
+the window starting at a dynamic row r0 swizzles the offsets relative to the window's start
+(fragmented_array.transfer_tiled: the XOR is taken of the offset from memref_ptr(subview)). Both agree only where
+r0 * 256 bytes is a multiple of 1024.
 This script makes interpret mode read those windows the way the hardware does and prints, per gate regime, the max
 relative error of y and of every gradient, for the emulated "swizzled" kernel and for the plain one. On the H100
 (experiments/results/mosaic_gpu_h100/mosaic_accuracy.json, d = 32) the kernel gave 0.2-1.5 in regimes 0, 2, 3 and
