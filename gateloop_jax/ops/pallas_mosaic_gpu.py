@@ -65,9 +65,10 @@ CHUNK = 64  # rows per chunk: the wgmma M tile
 TILE = 64  # d_qk and d_v tile: 128-byte swizzled bf16 rows
 MIN_JAX = (0, 11)
 # mode="auto" runs these kernels for multi-head shapes on Hopper (serves_default_device) once they pass the oracle
-# there. On an H100 (experiments/results/mosaic_gpu_h100/) y and the gradients are wrong (relative error ~2) in three
-# of four gate regimes while CPU interpret mode passes all four: a hardware-only fault (e.g. a missing barrier between
-# shared-memory writes and reads), so "auto" keeps the Triton kernel (heads <= 64) and "chunked".
+# there. On an H100 (experiments/results/mosaic_gpu_h100/) the "swizzled" variant below gave y and the gradients
+# wrong by ~1 in three of four gate regimes while CPU interpret mode passed all four (the cause: VARIANTS below);
+# until experiments/kernel_dev/check_mosaic_gpu.py shows the default variant passing on the GPU, "auto" keeps the
+# Triton kernel (heads <= 64) and "chunked".
 AUTO_ON_HOPPER = False
 # Until then an explicit mode="mosaic_gpu" on a real GPU is refused unless this environment variable is set (kernel
 # development: experiments/kernel_dev/check_mosaic_gpu.py sets it).
