@@ -161,6 +161,11 @@ def main(argv=None):
         result["bench"].append(_bench(step, variant, args.bench_length, 1 if args.interpret else 4))
         print(json.dumps(result["bench"][-1]), flush=True)
         save()
+    print("summary (max relative error over outputs and regimes; target 1e-4):", flush=True)
+    for row in result["rows"]:
+        worst = max(row.get("max_error", [float("nan")]))
+        print(f"  {row['variant']:14s} {row['d_qk']:3d}:{row['d_v']:<3d} {worst:9.2e} "
+              f"{'ok' if row.get('ok') else 'FAIL ' + row.get('error', '')[:100]}", flush=True)
     print(f"done in {time.perf_counter() - start:.0f} s: {args.out}", flush=True)
 
 
