@@ -30,7 +30,7 @@ os.environ.setdefault("GATELOOP_MOSAIC_GPU_UNVERIFIED", "1")
 FIRST_PAIRS = ((32, 32), (64, 64))
 # Every width on each side, and d_qk != d_v both ways.
 REST_PAIRS = ((96, 96), (128, 128), (256, 256), (32, 96), (256, 64))
-DEFAULT_VARIANTS = "padded,dense,swizzled,padded_exact"
+DEFAULT_VARIANTS = "padded,padded_carry,dense,swizzled,padded_exact"
 OUTPUTS = ("y", "final.re", "final.im", "dq", "dk", "dv", "dlog_r", "dtheta", "dh0.re", "dh0.im")
 
 

@@ -87,9 +87,14 @@ _TWO_PI = 2.0 * math.pi
 #       land in rows with a gap);
 #   "dense": Lane semantics, unswizzled rows of TILE float32, TMA-filled; the shifted loads are bank-conflicted;
 #   "swizzled": the Warpgroup lowering with inferred layouts: the faulty form, kept to confirm the diagnosis on the GPU.
-# "_exact" after a name turns off approx_math (PTX ex2/sin/cos.approx), to rule the transcendentals in or out there.
+# "_carry" after the layout: the pair decay e^{R + iP} carried as a complex number, z <- z a_j with a = |a| e^{i theta}
+# formed in XLA (two buffers of Re a, Im a in place of log|a|, arg a), so the loops call no exp / cos / sin: the
+# special-function units run at 1/8 of the FMA rate, and the log-space form spends 2-3 of their calls per element and
+# offset. Its rounding grows by ~1 ulp per step (<= 64 ulp, ~4e-6), and products of tiny gates underflow to 0, their
+# value to float32 precision. "_exact" at the end turns off approx_math (PTX ex2 / sin / cos.approx), to rule the
+# transcendentals in or out on the GPU.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
-VARIANTS = PAD_LAYOUTS + tuple(name + "_exact" for name in PAD_LAYOUTS)
+VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANT = "padded"
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
 
@@ -144,10 +149,11 @@ class _Ctx:
     """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches, the
     pad buffers (filled and read as the variant's layout says)."""
 
-    def __init__(self, bars, h, n_chunks, pad):
+    def __init__(self, bars, h, n_chunks, pad, carry):
         self.wg = plgpu.Layout.WGMMA
         self.bars = bars
         self.pad = pad
+        self.carry = carry
         pid = jax.lax.axis_index("bhc")
         self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
         self.t0 = self.j * CHUNK
@@ -156,6 +162,7 @@ class _Ctx:
         self.rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 0, layout=self.wg)
         self.cols = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 1, layout=self.wg)
         self.zeros = plgpu.layout_cast(jnp.zeros((CHUNK, TILE), jnp.float32), self.wg)
+        self.ones = plgpu.layout_cast(jnp.ones((CHUNK, TILE), jnp.float32), self.wg)
 
     def load(self, ref):
         return plgpu.load(ref, layout=self.wg)
@@ -204,6 +211,27 @@ class _Ctx:
     def zero(self, buf, row0):
         self.window_of(buf, row0)[...] = self.zeros
 
+    def decay_start(self):
+        """The pair decay of offset 0 (e^0): (R, P) = (0, 0) in log space, z = 1 + 0i carried."""
+        return (self.ones, self.zeros) if self.carry else (self.zeros, self.zeros)
+
+    def decay_step(self, state, g1pad, g2pad, row0):
+        """The pair decay extended by one gate per row, row n taking the gate at pad row row0 + n: (R, P) + (log|a|,
+        arg a) (P wrapped), or z a with the pads holding (Re a, Im a) ("_carry")."""
+        a, b = state
+        g1, g2 = self.shifted(g1pad, row0), self.shifted(g2pad, row0)
+        if self.carry:
+            return a * g1 - b * g2, a * g2 + b * g1
+        return a + g1, _wrap(b + g2)
+
+    def decay(self, state, imag=True):
+        """(Re, Im) of the pair decay e^{R + iP} (Im None unless imag)."""
+        a, b = state
+        if self.carry:
+            return a, b
+        e = jnp.exp(a)
+        return e * jnp.cos(b), (e * jnp.sin(b) if imag else None)
+
     def diagonal(self, mat, delta, upper=False):
         """mat[n, n - delta] (upper: mat[n, n + delta]) as a (64,) column, 0 where that column does not exist. (No
         -delta: the Lane lowering has no negation of a scalar.)"""
@@ -239,11 +267,12 @@ def _t(pair):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo,
-                    bars, *, h, n_chunks, n_dv, pad):
+                    bars, *, h, n_chunks, n_dv, pad, carry):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
-    (the scores, the costly part, are formed once)."""
+    (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes them (VARIANTS:
+    log|a| and arg a, or Re a and Im a)."""
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks, pad)
+    x = _Ctx(bars, h, n_chunks, pad, carry)
     # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     for buf in (kpad, lrpad, thpad):
         x.zero(buf, 0)
@@ -254,14 +283,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
     k = x.shifted(kpad, c)
     scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
-    def offset(delta, carry):  # row n pairs query n with key n - delta
-        r, p, scores = carry
-        r = r + x.shifted(lrpad, c + 1 - delta)
-        p = _wrap(p + x.shifted(thpad, c + 1 - delta))
-        w = jnp.sum(q * x.shifted(kpad, c - delta) * jnp.exp(r) * jnp.cos(p), axis=1)
-        return r, p, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
+    def offset(delta, loop):  # row n pairs query n with key n - delta
+        state, scores = loop
+        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
+        w = jnp.sum(q * x.shifted(kpad, c - delta) * x.decay(state, imag=False)[0], axis=1)
+        return state, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
-    _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
+    _, scores = jax.lax.fori_loop(1, c, offset, (x.decay_start(), scores))
     _store_split((a_hi, a_lo), scores)
     for vt in range(n_dv):  # static
         _store_split((b_hi, b_lo), x.get(v_ref, vt * TILE, g2, 4))
@@ -269,14 +297,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad,
-                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv, pad):
+                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv, pad,
+                     carry):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
     The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on."""
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks, pad)
+    x = _Ctx(bars, h, n_chunks, pad, carry)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
     w = w_t = x.zeros
     for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
@@ -293,14 +322,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
     x.fill(th_ref, thpad, c, g1, 2)
     q = x.get(q_ref, x.d0, g1)
 
-    def query_offset(delta, carry):
-        r, p, dq, xim = carry
-        r = r + x.shifted(lrpad, c + 1 - delta)
-        p = _wrap(p + x.shifted(thpad, c + 1 - delta))
-        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta) * jnp.exp(r)
-        return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
+    def query_offset(delta, loop):
+        state, dq, xim = loop
+        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
+        z_re, z_im = x.decay(state)
+        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta)
+        return state, dq + f * z_re, xim + f * z_im
 
-    _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
+    _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.decay_start(), x.zeros, x.zeros))
     x.put(dq, g1, dq_ref, None, x.d0)
     x.put(xim, g1, xim_ref, None, x.d0)
 
@@ -313,17 +342,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
     k = x.get(k_ref, x.d0, g1)
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
 
-    def key_offset(delta, carry):
-        r, p, dk, yim, a_t = carry
-        r = r + x.shifted(lrpad, delta)
-        p = _wrap(p + x.shifted(thpad, delta))
-        qz = x.shifted(xpad, delta) * jnp.exp(r)
-        qc, qs = qz * jnp.cos(p), qz * jnp.sin(p)
+    def key_offset(delta, loop):
+        state, dk, yim, a_t = loop
+        state = x.decay_step(state, lrpad, thpad, delta)
+        z_re, z_im = x.decay(state)
+        q_shifted = x.shifted(xpad, delta)
+        qc, qs = q_shifted * z_re, q_shifted * z_im
         wcol = x.bcast(x.diagonal(w_t, delta, upper=True))
         a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
-        return r, p, dk + wcol * qc, yim + wcol * qs, a_t
+        return state, dk + wcol * qc, yim + wcol * qs, a_t
 
-    _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
+    _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.decay_start(), x.zeros, x.zeros, a_t))
     x.put(dk, g1, dk_ref, None, x.d0)
     x.put(yim, g1, yim_ref, None, x.d0)
     _store_split(tmp, a_t)
@@ -369,18 +398,23 @@ def _pad_smem(pad):
 
 
 def _split_variant(variant):
-    """-> (pad layout, approx_math)."""
+    """-> (pad layout, carry, approx_math)."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    return variant.removesuffix("_exact"), not variant.endswith("_exact")
+    return variant.split("_")[0], "_carry" in variant, not variant.endswith("_exact")
+
+
+def _kernel_gates(lr, th, variant):
+    """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped)."""
+    return _polar(lr, th) if _split_variant(variant)[1] else (lr, th)
 
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, approx_math = _split_variant(variant)
+    pad, carry, approx_math = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
-    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad)
+    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
@@ -407,7 +441,8 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, dvp), jnp.float32)
-    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, lr, th), axis=0)
+    gates = _kernel_gates(lr, th, opts[1])
+    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
     # Between chunks (XLA): each chunk's increment relative to its end, the chunk-start states by an associative scan
     # over chunks, and Re(q e^{G + i Phi} H_start) added to y. Every factor is e^{sum of log|a| <= 0}.
@@ -437,7 +472,8 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),)
-    dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, opts, q, k, v, dy, lr, th)
+    gates = _kernel_gates(lr, th, opts[1])
+    dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, opts, q, k, v, dy, *gates)
     dv = jnp.sum(dv, axis=0)
 
     # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
