@@ -1,8 +1,8 @@
 """mode="mosaic_gpu" on the real GPU lowering (Hopper) against the float64 oracle: every kernel variant side by side,
 then every head width for the best one, then (time left) each passing variant's fwd+bwd time.
 
-    python experiments/kernel_dev/check_mosaic_gpu.py --out $OUT/mosaic_variants.json        # ~3 min on an H100
-    python experiments/kernel_dev/check_mosaic_gpu.py --racecheck [--variants padded]      # tiny, one call each
+    python experiments/kernel_dev/check_mosaic_gpu.py --out $OUT/mosaic_variants.json        # ~3.5 min on an H100
+    compute-sanitizer --tool racecheck python experiments/kernel_dev/check_mosaic_gpu.py --racecheck --variants padded
 
 Variants: ops/pallas_mosaic_gpu.VARIANTS (the pad buffers' layout, approx_math). Per (variant, d_qk, d_v) and gate
 regime (tests/mosaic_gpu_test._inputs: |a| log-uniform in [1e-6, 1], ~1e-6, within 1e-5 of 1, both extremes
