@@ -122,6 +122,21 @@ def test_lowers_for_cuda(dk, dv):
 
 
 @needs_mosaic
+@pytest.mark.parametrize("variant", [v for v in pm.VARIANTS if v != pm.VARIANT])
+def test_variants_lower_for_cuda(variant):
+    """The other kernel variants (pad-buffer layouts, exact math) still lower for CUDA: experiments/kernel_dev/
+    check_mosaic_gpu.py compares them on the GPU in one call."""
+    q = jnp.zeros((1, 64, 1, 32), jnp.float32)
+
+    def fwd_bwd(q, lr):
+        return jax.grad(lambda q, lr: jnp.sum(pm.gateloop_mosaic_gpu(q, q, q, lr, lr, None, interpret=False,
+                                                                     variant=variant)[0]), argnums=(0, 1))(q, lr)
+
+    text = jax.jit(fwd_bwd).trace(q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2, "the forward and backward kernels' custom calls are missing"
+
+
+@needs_mosaic
 def test_sharded_mixer_matches_one_device(monkeypatch):
     """The layer under a (data 2, tensor 2) mesh runs the kernels per (batch, head) shard through shard_map: the same
     output, loss and gradients as on one device."""

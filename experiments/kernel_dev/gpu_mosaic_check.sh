@@ -14,9 +14,11 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
 log "device"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee -a "$OUT/log.txt"
 $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/log.txt"
 
-# (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering.
+# (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering, the default
+# kernel variant (check_mosaic_gpu.py --variants padded,dense,swizzled,padded_exact compares the variants).
 log "accuracy"
-timeout 140 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
+    --budget_s 120 --bench_length 0 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
 # pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at

@@ -65,14 +65,38 @@ CHUNK = 64  # rows per chunk: the wgmma M tile
 TILE = 64  # d_qk and d_v tile: 128-byte swizzled bf16 rows
 MIN_JAX = (0, 11)
 # mode="auto" runs these kernels for multi-head shapes on Hopper (serves_default_device) once they pass the oracle
-# there. On an H100 (experiments/results/mosaic_gpu_h100/) y and the gradients are wrong (relative error ~2) in three
-# of four gate regimes while CPU interpret mode passes all four: a hardware-only fault (e.g. a missing barrier between
-# shared-memory writes and reads), so "auto" keeps the Triton kernel (heads <= 64) and "chunked".
+# there. On an H100 (experiments/results/mosaic_gpu_h100/) the "swizzled" variant below gave y and the gradients
+# wrong by ~1 in three of four gate regimes while CPU interpret mode passed all four (the cause: VARIANTS below);
+# until experiments/kernel_dev/check_mosaic_gpu.py shows the default variant passing on the GPU, "auto" keeps the
+# Triton kernel (heads <= 64) and "chunked".
 AUTO_ON_HOPPER = False
 # Until then an explicit mode="mosaic_gpu" on a real GPU is refused unless this environment variable is set (kernel
 # development: experiments/kernel_dev/check_mosaic_gpu.py sets it).
 UNVERIFIED_ENV = "GATELOOP_MOSAIC_GPU_UNVERIFIED"
 _TWO_PI = 2.0 * math.pi
+
+# The diagonals read 64-row windows of three float32 "pad" buffers (keys or queries, log|a|, arg a) at every row offset
+# delta. Mosaic GPU's default (Warpgroup) lowering infers a 128-byte swizzle for such a buffer (tiles of one row of
+# 32 float32) and computes the swizzle of a window relative to the window's own start, while TMA and the stores
+# swizzle by absolute shared-memory address: the two agree only where the window starts a multiple of 1024 bytes (4
+# rows) into the buffer, so 3 of 4 diagonals read permuted 16-byte column groups (what the H100 showed:
+# experiments/kernel_dev/mosaic_swizzle_emulation.py reproduces it on CPU). The variants, by name:
+#   "padded": Lane lowering semantics (the kernel states every shared-memory layout; nothing is inferred); the pad
+#       buffers unswizzled with rows of TILE + 8 float32 (288 bytes: the 8 rows of 32 bytes one warp reads per load
+#       spread over all 32 banks, so the shifted loads stay conflict-free), filled from registers (a TMA box cannot
+#       land in rows with a gap);
+#   "dense": Lane semantics, unswizzled rows of TILE float32, TMA-filled; the shifted loads are bank-conflicted;
+#   "swizzled": the Warpgroup lowering with inferred layouts: the faulty form, kept to confirm the diagnosis on the GPU.
+# "_carry" after the layout: the pair decay e^{R + iP} carried as a complex number, z <- z a_j with a = |a| e^{i theta}
+# formed in XLA (two buffers of Re a, Im a in place of log|a|, arg a), so the loops call no exp / cos / sin: the
+# special-function units run at 1/8 of the FMA rate, and the log-space form spends 2-3 of their calls per element and
+# offset. Its rounding grows by ~1 ulp per step (<= 64 ulp, ~4e-6), and products of tiny gates underflow to 0, their
+# value to float32 precision. "_exact" at the end turns off approx_math (PTX ex2 / sin / cos.approx), to rule the
+# transcendentals in or out on the GPU.
+PAD_LAYOUTS = ("padded", "dense", "swizzled")
+VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
+VARIANT = "padded"
+_PAD_GAP = 8  # float32 columns after each pad row ("padded")
 
 
 def unavailable_reason() -> str | None:
@@ -122,11 +146,14 @@ def _split(x):
 
 
 class _Ctx:
-    """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches."""
+    """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches, the
+    pad buffers (filled and read as the variant's layout says)."""
 
-    def __init__(self, bars, h, n_chunks):
+    def __init__(self, bars, h, n_chunks, pad, carry):
         self.wg = plgpu.Layout.WGMMA
         self.bars = bars
+        self.pad = pad
+        self.carry = carry
         pid = jax.lax.axis_index("bhc")
         self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
         self.t0 = self.j * CHUNK
@@ -135,6 +162,7 @@ class _Ctx:
         self.rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 0, layout=self.wg)
         self.cols = plgpu.broadcasted_iota(jnp.int32, (CHUNK, TILE), 1, layout=self.wg)
         self.zeros = plgpu.layout_cast(jnp.zeros((CHUNK, TILE), jnp.float32), self.wg)
+        self.ones = plgpu.layout_cast(jnp.ones((CHUNK, TILE), jnp.float32), self.wg)
 
     def load(self, ref):
         return plgpu.load(ref, layout=self.wg)
@@ -163,9 +191,51 @@ class _Ctx:
         plgpu.copy_smem_to_gmem(staging, ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
         plgpu.wait_smem_to_gmem(0)
 
-    def diagonal(self, mat, delta):
-        """mat[n, n - delta] (delta may be negative) as a (64,) column, 0 where that column does not exist."""
-        return jnp.sum(jnp.where(self.cols == self.rows - delta, mat, 0.0), axis=1)
+    def window_of(self, buf, row0):
+        """The (64, 64) window of a pad buffer from row row0 (static or dynamic)."""
+        return buf.at[pl.ds(row0, CHUNK), pl.ds(0, TILE)] if self.pad == "padded" else buf.at[pl.ds(row0, CHUNK)]
+
+    def shifted(self, buf, row0):
+        """A pad buffer's window from row row0 (any, dynamic) in registers. Unswizzled rows of TILE float32 ("dense")
+        put the 8 rows a warp reads on the same banks: Mosaic GPU refuses such a load unless told it may be slow."""
+        return plgpu.load(self.window_of(buf, row0), layout=self.wg, optimized=self.pad != "dense")
+
+    def fill(self, src, buf, row0, staging, slot):
+        """This program's window of the (b, t, h, d) array src (from column d0) into rows [row0, row0 + 64) of a pad
+        buffer: by TMA, or through registers where the buffer's rows have a gap ("padded")."""
+        if self.pad == "padded":
+            buf[pl.ds(row0, CHUNK), pl.ds(0, TILE)] = self.get(src, self.d0, staging, slot)
+        else:
+            self.fetch(self.window(src, self.d0), buf.at[pl.ds(row0, CHUNK)], slot)
+
+    def zero(self, buf, row0):
+        self.window_of(buf, row0)[...] = self.zeros
+
+    def decay_start(self):
+        """The pair decay of offset 0 (e^0): (R, P) = (0, 0) in log space, z = 1 + 0i carried."""
+        return (self.ones, self.zeros) if self.carry else (self.zeros, self.zeros)
+
+    def decay_step(self, state, g1pad, g2pad, row0):
+        """The pair decay extended by one gate per row, row n taking the gate at pad row row0 + n: (R, P) + (log|a|,
+        arg a) (P wrapped), or z a with the pads holding (Re a, Im a) ("_carry")."""
+        a, b = state
+        g1, g2 = self.shifted(g1pad, row0), self.shifted(g2pad, row0)
+        if self.carry:
+            return a * g1 - b * g2, a * g2 + b * g1
+        return a + g1, _wrap(b + g2)
+
+    def decay(self, state, imag=True):
+        """(Re, Im) of the pair decay e^{R + iP} (Im None unless imag)."""
+        a, b = state
+        if self.carry:
+            return a, b
+        e = jnp.exp(a)
+        return e * jnp.cos(b), (e * jnp.sin(b) if imag else None)
+
+    def diagonal(self, mat, delta, upper=False):
+        """mat[n, n - delta] (upper: mat[n, n + delta]) as a (64,) column, 0 where that column does not exist. (No
+        -delta: the Lane lowering has no negation of a scalar.)"""
+        return jnp.sum(jnp.where(self.cols == (self.rows + delta if upper else self.rows - delta), mat, 0.0), axis=1)
 
     def bcast(self, col):
         return jax.lax.broadcast_in_dim(col, (CHUNK, TILE), [0])
@@ -197,29 +267,29 @@ def _t(pair):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo,
-                    bars, *, h, n_chunks, n_dv):
+                    bars, *, h, n_chunks, n_dv, pad, carry):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
-    (the scores, the costly part, are formed once)."""
+    (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes them (VARIANTS:
+    log|a| and arg a, or Re a and Im a)."""
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks)
+    x = _Ctx(bars, h, n_chunks, pad, carry)
     # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     for buf in (kpad, lrpad, thpad):
-        buf[pl.ds(0, c)] = x.zeros
-    x.fetch(x.window(k_ref, x.d0), kpad.at[pl.ds(c, c)], 0)
-    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(c, c)], 1)
-    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(c, c)], 2)
+        x.zero(buf, 0)
+    x.fill(k_ref, kpad, c, g1, 0)
+    x.fill(lr_ref, lrpad, c, g1, 1)
+    x.fill(th_ref, thpad, c, g1, 2)
     q = x.get(q_ref, x.d0, g1, 3)
-    k = x.load(kpad.at[pl.ds(c, c)])
+    k = x.shifted(kpad, c)
     scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
-    def offset(delta, carry):  # row n pairs query n with key n - delta
-        r, p, scores = carry
-        r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
-        p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
-        w = jnp.sum(q * x.load(kpad.at[pl.ds(c - delta, c)]) * jnp.exp(r) * jnp.cos(p), axis=1)
-        return r, p, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
+    def offset(delta, loop):  # row n pairs query n with key n - delta
+        state, scores = loop
+        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
+        w = jnp.sum(q * x.shifted(kpad, c - delta) * x.decay(state, imag=False)[0], axis=1)
+        return state, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
-    _, _, scores = jax.lax.fori_loop(1, c, offset, (x.zeros, x.zeros, scores))
+    _, scores = jax.lax.fori_loop(1, c, offset, (x.decay_start(), scores))
     _store_split((a_hi, a_lo), scores)
     for vt in range(n_dv):  # static
         _store_split((b_hi, b_lo), x.get(v_ref, vt * TILE, g2, 4))
@@ -227,14 +297,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad,
-                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv):
+                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv, pad,
+                     carry):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
     The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on."""
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks)
+    x = _Ctx(bars, h, n_chunks, pad, carry)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
     w = w_t = x.zeros
     for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
@@ -245,43 +316,43 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
 
     # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
     for buf in (xpad, lrpad, thpad):
-        buf[pl.ds(0, c)] = x.zeros
-    x.fetch(x.window(k_ref, x.d0), xpad.at[pl.ds(c, c)], 0)
-    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(c, c)], 1)
-    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(c, c)], 2)
+        x.zero(buf, 0)
+    x.fill(k_ref, xpad, c, g1, 0)
+    x.fill(lr_ref, lrpad, c, g1, 1)
+    x.fill(th_ref, thpad, c, g1, 2)
     q = x.get(q_ref, x.d0, g1)
 
-    def query_offset(delta, carry):
-        r, p, dq, xim = carry
-        r = r + x.load(lrpad.at[pl.ds(c + 1 - delta, c)])
-        p = _wrap(p + x.load(thpad.at[pl.ds(c + 1 - delta, c)]))
-        f = x.bcast(x.diagonal(w, delta)) * x.load(xpad.at[pl.ds(c - delta, c)]) * jnp.exp(r)
-        return r, p, dq + f * jnp.cos(p), xim + f * jnp.sin(p)
+    def query_offset(delta, loop):
+        state, dq, xim = loop
+        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
+        z_re, z_im = x.decay(state)
+        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta)
+        return state, dq + f * z_re, xim + f * z_im
 
-    _, _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.zeros,) * 4)
+    _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.decay_start(), x.zeros, x.zeros))
     x.put(dq, g1, dq_ref, None, x.d0)
     x.put(xim, g1, xim_ref, None, x.d0)
 
     # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
     for buf in (xpad, lrpad, thpad):
-        buf[pl.ds(c, c)] = x.zeros
-    x.fetch(x.window(q_ref, x.d0), xpad.at[pl.ds(0, c)], 0)
-    x.fetch(x.window(lr_ref, x.d0), lrpad.at[pl.ds(0, c)], 1)
-    x.fetch(x.window(th_ref, x.d0), thpad.at[pl.ds(0, c)], 2)
+        x.zero(buf, c)
+    x.fill(q_ref, xpad, 0, g1, 0)
+    x.fill(lr_ref, lrpad, 0, g1, 1)
+    x.fill(th_ref, thpad, 0, g1, 2)
     k = x.get(k_ref, x.d0, g1)
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
 
-    def key_offset(delta, carry):
-        r, p, dk, yim, a_t = carry
-        r = r + x.load(lrpad.at[pl.ds(delta, c)])
-        p = _wrap(p + x.load(thpad.at[pl.ds(delta, c)]))
-        qz = x.load(xpad.at[pl.ds(delta, c)]) * jnp.exp(r)
-        qc, qs = qz * jnp.cos(p), qz * jnp.sin(p)
-        wcol = x.bcast(x.diagonal(w_t, -delta))
+    def key_offset(delta, loop):
+        state, dk, yim, a_t = loop
+        state = x.decay_step(state, lrpad, thpad, delta)
+        z_re, z_im = x.decay(state)
+        q_shifted = x.shifted(xpad, delta)
+        qc, qs = q_shifted * z_re, q_shifted * z_im
+        wcol = x.bcast(x.diagonal(w_t, delta, upper=True))
         a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
-        return r, p, dk + wcol * qc, yim + wcol * qs, a_t
+        return state, dk + wcol * qc, yim + wcol * qs, a_t
 
-    _, _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.zeros,) * 4 + (a_t,))
+    _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.decay_start(), x.zeros, x.zeros, a_t))
     x.put(dk, g1, dk_ref, None, x.d0)
     x.put(yim, g1, yim_ref, None, x.d0)
     _store_split(tmp, a_t)
@@ -314,19 +385,42 @@ def _swizzled_bf16(*shape):
     return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(128)))
 
 
-def _f32_smem(*shape):
-    return plgpu.SMEM(shape, jnp.float32)
+def _f32_staging():
+    """A (64, 64) float32 TMA staging tile, 128-byte swizzled: conflict-free loads and stores in the WGMMA layout
+    (it is only ever addressed whole, so the swizzle stays aligned)."""
+    return plgpu.SMEM((CHUNK, TILE), jnp.float32,
+                      transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
 
 
-def _call(body, out_type, scratch, q, v, interpret, *args):
+def _pad_smem(pad):
+    """A pad buffer: 64 zero rows beside the chunk's 64, read at every row offset (PAD_LAYOUTS)."""
+    return plgpu.SMEM((2 * CHUNK, TILE + (_PAD_GAP if pad == "padded" else 0)), jnp.float32)
+
+
+def _split_variant(variant):
+    """-> (pad layout, carry, approx_math)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
+    return variant.split("_")[0], "_carry" in variant, not variant.endswith("_exact")
+
+
+def _kernel_gates(lr, th, variant):
+    """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped)."""
+    return _polar(lr, th) if _split_variant(variant)[1] else (lr, th)
+
+
+def _call(body, out_type, scratch, q, v, opts, *args):
+    interpret, variant = opts
+    pad, carry, approx_math = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
-    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE)
+    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
+    semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
+    params = plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=semantics)
     return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bhc", "dk"), scratch_types=scratch,
-                        compiler_params=plgpu.CompilerParams(approx_math=True),
-                        interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
+                        compiler_params=params, interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
 
 
 def _einsum(spec, *xs):
@@ -334,19 +428,21 @@ def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
 
 
-def _forward(q, k, v, lr, th, h0re, h0im, *, interpret):
+def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
     and every chunk's start state (b, h, n, k, v) complex, saved for the backward."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n = tp // CHUNK
     # The kernel: the intra-chunk part, every (chunk, tile) an independent program.
+    pad = _split_variant(opts[1])[0]
     scratch = (
-        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
-        _f32_smem(CHUNK, TILE), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
+        *(_pad_smem(pad) for _ in range(3)), _f32_staging(), _f32_staging(),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, dvp), jnp.float32)
-    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, interpret, q, k, v, lr, th), axis=0)
+    gates = _kernel_gates(lr, th, opts[1])
+    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
     # Between chunks (XLA): each chunk's increment relative to its end, the chunk-start states by an associative scan
     # over chunks, and Re(q e^{G + i Phi} H_start) added to y. Every factor is e^{sum of log|a| <= 0}.
@@ -363,19 +459,21 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, interpret):
     return y + y_inter.reshape(b, tp, h, dvp), jnp.real(final), jnp.imag(final), starts
 
 
-def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, interpret):
+def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n = tp // CHUNK
     n_dk = dkp // TILE
+    pad = _split_variant(opts[1])[0]
     scratch = (
-        _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(2 * CHUNK, TILE), _f32_smem(CHUNK, TILE),
+        *(_pad_smem(pad) for _ in range(3)), _f32_staging(),
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), plgpu.Barrier(num_barriers=3),
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),)
-    dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, interpret, q, k, v, dy, lr, th)
+    gates = _kernel_gates(lr, th, opts[1])
+    dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, opts, q, k, v, dy, *gates)
     dv = jnp.sum(dv, axis=0)
 
     # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
@@ -429,34 +527,37 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(interpret, q, k, v, lr, th, h0re, h0im):
-    y, f_re, f_im, _ = _forward(q, k, v, lr, _wrap(th), h0re, h0im, interpret=interpret)
+def _core(opts, q, k, v, lr, th, h0re, h0im):
+    y, f_re, f_im, _ = _forward(q, k, v, lr, _wrap(th), h0re, h0im, opts=opts)
     return y, f_re, f_im
 
 
-def _core_fwd(interpret, q, k, v, lr, th, h0re, h0im):
+def _core_fwd(opts, q, k, v, lr, th, h0re, h0im):
     th = _wrap(th)
-    y, f_re, f_im, starts = _forward(q, k, v, lr, th, h0re, h0im, interpret=interpret)
+    y, f_re, f_im, starts = _forward(q, k, v, lr, th, h0re, h0im, opts=opts)
     return (y, f_re, f_im), (q, k, v, lr, th, starts)
 
 
-def _core_bwd(interpret, res, cts):
+def _core_bwd(opts, res, cts):
     dy, gf_re, gf_im = cts
-    return _backward(*res, dy, gf_re, gf_im, interpret=interpret)
+    return _backward(*res, dy, gf_re, gf_im, opts=opts)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = None):
+def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = None, variant: str | None = None):
     """Mode contract: q, k, log_r, theta (b, t, h, k), v (b, t, h, v) real; h0 (b, h, k, v) complex or None.
 
     Returns (y (b, t, h, v) float32, final state (b, h, k, v) complex64); differentiable in every argument. Inputs
     are used in float32 (bf16 ones are upcast). interpret: Mosaic GPU's GPU interpret mode (default on CPU).
+    variant: one of VARIANTS (default VARIANT), for kernel development.
     """
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"gateloop: {reason}; use mode='pallas' or 'chunked' here.")
+    variant = VARIANT if variant is None else variant
+    _split_variant(variant)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     b, t, h, dk = q.shape
@@ -464,7 +565,7 @@ def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = N
     tp, dkp, dvp = _round_up(t, CHUNK), _round_up(dk, TILE), _round_up(dv, TILE)
 
     args, h0re, h0im = pad_operands(q, k, v, log_r, theta, h0, tp, dkp, dvp, dtype=jnp.float32)
-    return unpad_outputs(*_core(bool(interpret), *args, h0re, h0im), t, dk, dv)
+    return unpad_outputs(*_core((bool(interpret), variant), *args, h0re, h0im), t, dk, dv)
 
 
 __all__ = ["gateloop_mosaic_gpu", "serves_default_device", "supported", "unavailable_reason"]
