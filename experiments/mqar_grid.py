@@ -69,11 +69,11 @@ def run_name(seq_len: int, kv: int, d_model: int, variant: str, lr: float) -> st
     return f"L{seq_len}_K{kv}_d{d_model}_{variant}_lr{lr:g}"
 
 
-def cadence(steps: int) -> dict:
-    """Warm-up, evaluation and checkpoint cadence of a `steps`-step run."""
+def cadence(steps: int, eval_every: int | None = None) -> dict:
+    """Warm-up, evaluation and checkpoint cadence of a `steps`-step run (evaluation every steps / 4 by default)."""
     return {
         "optimizer.warmup_steps": max(1, round(WARMUP_FRACTION * steps)),
-        "eval_every_steps": max(1, steps // 4),
+        "eval_every_steps": eval_every or max(1, steps // 4),
         # One checkpoint, at the end (and on SIGTERM, when the budget runs out): little disk for ~100 runs.
         "ckpt_every_steps": steps,
     }
@@ -88,7 +88,7 @@ def command(args, seq_len: int, kv: int, d_model: int, variant: str, lr: float) 
         "model.num_heads": NUM_HEADS,
         "optimizer.learning_rate": lr,
         "total_steps": args.steps,
-        **cadence(args.steps),
+        **cadence(args.steps, args.eval_every),
         "progress_bar": False,
     }
     config = f"{CONFIG}:variant={variant}{SIZES[args.size]['arg']}"
@@ -149,7 +149,7 @@ def aggregate(args) -> dict:
         "task": "mqar_grid",
         "setting": {
             "config": f"{CONFIG}:variant=<v>{setting['arg']}", "size": args.size, "total_steps": args.steps,
-            **{k: v for k, v in cadence(args.steps).items()}, "seed": args.seed, "num_heads": NUM_HEADS,
+            **cadence(args.steps, args.eval_every), "seed": args.seed, "num_heads": NUM_HEADS,
             "lk": [list(x) for x in args.lk], "d_models": list(args.d_models), "variants": list(args.variants),
             "learning_rates": list(args.lrs), "root": str(args.root), "labels": LABELS,
             "accuracy": "final eval/accuracy (query positions); a cell is the best final accuracy over its lrs",
@@ -257,6 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lk", nargs="+", type=_lk, default=None, help="(L,K) cells, e.g. --lk 64,4 256,16")
     p.add_argument("--d_models", nargs="+", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval_every", type=int, default=None, help="evaluation cadence (default steps / 4)")
     p.add_argument("--out", type=Path, default=cr.RESULTS, help="where aggregate writes <stem>.{json,md,png}")
     p.add_argument("--to", type=Path, default=None, help="pack: the archive to write (.tar.gz)")
     cr.add_run_options(p, default_root=None)

@@ -84,11 +84,13 @@ def run_probe(name: str, settings: dict, size: dict, steps: int, eval_every: int
     model_cfg.update(settings.get("model", {}))
     model_cfg.update({k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")})
     model = build_model(ModelConfig.from_mapping(model_cfg), rngs=nnx.Rngs(seed))
-    if settings.get("zero_theta"):
+    # zero_theta starts the phase projection's kernel at zero, theta_scale multiplies its initial values.
+    theta_scale = 0.0 if settings.get("zero_theta") else settings.get("theta_scale", 1.0)
+    if theta_scale != 1.0:
         for block in model.blocks:
             proj = getattr(block.mixer, "theta_proj", None)
             if proj is not None:
-                proj.kernel[...] = jnp.zeros_like(proj.kernel[...])
+                proj.kernel[...] = proj.kernel[...] * theta_scale
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def group(path, _):

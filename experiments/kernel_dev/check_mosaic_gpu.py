@@ -24,8 +24,6 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
-# This script is how the kernel gets verified on a GPU: run it even where gateloop() refuses the unverified kernel.
-os.environ.setdefault("GATELOOP_MOSAIC_GPU_UNVERIFIED", "1")
 
 FIRST_PAIRS = ((32, 32), (64, 64))
 # Every width on each side, and d_qk != d_v both ways.
