@@ -239,6 +239,8 @@ class GateLoopMixer(nnx.Module):
             theta = self.theta_proj(x).astype(jnp.float32) if self.theta_proj is not None else None
         log_r = log_magnitude(gamma, config.magnitude_activation, config.magnitude_temperature)
         phi = zeros if theta is None else phase(theta, config.phase_activation)
+        if theta is not None and config.phased_channels < shape[-1]:
+            phi = jnp.where(jnp.arange(shape[-1]) < config.phased_channels, phi, 0.0)
         return ops.PolarTransition(log_r, phi)
 
     def _projections(self, x):

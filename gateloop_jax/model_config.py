@@ -78,6 +78,11 @@ class ModelConfig:
     init_min_magnitude: float = 0.9
     init_max_magnitude: float = 0.999
     init_max_phase: float = 0.1
+    # Fraction of each head's d_qk channels whose transition has a phase; the others are real (arg a = 0 exactly, as
+    # GPT-NeoX's partial rotary leaves channels unrotated). Between a key and its query the state turns by the sum of
+    # the phases in between, a rotation that grows with the distance; real channels can match a key to its query at
+    # any distance, which associative recall needs (experiments/README.md, MQAR). 1.0 = every channel (the paper).
+    phase_fraction: float = 1.0
     # Biases on the q, k, v, gate and output projections (the gate projections always have one).
     use_bias: bool = False
     # A causal depthwise convolution of this many taps on q, k and v, followed by SiLU (0 = none, the paper's layer).
@@ -128,6 +133,11 @@ class ModelConfig:
         return "g" * self.num_layers
 
     @property
+    def phased_channels(self) -> int:
+        """How many of each head's d_qk channels have a phase (the first ones); the rest are real."""
+        return round(self.phase_fraction * self.head_dims[0])
+
+    @property
     def hidden_dim(self) -> int:
         return self.mlp_dim if self.mlp_dim is not None else 4 * self.d_model
 
@@ -155,6 +165,8 @@ class ModelConfig:
                 "model config: output_norm='groupnorm' normalises each head over d_v, which is 1 here "
                 "(max-headed); use output_norm='layernorm' or 'none'."
             )
+        if not 0.0 <= self.phase_fraction <= 1.0:
+            raise ValueError(f"model config: phase_fraction must be in [0, 1], got {self.phase_fraction}.")
         if self.short_conv_size < 0:
             raise ValueError(f"model config: short_conv_size must be >= 0 (0 = no convolution), got "
                              f"{self.short_conv_size}.")

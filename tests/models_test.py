@@ -248,3 +248,16 @@ def test_short_convolution_makes_the_mixer_see_the_previous_token():
         k1, k2 = mixer._inputs(x, None)[1], mixer._inputs(x2, None)[1]
         delta = np.max(np.abs(np.asarray(k1 - k2)), axis=(0, 2, 3))
         assert (delta[4] > 1e-4) == reaches and np.all(delta[:3] == 0) and np.all(delta[5:] == 0), (size, delta)
+
+
+def test_phase_fraction_leaves_the_other_channels_real():
+    """phase_fraction=0.5 (d_qk = 16): the first 8 channels of every head keep their data-controlled phase, the last
+    8 are exactly real (arg a = 0), for the data-controlled and the fixed transition; 1.0 phases every channel."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    for transition in ("data_controlled", "fixed"):
+        for fraction, phased in ((0.5, 8), (1.0, 16)):
+            config = tiny("gateloop", transition=transition, phase_fraction=fraction, init_max_phase=1.0)
+            assert config.head_dims[0] == 16 and config.phased_channels == phased
+            phi = np.asarray(layers.GateLoopMixer(config, rngs=nnx.Rngs(0)).transition(x).phase)
+            assert np.all(phi[..., phased:] == 0.0), (transition, fraction)
+            assert np.all(np.abs(phi[..., :phased]) > 0.0), (transition, fraction)
