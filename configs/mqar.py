@@ -11,7 +11,7 @@ linear_attention 0.995, real 0.992, fixed 0.868 (rising); the data-controlled Ga
 stayed at chance (0.001; with phase_fraction = 0.5, as here, it is not yet measured at this size) and the Transformer
 at 0.033, below the literature (Zoology: attention near 1): both are open.
 CPU run (K=4 pairs at length 64, vocabulary 256; chance is 1/128), measured with the trainer on 2 shared cores:
-GateLoop at eval/accuracy 0.81 after 750 steps and 0.94 after 1000 (about 5 minutes), the Transformer 0.98 after 750:
+GateLoop at eval/accuracy 0.81 after 750 steps and 0.94 after 1000 (about 5 minutes), the Transformer 0.96 after 500:
     python -m gateloop_jax.main --config configs/mqar.py:runlocal --workdir workdirs/mqar_local
     python -m gateloop_jax.main --config configs/mqar.py:variant=transformer,runlocal --workdir workdirs/mqar_local_tf
 
