@@ -131,25 +131,11 @@ def layer_module(mode: str, dims: dict, dtype: str):
     from gateloop_jax.layers import CausalSelfAttention, GateLoopMixer
     from gateloop_jax.models.config import ModelConfig
 
+    shape = dict(d_model=dims["d_model"], num_heads=dims["heads"], d_qk=dims["d_qk"], d_v=dims["d_v"], dtype=dtype)
     if mode in PEERS_SOFTMAX:
-        config = ModelConfig(
-            name="transformer",
-            d_model=dims["d_model"],
-            num_heads=dims["heads"],
-            d_qk=dims["d_qk"],
-            d_v=dims["d_v"],
-            dtype=dtype,
-            attention_impl=mode.split("_", 1)[1],
-        )
+        config = ModelConfig(name="transformer", attention_impl=mode.split("_", 1)[1], **shape)
         return CausalSelfAttention(config, rngs=nnx.Rngs(0))
-    config = ModelConfig(
-        name="gateloop",
-        d_model=dims["d_model"],
-        num_heads=dims["heads"],
-        d_qk=dims["d_qk"],
-        d_v=dims["d_v"],
-        dtype=dtype,
-    )
+    config = ModelConfig(name="gateloop", **shape)
     return GateLoopMixer(config, rngs=nnx.Rngs(0))
 
 

@@ -247,15 +247,18 @@ class GateLoopMixer(nnx.Module):
         """q, k, v before the short convolution: (b, t, h, k), (b, t, h, k), (b, t, h, v)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def _convs(self):
-        return self.q_conv[...], self.k_conv[...], self.v_conv[...]
+    def _short_conv(self, projections, segment_ids=None):
+        """The short convolution then SiLU on (q, k, v) before the recurrence; the identity without one."""
+        if not self.config.short_conv_size:
+            return projections
+        kernels = (self.q_conv[...], self.k_conv[...], self.v_conv[...])
+        return tuple(jax.nn.silu(causal_depthwise_conv(z, kernel, segment_ids))
+                     for z, kernel in zip(projections, kernels))
 
-    def _inputs(self, x, mask, segment_ids=None):
+    def _inputs(self, x, mask, qkv):
+        """(q, k, v, a) of the recurrence from x (b, t, d) and the convolved projections qkv (_short_conv)."""
         dk = self.config.head_dims[0]
-        q, k, v = self._projections(x)
-        if self.config.short_conv_size:
-            q, k, v = (jax.nn.silu(causal_depthwise_conv(z, kernel, segment_ids))
-                       for z, kernel in zip((q, k, v), self._convs()))
+        q, k, v = qkv
         q = q * (dk ** -0.5)
         a = self.transition(x)
         if mask is not None:
@@ -303,7 +306,7 @@ class GateLoopMixer(nnx.Module):
         return map_over_batch_and_heads(fn, *args, out_kinds=out_kinds)
 
     def __call__(self, x, *, mask=None, mode=None, segment_ids=None):
-        q, k, v, a = self._inputs(x, mask, segment_ids)
+        q, k, v, a = self._inputs(x, mask, self._short_conv(self._projections(x), segment_ids))
         return self._output(x, self._recurrence(q, k, v, a, mode, segment_ids=segment_ids))
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
@@ -320,7 +323,8 @@ class GateLoopMixer(nnx.Module):
 
     def prefill(self, x, *, mask=None, mode=None, max_len=None, segment_ids=None):
         del max_len
-        q, k, v, a = self._inputs(x, mask, segment_ids)
+        projections = self._projections(x)
+        q, k, v, a = self._inputs(x, mask, self._short_conv(projections, segment_ids))
         # The final state is the last segment's (ops.gateloop), so decoding continues that segment.
         y, state = self._recurrence(q, k, v, a, mode, return_state=True, segment_ids=segment_ids)
         if not self.config.short_conv_size:
@@ -328,27 +332,24 @@ class GateLoopMixer(nnx.Module):
         b, t, _ = x.shape
         lengths = jnp.full((b,), t, jnp.int32) if mask is None else jnp.sum(mask, axis=1, dtype=jnp.int32)
         width = self.config.short_conv_size - 1
-        history = tuple(conv_history(z, width, lengths, segment_ids) for z in self._projections(x))
+        history = tuple(conv_history(z, width, lengths, segment_ids) for z in projections)
         return self._output(x, y), {"state": state, "conv": history}
 
     def step(self, x_t, cache):
-        config = self.config
         x = x_t[:, None, :]
-        if not config.short_conv_size:
-            q, k, v, a = self._inputs(x, None)
-            state = cache
+        projections = self._projections(x)
+        if not self.config.short_conv_size:
+            qkv, state = projections, cache
         else:
-            # The convolution over the cached inputs and this token's: (b, w, h, c) windows, oldest first.
+            # The cached inputs and this token's, (b, w, h, c) oldest first; the convolution's last position is this
+            # token's.
             windows = tuple(jnp.concatenate([past, now.astype(past.dtype)], axis=1)
-                            for past, now in zip(cache["conv"], self._projections(x)))
-            q, k, v = (jax.nn.silu(jnp.einsum("bwhc,whc->bhc", window, kernel[::-1].astype(window.dtype)))[:, None]
-                       for window, kernel in zip(windows, self._convs()))
-            q = q * (config.head_dims[0] ** -0.5)
-            a = self.transition(x)
-            state = cache["state"]
+                            for past, now in zip(cache["conv"], projections))
+            qkv, state = tuple(z[:, -1:] for z in self._short_conv(windows)), cache["state"]
+        q, k, v, a = self._inputs(x, None, qkv)
         y_t, state = ops.gateloop_step(q[:, 0], k[:, 0], v[:, 0],
                                        ops.PolarTransition(a.log_magnitude[:, 0], a.phase[:, 0]), state)
-        if config.short_conv_size:
+        if self.config.short_conv_size:
             state = {"state": state, "conv": tuple(window[:, 1:] for window in windows)}
         return self._output(x, y_t[:, None])[:, 0], state
 

@@ -245,7 +245,7 @@ def test_short_convolution_makes_the_mixer_see_the_previous_token():
         x = jax.random.normal(jax.random.key(0), (1, 8, config.d_model))
         x2 = x.at[0, 3].add(1.0)
         mixer = layers.GateLoopMixer(config, rngs=nnx.Rngs(0))
-        k1, k2 = mixer._inputs(x, None)[1], mixer._inputs(x2, None)[1]
+        k1, k2 = (mixer._inputs(z, None, mixer._short_conv(mixer._projections(z)))[1] for z in (x, x2))
         delta = np.max(np.abs(np.asarray(k1 - k2)), axis=(0, 2, 3))
         assert (delta[4] > 1e-4) == reaches and np.all(delta[:3] == 0) and np.all(delta[5:] == 0), (size, delta)
 

@@ -227,8 +227,6 @@ def mqar_mixture(rng: np.random.Generator, batch_size: int, *, num_kv_pairs: int
         rows = np.flatnonzero(row_k == i)
         if rows.size:
             parts[k] = (rows, mqar(rng, rows.size, num_kv_pairs=k, **kwargs))
-    if not parts:  # batch_size 0
-        return mqar(rng, 0, num_kv_pairs=num_kv_pairs, **kwargs)
     first = next(iter(parts.values()))[1]
     out = {name: np.zeros((batch_size,) + array.shape[1:], array.dtype) for name, array in first.items()}
     for rows, batch in parts.values():
