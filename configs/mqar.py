@@ -48,6 +48,9 @@ def get_config(arg=None):
     # stays at the per-token answer on the GPU (experiments/README.md, MQAR); the real channels do the matching, as
     # the unrotated channels of a partial-rotary Transformer do.
     c.model.phase_fraction = 0.5
+    # The Transformer's RoPE turns a quarter of each head's channels; the rest match a key to its query at any
+    # distance (GPT-NeoX's partial rotary; GateLoop models ignore it).
+    c.model.rope_fraction = 0.25
     c.model.init_max_phase = 0.0
     c.optimizer.phase_lr_factor = 0.1
     # Zoology's standard setting: 16 pairs at length 256 with a 8192-token vocabulary.

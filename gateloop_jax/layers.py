@@ -354,9 +354,18 @@ class GateLoopMixer(nnx.Module):
         return self._output(x, y_t[:, None])[:, 0], state
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding. x: (b, t, h, k) with k even; positions: (b, t) int."""
-    half = x.shape[-1] // 2
+def rope(x: jax.Array, positions: jax.Array, base: float, rotary_dims: int | None = None) -> jax.Array:
+    """Rotary position embedding on the first `rotary_dims` channels (all by default; GPT-NeoX's partial rotary).
+
+    x: (b, t, h, k); positions: (b, t) int; rotary_dims even, <= k. The other channels pass through unrotated.
+    """
+    rotary_dims = x.shape[-1] if rotary_dims is None else rotary_dims
+    if rotary_dims == 0:
+        return x
+    if rotary_dims < x.shape[-1]:
+        rotated = rope(x[..., :rotary_dims], positions, base)
+        return jnp.concatenate([rotated, x[..., rotary_dims:]], axis=-1)
+    half = rotary_dims // 2
     freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None, None].astype(jnp.float32) * freqs  # (b, t, 1, half)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -386,8 +395,9 @@ class CausalSelfAttention(nnx.Module):
         return None if impl == "auto" else impl
 
     def _qkv(self, x, positions):
-        q = rope(self.q_proj(x), positions, self.config.rope_base)
-        k = rope(self.k_proj(x), positions, self.config.rope_base)
+        rotary = self.config.rotary_channels
+        q = rope(self.q_proj(x), positions, self.config.rope_base, rotary)
+        k = rope(self.k_proj(x), positions, self.config.rope_base, rotary)
         return q, k, self.v_proj(x)
 
     def _attend(self, x, segment_ids):

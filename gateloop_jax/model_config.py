@@ -92,6 +92,10 @@ class ModelConfig:
     short_conv_size: int = 0
     # --- Transformer baseline ---
     rope_base: float = 10000.0
+    # Fraction of each head's d_qk channels that RoPE rotates (rounded down to an even count); the others carry no
+    # position, as in GPT-NeoX (rotary_pct). Rotated channels match a key to a query only near the distance their
+    # frequency allows; unrotated ones match at any distance (experiments/README.md, MQAR). 1.0 = every channel.
+    rope_fraction: float = 1.0
     # jax.nn.dot_product_attention implementation: "auto" picks cuDNN on GPU when it applies, else XLA.
     attention_impl: str = "auto"
     # --- Hybrid stack (name="hybrid") ---
@@ -138,6 +142,11 @@ class ModelConfig:
         return round(self.phase_fraction * self.head_dims[0])
 
     @property
+    def rotary_channels(self) -> int:
+        """How many of each head's d_qk channels RoPE rotates (the first ones, an even count)."""
+        return 2 * int(self.rope_fraction * self.head_dims[0] / 2)
+
+    @property
     def hidden_dim(self) -> int:
         return self.mlp_dim if self.mlp_dim is not None else 4 * self.d_model
 
@@ -167,6 +176,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.phase_fraction <= 1.0:
             raise ValueError(f"model config: phase_fraction must be in [0, 1], got {self.phase_fraction}.")
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ValueError(f"model config: rope_fraction must be in [0, 1], got {self.rope_fraction}.")
         if self.short_conv_size < 0:
             raise ValueError(f"model config: short_conv_size must be >= 0 (0 = no convolution), got "
                              f"{self.short_conv_size}.")

@@ -82,6 +82,7 @@ REQUIRES = {
     # Fields of the Transformer baseline; every other model field is swept on the default name (GateLoop).
     "model.attention_impl": [{"model.name": "transformer"}],
     "model.rope_base": [{"model.name": "transformer"}],
+    "model.rope_fraction": [{"model.name": "transformer"}],
     # The test size has one layer, and a hybrid needs both block kinds within its layers.
     "model.block_pattern": [{"model.name": "hybrid", "model.num_layers": 2}],
     "model.name": [{"model.num_layers": 2, "model.block_pattern": "ga"}],

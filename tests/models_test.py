@@ -261,3 +261,22 @@ def test_phase_fraction_leaves_the_other_channels_real():
             phi = np.asarray(layers.GateLoopMixer(config, rngs=nnx.Rngs(0)).transition(x).phase)
             assert np.all(phi[..., phased:] == 0.0), (transition, fraction)
             assert np.all(np.abs(phi[..., :phased]) > 0.0), (transition, fraction)
+
+
+def test_rope_fraction_rotates_only_the_first_channels():
+    """rope_fraction=0.5 (d_qk = 16): RoPE turns the first 8 channels of q and k with the frequencies of an 8-channel
+    head, the last 8 pass through unrotated, so a query matches a key there whatever their distance; 1.0 rotates all."""
+    x = jax.random.normal(jax.random.key(2), (2, 9, 4, 16))
+    positions = jnp.broadcast_to(jnp.arange(9) + 5, (2, 9))
+    for fraction, rotated in ((0.5, 8), (1.0, 16), (0.0, 0)):
+        config = tiny("transformer", rope_fraction=fraction)
+        assert config.head_dims[0] == 16 and config.rotary_channels == rotated
+        y = np.asarray(layers.rope(x, positions, config.rope_base, config.rotary_channels))
+        np.testing.assert_array_equal(y[..., rotated:], np.asarray(x[..., rotated:]))
+        if rotated:
+            # Exact: the same float32 arithmetic on the same first channels.
+            np.testing.assert_array_equal(y[..., :rotated],
+                                          np.asarray(layers.rope(x[..., :rotated], positions, config.rope_base)))
+            assert np.max(np.abs(y[..., :rotated] - np.asarray(x[..., :rotated]))) > 0.1
+    with pytest.raises(ValueError, match="rope_fraction"):
+        tiny("transformer", rope_fraction=1.5).validate()
