@@ -362,15 +362,13 @@ def rope(x: jax.Array, positions: jax.Array, base: float, rotary_dims: int | Non
     rotary_dims = x.shape[-1] if rotary_dims is None else rotary_dims
     if rotary_dims == 0:
         return x
-    if rotary_dims < x.shape[-1]:
-        rotated = rope(x[..., :rotary_dims], positions, base)
-        return jnp.concatenate([rotated, x[..., rotary_dims:]], axis=-1)
     half = rotary_dims // 2
     freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None, None].astype(jnp.float32) * freqs  # (b, t, 1, half)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x[..., :rotary_dims].astype(jnp.float32), 2, axis=-1)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([rotated, x[..., rotary_dims:]], axis=-1)
 
 
 class CausalSelfAttention(nnx.Module):

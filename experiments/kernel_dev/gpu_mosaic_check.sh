@@ -19,8 +19,11 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 
 # (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering, the default
 # kernel variant (check_mosaic_gpu.py --variants padded,dense,swizzled,padded_exact compares the variants).
-want accuracy && log "accuracy" && timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
-    --budget_s 120 --bench_length 0 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+if want accuracy; then
+    log "accuracy"
+    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
+        --budget_s 120 --bench_length 0 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+fi
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
 # pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at
@@ -28,19 +31,22 @@ want accuracy && log "accuracy" && timeout 150 $PY experiments/kernel_dev/check_
 common=(--settings multihead --scopes op --passes fwdbwd --dtypes bfloat16 --modes mosaic_gpu,pallas,chunked
         --peers softmax_cudnn --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority)
 if want bench; then
-log "bench d=64"
-timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \
-    --lengths 1024,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
-log "bench d=64 L=65536"
-timeout 55 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64_L65536.json "${common[@]}" \
-    --lengths 65536 --tokens 65536 --budget_s 40 2>&1 | tail -15 | tee -a "$OUT/log.txt"
-log "bench d=128"
-timeout 60 $PY experiments/bench_modes.py --out "$OUT" --json modes_d128.json "${common[@]}" \
-    --d_head 128 --lengths 1024,8192 --budget_s 45 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+    log "bench d=64"
+    timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \
+        --lengths 1024,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+    log "bench d=64 L=65536"
+    timeout 55 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64_L65536.json "${common[@]}" \
+        --lengths 65536 --tokens 65536 --budget_s 40 2>&1 | tail -15 | tee -a "$OUT/log.txt"
+    log "bench d=128"
+    timeout 60 $PY experiments/bench_modes.py --out "$OUT" --json modes_d128.json "${common[@]}" \
+        --d_head 128 --lengths 1024,8192 --budget_s 45 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 fi
 
 # (3) The 125M multi-head GateLoop LM (8 heads of 96) through mode="mosaic_gpu" against the Transformer.
-want train && log "train" && timeout 100 $PY experiments/bench_train.py --out "$OUT" --json train_mosaic.json --length 2048 --batch 16 \
-    --models gateloop:125m_multihead,transformer:125m_multihead --mode mosaic_gpu --reps 5 --warmup 1 --matmul_n 0 2>&1 \
-    | tail -20 | tee -a "$OUT/log.txt"
+if want train; then
+    log "train"
+    timeout 100 $PY experiments/bench_train.py --out "$OUT" --json train_mosaic.json --length 2048 --batch 16 \
+        --models gateloop:125m_multihead,transformer:125m_multihead --mode mosaic_gpu --reps 5 --warmup 1 \
+        --matmul_n 0 2>&1 | tail -20 | tee -a "$OUT/log.txt"
+fi
 log "done"
