@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# configs/mqar.py at full size through the trainer CLI, several settings at once on one GPU, each stopped after
+# $BUDGET seconds of training (the schedule stays the config's 20k-step one) and evaluated every 500 steps:
+#   - the Transformer as shipped, then with one of the trainer's optimiser settings set to what the plain-Adam probes
+#     use (experiments/mqar_probe.py: no weight decay, b2 0.999, no clipping, 200 warm-up steps then constant), then
+#     with all of them: which setting keeps it at 1/K where the probe learns;
+#   - GateLoop with the probes' optimiser, with a quarter of its channels phased, and at lr 3e-3.
+#
+#   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
+# Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
+set -u
+OUT=${OUT:?set OUT}
+BUDGET=${BUDGET:-470}
+PY=${PY:-python3}
+# ",test" runs every setting at the config's two-step test size (a check of this script on CPU).
+ARG=${ARG:-}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+work=$(mktemp -d)
+PROBE_OPTIMIZER="--config.optimizer.weight_decay=0.0 --config.optimizer.b2=0.999 --config.optimizer.grad_clip_norm=0.0
+    --config.optimizer.warmup_steps=200 --config.optimizer.decay=constant"
+
+run() {
+    local name=$1 variant=$2; shift 2
+    mkdir -p "$work/$name"
+    # shellcheck disable=SC2068
+    timeout $((BUDGET + 40)) $PY -m gateloop_jax.main --config="configs/mqar.py:variant=$variant$ARG" \
+        --workdir="$work/$name" --config.progress_bar=False --config.max_train_seconds="$BUDGET" \
+        --config.eval_every_steps=500 --config.ckpt_every_steps=0 $@ > "$work/$name/log.txt" 2>&1 &
+}
+run tf_shipped transformer
+run tf_wd0 transformer --config.optimizer.weight_decay=0.0
+run tf_b2_0.999 transformer --config.optimizer.b2=0.999
+run tf_noclip transformer --config.optimizer.grad_clip_norm=0.0
+run tf_constant_lr transformer --config.optimizer.warmup_steps=200 --config.optimizer.decay=constant
+run tf_probe_optimizer transformer $PROBE_OPTIMIZER
+run gl_probe_optimizer gateloop $PROBE_OPTIMIZER
+run gl_phase0.25 gateloop --config.model.phase_fraction=0.25
+run gl_phase0.25_probe_optimizer gateloop --config.model.phase_fraction=0.25 $PROBE_OPTIMIZER
+run gl_lr3e-3 gateloop --config.optimizer.learning_rate=3e-3
+wait
+for d in "$work"/*/; do
+    echo "== $(basename "$d") $(grep -o '"eval/accuracy": [0-9.e-]*' "$d/metrics.jsonl" 2>/dev/null | tr '\n' ' ')"
+    grep -iE "error|Traceback" "$d/log.txt" | tail -3
+done
+tar czf "$OUT/mqar_levers.tar.gz" -C "$work" --exclude=checkpoints --exclude='events.*' .
