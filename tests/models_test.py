@@ -280,3 +280,63 @@ def test_rope_fraction_rotates_only_the_first_channels():
             assert np.max(np.abs(y[..., :rotated] - np.asarray(x[..., :rotated]))) > 0.1
     with pytest.raises(ValueError, match="rope_fraction"):
         tiny("transformer", rope_fraction=1.5).validate()
+
+
+def _match_over_distance(config, variant, rng, length=256):
+    """How strongly a query equal to the key k bound at position 0 matches it at each distance 1..length-1, summed
+    over the channels that configs/mqar.py leaves distance-free (unphased / unrotated) and over all channels.
+
+    GateLoop: the state after k is written at position 0 and turned by unit-magnitude gates whose phases come from the
+    layer's own transition (theta projection drawn with unit-scale weights, as a learned phase is), read by q = k
+    through ops.gateloop. Transformer: q . k after RoPE at positions n and 0, as attention scores them."""
+    d = config.head_dims[0]
+    k = rng.standard_normal(d).astype(np.float32)
+    if variant == "gateloop":
+        keep = d - config.phased_channels
+        mixer = layers.GateLoopMixer(config, rngs=nnx.Rngs(0))
+        mixer.theta_proj.kernel[...] = jnp.asarray(rng.standard_normal(mixer.theta_proj.kernel.shape), jnp.float32)
+        x = jnp.asarray(rng.standard_normal((1, length, config.d_model)), jnp.float32)
+        phase = mixer.transition(x).phase[:, :, :1]  # (1, t, 1 head, d)
+        keys = jnp.zeros((1, length, 1, d)).at[0, 0, 0].set(k)
+        transition = ops.PolarTransition(jnp.zeros_like(phase), phase)
+
+        def read(q):
+            queries = jnp.broadcast_to(jnp.asarray(q), (1, length, 1, d))
+            y = ops.gateloop(queries, keys, jnp.ones((1, length, 1, 1)), transition, mode="recurrent")
+            return np.asarray(y[0, 1:, 0, 0])
+    else:
+        keep = d - config.rotary_channels
+        positions = jnp.arange(length)[None]
+        rotated = layers.rope(jnp.broadcast_to(jnp.asarray(k), (1, length, 1, d)), positions, config.rope_base,
+                              config.rotary_channels)[0, :, 0]
+
+        def read(q):
+            return np.asarray(layers.rope(jnp.asarray(q)[None, None, None], jnp.zeros((1, 1), jnp.int32),
+                                          config.rope_base, config.rotary_channels)[0, 0, 0] @ rotated[1:].T)
+    free = np.where(np.arange(d) >= d - keep, k, 0.0)
+    return read(free), read(k), float(np.sum(free * free)), float(np.sum(k * k))
+
+
+@pytest.mark.parametrize("variant", ["gateloop", "transformer"])
+def test_mqar_config_matches_a_key_to_its_query_at_every_distance(variant):
+    """configs/mqar.py at full size (4 heads of 32): half of each head's channels carry no phase (GateLoop) / no
+    rotation (Transformer), so a query equal to a key scores |k|^2 over them at every distance up to L = 256; with a
+    phase or rotation in every channel (phase_fraction = rope_fraction = 1, the layers' defaults) the score over the
+    whole head swings with the distance, which is why both models stayed at chance / 1/K on the GPU
+    (experiments/README.md, MQAR). The score is a float32 sum of 32 products: 1e-5 relative."""
+    from train_test import get_config
+
+    from gateloop_jax.train.trainer import model_config_from
+
+    config = model_config_from(get_config("mqar", f"variant={variant}"))
+    assert config.head_dims == (32, 32)
+    free_channels = 32 - (config.phased_channels if variant == "gateloop" else config.rotary_channels)
+    assert free_channels == 16
+    rng = np.random.default_rng(0)
+    free_score, _, free_norm, _ = _match_over_distance(config, variant, rng)
+    np.testing.assert_allclose(free_score, free_norm, rtol=1e-5)
+    every = config.replace(phase_fraction=1.0) if variant == "gateloop" else config.replace(rope_fraction=1.0)
+    assert (every.phased_channels if variant == "gateloop" else every.rotary_channels) == 32
+    _, score, _, norm = _match_over_distance(every, variant, np.random.default_rng(0))
+    # With every channel turned no channel keeps the match: somewhere in 1..255 the score falls below half of |k|^2.
+    assert score.min() < 0.5 * norm, (variant, score.min(), norm)
