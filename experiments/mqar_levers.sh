@@ -4,7 +4,7 @@
 #   - the Transformer as shipped, then with one of the trainer's optimiser settings set to what the plain-Adam probes
 #     use (experiments/mqar_probe.py: no weight decay, b2 0.999, no clipping, 200 warm-up steps then constant), then
 #     with all of them: which setting keeps it at 1/K where the probe learns;
-#   - GateLoop with the probes' optimiser, with a quarter of its channels phased, and at lr 3e-3.
+#   - GateLoop with the probes' optimiser, with a quarter or an eighth of its channels phased, and at lr 3e-3.
 #
 #   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
 # Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
@@ -37,6 +37,7 @@ run gl_probe_optimizer gateloop $PROBE_OPTIMIZER
 run gl_phase0.25 gateloop --config.model.phase_fraction=0.25
 run gl_phase0.25_probe_optimizer gateloop --config.model.phase_fraction=0.25 $PROBE_OPTIMIZER
 run gl_lr3e-3 gateloop --config.optimizer.learning_rate=3e-3
+run gl_phase0.125 gateloop --config.model.phase_fraction=0.125
 wait
 for d in "$work"/*/; do
     echo "== $(basename "$d") $(grep -o '"eval/accuracy": [0-9.e-]*' "$d/metrics.jsonl" 2>/dev/null | tr '\n' ' ')"
