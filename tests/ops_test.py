@@ -227,6 +227,23 @@ def test_auto_mode_resolution():
     assert ops.resolve_mode("recurrent", (1, 8, 8, 64), (1, 8, 8, 64)) == "recurrent"
 
 
+def test_auto_mode_on_hopper_picks_mosaic_gpu_for_wide_heads_only(monkeypatch):
+    """On a GPU that Mosaic GPU serves: heads wider than 64 on either side get "mosaic_gpu" (they fit where "chunked"
+    does not), narrower ones keep the faster Triton kernel, packed rows (no state reset in the Mosaic GPU kernel)
+    fall back to "chunked"; without it (another GPU, jax < 0.11) wide heads get "chunked"."""
+    from gateloop_jax.ops import pallas_mosaic_gpu
+
+    def auto(dk, dv, segments=False):
+        return ops.resolve_mode("auto", (1, 8, 8, dk), (1, 8, 8, dv), platform="gpu", segments=segments)
+
+    monkeypatch.setattr(pallas_mosaic_gpu, "serves_default_device", lambda: True)
+    assert [auto(d, d) for d in (32, 64, 96, 128, 256)] == ["pallas"] * 2 + ["mosaic_gpu"] * 3
+    assert auto(32, 96) == auto(256, 64) == "mosaic_gpu"
+    assert auto(96, 96, segments=True) == "chunked" and auto(64, 64, segments=True) == "pallas"
+    monkeypatch.setattr(pallas_mosaic_gpu, "serves_default_device", lambda: False)
+    assert auto(96, 96) == "chunked" and auto(64, 64) == "pallas"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "carried_state"])
 def test_pallas_mode_through_the_public_entry_point(with_state, layout):

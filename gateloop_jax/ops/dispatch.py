@@ -41,29 +41,30 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None, segme
     Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.56 ms vs 1.6 ms for "scan", y and the
     gradients at 32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs,
     and the log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
-    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas chunked kernel ("pallas": 4.7 ms vs 11.5 ms for
-    "chunked", y and the gradients at 32768 tokens x 8 heads x 64 x 64 on an H200 (experiments/perf_notes.md),
-    and a quarter of the memory);
-    wider heads are padded to 128 there and spill registers (a 125M LM with 96-wide heads stepped 1.65x slower than
-    with "chunked" at length 131072), so they, and every other platform, get "chunked" - memory linear in length
-    with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
+    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas Triton kernel ("pallas": 5.7 ms vs 13.7 ms for
+    "chunked" and 14.3 ms for "mosaic_gpu", y and the gradients at 32768 tokens x 8 heads x 64 x 64, bf16, on an H100;
+    experiments/perf_notes.md), with a third of the memory of "chunked". Wider heads are padded to 128 there and
+    spill registers, so on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11) they get "mosaic_gpu" (every width;
+    31.7 ms vs 28.8 for "chunked" at heads of 128, but in 5.8 GiB vs 9.3: a 125M LM with heads of 96 trains at
+    L = 2048, batch 16 in 45.5 GiB with it and does not fit an 80 GB GPU with "chunked"), except for packed rows
+    (`segments`: the Mosaic GPU kernel has no state reset). Every other case gets "chunked": memory linear in
+    length with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
     TPU: "pallas" runs the Mosaic kernel (ops/pallas_tpu.py), which lowers for TPU but has never run on one here,
     so "auto" keeps the portable modes there until it is measured.
     Never "gla_rotation" (jax-linear-attention's kernel behind the rotation identity): 2.1-2.3x faster than "pallas"
     for bf16 multi-head on an H200, but its phase gradient is bf16-accurate only (ops/gla_rotation.py).
-    Multi-head on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11): "mosaic_gpu" at every head width
-    (ops/pallas_mosaic_gpu.py); the Triton kernel only on other GPUs, and for packed rows (`segments`: the Mosaic
-    GPU kernel has no state reset).
     """
     if mode != "auto":
         return mode
     platform = platform or jax.default_backend()
     if q_shape[-1] == 1 and v_shape[-1] == 1:
         return "pallas" if pallas_elementwise.supported(q_shape, v_shape, platform) and platform == "gpu" else "scan"
+    narrow = q_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM and v_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM
+    if platform == "gpu" and narrow:
+        return "pallas"
     if platform == "gpu" and not segments and pallas_mosaic_gpu.serves_default_device():
         return "mosaic_gpu"
-    narrow = q_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM and v_shape[-1] <= pallas_chunked.MAX_FAST_HEAD_DIM
-    return "pallas" if platform == "gpu" and narrow else "chunked"
+    return "chunked"
 
 
 def gateloop(
@@ -90,8 +91,8 @@ def gateloop(
         elsewhere), "auto" the fastest mode for the platform and shape (resolve_mode). "gla_rotation" runs
         jax-linear-attention's GLA kernel through the rotation identity (Hopper, bf16, jla installed; faster, phase
         gradients bf16-accurate: ops/gla_rotation.py); it is never picked by "auto". "mosaic_gpu": the multi-head
-        Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs for multi-head
-        on Hopper.
+        Pallas Mosaic GPU kernels (Hopper, jax >= 0.11; GPU interpret mode on CPU), what "auto" runs on Hopper for
+        heads wider than 64.
       initial_state: (b, h, k, v) complex carried state H_0; zeros when None.
       return_state: also return the final state H_t, (b, h, k, v) complex64.
       chunk_size: chunk length for mode="chunked" (default 64 multi-head, 256 max-headed) and the multi-head
