@@ -106,6 +106,14 @@ def inverse_log_magnitude(log_r: jax.Array, activation: str, temperature: float)
     raise ValueError(f"magnitude_activation={activation!r} is not supported.")
 
 
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+    """x in the forward pass (exactly); the gradient flowing back through it multiplied by `scale`."""
+    if scale == 1.0:
+        return x
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + scale * (x - frozen)
+
+
 def phase(theta: jax.Array, activation: str) -> jax.Array:
     if activation == "identity":
         return theta
@@ -236,7 +244,9 @@ class GateLoopMixer(nnx.Module):
             theta = jnp.broadcast_to(self.theta_bias[...].astype(jnp.float32), shape)
         else:
             gamma = self.gamma_proj(x).astype(jnp.float32)
-            theta = self.theta_proj(x).astype(jnp.float32) if self.theta_proj is not None else None
+            theta = None
+            if self.theta_proj is not None:
+                theta = self.theta_proj(scale_gradient(x, config.phase_input_grad)).astype(jnp.float32)
         log_r = log_magnitude(gamma, config.magnitude_activation, config.magnitude_temperature)
         phi = zeros if theta is None else phase(theta, config.phase_activation)
         if theta is not None and config.phased_channels < shape[-1]:

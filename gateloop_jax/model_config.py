@@ -83,6 +83,12 @@ class ModelConfig:
     # the phases in between, a rotation that grows with the distance; real channels can match a key to its query at
     # any distance, which associative recall needs (experiments/README.md, MQAR). 1.0 = every channel (the paper).
     phase_fraction: float = 1.0
+    # Scale of the gradient that the phase projection sends back into the mixer's input (1 = plain backpropagation,
+    # 0 = none; the projection's own weights learn either way). The phase at position m turns every later readout of
+    # every earlier key, so its gradient sums O(t^2) terms and grows with the length: at t = 256 it is ~85% of the
+    # embeddings' gradient at initialisation, against ~17% at t = 64 (experiments/README.md, MQAR), and it drowns the
+    # signal the rest of the model learns from under Adam's normalisation.
+    phase_input_grad: float = 1.0
     # Biases on the q, k, v, gate and output projections (the gate projections always have one).
     use_bias: bool = False
     # A causal depthwise convolution of this many taps on q, k and v, followed by SiLU (0 = none, the paper's layer).
@@ -176,6 +182,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.phase_fraction <= 1.0:
             raise ValueError(f"model config: phase_fraction must be in [0, 1], got {self.phase_fraction}.")
+        if not 0.0 <= self.phase_input_grad <= 1.0:
+            raise ValueError(f"model config: phase_input_grad must be in [0, 1], got {self.phase_input_grad}.")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ValueError(f"model config: rope_fraction must be in [0, 1], got {self.rope_fraction}.")
         if self.short_conv_size < 0:

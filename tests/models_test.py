@@ -340,3 +340,28 @@ def test_mqar_config_matches_a_key_to_its_query_at_every_distance(variant):
     _, score, _, norm = _match_over_distance(every, variant, np.random.default_rng(0))
     # With every channel turned no channel keeps the match: somewhere in 1..255 the score falls below half of |k|^2.
     assert score.min() < 0.5 * norm, (variant, score.min(), norm)
+
+
+def test_phase_input_grad_scales_only_the_phase_paths_gradient_into_the_input():
+    """phase_input_grad = s leaves the forward pass bit-identical and scales the part of d(output)/d(input) that flows
+    through the phase projection: g(s) = g(0) + s (g(1) - g(0)), with g(1) - g(0) a real share of the gradient (the
+    phases are spread, 1 rad a token); the phase projection's own gradient is the same for every s."""
+    x = jax.random.normal(jax.random.key(3), (2, 24, 32))
+    grads, outputs = {}, {}
+    for s in (0.0, 0.5, 1.0):
+        mixer = layers.GateLoopMixer(tiny("gateloop", phase_input_grad=s, init_max_phase=1.0), rngs=nnx.Rngs(0))
+        mixer.theta_proj.kernel[...] = 30.0 * mixer.theta_proj.kernel[...]
+        graph, params = nnx.split(mixer, nnx.Param)
+        loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graph, p)(x)))  # noqa: E731
+        outputs[s] = np.asarray(nnx.merge(graph, params)(x))
+        grads[s] = jax.grad(loss, argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(outputs[0.0], outputs[1.0])
+    np.testing.assert_array_equal(outputs[0.5], outputs[1.0])
+    g0, g_half, g1 = (np.asarray(grads[s][1]) for s in (0.0, 0.5, 1.0))
+    assert np.linalg.norm(g1 - g0) > 0.1 * np.linalg.norm(g1)
+    # Sums of float32 products of the same operands: 1e-5 of the gradient's scale.
+    np.testing.assert_allclose(g_half, 0.5 * (g0 + g1), rtol=0, atol=1e-5 * np.max(np.abs(g1)))
+    kernels = [np.asarray(grads[s][0]["theta_proj"]["kernel"][...]) for s in (0.0, 1.0)]
+    np.testing.assert_allclose(kernels[0], kernels[1], rtol=0, atol=1e-6 * np.max(np.abs(kernels[1])))
+    with pytest.raises(ValueError, match="phase_input_grad"):
+        tiny("gateloop", phase_input_grad=-0.5).validate()

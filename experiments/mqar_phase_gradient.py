@@ -1,0 +1,105 @@
+r"""How much of the gradient that reaches the embeddings and the first block comes through GateLoop's phase path, at
+the MQAR lengths, for the model of configs/mqar.py at initialisation (and with its phase projection scaled up, as
+training grows it).
+
+The phase at position m turns every later readout of every earlier key, so the loss's gradient with respect to it sums
+O(t^2) terms; the part that flows on into the mixer's input is the difference between the gradients with
+phase_input_grad = 1 (plain backpropagation) and 0 (none). One batch, float32, any machine (a minute on a CPU):
+
+    python experiments/mqar_phase_gradient.py --out experiments/results/mqar_probes/phase_gradient_share.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (length, key-value pairs): the CPU size and the full size of configs/mqar.py.
+SIZES = ((64, 4), (256, 16))
+# Multipliers of the phase projection's initial weights: the shipped init, then phases ~10x and ~30x larger.
+PHASE_SCALES = (1.0, 10.0, 30.0)
+
+
+def load_mqar_config(arg: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("configs_mqar", os.path.join(ROOT, "configs", "mqar.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def gradient_norm(grads, part: str) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    leaves = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if part in jax.tree_util.keystr(path)]
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves)))
+
+
+def measure(seq_len: int, num_kv_pairs: int, phase_scale: float, batch_size: int = 16, seed: int = 0) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from gateloop_jax.data import synthetic
+    from gateloop_jax.models import build_model
+    from gateloop_jax.train.trainer import model_config_from
+
+    config = load_mqar_config("variant=gateloop")
+    config.unlock()
+    config.data.update(seq_len=seq_len, num_kv_pairs=num_kv_pairs, min_num_kv_pairs=0)
+    config.model.mode = "chunked"
+    batch = synthetic.mqar(np.random.default_rng(seed), batch_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
+                           vocab_size=config.data.vocab_size)
+    grads, phase = {}, None
+    for scale in (1.0, 0.0):
+        model = build_model(model_config_from(config).replace(phase_input_grad=scale), rngs=nnx.Rngs(seed))
+        for block in model.blocks:
+            block.mixer.theta_proj.kernel[...] = phase_scale * block.mixer.theta_proj.kernel[...]
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            logits = nnx.merge(graph, params, rest)(batch["inputs"])
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
+
+        grads[scale] = jax.grad(loss)(params)
+        x = jax.random.normal(jax.random.key(seed), (2, seq_len, model.config.d_model))
+        transition = model.blocks[0].mixer.transition(x)
+        phased = model.config.phased_channels
+        phase = float(jnp.mean(jnp.abs(transition.phase[..., :phased])))
+    through_phase = jax.tree.map(lambda a, b: a - b, grads[1.0], grads[0.0])
+    record = {"seq_len": seq_len, "num_kv_pairs": num_kv_pairs, "phase_scale": phase_scale,
+              "mean_abs_phase_rad_per_token": round(phase, 4)}
+    for name, part in (("embeddings", "embed"), ("block_0", "[0]")):
+        total, share = gradient_norm(grads[1.0], part), gradient_norm(through_phase, part)
+        record[name] = {"gradient_norm": total, "through_phase_path": share, "fraction": round(share / total, 3)}
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="JSON file for the records (default: print only)")
+    args = p.parse_args(argv)
+    records = []
+    for seq_len, num_kv_pairs in SIZES:
+        for phase_scale in PHASE_SCALES:
+            record = measure(seq_len, num_kv_pairs, phase_scale)
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python experiments/mqar_phase_gradient.py --out " + args.out,
+                       "what": __doc__.split("\n\n")[0].replace("\n", " "), "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
