@@ -4,7 +4,10 @@
 #   - the Transformer as shipped, then with one of the trainer's optimiser settings set to what the plain-Adam probes
 #     use (experiments/mqar_probe.py: no weight decay, b2 0.999, no clipping, 200 warm-up steps then constant), then
 #     with all of them: which setting keeps it at 1/K where the probe learns;
-#   - GateLoop with the probes' optimiser, with a quarter or an eighth of its channels phased, and at lr 3e-3.
+#   - GateLoop with the probes' optimiser, with a quarter or an eighth of its channels phased, and at lr 3e-3
+#   (SET=optimizer, the default; results/mqar_probes/h100_levers.json);
+#   - SET=phase_grad: GateLoop as shipped (no phase-path gradient into the mixer's input, model.phase_input_grad = 0)
+#     beside the full gradient (1.0) and a tenth of it, with an eighth of the channels phased, and real.
 #
 #   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
 # Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
@@ -27,17 +30,30 @@ run() {
         --workdir="$work/$name" --config.progress_bar=False --config.max_train_seconds="$BUDGET" \
         --config.eval_every_steps=500 --config.ckpt_every_steps=0 $@ > "$work/$name/log.txt" 2>&1 &
 }
-run tf_shipped transformer
-run tf_wd0 transformer --config.optimizer.weight_decay=0.0
-run tf_b2_0.999 transformer --config.optimizer.b2=0.999
-run tf_noclip transformer --config.optimizer.grad_clip_norm=0.0
-run tf_constant_lr transformer --config.optimizer.warmup_steps=200 --config.optimizer.decay=constant
-run tf_probe_optimizer transformer $PROBE_OPTIMIZER
-run gl_probe_optimizer gateloop $PROBE_OPTIMIZER
-run gl_phase0.25 gateloop --config.model.phase_fraction=0.25
-run gl_phase0.25_probe_optimizer gateloop --config.model.phase_fraction=0.25 $PROBE_OPTIMIZER
-run gl_lr3e-3 gateloop --config.optimizer.learning_rate=3e-3
-run gl_phase0.125 gateloop --config.model.phase_fraction=0.125
+SET=${SET:-optimizer}
+case $SET in
+    optimizer)
+        run tf_shipped transformer
+        run tf_wd0 transformer --config.optimizer.weight_decay=0.0
+        run tf_b2_0.999 transformer --config.optimizer.b2=0.999
+        run tf_noclip transformer --config.optimizer.grad_clip_norm=0.0
+        run tf_constant_lr transformer --config.optimizer.warmup_steps=200 --config.optimizer.decay=constant
+        run tf_probe_optimizer transformer $PROBE_OPTIMIZER
+        run gl_probe_optimizer gateloop $PROBE_OPTIMIZER
+        run gl_phase0.25 gateloop --config.model.phase_fraction=0.25
+        run gl_phase0.25_probe_optimizer gateloop --config.model.phase_fraction=0.25 $PROBE_OPTIMIZER
+        run gl_lr3e-3 gateloop --config.optimizer.learning_rate=3e-3
+        run gl_phase0.125 gateloop --config.model.phase_fraction=0.125
+        ;;
+    phase_grad)
+        run gl_shipped gateloop
+        run gl_phase_input_grad1 gateloop --config.model.phase_input_grad=1.0
+        run gl_phase_input_grad0.1 gateloop --config.model.phase_input_grad=0.1
+        run gl_phase0.125 gateloop --config.model.phase_fraction=0.125
+        run real real
+        ;;
+    *) echo "SET=$SET: one of optimizer, phase_grad" >&2; exit 2 ;;
+esac
 wait
 for d in "$work"/*/; do
     echo "== $(basename "$d") $(grep -o '"eval/accuracy": [0-9.e-]*' "$d/metrics.jsonl" 2>/dev/null | tr '\n' ' ')"
