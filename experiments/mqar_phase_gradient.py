@@ -18,20 +18,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import results_common as cr  # noqa: E402
 
 # (length, key-value pairs): the CPU size and the full size of configs/mqar.py.
 SIZES = ((64, 4), (256, 16))
 # Multipliers of the phase projection's initial weights: the shipped init, then phases ~10x and ~30x larger.
 PHASE_SCALES = (1.0, 10.0, 30.0)
-
-
-def load_mqar_config(arg: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("configs_mqar", os.path.join(ROOT, "configs", "mqar.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def gradient_norm(grads, part: str) -> float:
@@ -53,13 +47,13 @@ def measure(seq_len: int, num_kv_pairs: int, phase_scale: float, batch_size: int
     from gateloop_jax.models import build_model
     from gateloop_jax.train.trainer import model_config_from
 
-    config = load_mqar_config("variant=gateloop")
-    config.unlock()
-    config.data.update(seq_len=seq_len, num_kv_pairs=num_kv_pairs, min_num_kv_pairs=0)
-    config.model.mode = "chunked"
+    config = cr.config_of_command([
+        "--config=configs/mqar.py:variant=gateloop", f"--config.data.seq_len={seq_len}",
+        f"--config.data.num_kv_pairs={num_kv_pairs}", "--config.data.min_num_kv_pairs=0",
+        "--config.model.mode=chunked"])
     batch = synthetic.mqar(np.random.default_rng(seed), batch_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
                            vocab_size=config.data.vocab_size)
-    grads, phase = {}, None
+    grads = {}
     for scale in (1.0, 0.0):
         model = build_model(model_config_from(config).replace(phase_input_grad=scale), rngs=nnx.Rngs(seed))
         for block in model.blocks:
@@ -72,10 +66,9 @@ def measure(seq_len: int, num_kv_pairs: int, phase_scale: float, batch_size: int
             return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
 
         grads[scale] = jax.grad(loss)(params)
-        x = jax.random.normal(jax.random.key(seed), (2, seq_len, model.config.d_model))
-        transition = model.blocks[0].mixer.transition(x)
-        phased = model.config.phased_channels
-        phase = float(jnp.mean(jnp.abs(transition.phase[..., :phased])))
+    # The forward pass is the same for both scales: the phases of the last model built.
+    x = jax.random.normal(jax.random.key(seed), (2, seq_len, model.config.d_model))
+    phase = float(jnp.mean(jnp.abs(model.blocks[0].mixer.transition(x).phase[..., :model.config.phased_channels])))
     through_phase = jax.tree.map(lambda a, b: a - b, grads[1.0], grads[0.0])
     record = {"seq_len": seq_len, "num_kv_pairs": num_kv_pairs, "phase_scale": phase_scale,
               "mean_abs_phase_rad_per_token": round(phase, 4)}

@@ -23,7 +23,8 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 if want accuracy; then
     log "accuracy"
     timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
-        --rest "${ACCURACY_REST:-96:96,128:128,256:256,32:96,256:64}" --budget_s 120 --bench_length 0 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+        --rest "${ACCURACY_REST:-96:96,128:128,256:256,32:96,256:64}" --budget_s 120 --bench_length 0 2>&1 \
+        | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
