@@ -7,7 +7,9 @@
 #   - GateLoop with the probes' optimiser, with a quarter or an eighth of its channels phased, and at lr 3e-3
 #   (SET=optimizer, the default; results/mqar_probes/h100_levers.json);
 #   - SET=phase_grad: GateLoop as shipped (no phase-path gradient into the mixer's input, model.phase_input_grad = 0)
-#     beside the full gradient (1.0) and a tenth of it, with an eighth of the channels phased, and real.
+#     beside the full gradient (1.0) and a tenth of it, with an eighth of the channels phased, and real;
+#   - SET=final: the five variants as shipped (the issue's table), GateLoop's second seed and GateLoop with the full
+#     phase-path gradient (phase_input_grad 1.0) for the cause at full size.
 #
 #   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
 # Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
@@ -52,7 +54,12 @@ case $SET in
         run gl_phase0.125 gateloop --config.model.phase_fraction=0.125
         run real real
         ;;
-    *) echo "SET=$SET: one of optimizer, phase_grad" >&2; exit 2 ;;
+    final)
+        for variant in gateloop real fixed linear_attention transformer; do run "$variant" "$variant"; done
+        run gateloop_seed1 gateloop --config.seed=1
+        run gateloop_phase_input_grad1 gateloop --config.model.phase_input_grad=1.0
+        ;;
+    *) echo "SET=$SET: one of optimizer, phase_grad, final" >&2; exit 2 ;;
 esac
 wait
 for d in "$work"/*/; do
