@@ -203,8 +203,8 @@ def test_mqar_grid_order_commands_and_state_size():
     for v in mqar_grid.VARIANTS:
         c = cr.config_of_command(mqar_grid.command(args, 512, 32, 64, v, 3e-3))
         assert (c.data.seq_len, c.data.num_kv_pairs, c.model.d_model, c.model.num_heads) == (512, 32, 64, 4)
-        assert c.optimizer.learning_rate == 3e-3 and c.total_steps == 4000 and c.optimizer.warmup_steps == 200
-        assert c.eval_every_steps == 1000 and c.ckpt_every_steps == 4000 and c.data.vocab_size == 8192
+        assert c.optimizer.learning_rate == 3e-3 and c.total_steps == 20000 and c.optimizer.warmup_steps == 1000
+        assert c.eval_every_steps == 2000 and c.ckpt_every_steps == 20000 and c.data.vocab_size == 8192
     test = mqar_grid.parse_args(["run", "--size", "test"])
     for v in mqar_grid.VARIANTS:
         c = cr.config_of_command(mqar_grid.command(test, 16, 2, 16, v, 1e-3))
