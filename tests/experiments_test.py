@@ -20,6 +20,7 @@ sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "kernel_dev")]
 import memory_horizon  # noqa: E402
 import mqar  # noqa: E402
 import mqar_grid  # noqa: E402
+import mqar_runs  # noqa: E402
 import results_common as cr  # noqa: E402
 import sweeps  # noqa: E402
 import transition_plots  # noqa: E402
@@ -274,3 +275,20 @@ def test_mqar_grid_runs_packs_and_aggregates_at_test_size(tmp_path, monkeypatch)
     assert "| GateLoop (data-controlled) | " in table and "(1/2 lr) (0.001)" in table
     assert table.count("not run") == len(mqar_grid.VARIANTS) - 1
     assert (out / "mqar_grid_test.png").stat().st_size > 1000
+
+
+def test_mqar_runs_table_reports_when_each_run_crossed_each_threshold(tmp_path):
+    _fake_run(tmp_path / "runs" / "real", seed=0, total_steps=200, final=1.0)  # accuracy step / 200
+    _fake_run(tmp_path / "runs" / "gateloop", seed=1, total_steps=200, final=0.8)
+    out = tmp_path / "results"
+    mqar_runs.main(["--runs", str(tmp_path / "runs" / "real"), str(tmp_path / "runs" / "gateloop"), "--stem", "t",
+                    "--machine", "a CPU", "--command", "cmd", "--setting", "tiny", "--out", str(out)])
+    summary = json.loads((out / "t.json").read_text())
+    assert summary["machine"] == "a CPU" and summary["command"] == "cmd"
+    real, gateloop = (summary["models"][n]["runs"][0] for n in ("real", "gateloop"))
+    assert real["first_step_at"] == {"0.5": 100, "0.9": 200, "0.95": 200}
+    assert gateloop["first_step_at"] == {"0.5": 150, "0.9": None, "0.95": None}
+    table = (out / "t.md").read_text()
+    assert "| gateloop | 200 | 0.8000 | 150 | - | - |" in table and (out / "t.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        mqar_runs.main(["--runs", str(tmp_path), "--stem", "t", "--machine", "m", "--command", "c"])
