@@ -325,7 +325,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
         _store_split(v_pair, x.get(v_ref, vt * TILE, g1))
         w = w + _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
         w_t = w_t + _mm(v_pair, _t(dy_pair))
-    w_walk, w_t_walk = (jnp.where(x.gap == 0, w, 0.0), jnp.where(x.gap == 0, w_t, 0.0)) if sub else (w, w_t)
 
     # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
     for buf in (xpad, lrpad, thpad):
@@ -334,18 +333,21 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     x.fill(lr_ref, lrpad, c, g1, 1)
     x.fill(th_ref, thpad, c, g1, 2)
     q = x.get(q_ref, x.d0, g1)
+    # With sub-blocks the products come first and start the walk's sums, which then see W only within sub-blocks:
+    # no more tiles live through the walk than without.
+    dq = xim = x.zeros
+    if sub:
+        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, c), factors, g1, dy_pair, v_pair)
+        w = jnp.where(x.gap == 0, w, 0.0)
 
     def query_offset(delta, loop):
         state, dq, xim = loop
         state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
         z_re, z_im = x.decay(state)
-        f = x.bcast(x.diagonal(w_walk, delta)) * x.shifted(xpad, c - delta)
+        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta)
         return state, dq + f * z_re, xim + f * z_im
 
-    _, dq, xim = jax.lax.fori_loop(1, n_walk, query_offset, (x.decay_start(), x.zeros, x.zeros))
-    if sub:
-        dq_x, xim_x = _cross_query_rows(x, w, x.shifted(xpad, c), factors, g1, dy_pair, v_pair)
-        dq, xim = dq + dq_x, xim + xim_x
+    _, dq, xim = jax.lax.fori_loop(1, n_walk, query_offset, (x.decay_start(), dq, xim))
     x.put(dq, g1, dq_ref, None, x.d0)
     x.put(xim, g1, xim_ref, None, x.d0)
 
@@ -357,6 +359,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     x.fill(th_ref, thpad, 0, g1, 2)
     k = x.get(k_ref, x.d0, g1)
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
+    dk = yim = x.zeros
+    if sub:  # the products' transposed scores wait in v_pair for dv
+        dk, yim, a_t_x = _cross_key_rows(x, w_t, x.shifted(xpad, 0), k, factors, g1, dy_pair, v_pair, tmp)
+        _store_split(v_pair, a_t_x)
+        w_t = jnp.where(x.gap == 0, w_t, 0.0)
 
     def key_offset(delta, loop):
         state, dk, yim, a_t = loop
@@ -364,20 +371,19 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
         z_re, z_im = x.decay(state)
         q_shifted = x.shifted(xpad, delta)
         qc, qs = q_shifted * z_re, q_shifted * z_im
-        wcol = x.bcast(x.diagonal(w_t_walk, delta, upper=True))
+        wcol = x.bcast(x.diagonal(w_t, delta, upper=True))
         a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
         return state, dk + wcol * qc, yim + wcol * qs, a_t
 
-    _, dk, yim, a_t = jax.lax.fori_loop(1, n_walk, key_offset, (x.decay_start(), x.zeros, x.zeros, a_t))
-    if sub:
-        dk_x, yim_x, a_t_x = _cross_key_rows(x, w_t, x.shifted(xpad, 0), k, factors, g1, dy_pair, v_pair, tmp)
-        dk, yim, a_t = dk + dk_x, yim + yim_x, jnp.where(x.gap == 0, a_t, 0.0) + a_t_x
+    _, dk, yim, a_t = jax.lax.fori_loop(1, n_walk, key_offset, (x.decay_start(), dk, yim, a_t))
     x.put(dk, g1, dk_ref, None, x.d0)
     x.put(yim, g1, yim_ref, None, x.d0)
-    _store_split(tmp, a_t)
+    # With sub-blocks the walk also wrote the pairs across a boundary (from other sub-blocks' gates): dropped.
+    _store_split(tmp, jnp.where(x.gap == 0, a_t, 0.0) if sub else a_t)
     for vt in range(n_dv):
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
-        x.put(_mm(tmp, dy_pair), g1, dv_ref, x.kt, vt * TILE)
+        dv = _mm(tmp, dy_pair)
+        x.put(dv + _mm(v_pair, dy_pair) if sub else dv, g1, dv_ref, x.kt, vt * TILE)
 
 
 def _cross_scores(x, q, k, factors, staging, qt, kt):
