@@ -27,7 +27,9 @@ over the positions whose decay it crosses, so none is a difference of large numb
 |a| ~ 1e-6 too.
 
 Untuned: one warpgroup per program, no TMA double buffering, every product three bf16 wgmmas, the diagonals on the
-CUDA cores (C - 1 elementwise passes per chunk and direction), the carries in XLA.
+CUDA cores (C - 1 elementwise passes per chunk and direction), the carries in XLA. The "_subblock" variants (VARIANTS)
+walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs between sub-blocks on the tensor
+cores, from decay factors formed in XLA (_subblock_factors).
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
