@@ -300,6 +300,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
 
     _, scores = jax.lax.fori_loop(1, SUB if sub else c, offset, (x.decay_start(), scores))
     if sub:  # the walk's pairs that cross a sub-block boundary are the products' (they read other sub-blocks' gates)
+        k = x.shifted(kpad, c)  # read again: not live through the walk
         scores = jnp.where(x.gap == 0, scores, 0.0) + _cross_scores(x, q, k, factors, g1, (a_hi, a_lo), (b_hi, b_lo))
     _store_split((a_hi, a_lo), scores)
     for vt in range(n_dv):  # static
