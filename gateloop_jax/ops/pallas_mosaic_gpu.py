@@ -335,7 +335,6 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     x.fill(k_ref, xpad, c, g1, 0)
     x.fill(lr_ref, lrpad, c, g1, 1)
     x.fill(th_ref, thpad, c, g1, 2)
-    q = x.get(q_ref, x.d0, g1)
     # With sub-blocks the products come first and start the walk's sums, which then see W only within sub-blocks:
     # no more tiles live through the walk than without.
     dq = xim = x.zeros
@@ -361,10 +360,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     x.fill(lr_ref, lrpad, 0, g1, 1)
     x.fill(th_ref, thpad, 0, g1, 2)
     k = x.get(k_ref, x.d0, g1)
+    q = x.shifted(xpad, 0)  # read here, not held through the query rows
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
     dk = yim = x.zeros
     if sub:  # the products' transposed scores wait in v_pair for dv
-        dk, yim, a_t_x = _cross_key_rows(x, w_t, x.shifted(xpad, 0), k, factors, g1, dy_pair, v_pair, tmp)
+        dk, yim, a_t_x = _cross_key_rows(x, w_t, q, k, factors, g1, dy_pair, v_pair, tmp)
         _store_split(v_pair, a_t_x)
         w_t = jnp.where(x.gap == 0, w_t, 0.0)
 
