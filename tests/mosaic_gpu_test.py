@@ -47,11 +47,14 @@ def _inputs(rng, b, t, h, dk, dv):
     return q, k, v, log_r, theta, h0, dy, dfinal
 
 
-def _check(args):
-    """One forward (vjp) through the public op, then y, final state and all six gradients against the oracle."""
+def _check(args, variant=None):
+    """One forward (vjp) through the public op (or the kernel variant given), then y, final state and all six
+    gradients against the oracle."""
     q, k, v, log_r, theta, h0, dy, dfinal = args
 
     def fn(q, k, v, log_r, theta, h0):
+        if variant is not None:
+            return pm.gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, variant=variant)
         a = ops.PolarTransition(log_r, theta)
         return ops.gateloop(q, k, v, a, mode="mosaic_gpu", initial_state=h0, return_state=True)
 
@@ -88,6 +91,21 @@ def test_every_width_matches_oracle(dk, dv):
 def test_extreme_gates_carried_state_several_chunks():
     """All four gate regimes, t = 131: three chunks (the state carried between them), the last one padded."""
     _check(_inputs(np.random.default_rng(7), 4, 131, 1, 32, 32))
+
+
+@needs_mosaic
+def test_subblock_extreme_gates_carried_state():
+    """The "_subblock" variant (diagonals within 16-row sub-blocks, the other pairs as products of factored decays):
+    all four gate regimes over three chunks, so every sub-block distance d = 1..3 and the carried state count."""
+    _check(_inputs(np.random.default_rng(7), 4, 131, 1, 32, 32), variant="padded_subblock")
+
+
+@needs_mosaic
+def test_subblock_mixed_widths():
+    """"_subblock" with two d_qk tiles (their partial scores and gradients summed) and two d_v tiles; t = 57 fills
+    all four sub-blocks of its one chunk. Regime 0: |a| log-uniform, so the factored decays span every scale."""
+    args = _inputs(np.random.default_rng(11), 1, 57, 1, 96, 128)
+    _check(args, variant="padded_subblock")
 
 
 @needs_mosaic

@@ -3,6 +3,10 @@ then every head width for the best one, then (time left) each passing variant's 
 
     python experiments/kernel_dev/check_mosaic_gpu.py --out $OUT/mosaic_variants.json        # ~3.5 min on an H100
     compute-sanitizer --tool racecheck python experiments/kernel_dev/check_mosaic_gpu.py --racecheck --variants padded
+    python experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock --rest '' --budget_s 200
+
+The last: the sub-block variant beside the default at d = 32 and 64, then each one's fwd+bwd time at the issue's
+shape (4 x 8192 tokens, 8 heads of 64, bf16).
 
 Variants: ops/pallas_mosaic_gpu.VARIANTS (the pad buffers' layout, approx_math). Per (variant, d_qk, d_v) and gate
 regime (tests/mosaic_gpu_test._inputs: |a| log-uniform in [1e-6, 1], ~1e-6, within 1e-5 of 1, both extremes
@@ -35,7 +39,8 @@ OUTPUTS = ("y", "final.re", "final.im", "dq", "dk", "dv", "dlog_r", "dtheta", "d
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "mosaic_variants.json"))
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated, of ops/pallas_mosaic_gpu.VARIANTS")
+    p.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANTS],
+                   help="of ops/pallas_mosaic_gpu.VARIANTS, space- or comma-separated")
     p.add_argument("--length", type=int, default=197, help="odd, several 64-row chunks")
     p.add_argument("--rest", default=",".join(f"{a}:{b}" for a, b in REST_PAIRS),
                    help="d_qk:d_v,... checked for the best variant only ('' for none)")
@@ -53,7 +58,7 @@ def main(argv=None):
 
     from gateloop_jax.ops import pallas_mosaic_gpu as pm
 
-    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for arg in args.variants for v in arg.split(",") if v]
     for v in variants:
         if v not in pm.VARIANTS:
             p.error(f"--variants: {v!r} is not one of {pm.VARIANTS}")

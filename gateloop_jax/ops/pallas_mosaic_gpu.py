@@ -27,7 +27,9 @@ over the positions whose decay it crosses, so none is a difference of large numb
 |a| ~ 1e-6 too.
 
 Untuned: one warpgroup per program, no TMA double buffering, every product three bf16 wgmmas, the diagonals on the
-CUDA cores (C - 1 elementwise passes per chunk and direction), the carries in XLA.
+CUDA cores (C - 1 elementwise passes per chunk and direction), the carries in XLA. The "_subblock" variants (VARIANTS)
+walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs between sub-blocks on the tensor
+cores, from decay factors formed in XLA (_subblock_factors).
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
@@ -90,10 +92,19 @@ _TWO_PI = 2.0 * math.pi
 # offset. Its rounding grows by ~1 ulp per step (<= 64 ulp, ~4e-6), and products of tiny gates underflow to 0, their
 # value to float32 precision. "_exact" at the end turns off approx_math (PTX ex2 / sin / cos.approx), to rule the
 # transcendentals in or out on the GPU.
+# "_subblock" (after the decay form): the diagonals only within sub-blocks of SUB = 16 rows (15 offsets instead of
+# 63); every pair (n, m) whose rows lie d = 1..3 sub-blocks apart by tensor-core products of the factored decay
+# Z_nm = P_n Q_{d,m}, P_n = e^{sum of the gates from n's sub-block start to n}, Q_{d,m} = e^{sum from m + 1 to the
+# end of the sub-block before n's} (_subblock_factors): both exponents are sums of log|a| <= 0 over their own rows, so
+# neither factor overflows (an underflow to 0 stands for a product below float32 range), and no exponent is a
+# difference of prefix sums (which cancels catastrophically at |a| ~ 1e-6). Per d, Re(q P . (k Q_d)^T) is two real
+# products ([q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T), kept where the rows are d sub-blocks apart.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
+VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact")
 VARIANT = "padded"
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
+SUB = 16  # rows per sub-block ("_subblock")
 
 
 def unavailable_reason() -> str | None:
@@ -232,6 +243,11 @@ class _Ctx:
     def bcast(self, col):
         return jax.lax.broadcast_in_dim(col, (CHUNK, TILE), [0])
 
+    @property
+    def gap(self):
+        """sub-block(row) - sub-block(column) ("_subblock"): 0 on the diagonal walk's pairs, d for the products'."""
+        return jax.lax.shift_right_arithmetic(self.rows, 4) - jax.lax.shift_right_arithmetic(self.cols, 4)
+
 
 def _store_split(pair, x):
     x_hi, x_lo = _split(x)
@@ -258,11 +274,12 @@ def _t(pair):
     return pair[0].T, pair[1].T
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo,
-                    bars, *, h, n_chunks, n_dv, pad, carry):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
     (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes them (VARIANTS:
-    log|a| and arg a, or Re a and Im a)."""
+    log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors."""
+    factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
+    y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo, bars = refs
     c = CHUNK
     x = _Ctx(bars, h, n_chunks, pad, carry)
     # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
@@ -281,22 +298,28 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, y_ref, kpad, lrpad, thp
         w = jnp.sum(q * x.shifted(kpad, c - delta) * x.decay(state, imag=False)[0], axis=1)
         return state, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
-    _, scores = jax.lax.fori_loop(1, c, offset, (x.decay_start(), scores))
+    _, scores = jax.lax.fori_loop(1, SUB if sub else c, offset, (x.decay_start(), scores))
+    if sub:  # the walk's pairs that cross a sub-block boundary are the products' (they read other sub-blocks' gates)
+        k = x.shifted(kpad, c)  # read again: not live through the walk
+        scores = jnp.where(x.gap == 0, scores, 0.0) + _cross_scores(x, q, k, factors, g1, (a_hi, a_lo), (b_hi, b_lo))
     _store_split((a_hi, a_lo), scores)
     for vt in range(n_dv):  # static
         _store_split((b_hi, b_lo), x.get(v_ref, vt * TILE, g2, 4))
         x.put(_mm((a_hi, a_lo), (b_hi, b_lo)), g1, y_ref, x.kt, vt * TILE)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad,
-                     lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars, *, h, n_chunks, n_dv, pad,
-                     carry):
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
-    The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on."""
+    The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on.
+    With sub, refs starts with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other
+    pairs are products (_cross_query_rows, _cross_key_rows)."""
+    factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
+    dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars = refs
     c = CHUNK
+    n_walk = SUB if sub else c
     x = _Ctx(bars, h, n_chunks, pad, carry)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
     w = w_t = x.zeros
@@ -312,7 +335,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
     x.fill(k_ref, xpad, c, g1, 0)
     x.fill(lr_ref, lrpad, c, g1, 1)
     x.fill(th_ref, thpad, c, g1, 2)
-    q = x.get(q_ref, x.d0, g1)
+    # With sub-blocks the products come first and start the walk's sums, which then see W only within sub-blocks:
+    # no more tiles live through the walk than without.
+    dq = xim = x.zeros
+    if sub:
+        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, c), factors, g1, dy_pair, v_pair)
+        w = jnp.where(x.gap == 0, w, 0.0)
 
     def query_offset(delta, loop):
         state, dq, xim = loop
@@ -321,7 +349,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
         f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta)
         return state, dq + f * z_re, xim + f * z_im
 
-    _, dq, xim = jax.lax.fori_loop(1, c, query_offset, (x.decay_start(), x.zeros, x.zeros))
+    _, dq, xim = jax.lax.fori_loop(1, n_walk, query_offset, (x.decay_start(), dq, xim))
     x.put(dq, g1, dq_ref, None, x.d0)
     x.put(xim, g1, xim_ref, None, x.d0)
 
@@ -332,7 +360,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
     x.fill(lr_ref, lrpad, 0, g1, 1)
     x.fill(th_ref, thpad, 0, g1, 2)
     k = x.get(k_ref, x.d0, g1)
+    q = x.shifted(xpad, 0)  # read here, not held through the query rows
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
+    dk = yim = x.zeros
+    if sub:  # the products' transposed scores wait in v_pair for dv
+        dk, yim, a_t_x = _cross_key_rows(x, w_t, q, k, factors, g1, dy_pair, v_pair, tmp)
+        _store_split(v_pair, a_t_x)
+        w_t = jnp.where(x.gap == 0, w_t, 0.0)
 
     def key_offset(delta, loop):
         state, dk, yim, a_t = loop
@@ -344,13 +378,85 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, dq_ref, xim_re
         a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
         return state, dk + wcol * qc, yim + wcol * qs, a_t
 
-    _, dk, yim, a_t = jax.lax.fori_loop(1, c, key_offset, (x.decay_start(), x.zeros, x.zeros, a_t))
+    _, dk, yim, a_t = jax.lax.fori_loop(1, n_walk, key_offset, (x.decay_start(), dk, yim, a_t))
     x.put(dk, g1, dk_ref, None, x.d0)
     x.put(yim, g1, yim_ref, None, x.d0)
-    _store_split(tmp, a_t)
+    # With sub-blocks the walk also wrote the pairs across a boundary (from other sub-blocks' gates): dropped.
+    _store_split(tmp, jnp.where(x.gap == 0, a_t, 0.0) if sub else a_t)
     for vt in range(n_dv):
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
-        x.put(_mm(tmp, dy_pair), g1, dv_ref, x.kt, vt * TILE)
+        dv = _mm(tmp, dy_pair)
+        x.put(dv + _mm(v_pair, dy_pair) if sub else dv, g1, dv_ref, x.kt, vt * TILE)
+
+
+def _cross_scores(x, q, k, factors, staging, qt, kt):
+    """The scores of the pairs d = 1..3 sub-blocks apart: Re(q_n P_n . k_m Q_{d,m}) summed over this d_qk tile, as
+    [q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T, each product kept where the rows are d sub-blocks apart."""
+    p_re, p_im, *q_d = factors
+    out = x.zeros
+    for part, p_ref in enumerate((p_re, p_im)):  # static
+        _store_split(qt, q * x.get(p_ref, x.d0, staging) * (1.0 - 2.0 * part))
+        for d in (1, 2, 3):
+            _store_split(kt, k * x.get(q_d[2 * (d - 1) + part], x.d0, staging))
+            out = out + jnp.where(x.gap == d, _mm(qt, _t(kt)), 0.0)
+    return out
+
+
+def _cross_query_rows(x, w, k, factors, staging, wp, kp):
+    """(Re, Im) of sum_m W[n, m] k_m Z_nm over the pairs d = 1..3 sub-blocks apart: P_n sum_d W_d (k Q_d), W_d the
+    pairs d apart (two real products per d, then one complex scaling by P)."""
+    p_re, p_im, *q_d = factors
+    u_re = u_im = x.zeros
+    for d in (1, 2, 3):  # static
+        _store_split(wp, jnp.where(x.gap == d, w, 0.0))
+        _store_split(kp, k * x.get(q_d[2 * d - 2], x.d0, staging))
+        u_re = u_re + _mm(wp, kp)
+        _store_split(kp, k * x.get(q_d[2 * d - 1], x.d0, staging))
+        u_im = u_im + _mm(wp, kp)
+    p_re, p_im = x.get(p_re, x.d0, staging), x.get(p_im, x.d0, staging)
+    return p_re * u_re - p_im * u_im, p_im * u_re + p_re * u_im
+
+
+def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
+    """Over the pairs d = 1..3 sub-blocks apart, for key rows m: (Re, Im) of sum_n W[n, m] q_n Z_nm = Q_{d,m} (W_d^T
+    (q P))_m, and the transposed scores A^T[m, n] = Re(k_m Q_{d,m} . q_n P_n) (for dv)."""
+    p_re, p_im, *q_d = factors
+    _store_split(qp_re, q * x.get(p_re, x.d0, staging))
+    _store_split(qp_im, q * x.get(p_im, x.d0, staging))
+    dk = yim = a_t = x.zeros
+    for d in (1, 2, 3):  # static
+        apart = x.gap == -d  # rows m, columns n: n's sub-block d after m's
+        _store_split(tmp, jnp.where(apart, w_t, 0.0))
+        v_re, v_im = _mm(tmp, qp_re), _mm(tmp, qp_im)
+        q_re, q_im = x.get(q_d[2 * d - 2], x.d0, staging), x.get(q_d[2 * d - 1], x.d0, staging)
+        dk, yim = dk + q_re * v_re - q_im * v_im, yim + q_im * v_re + q_re * v_im
+        _store_split(tmp, k * q_re)
+        s = _mm(tmp, _t(qp_re))
+        _store_split(tmp, k * q_im)
+        a_t = a_t + jnp.where(apart, s - _mm(tmp, _t(qp_im)), 0.0)
+    return dk, yim, a_t
+
+
+def _subblock_factors(lr, th):
+    """The factored decays of "_subblock" as (Re, Im) pairs, each (b, t, h, k): P (row n: e^{sum of the gates from
+    n's sub-block start to n}), then Q_d for d = 1, 2, 3 (row m: e^{sum from m + 1 to the end of the (d-1)-th
+    sub-block after m's}). Every exponent is summed directly over its own rows (same-sign log|a|: no cancellation); a
+    Q_d that reaches past the chunk end is never used. th wrapped."""
+    b, tp, h, dkp = lr.shape
+    lr_s = lr.reshape(b, tp // SUB, SUB, h, dkp)
+    th_s = th.reshape(b, tp // SUB, SUB, h, dkp)
+    tot_r, tot_p = jnp.sum(lr_s, axis=2, keepdims=True), _wrap(jnp.sum(th_s, axis=2, keepdims=True))
+
+    def later(z, i):  # the totals of the i-th next sub-block (zero past the end)
+        return jnp.concatenate([z[:, i:], jnp.zeros_like(z[:, :i])], axis=1)
+
+    q_r = [reverse_exclusive_cumsum(lr_s, axis=2)]
+    q_p = [_wrap(reverse_exclusive_cumsum(th_s, axis=2))]
+    for i in (1, 2):
+        q_r.append(q_r[-1] + later(tot_r, i))
+        q_p.append(_wrap(q_p[-1] + later(tot_p, i)))
+    exps = [(jnp.cumsum(lr_s, axis=2), _wrap(jnp.cumsum(th_s, axis=2)))] + list(zip(q_r, q_p))
+    return tuple(z.reshape(b, tp, h, dkp) for e in exps for z in _polar(*e))
 
 
 def _gate_sums(lr, th):
@@ -390,23 +496,26 @@ def _pad_smem(pad):
 
 
 def _split_variant(variant):
-    """-> (pad layout, carry, approx_math)."""
+    """-> (pad layout, carry, approx_math, sub-blocks)."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    return variant.split("_")[0], "_carry" in variant, not variant.endswith("_exact")
+    return variant.split("_")[0], "_carry" in variant, not variant.endswith("_exact"), "_subblock" in variant
 
 
 def _kernel_gates(lr, th, variant):
-    """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped)."""
-    return _polar(lr, th) if _split_variant(variant)[1] else (lr, th)
+    """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped), then, for
+    "_subblock", the factors of _subblock_factors."""
+    _, carry, _, sub = _split_variant(variant)
+    return (*(_polar(lr, th) if carry else (lr, th)), *(_subblock_factors(lr, th) if sub else ()))
 
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, carry, approx_math = _split_variant(variant)
+    pad, carry, approx_math, sub = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
-    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry)
+    body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry,
+                             sub=sub)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
