@@ -4,7 +4,8 @@
 # part does not stop the next. About 8 minutes in all.
 #
 #   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
-#   PARTS="bench train" OUT=... bash ...   # a subset of accuracy, bench, train (about 5 minutes without accuracy)
+#   PARTS="bench train" OUT=... bash ...   # a subset of accuracy, bench, train, subblock (about 5 minutes without accuracy)
+#   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy, then fwd+bwd timing
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -24,6 +25,17 @@ if want accuracy; then
     log "accuracy"
     timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
         --rest "${ACCURACY_REST:-96:96,128:128,256:256,32:96,256:64}" --budget_s 120 --bench_length 0 2>&1 \
+        | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+fi
+
+# (1b) The "_subblock" variant (diagonals within 16-row sub-blocks, the rest on the tensor cores) beside the default:
+# accuracy at d = 32 and 64 and a fwd+bwd timing at the shape in one run, then its other widths.
+if want subblock; then
+    log "subblock"
+    timeout 240 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock --rest '' \
+        --budget_s 200 --out "$OUT/subblock.json" 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+    timeout 240 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock \
+        --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 200 --out "$OUT/subblock_rest.json" 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi
 
