@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--scopes", default="op,layer")
-    p.add_argument("--modes", default="", help="comma list; default gateloop_jax.ops.MODES + auto")
+    p.add_argument("--modes", default="", help="comma list; default gateloop_jax.ops.MODES + auto; "
+                   "mosaic_gpu:VARIANT (op scope) times a variant of ops/pallas_mosaic_gpu.VARIANTS")
     p.add_argument(
         "--peers",
         default="softmax_cudnn,softmax_xla,jla_gla",

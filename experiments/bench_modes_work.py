@@ -97,6 +97,19 @@ def op_fn(mode: str, pass_: str, chunk_size, *, upcast: bool = False, segments: 
             return gla_rotation.jla_gla(q, k, v, log_magnitude, None)[0]
 
         names = ("q", "k", "v", "log_magnitude")
+    elif mode.startswith("mosaic_gpu:"):
+        # A kernel-development variant of mode "mosaic_gpu" (ops/pallas_mosaic_gpu.VARIANTS), beside the default in
+        # one run; op scope only (the layer takes the library's modes).
+        from gateloop_jax.ops import pallas_mosaic_gpu
+
+        variant = mode.split(":", 1)[1]
+
+        def forward(q, k, v, log_magnitude, phase):
+            if upcast:
+                q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+            return pallas_mosaic_gpu.gateloop_mosaic_gpu(q, k, v, log_magnitude, phase, None, variant=variant)[0]
+
+        names = ("q", "k", "v", "log_magnitude", "phase")
     else:
         kw = {"chunk_size": chunk_size} if (mode == "chunked" and chunk_size) else {}
 

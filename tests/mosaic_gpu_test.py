@@ -199,3 +199,24 @@ def test_auto_and_unavailable():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="mosaic_gpu.*jax >= 0.11"):
         ops.gateloop(q, q, q, ops.PolarTransition(q, q), mode="mosaic_gpu")
+
+
+@needs_mosaic
+def test_bench_modes_times_a_kernel_variant_by_name():
+    """experiments/bench_modes.py's "mosaic_gpu:VARIANT" (op scope) runs that variant of the kernel: the same y as
+    the oracle at float32 level (bf16-pair operands: see RTOL), and an unknown variant is refused by name."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import bench_modes_work
+
+    q, k, v, log_r, theta, _, _, _ = _inputs(np.random.default_rng(5), 1, 64, 1, 32, 32)
+    forward, names = bench_modes_work.op_fn("mosaic_gpu:padded_subblock", "fwd", None)
+    assert names == ("q", "k", "v", "log_magnitude", "phase")
+    y = np.asarray(forward(q, k, v, log_r, theta))
+    y_ref, _ = gateloop_forward(q, k, v, log_r, theta)
+    assert max_rel_error(y, y_ref) < RTOL
+    forward, _ = bench_modes_work.op_fn("mosaic_gpu:no_such_variant", "fwd", None)
+    with pytest.raises(ValueError, match="no_such_variant"):
+        forward(q, k, v, log_r, theta)

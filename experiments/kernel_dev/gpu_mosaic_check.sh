@@ -29,14 +29,20 @@ if want accuracy; then
 fi
 
 # (1b) The "_subblock" variant (diagonals within 16-row sub-blocks, the rest on the tensor cores) beside the default:
-# accuracy at d = 32 and 64 and a fwd+bwd timing at the shape in one run, then its other widths.
+# accuracy at d = 32 and 64, the op benchmark with the peers (bench_modes.py's mosaic_gpu:VARIANT), its other widths.
 if want subblock; then
-    log "subblock"
-    timeout 240 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock --rest '' \
-        --budget_s 200 --out "$OUT/subblock.json" 2>&1 | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
-    timeout 240 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock \
-        --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 200 --out "$OUT/subblock_rest.json" 2>&1 \
-        | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
+    log "subblock accuracy"
+    timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock --rest '' \
+        --bench_length 0 --budget_s 140 --out "$OUT/subblock.json" 2>&1 | grep -v '^ ' | tail -30 | tee -a "$OUT/log.txt"
+    log "subblock bench"
+    timeout 170 $PY experiments/bench_modes.py --out "$OUT" --json modes_subblock.json --settings multihead --scopes op \
+        --passes fwdbwd,fwd --dtypes bfloat16 --modes mosaic_gpu,mosaic_gpu:padded_subblock,pallas,chunked \
+        --peers softmax_cudnn,jla_gla --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority \
+        --lengths 1024,8192,32768 --budget_s 140 2>&1 | tail -20 | tee -a "$OUT/log.txt"
+    log "subblock widths"
+    timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock \
+        --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 140 --out "$OUT/subblock_rest.json" \
+        2>&1 | grep -v '^ ' | tail -30 | tee -a "$OUT/log.txt"
 fi
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the
