@@ -220,3 +220,24 @@ def test_bench_modes_times_a_kernel_variant_by_name():
     forward, _ = bench_modes_work.op_fn("mosaic_gpu:no_such_variant", "fwd", None)
     with pytest.raises(ValueError, match="no_such_variant"):
         forward(q, k, v, log_r, theta)
+
+
+@needs_mosaic
+def test_profile_script_times_every_stage_of_a_variant(tmp_path):
+    """experiments/kernel_dev/profile_mosaic_gpu.py (run on the GPU to split the time between the kernels and XLA)
+    runs end to end at its smoke size and records every stage; a variant not in VARIANTS is refused by name."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import profile_mosaic_gpu
+
+    profile_mosaic_gpu.main(["--smoke", "--variants", "padded_subblock", "--out", str(tmp_path)])
+    (record,) = json.loads((tmp_path / "mosaic_profile.json").read_text())["records"]
+    assert "error" not in record, record
+    stages = ("factors", "fwd_kernel", "fwd_total", "bwd_kernel", "bwd_total", "fwd_bwd_total", "fwd_xla", "bwd_xla")
+    assert set(record["ms"]) == set(stages)
+    with pytest.raises(SystemExit):
+        profile_mosaic_gpu.main(["--smoke", "--variants", "no_such_variant", "--out", str(tmp_path)])

@@ -5,7 +5,8 @@
 #
 #   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
 #   PARTS="bench train" OUT=... bash ...   # a subset of accuracy, bench, train, subblock (about 5 minutes without accuracy)
-#   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy, then fwd+bwd timing
+#   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy, op benchmark, widths
+#   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of both variants
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -43,6 +44,13 @@ if want subblock; then
     timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock \
         --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 140 --out "$OUT/subblock_rest.json" \
         2>&1 | grep -v '^ ' | tail -30 | tee -a "$OUT/log.txt"
+fi
+
+# (1c) Where the time goes: each variant's kernels and XLA parts timed alone (profile_mosaic_gpu.py).
+if want profile; then
+    log "profile"
+    timeout 300 $PY experiments/kernel_dev/profile_mosaic_gpu.py --out "$OUT" --variants padded,padded_subblock \
+        --lengths 1024,8192 --budget_s 240 2>&1 | tail -30 | tee -a "$OUT/log.txt"
 fi
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the

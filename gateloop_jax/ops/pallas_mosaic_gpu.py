@@ -529,21 +529,26 @@ def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
 
 
+def _forward_intra(q, k, v, lr, th, *, opts):
+    """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
+    b, tp, h, dkp = q.shape
+    pad = _split_variant(opts[1])[0]
+    scratch = (
+        *(_pad_smem(pad) for _ in range(3)), _f32_staging(), _f32_staging(),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
+    )
+    out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
+    gates = _kernel_gates(lr, th, opts[1])
+    return jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
+
+
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
     and every chunk's start state (b, h, n, k, v) complex, saved for the backward."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n = tp // CHUNK
-    # The kernel: the intra-chunk part, every (chunk, tile) an independent program.
-    pad = _split_variant(opts[1])[0]
-    scratch = (
-        *(_pad_smem(pad) for _ in range(3)), _f32_staging(), _f32_staging(),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
-    )
-    out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, dvp), jnp.float32)
-    gates = _kernel_gates(lr, th, opts[1])
-    y = jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
+    y = _forward_intra(q, k, v, lr, th, opts=opts)
 
     # Between chunks (XLA): each chunk's increment relative to its end, the chunk-start states by an associative scan
     # over chunks, and Re(q e^{G + i Phi} H_start) added to y. Every factor is e^{sum of log|a| <= 0}.
@@ -560,22 +565,26 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     return y + y_inter.reshape(b, tp, h, dvp), jnp.real(final), jnp.imag(final), starts
 
 
-def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
-    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
+def _backward_intra(q, k, v, lr, th, dy, *, opts):
+    """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
-    dvp = v.shape[-1]
-    n = tp // CHUNK
-    n_dk = dkp // TILE
     pad = _split_variant(opts[1])[0]
     scratch = (
         *(_pad_smem(pad) for _ in range(3)), _f32_staging(),
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), plgpu.Barrier(num_barriers=3),
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
-    out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((n_dk, b, tp, h, dvp), jnp.float32),)
+    out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32),)
     gates = _kernel_gates(lr, th, opts[1])
     dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, opts, q, k, v, dy, *gates)
-    dv = jnp.sum(dv, axis=0)
+    return dq_in, xim_in, dk_in, yim_in, jnp.sum(dv, axis=0)
+
+
+def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
+    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
+    b, tp, h, dkp = q.shape
+    n = tp // CHUNK
+    dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, opts=opts)
 
     # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
     # E_start[j] = conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by a
