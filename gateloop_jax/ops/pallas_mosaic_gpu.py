@@ -20,8 +20,9 @@ the chunk start:
 
 Backward (custom VJP): the backward kernel, per chunk and tile pair, takes the query-row diagonals (dq and Im Dq) and
 the key-row diagonals (queries read shifted up: dk, Im Dk, and the transposed scores for dv = A^T dy); the cotangent
-of the state is carried between chunks in XLA (a reversed associative scan), with the inter-chunk terms. The forward
-saves the chunk-start states (t / 64 x d_qk x d_v per head). dlog|a| and darg a follow from those coefficients (y
+of the state is carried between chunks in XLA (a reversed associative scan), with the inter-chunk terms. The VJP
+saves only the operands as the caller passed them and rebuilds the padded copies and the chunk-start states (t / 64 x
+d_qk x d_v complex per head) in the backward (`_core_bwd`). dlog|a| and darg a follow from those coefficients (y
 depends on the gates only through q e^{G + i Phi}, k e^{-G - i Phi} and the chunk's end factors), each term summed
 over the positions whose decay it crosses, so none is a difference of large numbers: float32-level accuracy for
 |a| ~ 1e-6 too.
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 
 from gateloop_jax.ops.chunked import _carry_states_associative
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
-from gateloop_jax.ops.kernel_util import pad_operands, unpad_outputs
+from gateloop_jax.ops.kernel_util import pad_operands
 
 try:
     from jax.experimental import pallas as pl
@@ -542,6 +543,19 @@ def _forward_intra(q, k, v, lr, th, *, opts):
     return jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
 
+def _chunk_states(k, v, sums, h0re, h0im):
+    """Every chunk's start state (b, h, n, k, v) complex and the final state (b, h, k, v): each chunk's increment
+    relative to its end, then an associative scan over chunks. Every factor is e^{sum of log|a| <= 0}. sums:
+    _gate_sums of the gates."""
+    b, tp, h, _ = k.shape
+    _, _, suf_r, suf_p, tot_r, tot_p = sums
+    chunks = lambda z: z.reshape(b, tp // CHUNK, CHUNK, h, z.shape[-1])  # noqa: E731
+    k_re, k_im = _polar(suf_r, suf_p)
+    kc, vc = chunks(k), chunks(v)
+    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", kc * k_re, vc), _einsum("bnchk,bnchv->bhnkv", kc * k_im, vc))
+    return _carry_states_associative(jax.lax.complex(*_polar(tot_r, tot_p)), inc, jax.lax.complex(h0re, h0im))
+
+
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
     and every chunk's start state (b, h, n, k, v) complex, saved for the backward."""
@@ -550,15 +564,11 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     n = tp // CHUNK
     y = _forward_intra(q, k, v, lr, th, opts=opts)
 
-    # Between chunks (XLA): each chunk's increment relative to its end, the chunk-start states by an associative scan
-    # over chunks, and Re(q e^{G + i Phi} H_start) added to y. Every factor is e^{sum of log|a| <= 0}.
-    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
+    # Between chunks (XLA): the chunk-start states, then Re(q e^{G + i Phi} H_start) added to y.
+    sums = _gate_sums(lr, th)
+    starts, final = _chunk_states(k, v, sums, h0re, h0im)
     chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
-    k_re, k_im = _polar(suf_r, suf_p)
-    kc, vc = chunks(k), chunks(v)
-    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", kc * k_re, vc), _einsum("bnchk,bnchv->bhnkv", kc * k_im, vc))
-    starts, final = _carry_states_associative(jax.lax.complex(*_polar(tot_r, tot_p)), inc, jax.lax.complex(h0re, h0im))
-    q_re, q_im = _polar(pre_r, pre_p)
+    q_re, q_im = _polar(*sums[:2])
     qc = chunks(q)
     y_inter = (_einsum("bnchk,bhnkv->bnchv", qc * q_re, jnp.real(starts))
                - _einsum("bnchk,bhnkv->bnchv", qc * q_im, jnp.imag(starts)))
@@ -636,21 +646,48 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     return dq, dk, dv, flat(dlr), flat(dth), jnp.real(dh0), jnp.imag(dh0)
 
 
+def _padded(q, k, v, log_r, theta, h0re, h0im):
+    """The kernels' operands: float32, t to a multiple of CHUNK, d_qk and d_v to multiples of TILE, theta wrapped."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    tp, dkp, dvp = _round_up(t, CHUNK), _round_up(dk, TILE), _round_up(dv, TILE)
+    (q, k, v, lr, th), _, _ = pad_operands(q, k, v, log_r, theta, None, tp, dkp, dvp, dtype=jnp.float32)
+    widths = ((0, 0), (0, 0), (0, dkp - dk), (0, dvp - dv))
+    return q, k, v, lr, _wrap(th), jnp.pad(h0re, widths), jnp.pad(h0im, widths)
+
+
+def _unpad_like(x, like):
+    """x (padded, float32) cut to like's shape and cast to its dtype."""
+    return x[tuple(slice(0, n) for n in like.shape)].astype(like.dtype)
+
+
+# The custom VJP takes the operands as the caller has them (unpadded, q, k, v in their own dtype) and saves only those:
+# the padded float32 copies and the chunk-start states (b, h, t / 64, k, v complex, as large as q and k together at
+# d = 64 and more for wider heads) are rebuilt in the backward, which costs one more pass of the XLA carry and keeps
+# a many-layer model's saved activations to what its layers hold anyway.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(opts, q, k, v, lr, th, h0re, h0im):
-    y, f_re, f_im, _ = _forward(q, k, v, lr, _wrap(th), h0re, h0im, opts=opts)
-    return y, f_re, f_im
+def _core(opts, q, k, v, log_r, theta, h0re, h0im):
+    return _core_fwd(opts, q, k, v, log_r, theta, h0re, h0im)[0]
 
 
-def _core_fwd(opts, q, k, v, lr, th, h0re, h0im):
-    th = _wrap(th)
-    y, f_re, f_im, starts = _forward(q, k, v, lr, th, h0re, h0im, opts=opts)
-    return (y, f_re, f_im), (q, k, v, lr, th, starts)
+def _core_fwd(opts, q, k, v, log_r, theta, h0re, h0im):
+    y, f_re, f_im, _ = _forward(*_padded(q, k, v, log_r, theta, h0re, h0im), opts=opts)
+    outs = (y[:, :v.shape[1], :, :v.shape[-1]], _unpad_like(f_re, h0re), _unpad_like(f_im, h0im))
+    return outs, (q, k, v, log_r, theta, h0re, h0im)
 
 
 def _core_bwd(opts, res, cts):
+    # One barrier over the saved operands and this op's cotangents: XLA can neither merge the rebuilt operands and
+    # states with the forward's (common-subexpression elimination would keep those alive from the forward on) nor
+    # rebuild them before the backward has reached this op (every layer's copies alive at once).
+    res, cts = jax.lax.optimization_barrier((res, cts))
+    q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
+    starts, _ = _chunk_states(k, v, _gate_sums(lr, th), h0re, h0im)
     dy, gf_re, gf_im = cts
-    return _backward(*res, dy, gf_re, gf_im, opts=opts)
+    dy = jnp.pad(dy, [(0, p - n) for p, n in zip(v.shape, dy.shape)])
+    gf_re, gf_im = (jnp.pad(g, [(0, p - n) for p, n in zip(h0re.shape, g.shape)]) for g in (gf_re, gf_im))
+    grads = _backward(*padded[:5], starts, dy, gf_re, gf_im, opts=opts)
+    return tuple(_unpad_like(g, x) for g, x in zip(grads, res))
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -670,12 +707,14 @@ def gateloop_mosaic_gpu(q, k, v, log_r, theta, h0, *, interpret: bool | None = N
     _split_variant(variant)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    b, t, h, dk = q.shape
+    b, _, h, dk = q.shape
     dv = v.shape[-1]
-    tp, dkp, dvp = _round_up(t, CHUNK), _round_up(dk, TILE), _round_up(dv, TILE)
-
-    args, h0re, h0im = pad_operands(q, k, v, log_r, theta, h0, tp, dkp, dvp, dtype=jnp.float32)
-    return unpad_outputs(*_core((bool(interpret), variant), *args, h0re, h0im), t, dk, dv)
+    if h0 is None:
+        h0re = h0im = jnp.zeros((b, h, dk, dv), jnp.float32)
+    else:
+        h0re, h0im = jnp.real(h0).astype(jnp.float32), jnp.imag(h0).astype(jnp.float32)
+    y, f_re, f_im = _core((bool(interpret), variant), q, k, v, log_r, theta, h0re, h0im)
+    return y, jax.lax.complex(f_re, f_im)
 
 
 __all__ = ["gateloop_mosaic_gpu", "serves_default_device", "supported", "unavailable_reason"]
