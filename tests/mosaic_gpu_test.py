@@ -241,3 +241,28 @@ def test_profile_script_times_every_stage_of_a_variant(tmp_path):
     assert set(record["ms"]) == set(stages)
     with pytest.raises(SystemExit):
         profile_mosaic_gpu.main(["--smoke", "--variants", "no_such_variant", "--out", str(tmp_path)])
+
+
+@needs_mosaic
+def test_backward_keeps_only_the_operands_of_each_stacked_op():
+    """What jax.grad through L stacked ops keeps per op (XLA's compiled temp memory, its growth from 2 to 6 ops): the
+    operands as passed (bf16 q, k, v here), not the padded float32 copies and chunk-start states, which the backward
+    rebuilds (_core_bwd). Those would be 5 x t x 128 x 4 bytes + (t / 64) x 128 x 128 x 8 bytes = 0.59 MB an op at
+    t = 128, d = 96 padded to 128; the rebuilt form keeps ~0.1 MB (bf16 operands, y, the residual stream)."""
+    b, t, h, d = 1, 128, 1, 96
+
+    def temp_bytes(n_ops):
+        def loss(ws, x, log_r, theta):
+            for w in ws:
+                q = jnp.tanh(x @ w).astype(jnp.bfloat16).reshape(b, t, h, d)
+                y, _ = pm.gateloop_mosaic_gpu(q, q, q, log_r, theta, None)
+                x = x + y.reshape(b, t, h * d)
+            return jnp.sum(x * x)
+
+        args = ([jnp.eye(h * d) * 0.5] * n_ops, jnp.ones((b, t, h * d)), jnp.full((b, t, h, d), -0.1),
+                jnp.ones((b, t, h, d)))
+        return jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    per_op = (temp_bytes(6) - temp_bytes(2)) / 4
+    saved_form = 5 * t * 128 * 4 + (t // 64) * 128 * 128 * 8
+    assert per_op < 0.4 * saved_form, (per_op, saved_form)
