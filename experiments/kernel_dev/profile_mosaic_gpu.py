@@ -1,6 +1,6 @@
 """Where the time of mode="mosaic_gpu" goes, per kernel variant: each stage jitted alone on real inputs and timed like
 bench_modes.py (median of runs, back-to-back calls), at 32768 tokens, 8 heads of 64, bf16 q, k, v and dy (the model's
-dtype; the op computes in float32).
+dtype; the op computes in float32), on bench_kernels.py's inputs.
 
 Usage (GPU machine; --smoke runs tiny shapes in interpret mode on CPU):
     python experiments/kernel_dev/profile_mosaic_gpu.py --out $OUT [--variants padded,padded_subblock] \
@@ -25,6 +25,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 
+# bench_kernels first: it loads gateloop_jax/ops alone where the model stack is missing, as on the GPU image.
+from bench_kernels import make_inputs  # noqa: E402, I001
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -33,18 +36,10 @@ from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 from gateloop_jax.ops.kernel_util import pad_operands  # noqa: E402
 
 
-def make_inputs(key, b, t, h, d, dtype):
-    """q, k, v, dy in dtype; gates float32 with |a| in [0.5, 0.9975] and phases in [-pi, pi) (as bench_modes.py)."""
-    kq, kk, kv, kr, kt, kd = jax.random.split(key, 6)
-    q, k, v, dy = (jax.random.normal(x, (b, t, h, d), jnp.float32).astype(dtype) for x in (kq, kk, kv, kd))
-    log_r = jnp.log(jax.random.uniform(kr, (b, t, h, d), jnp.float32, 0.5, 0.9975))
-    theta = jax.random.uniform(kt, (b, t, h, d), jnp.float32, -jnp.pi, jnp.pi)
-    return q, k, v, log_r, theta, dy
-
-
 def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
     b = max(1, tokens // length)
-    q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, dtype)
+    q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
+    dy = dy.astype(dtype)
     opts = (interpret, variant)
     tp, dp = pm._round_up(length, pm.CHUNK), pm._round_up(d, pm.TILE)
     (qp, kp, vp, lr, th), h0re, h0im = pad_operands(q, k, v, log_r, theta, None, tp, dp, dp, dtype=jnp.float32)

@@ -558,7 +558,7 @@ def _chunk_states(k, v, sums, h0re, h0im):
 
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
-    and every chunk's start state (b, h, n, k, v) complex, saved for the backward."""
+    and every chunk's start state (b, h, n, k, v) complex (which the backward rebuilds rather than keeps: _core_bwd)."""
     b, tp, h, dkp = q.shape
     dvp = v.shape[-1]
     n = tp // CHUNK
@@ -592,7 +592,7 @@ def _backward_intra(q, k, v, lr, th, dy, *, opts):
 
 def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
-    b, tp, h, dkp = q.shape
+    b, tp, h, _ = q.shape
     n = tp // CHUNK
     dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, opts=opts)
 
