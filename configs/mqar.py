@@ -8,7 +8,7 @@ Command (accelerator, the full size):
     python -m gateloop_jax.main --config configs/mqar.py:variant=transformer --workdir workdirs/mqar_transformer
 Measured on an H100 (trainer, this config as shipped; experiments/README.md, MQAR): eval/accuracy at 11k of the 20k
 steps linear_attention 0.997, real 0.98, fixed 0.98, the data-controlled GateLoop 0.89 and 0.97 (two seeds; 0.9985
-and 0.964 at 20k), the Transformer 0.9995 (0.998 from 4k steps; with RoPE on every channel 0.033, near
+and 0.964 at 20k), the Transformer 0.999 (0.995 from 4k steps; with RoPE on every channel 0.033, near
 1/K = 0.0625).
 CPU run (K=4 pairs at length 64, vocabulary 256; chance is 1/128), measured with the trainer on 2 shared cores:
 GateLoop at eval/accuracy 0.85 after 750 steps and 0.92 after 1000 (252 s after the first log, alone on the CPU),
