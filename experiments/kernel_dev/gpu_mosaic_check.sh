@@ -5,7 +5,8 @@
 #
 #   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
 #   PARTS="bench train" OUT=... bash ...   # a subset of accuracy, bench, train, subblock (about 5 minutes without accuracy)
-#   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy, op benchmark, widths
+#   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy at d = 32, 64, op benchmark
+#   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
 #   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of both variants
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
@@ -30,7 +31,8 @@ if want accuracy; then
 fi
 
 # (1b) The "_subblock" variant (diagonals within 16-row sub-blocks, the rest on the tensor cores) beside the default:
-# accuracy at d = 32 and 64, the op benchmark with the peers (bench_modes.py's mosaic_gpu:VARIANT), its other widths.
+# accuracy at d = 32 and 64, the op benchmark with the peers (bench_modes.py's mosaic_gpu:VARIANT); its other widths
+# in their own part.
 if want subblock; then
     log "subblock accuracy"
     timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock --rest '' \
@@ -40,6 +42,8 @@ if want subblock; then
         --passes fwdbwd,fwd --dtypes bfloat16 --modes mosaic_gpu,mosaic_gpu:padded_subblock,pallas,chunked \
         --peers softmax_cudnn,jla_gla --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority \
         --lengths 1024,8192,32768 --budget_s 140 2>&1 | tail -20 | tee -a "$OUT/log.txt"
+fi
+if want subblock_widths; then
     log "subblock widths"
     timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock \
         --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 140 --out "$OUT/subblock_rest.json" \
