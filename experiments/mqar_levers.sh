@@ -9,7 +9,11 @@
 #   - SET=phase_grad: GateLoop as shipped (no phase-path gradient into the mixer's input, model.phase_input_grad = 0)
 #     beside the full gradient (1.0) and a tenth of it, with an eighth of the channels phased, and real;
 #   - SET=final: the five variants as shipped (the table), GateLoop's second seed and GateLoop with the full
-#     phase-path gradient (phase_input_grad 1.0) for the cause at full size.
+#     phase-path gradient (phase_input_grad 1.0) for the cause at full size;
+#   - SET=schedule: real, fixed and GateLoop's seed 1 over the whole 20k steps (BUDGET=450: three trainers make ~50
+#     steps/s each), for "not below real" at the end of the schedule;
+#   - SET=coupling: real beside GateLoop with the phase coupled to the decay (model.phase_coupling = "decay"), two
+#     seeds, over the whole schedule.
 #
 #   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
 # Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
@@ -59,7 +63,17 @@ case $SET in
         run gateloop_seed1 gateloop --config.seed=1
         run gateloop_phase_input_grad1 gateloop --config.model.phase_input_grad=1.0
         ;;
-    *) echo "SET=$SET: one of optimizer, phase_grad, final" >&2; exit 2 ;;
+    schedule)
+        run real real
+        run fixed fixed
+        run gateloop_seed1 gateloop --config.seed=1
+        ;;
+    coupling)
+        run real real
+        run gateloop_decay_coupled gateloop --config.model.phase_coupling=decay
+        run gateloop_decay_coupled_seed1 gateloop --config.model.phase_coupling=decay --config.seed=1
+        ;;
+    *) echo "SET=$SET: one of optimizer, phase_grad, final, schedule, coupling" >&2; exit 2 ;;
 esac
 wait
 for d in "$work"/*/; do

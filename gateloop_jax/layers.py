@@ -249,6 +249,8 @@ class GateLoopMixer(nnx.Module):
                 theta = self.theta_proj(scale_gradient(x, config.phase_input_grad)).astype(jnp.float32)
         log_r = log_magnitude(gamma, config.magnitude_activation, config.magnitude_temperature)
         phi = zeros if theta is None else phase(theta, config.phase_activation)
+        if theta is not None and config.phase_coupling == "decay":
+            phi = phi * -log_r
         if theta is not None and config.phased_channels < shape[-1]:
             phi = jnp.where(jnp.arange(shape[-1]) < config.phased_channels, phi, 0.0)
         return ops.PolarTransition(log_r, phi)

@@ -16,6 +16,7 @@ _CHOICES = {
     "transition": ("data_controlled", "fixed", "real", "none"),
     "magnitude_activation": ("sigmoid", "sigmoid_tempered", "lru_exp"),
     "phase_activation": ("identity", "tanh_pi"),
+    "phase_coupling": ("free", "decay"),
     "output_norm": ("none", "layernorm", "groupnorm"),
     "init": ("slow_forget", "lru_ring", "default"),
     "ffn": ("gelu", "swiglu"),
@@ -66,6 +67,12 @@ class ModelConfig:
     magnitude_temperature: float = 16.0
     # arg a = g(theta): "identity" (paper) or "tanh_pi" pi * tanh(theta), bounded to (-pi, pi).
     phase_activation: str = "identity"
+    # How arg a relates to |a|. "free" (the paper): arg a = g(theta), independent of |a|. "decay": arg a =
+    # g(theta) * (-log|a|), so g(theta) is the angle turned per unit of forgetting (the complex S4D / Mamba
+    # discretisation a = exp(delta * (-alpha + i omega)), delta data-controlled): a token that keeps the state
+    # (|a| -> 1) turns it by nothing, and a memory that has decayed by a factor e^-D has turned by at most
+    # max|g(theta)| * D, so a channel that learns to hold a key across a gap also stops turning it.
+    phase_coupling: str = "free"
     # Norm on the recurrence output before the gate: "none", "layernorm" (over heads * d_v), "groupnorm" (per head).
     output_norm: str = "layernorm"
     # y * SiLU(W_g x) before the output projection (spec section 1).

@@ -263,6 +263,23 @@ def test_phase_fraction_leaves_the_other_channels_real():
             assert np.all(np.abs(phi[..., :phased]) > 0.0), (transition, fraction)
 
 
+def test_decay_coupled_phase_turns_in_proportion_to_forgetting():
+    """phase_coupling="decay": arg a = g(theta) * (-log|a|) channel by channel, with the same parameters as "free"
+    (so the same theta), for the data-controlled and the fixed transition; a token that keeps the state (|a| = 1 at
+    its padded positions, which the mask makes identity steps) turns it by nothing."""
+    x = jax.random.normal(jax.random.key(3), (2, 6, 32))
+    for transition in ("data_controlled", "fixed"):
+        free, coupled = (layers.GateLoopMixer(tiny("gateloop", transition=transition, init_max_phase=1.0,
+                                                   phase_coupling=c), rngs=nnx.Rngs(0)).transition(x)
+                         for c in ("free", "decay"))
+        np.testing.assert_array_equal(np.asarray(coupled.log_magnitude), np.asarray(free.log_magnitude))
+        expected = np.asarray(free.phase) * -np.asarray(free.log_magnitude)
+        np.testing.assert_allclose(np.asarray(coupled.phase), expected, rtol=1e-6, atol=0)
+        assert np.all(np.abs(expected) < np.abs(np.asarray(free.phase))), transition  # |a| < 1 shrinks every angle
+    with pytest.raises(ValueError, match="phase_coupling"):
+        tiny("gateloop", phase_coupling="tied").validate()
+
+
 def test_rope_fraction_rotates_only_the_first_channels():
     """rope_fraction=0.5 (d_qk = 16): RoPE turns the first 8 channels of q and k with the frequencies of an 8-channel
     head, the last 8 pass through unrotated, so a query matches a key there whatever their distance; 1.0 rotates all."""
