@@ -292,3 +292,31 @@ def test_mqar_runs_table_reports_when_each_run_crossed_each_threshold(tmp_path):
     assert "| gateloop | 200 | 0.8000 | 150 | - | - |" in table and (out / "t.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         mqar_runs.main(["--runs", str(tmp_path), "--stem", "t", "--machine", "m", "--command", "c"])
+
+
+def test_mqar_rotation_counts_the_turn_between_each_binding_and_its_query():
+    """A phase of c on fillers and d on every other token turns a key by c per filler and d per other token after its
+    binding, up to and including its query: the share of pairs within 0.5 rad of no turn is the share whose turn is
+    below 0.5 (none comes near a whole turn here), and with no phase at all every pair counts."""
+    import mqar_rotation
+    from gateloop_jax.data import synthetic
+
+    k, vocab = 4, 64
+    batch = synthetic.mqar(np.random.default_rng(0), 8, seq_len=48, num_kv_pairs=k, vocab_size=vocab)
+    tokens, mask = np.asarray(batch["inputs"]), np.asarray(batch["mask"], bool)
+    c, d = 0.05, 0.2
+    phase = np.where(tokens == 0, c, d)[..., None] * np.ones(3)
+    stats = mqar_rotation.turn_statistics(tokens, mask, phase, num_kv_pairs=k, vocab_size=vocab)
+    turns = []
+    for row in range(8):
+        for query in np.flatnonzero(mask[row]):
+            binding = 2 * int(np.flatnonzero(tokens[row, :2 * k:2] == tokens[row, query])[0])
+            after = tokens[row, binding + 1:query + 1]
+            turns.append(c * (after == 0).sum() + d * (after != 0).sum())
+    turns = np.array(turns)
+    assert 0 < (turns < 0.5).mean() < 1 and turns.max() < 2 * np.pi - 0.5  # pairs on both sides of the threshold
+    assert stats["share_within_half_radian"] == pytest.approx((turns < 0.5).mean(), abs=0)
+    assert stats["mean_abs_cos_key_to_query"] == pytest.approx(np.abs(np.cos(turns)).mean(), rel=1e-6)
+    assert stats["mean_abs_phase_filler"] == pytest.approx(c) and stats["mean_abs_phase_key"] == pytest.approx(d)
+    still = mqar_rotation.turn_statistics(tokens, mask, 0 * phase, num_kv_pairs=k, vocab_size=vocab)
+    assert still["share_within_half_radian"] == 1.0
