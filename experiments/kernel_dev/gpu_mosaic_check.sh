@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # mode="mosaic_gpu" on a Hopper GPU (jax 0.11 CUDA): accuracy at every width, the op benchmark beside its peers, the
 # 125M multi-head LM's training step. Each part has its own timeout and writes JSON under $OUT as it goes; a failing
-# part does not stop the next. About 8 minutes in all.
+# part does not stop the next. About 10 minutes in all, one call's limit: give "train" a call of its own.
 #
 #   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
-#   PARTS="bench train" OUT=... bash ...   # a subset of accuracy, bench, train, subblock (about 5 minutes without accuracy)
+#   PARTS="accuracy bench" OUT=... bash ... # a subset of accuracy, bench, train, subblock (train alone: about 4 minutes)
 #   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy at d = 32, 64, op benchmark
 #   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
 #   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of both variants
@@ -74,10 +74,11 @@ if want bench; then
         --d_head 128 --lengths 1024,8192 --budget_s 45 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 fi
 
-# (3) The 125M multi-head GateLoop LM (8 heads of 96) through mode="mosaic_gpu" against the Transformer.
+# (3) The 125M multi-head GateLoop LM (8 heads of 96) through mode="mosaic_gpu" against the Transformer (each
+# compiles for over a minute, so this part alone takes about 4 minutes).
 if want train; then
     log "train"
-    timeout 100 $PY experiments/bench_train.py --out "$OUT" --json train_mosaic.json --length 2048 --batch 16 \
+    timeout 240 $PY experiments/bench_train.py --out "$OUT" --json train_mosaic.json --length 2048 --batch 16 \
         --models gateloop:125m_multihead,transformer:125m_multihead --mode mosaic_gpu --reps 5 --warmup 1 \
         --matmul_n 0 2>&1 | tail -20 | tee -a "$OUT/log.txt"
 fi

@@ -46,7 +46,7 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None, segme
     experiments/perf_notes.md), with a third of the memory of "chunked". Wider heads are padded to 128 there and
     spill registers, so on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11) they get "mosaic_gpu" (every width;
     31.7 ms vs 28.8 for "chunked" at heads of 128, but in 5.8 GiB vs 9.3: a 125M LM with heads of 96 trains at
-    L = 2048, batch 16 in 45.5 GiB with it and does not fit an 80 GB GPU with "chunked"), except for packed rows
+    L = 2048, batch 16 in 27.1 GiB with it and does not fit an 80 GB GPU with "chunked"), except for packed rows
     (`segments`: the Mosaic GPU kernel has no state reset). Every other case gets "chunked": memory linear in
     length with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
     TPU: "pallas" runs the Mosaic kernel (ops/pallas_tpu.py), which lowers for TPU but has never run on one here,

@@ -72,7 +72,7 @@ MIN_JAX = (0, 11)
 # 5.7 for the Triton kernel and 13.7 for "chunked"; 31.7 ms at d = 128, against 28.8 for "chunked", in 5.8 GiB
 # against 9.3. So mode="auto" keeps the Triton kernel for heads up to 64 and picks this one on Hopper only for wider
 # heads, where the alternative is "chunked": gateloop:125m_multihead (heads of 96) trains at L = 2048, batch 16 in
-# 45.5 GiB with it, where "chunked" needs 86 GiB (dispatch.resolve_mode).
+# 27.1 GiB with it (H100), where "chunked" needs 86 GiB (dispatch.resolve_mode).
 _TWO_PI = 2.0 * math.pi
 
 # The diagonals read 64-row windows of three float32 "pad" buffers (keys or queries, log|a|, arg a) at every row offset
