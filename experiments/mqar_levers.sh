@@ -13,8 +13,8 @@
 #   - SET=schedule: real, fixed and GateLoop's seed 1 over the whole 20k steps (BUDGET=450: three trainers make ~50
 #     steps/s each), for "not below real" at the end of the schedule;
 #   - SET=coupling: real beside GateLoop with the phase coupled to the decay (model.phase_coupling = "decay"), with
-#     half of the channels phased (the config's) and with every channel phased (the paper's layer), over the whole
-#     schedule.
+#     half of the channels phased and with every channel phased (what configs/mqar.py ships), over the whole schedule
+#     (results/mqar_full_coupling_h100.*).
 #
 #   OUT=/tmp/out BUDGET=470 bash experiments/mqar_levers.sh     # on the device: run(command=..., timeout_s=600)
 # Results: $OUT/mqar_levers.tar.gz holds every run's metrics.jsonl and log.
@@ -71,7 +71,7 @@ case $SET in
         ;;
     coupling)
         run real real
-        run gateloop_decay_coupled gateloop --config.model.phase_coupling=decay
+        run gateloop_decay_coupled gateloop --config.model.phase_coupling=decay --config.model.phase_fraction=0.5
         run gateloop_decay_coupled_every_channel gateloop --config.model.phase_coupling=decay \
             --config.model.phase_fraction=1.0
         ;;
