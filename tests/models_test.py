@@ -83,9 +83,9 @@ def test_every_mode_gives_the_same_logits(layout):
         np.testing.assert_allclose(value, logits["recurrent"], rtol=0, atol=1e-5 * scale, err_msg=mode)
 
 
-@pytest.mark.parametrize("name, overrides", [(name, {}) for name in sorted(MODELS)] + [("gateloop",
-                                                                                         {"short_conv_size": 4})],
-                         ids=sorted(MODELS) + ["gateloop_short_conv"])
+@pytest.mark.parametrize("name, overrides", [(name, {}) for name in sorted(MODELS)] + [
+    ("gateloop", {"short_conv_size": 4}), ("gateloop", {"phase_coupling": "decay", "init_max_phase": 1.0})],
+    ids=sorted(MODELS) + ["gateloop_short_conv", "gateloop_decay_coupled"])
 def test_prefill_then_decode_equals_full_forward(name, overrides):
     """Batched prompts of different lengths (right padded), prefill in parallel, then one token at a time (with a
     short convolution, the cache carries each row's last inputs before its own length)."""
