@@ -33,7 +33,6 @@ import jax.numpy as jnp  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
-from gateloop_jax.ops.kernel_util import pad_operands  # noqa: E402
 
 
 def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
@@ -41,10 +40,9 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
     q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
     dy = dy.astype(dtype)
     opts = (interpret, variant)
-    tp, dp = pm._round_up(length, pm.CHUNK), pm._round_up(d, pm.TILE)
-    (qp, kp, vp, lr, th), h0re, h0im = pad_operands(q, k, v, log_r, theta, None, tp, dp, dp, dtype=jnp.float32)
-    th = pm._wrap(th)
-    dyp = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, tp - length), (0, 0), (0, dp - d)))
+    zeros = jnp.zeros((b, heads, d, d), jnp.float32)
+    qp, kp, vp, lr, th, h0re, h0im = pm._padded(q, k, v, log_r, theta, zeros, zeros)
+    dyp = pm._pad_to(dy.astype(jnp.float32), vp.shape)
     out = {}
 
     def timed(name, fn, *args):

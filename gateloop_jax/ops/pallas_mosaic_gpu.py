@@ -656,6 +656,11 @@ def _padded(q, k, v, log_r, theta, h0re, h0im):
     return q, k, v, lr, _wrap(th), jnp.pad(h0re, widths), jnp.pad(h0im, widths)
 
 
+def _pad_to(x, shape):
+    """x zero-padded at the end of every axis to `shape` (the kernels' padded shape)."""
+    return jnp.pad(x, [(0, p - n) for p, n in zip(shape, x.shape)])
+
+
 def _unpad_like(x, like):
     """x (padded, float32) cut to like's shape and cast to its dtype."""
     return x[tuple(slice(0, n) for n in like.shape)].astype(like.dtype)
@@ -684,9 +689,8 @@ def _core_bwd(opts, res, cts):
     q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
     starts, _ = _chunk_states(k, v, _gate_sums(lr, th), h0re, h0im)
     dy, gf_re, gf_im = cts
-    dy = jnp.pad(dy, [(0, p - n) for p, n in zip(v.shape, dy.shape)])
-    gf_re, gf_im = (jnp.pad(g, [(0, p - n) for p, n in zip(h0re.shape, g.shape)]) for g in (gf_re, gf_im))
-    grads = _backward(*padded[:5], starts, dy, gf_re, gf_im, opts=opts)
+    grads = _backward(*padded[:5], starts, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
+                      _pad_to(gf_im, h0re.shape), opts=opts)
     return tuple(_unpad_like(g, x) for g, x in zip(grads, res))
 
 
