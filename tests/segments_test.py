@@ -133,11 +133,15 @@ def check_segments(mode, layout, segments, t, gates, with_state, rng, run):
         assert max_rel_error(part(final), part(ref_states[:, -1])) <= 2e-5, f"final state ({where})"
     starts = segment_starts(ids, (dims["b"], t))
     # The chunked Pallas kernels (multi-head GPU, and TPU for every shape) form dlog|a| and darg a as reverse sums of
-    # q Re(Dq) - k Re(Dk) (their docstrings): under strong forgetting those terms, of size |q| |k| |v|, cancel to a
-    # gradient of the size of |a| <= 1e-3, and float32 leaves up to 3.6e-4 of it (measured with and without
-    # segment_ids, 4 seeds; every other mode <= 1e-6).
+    # q Re(Dq) - k Re(Dk) (their docstrings): under strong forgetting those terms, of size up to |q| |k| |v| |dy|
+    # d_qk d_v, cancel to a gradient of the size of |a| <= 1e-3. Float32 leaves an absolute error set by the terms,
+    # not by the gradient: at most 2.2e-8 of the terms' size (pallas_tpu, max-headed, every_position, t = 7, 61
+    # seeds), which against the gradient's own scale was up to 2.6e-3. So there the bound is 2e-7 of the terms' size
+    # (every other mode and gate regime: 1e-4 of the gradient's scale, measured <= 1e-6).
     decomposed = mode == "pallas_tpu" or (mode, layout) == ("pallas", "multihead")
-    gate_rtol = 2e-3 if decomposed and gates == "near_zero" else 1e-4
+    q, k, v = (np.asarray(x) for x in inputs[:3])
+    terms = (np.max(np.abs(q)) * np.max(np.abs(k)) * np.max(np.abs(v)) * np.max(np.abs(dy)) * dims["dk"]
+             * dims["dv"])
     for name, g, ref in zip(("q", "k", "v", "log_r", "theta", "h0"), grads, ref_grads):
         if name == "h0":
             if with_state:  # JAX's cotangent of a complex input is conj(d/dRe + i d/dIm)
@@ -147,8 +151,11 @@ def check_segments(mode, layout, segments, t, gates, with_state, rng, run):
             continue
         g = np.asarray(g)
         assert np.all(np.isfinite(g)), f"grad {name} not finite ({where})"
-        tol = gate_rtol if name in ("log_r", "theta") else 1e-4
-        assert max_rel_error(g, ref) <= tol, f"grad {name} {max_rel_error(g, ref):.1e} ({where})"
+        if decomposed and gates == "near_zero" and name in ("log_r", "theta"):
+            error = np.max(np.abs(g - ref)) / terms
+            assert error <= 2e-7, f"grad {name} {error:.1e} of the cancelling terms ({where})"
+        else:
+            assert max_rel_error(g, ref) <= 1e-4, f"grad {name} {max_rel_error(g, ref):.1e} ({where})"
         if name in ("log_r", "theta"):  # the gate at a start is unused: exactly no gradient, as in the oracle
             assert np.all(g[starts] == 0.0), f"grad {name} at segment starts not 0 ({where})"
 
