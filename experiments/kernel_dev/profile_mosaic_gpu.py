@@ -57,9 +57,10 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
     if pm._split_variant(variant)[3]:
         timed("factors", pm._subblock_factors, lr, th)
     timed("fwd_kernel", lambda *a: pm._forward_intra(*a, opts=opts), qp, kp, vp, lr, th)
-    _, _, _, starts = timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
+    timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
+    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, pm._gate_sums(lr, th), h0re, h0im, interpret=interpret)
     timed("bwd_kernel", lambda *a: pm._backward_intra(*a, opts=opts), qp, kp, vp, lr, th, dyp)
-    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, starts, dyp, h0re, h0im)
+    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, s_re, s_im, dyp, h0re, h0im)
 
     def fwd_bwd(q, k, v, log_r, theta, dy):  # y returned too: without it XLA would drop the forward kernel
         y, pull = jax.vjp(lambda *x: pm.gateloop_mosaic_gpu(*x, None, interpret=interpret, variant=variant)[0],

@@ -48,7 +48,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.chunked import _carry_states_associative
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
 from gateloop_jax.ops.kernel_util import pad_operands
 
@@ -438,6 +437,124 @@ def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
     return dk, yim, a_t
 
 
+def _carry_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, tim_ref, s0re_ref, s0im_ref, *refs,
+                  h, n_chunks, reverse, conj, rows_out, save):
+    """The state between chunks, serial over the chunks of one (batch x head, d_qk tile, d_v tile), the state in
+    registers (float32, Re and Im of a 64 x 64 tile). Per chunk j (in reverse order with reverse), with X = e^{x_lr + i
+    x_ph} (conjugated with conj) formed here from the log-magnitude and phase rows:
+      rows_out: out[j] = Re((c C) S), S the state entering the chunk (the d_qk tile's share: summed in XLA);
+      save: S itself to saved (re, im);
+      then S <- T_j S + (a A)^T b (T per d_qk row; conj(T) with conj).
+    Forward: (c, C, a, A, b, T) = (q, P, k, F, v, T): y's inter-chunk part and the chunk-start states. Backward: the
+    state's cotangent E, run in reverse with (k, F, q, P, dy, T) conjugated: out = Re(k conj(F) E_end) is dv's
+    inter-chunk part, saved the E_end of each chunk, the final value dh0."""
+    outs, refs = refs[:3 + 2 * save], refs[3 + 2 * save:]
+    out_ref, fre_ref, fim_ref = outs[:3]
+    staged, t_smem, ops, state, b_pair = refs[:7], refs[7:9], refs[9:13], refs[13:17], refs[17:19]
+    bar_chunk, bar_state = refs[19:21]
+    c = CHUNK
+    wg = plgpu.Layout.WGMMA
+    pid = jax.lax.axis_index("bh")
+    bi, hi = pid // h, pid % h
+    kt, vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
+    d0, v0 = kt * TILE, vt * TILE
+    sign = -1.0 if conj else 1.0
+
+    def load(ref):
+        return plgpu.load(ref, layout=wg)
+
+    def stage_out(x, buf, dst):
+        plgpu.commit_smem()  # every thread is done reading buf
+        buf[...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    def fetch_state(re_ref, im_ref):
+        for i, src in enumerate((re_ref, im_ref)):
+            plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)], staged[i], bar_state)
+        plgpu.barrier_wait(bar_state)
+        return load(staged[0]), load(staged[1])
+
+    def factor_rows(x_buf, lr_buf, ph_buf):  # (Re, Im) of x e^{lr + i ph} (conjugated with conj)
+        x = load(x_buf) * jnp.exp(load(lr_buf))
+        ph = load(ph_buf)
+        return x * jnp.cos(ph), sign * x * jnp.sin(ph)
+
+    def store_state(s_re, s_im):
+        _store_split(state[0:2], s_re)
+        _store_split(state[2:4], s_im)
+
+    def step(i, carry):
+        s_re, s_im = carry
+        j = n_chunks - 1 - i if reverse else i
+        rows = pl.ds(j * c, c)
+        plgpu.commit_smem()  # every thread is done reading the staging buffers
+        sources = ((c_ref, d0), (cr_ref, d0), (cp_ref, d0)) if rows_out else (None,) * 3
+        sources += ((a_ref, d0), (ar_ref, d0), (ap_ref, d0), (b_ref, v0))
+        for buf, source in zip(staged, sources):
+            if source is not None:  # static
+                plgpu.copy_gmem_to_smem(source[0].at[bi, rows, hi, pl.ds(source[1], TILE)], buf, bar_chunk)
+        for buf, src in zip(t_smem, (tre_ref, tim_ref)):
+            plgpu.copy_gmem_to_smem(src.at[bi, hi, j, pl.ds(d0, TILE)], buf, bar_chunk)
+        plgpu.barrier_wait(bar_chunk)
+        if rows_out:  # Re((c C) S) = [Re cC] S_re - [Im cC] S_im
+            x_re, x_im = factor_rows(*staged[0:3])
+            _store_split(ops[0:2], x_re)
+            _store_split(ops[2:4], -x_im)
+            y = _mm(ops[0:2], state[0:2]) + _mm(ops[2:4], state[2:4])
+            stage_out(y, staged[0], out_ref.at[kt, bi, rows, hi, pl.ds(v0, TILE)])
+        if save:
+            for buf, x, dst in ((staged[1], s_re, outs[3]), (staged[2], s_im, outs[4])):
+                stage_out(x, buf, dst.at[bi, hi, j, pl.ds(d0, TILE), pl.ds(v0, TILE)])
+        x_re, x_im = factor_rows(*staged[3:6])
+        _store_split(ops[0:2], x_re)
+        _store_split(ops[2:4], x_im)
+        _store_split(b_pair, load(staged[6]))
+        inc_re, inc_im = _mm(_t(ops[0:2]), b_pair), _mm(_t(ops[2:4]), b_pair)
+        t_re = jax.lax.broadcast_in_dim(plgpu.load(t_smem[0], layout=wg.reduce(1), optimized=False), (c, TILE), [0])
+        t_im = jax.lax.broadcast_in_dim(plgpu.load(t_smem[1], layout=wg.reduce(1), optimized=False), (c, TILE), [0])
+        t_im = sign * t_im
+        s_re, s_im = t_re * s_re - t_im * s_im + inc_re, t_im * s_re + t_re * s_im + inc_im
+        store_state(s_re, s_im)
+        return s_re, s_im
+
+    s = fetch_state(s0re_ref, s0im_ref)
+    store_state(*s)
+    s_re, s_im = jax.lax.fori_loop(0, n_chunks, step, s)
+    stage_out(s_re, staged[0], fre_ref.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)])
+    stage_out(s_im, staged[1], fim_ref.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)])
+
+
+def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret, reverse=False, conj=False,
+           rows_out=True, save=False):
+    """_carry_kernel over every (batch x head, d_qk tile, d_v tile): c, a, the factors' log-magnitudes and phases
+    (b, t, h, k), b (b, t, h, v), T (b, h, n, k) as (Re, Im), S_0 (b, h, k, v) as (Re, Im), all float32 and padded.
+    -> (out (b, t, h, v) or None, final (Re, Im), and with save the state entering each chunk (b, h, n, k, v) as (Re,
+    Im))."""
+    bsz, tp, h, dkp = c.shape
+    dvp = b.shape[-1]
+    n = tp // CHUNK
+    f32 = jnp.float32
+    out_type = [jax.ShapeDtypeStruct((dkp // TILE if rows_out else 1, bsz, tp if rows_out else CHUNK, h, dvp), f32),
+                *(jax.ShapeDtypeStruct((bsz, h, dkp, dvp), f32),) * 2]
+    if save:
+        out_type += [jax.ShapeDtypeStruct((bsz, h, n, dkp, dvp), f32)] * 2
+    scratch = (
+        *(_f32_staging() for _ in range(7)), plgpu.SMEM((TILE,), f32), plgpu.SMEM((TILE,), f32),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(10)),
+        plgpu.Barrier(num_arrivals=9 if rows_out else 6), plgpu.Barrier(num_arrivals=2),  # a chunk's copies; S_0's
+    )
+    body = functools.partial(_carry_kernel, h=h, n_chunks=n, reverse=reverse, conj=conj, rows_out=rows_out, save=save)
+    params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+    res = plgpu.kernel(body, out_type=tuple(out_type), grid=(bsz * h, dkp // TILE, dvp // TILE),
+                       grid_names=("bh", "dk", "dv"), scratch_types=scratch, compiler_params=params,
+                       interpret=plgpu.InterpretGPUParams() if interpret else False)(
+        c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im)
+    out = jnp.sum(res[0], axis=0) if rows_out else None
+    return out, res[1], res[2], *res[3:]
+
+
 def _subblock_factors(lr, th):
     """The factored decays of "_subblock" as (Re, Im) pairs, each (b, t, h, k): P (row n: e^{sum of the gates from
     n's sub-block start to n}), then Q_d for d = 1, 2, 3 (row m: e^{sum from m + 1 to the end of the (d-1)-th
@@ -543,36 +660,30 @@ def _forward_intra(q, k, v, lr, th, *, opts):
     return jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
 
-def _chunk_states(k, v, sums, h0re, h0im):
-    """Every chunk's start state (b, h, n, k, v) complex and the final state (b, h, k, v): each chunk's increment
-    relative to its end, then an associative scan over chunks. Every factor is e^{sum of log|a| <= 0}. sums:
-    _gate_sums of the gates."""
-    b, tp, h, _ = k.shape
+def _chunk_starts(k, v, sums, h0re, h0im, *, interpret):
+    """Every chunk's start state (b, h, n, k, v) as (Re, Im) and the final state (Re, Im), by _carry (the backward's
+    rebuild). sums: _gate_sums of the gates."""
     _, _, suf_r, suf_p, tot_r, tot_p = sums
-    chunks = lambda z: z.reshape(b, tp // CHUNK, CHUNK, h, z.shape[-1])  # noqa: E731
-    k_re, k_im = _polar(suf_r, suf_p)
-    kc, vc = chunks(k), chunks(v)
-    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", kc * k_re, vc), _einsum("bnchk,bnchv->bhnkv", kc * k_im, vc))
-    return _carry_states_associative(jax.lax.complex(*_polar(tot_r, tot_p)), inc, jax.lax.complex(h0re, h0im))
+    flat_suf = (_flat(suf_r), _flat(suf_p))
+    _, f_re, f_im, s_re, s_im = _carry(k, *flat_suf, k, *flat_suf, v, *_polar(tot_r, tot_p), h0re, h0im,
+                                       interpret=interpret, rows_out=False, save=True)
+    return s_re, s_im, f_re, f_im
+
+
+def _flat(z):
+    """(b, n, C, h, d) chunked -> (b, t, h, d)."""
+    b, n, c, h, d = z.shape
+    return z.reshape(b, n * c, h, d)
 
 
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
-    """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v), the final state (re, im)
-    and every chunk's start state (b, h, n, k, v) complex (which the backward rebuilds rather than keeps: _core_bwd)."""
-    b, tp, h, dkp = q.shape
-    dvp = v.shape[-1]
-    n = tp // CHUNK
+    """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v) and the final state (re,
+    im): the intra-chunk kernel, then the serial carry kernel (the inter-chunk part of y and the states)."""
     y = _forward_intra(q, k, v, lr, th, opts=opts)
-
-    # Between chunks (XLA): the chunk-start states, then Re(q e^{G + i Phi} H_start) added to y.
-    sums = _gate_sums(lr, th)
-    starts, final = _chunk_states(k, v, sums, h0re, h0im)
-    chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
-    q_re, q_im = _polar(*sums[:2])
-    qc = chunks(q)
-    y_inter = (_einsum("bnchk,bhnkv->bnchv", qc * q_re, jnp.real(starts))
-               - _einsum("bnchk,bhnkv->bnchv", qc * q_im, jnp.imag(starts)))
-    return y + y_inter.reshape(b, tp, h, dvp), jnp.real(final), jnp.imag(final), starts
+    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
+    y_inter, f_re, f_im = _carry(q, _flat(pre_r), _flat(pre_p), k, _flat(suf_r), _flat(suf_p), v,
+                                 *_polar(tot_r, tot_p), h0re, h0im, interpret=opts[0])
+    return y + y_inter, f_re, f_im
 
 
 def _backward_intra(q, k, v, lr, th, dy, *, opts):
@@ -590,28 +701,26 @@ def _backward_intra(q, k, v, lr, th, dy, *, opts):
     return dq_in, xim_in, dk_in, yim_in, jnp.sum(dv, axis=0)
 
 
-def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
-    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped."""
+def _backward(q, k, v, lr, th, s_re, s_im, dy, gf_re, gf_im, *, opts):
+    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped; (s_re, s_im) the chunk-start
+    states (_chunk_starts)."""
     b, tp, h, _ = q.shape
     n = tp // CHUNK
     dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, opts=opts)
 
-    # Between chunks (XLA). The cotangent E of each chunk's end state: E_end[n-1] = the final state's cotangent,
-    # E_start[j] = conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by a
-    # reversed associative scan; dh0 = E_start[0].
+    # Between chunks: the cotangent E of each chunk's end state, E_end[n-1] = the final state's cotangent, E_start[j] =
+    # conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by the carry kernel
+    # run in reverse, which also gives dv's inter-chunk part Re(k conj(F) E_end) and dh0 = E_start[0].
     pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
     chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
     flat = lambda z: z.reshape(b, tp, h, z.shape[-1])  # noqa: E731
-    qc, kc, vc, dyc = chunks(q), chunks(k), chunks(v), chunks(dy)
+    vc, dyc = chunks(v), chunks(dy)
     p_re, p_im = _polar(pre_r, pre_p)
     f_re_, f_im_ = _polar(suf_r, suf_p)
-    es = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", qc * p_re, dyc), -_einsum("bnchk,bnchv->bhnkv", qc * p_im, dyc))
     t_re, t_im = _polar(tot_r, tot_p)
-    flip = lambda z: jnp.flip(z, axis=2)  # noqa: E731
-    e_end, dh0 = _carry_states_associative(flip(jax.lax.complex(t_re, -t_im)), flip(es), jax.lax.complex(gf_re, gf_im))
-    e_end = flip(e_end)
-    e_re, e_im = jnp.real(e_end), jnp.imag(e_end)
-    s_re, s_im = jnp.real(starts), jnp.imag(starts)
+    dv_inter, dh0_re, dh0_im, e_re, e_im = _carry(k, _flat(suf_r), _flat(suf_p), q, _flat(pre_r), _flat(pre_p), dy,
+                                                  t_re, t_im, gf_re, gf_im, interpret=opts[0], reverse=True,
+                                                  conj=True, save=True)
 
     # The inter-chunk coefficients: Dq += P (dy H^T), Dk_F = F (v conj(E)^T), dv += Re(k F E).
     d_re, d_im = _einsum("bnchv,bhnkv->bnchk", dyc, s_re), _einsum("bnchv,bhnkv->bnchk", dyc, s_im)
@@ -619,7 +728,7 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     xim = xim_in + flat(p_im * d_re + p_re * d_im)
     u_re, u_im = _einsum("bnchv,bhnkv->bnchk", vc, e_re), -_einsum("bnchv,bhnkv->bnchk", vc, e_im)
     dk_f, yim_f = flat(f_re_ * u_re - f_im_ * u_im), flat(f_re_ * u_im + f_im_ * u_re)
-    dv = dv + flat(_einsum("bnchk,bhnkv->bnchv", kc * f_re_, e_re) + _einsum("bnchk,bhnkv->bnchv", kc * f_im_, e_im))
+    dv = dv + dv_inter
 
     # The m = n terms (weight 1, no phase) are added here and left out of dL/dG below, where they cancel exactly.
     w_diag = jnp.sum(dy * v, axis=-1, keepdims=True)
@@ -643,7 +752,7 @@ def _backward(q, k, v, lr, th, starts, dy, gf_re, gf_im, *, opts):
     start_p = jnp.transpose(jnp.sum(e_im * th_re - e_re * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
     dlr = suffix(q * dq_off - k * dk_in) + prefix(k * dk_f) + start_g
     dth = suffix(-q * xim + k * yim_in) - prefix(k * yim_f) + start_p
-    return dq, dk, dv, flat(dlr), flat(dth), jnp.real(dh0), jnp.imag(dh0)
+    return dq, dk, dv, flat(dlr), flat(dth), dh0_re, dh0_im
 
 
 def _padded(q, k, v, log_r, theta, h0re, h0im):
@@ -676,7 +785,7 @@ def _core(opts, q, k, v, log_r, theta, h0re, h0im):
 
 
 def _core_fwd(opts, q, k, v, log_r, theta, h0re, h0im):
-    y, f_re, f_im, _ = _forward(*_padded(q, k, v, log_r, theta, h0re, h0im), opts=opts)
+    y, f_re, f_im = _forward(*_padded(q, k, v, log_r, theta, h0re, h0im), opts=opts)
     outs = (y[:, :v.shape[1], :, :v.shape[-1]], _unpad_like(f_re, h0re), _unpad_like(f_im, h0im))
     return outs, (q, k, v, log_r, theta, h0re, h0im)
 
@@ -687,9 +796,9 @@ def _core_bwd(opts, res, cts):
     # rebuild them before the backward has reached this op (every layer's copies alive at once).
     res, cts = jax.lax.optimization_barrier((res, cts))
     q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
-    starts, _ = _chunk_states(k, v, _gate_sums(lr, th), h0re, h0im)
+    s_re, s_im, _, _ = _chunk_starts(k, v, _gate_sums(lr, th), h0re, h0im, interpret=opts[0])
     dy, gf_re, gf_im = cts
-    grads = _backward(*padded[:5], starts, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
+    grads = _backward(*padded[:5], s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
                       _pad_to(gf_im, h0re.shape), opts=opts)
     return tuple(_unpad_like(g, x) for g, x in zip(grads, res))
 

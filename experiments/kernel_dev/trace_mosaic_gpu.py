@@ -1,0 +1,115 @@
+"""Device time per GPU kernel of mode="mosaic_gpu" (fwd+bwd through the public op), from a jax.profiler trace.
+
+profile_mosaic_gpu.py times whole stages; this names the kernels inside them: the op is run under
+jax.profiler.trace, the trace's device plane read back with jax.profiler.ProfileData, and every kernel's time summed
+per name and divided by the number of traced calls. XLA's fusions keep their HLO names (loop_multiply_fusion.12,
+...), so the table says which of the XLA passes around the Pallas kernels cost what.
+
+Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU, where the trace has no device plane):
+    python experiments/kernel_dev/trace_mosaic_gpu.py --out $OUT [--variants padded_subblock] [--length 8192]
+Writes <out>/mosaic_trace.json: per variant the top kernels by time (ms per call) and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+
+from bench_kernels import make_inputs  # noqa: E402, I001
+
+import jax  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
+
+
+def device_kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Summed duration (ns) per event name over the device planes' stream lines of the trace written under
+    trace_dir, and the summed duration per line name (every line: says what the planes hold)."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    lines: dict[str, float] = collections.defaultdict(float)
+    for root, _, files in os.walk(trace_dir):
+        for name in files:
+            if not name.endswith(".xplane.pb"):
+                continue
+            data = jax.profiler.ProfileData.from_file(os.path.join(root, name))
+            for plane in data.planes:
+                if not plane.name.startswith("/device:GPU"):
+                    continue
+                for line in plane.lines:
+                    lines[f"{plane.name} {line.name}"] += sum(e.duration_ns for e in line.events)
+                    # One line per CUDA stream; "XLA Ops" / "XLA Modules" lines repeat the kernels' time.
+                    if "stream" not in line.name.lower():
+                        continue
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns
+    return totals, lines
+
+
+def traced(variant, length, tokens, heads, d, dtype, interpret, calls):
+    b = max(1, tokens // length)
+    q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
+    dy = dy.astype(dtype)
+
+    def fwd_bwd(q, k, v, log_r, theta, dy):
+        y, pull = jax.vjp(lambda *x: pm.gateloop_mosaic_gpu(*x, None, interpret=interpret, variant=variant)[0],
+                          q, k, v, log_r, theta)
+        return y, *pull(dy.astype(y.dtype))
+
+    f = jax.jit(fwd_bwd)
+    args = (q, k, v, log_r, theta, dy)
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+        totals, lines = device_kernel_times(trace_dir)
+    per_call = sorted(((name, ns / calls / 1e6) for name, ns in totals.items()), key=lambda x: -x[1])
+    total = sum(ms for _, ms in per_call)
+    print(f"{variant} L={length}: {total:.3f} ms of device kernels per call, {len(per_call)} kernels", flush=True)
+    for name, ms in per_call[:40]:
+        print(f"  {ms:8.3f}  {name[:110]}", flush=True)
+    return {"variant": variant, "length": length, "batch": b, "heads": heads, "d_head": d, "dtype": dtype,
+            "total_ms": total, "kernels_ms": per_call[:80],
+            "lines_ms": {name: ns / calls / 1e6 for name, ns in lines.items()}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
+    ap.add_argument("--variants", default="padded_subblock", help=f"comma list of {pm.VARIANTS}")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--d_head", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    args = ap.parse_args(argv)
+    if pm.unavailable_reason():
+        ap.error(f"mode mosaic_gpu is unavailable here: {pm.unavailable_reason()}")
+    if args.smoke:
+        args.length, args.tokens, args.heads, args.d_head, args.calls = 64, 64, 1, 32, 1
+    os.makedirs(args.out, exist_ok=True)
+    result = {"env": bc.env_record(), "records": []}
+    for variant in [x for x in args.variants.split(",") if x]:
+        try:
+            result["records"].append(traced(variant, args.length, args.tokens, args.heads, args.d_head, args.dtype,
+                                            args.smoke, args.calls))
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' figures
+            result["records"].append({"variant": variant, "error": repr(e)[:2000]})
+            print(f"  {variant}: {e!r}"[:500], flush=True)
+        bc.write_json(os.path.join(args.out, "mosaic_trace.json"), result)
+    print(f"wrote {os.path.join(args.out, 'mosaic_trace.json')}")
+
+
+if __name__ == "__main__":
+    main()
