@@ -7,6 +7,8 @@ Needs jax >= 0.11 (Pallas Mosaic GPU with InterpretGPUParams); on older jax only
 Interpret mode costs a few seconds per (batch x head x width tile x 64-row chunk) program, so shapes are tiny.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,56 @@ def test_subblock_mixed_widths():
     all four sub-blocks of its one chunk. Regime 0: |a| log-uniform, so the factored decays span every scale."""
     args = _inputs(np.random.default_rng(11), 1, 57, 1, 96, 128)
     _check(args, variant="padded_subblock")
+
+
+def _carry_oracle(c, cc, a, ac, b, t, s0, reverse):
+    """float64 loop of the carry kernel's contract (complex factors given): per chunk j, in order or reversed, out =
+    Re((c C) S) and the state entering, then S <- T_j S + (a A)^T b."""
+    bsz, tp, h, _ = c.shape
+    n = tp // pm.CHUNK
+    s = s0.astype(np.complex128)
+    out = np.zeros((bsz, tp, h, b.shape[-1]))
+    saved = np.zeros((bsz, h, n) + s0.shape[2:], np.complex128)
+    for j in (reversed(range(n)) if reverse else range(n)):
+        rows = slice(j * pm.CHUNK, (j + 1) * pm.CHUNK)
+        out[:, rows] = np.einsum("bthk,bhkv->bthv", c[:, rows] * cc[:, rows], s).real
+        saved[:, :, j] = s
+        s = t[:, :, j, :, None] * s + np.einsum("bthk,bthv->bhkv", a[:, rows] * ac[:, rows], b[:, rows])
+    return out, s, saved
+
+
+@needs_mosaic
+@pytest.mark.parametrize("reverse,conj", [(False, False), (True, True)])
+def test_carry_kernel_matches_its_loop(reverse, conj):
+    """The serial carry kernel alone (forward: y's inter-chunk part and the states; reverse and conjugated: the
+    backward's cotangent pass) against a float64 loop over three chunks, two d_qk and two d_v tiles, factors with
+    log-magnitudes down to -30 (e^{-30} ~ 1e-13), T with phases to +-100 rad. Tolerance: the bf16-pair products
+    (~16 bits per operand) of the module docstring, relative to each output's scale."""
+    seed = int(os.environ.get("GATELOOP_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+    rng = np.random.default_rng(seed)
+    bsz, tp, h, dk, dv = 2, 3 * pm.CHUNK, 2, 128, 128
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    c, a, b = f32(bsz, tp, h, dk), f32(bsz, tp, h, dk), f32(bsz, tp, h, dv)
+    c_lr, a_lr = (rng.uniform(-30.0, 0.0, (bsz, tp, h, dk)).astype(np.float32) for _ in range(2))
+    # The phases as the op passes them (gate sums wrapped to [-pi, pi]: the GPU's cos / sin are accurate there).
+    c_ph, a_ph = (rng.uniform(-np.pi, np.pi, (bsz, tp, h, dk)).astype(np.float32) for _ in range(2))
+    t_lr = rng.uniform(-3.0, 0.0, (bsz, h, 3, dk))
+    t_ph = rng.uniform(-100.0, 100.0, (bsz, h, 3, dk))
+    s0 = f32(bsz, h, dk, dv) + 1j * f32(bsz, h, dk, dv)  # complex64
+    sign = -1.0 if conj else 1.0  # conj: the kernel conjugates C, A and T
+
+    def polar(lr, ph):
+        return np.exp(lr.astype(np.float64) + sign * 1j * ph.astype(np.float64))
+
+    t_re, t_im = (np.exp(t_lr) * np.cos(t_ph)).astype(np.float32), (np.exp(t_lr) * np.sin(t_ph)).astype(np.float32)
+    res = pm._carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0.real.astype(np.float32),
+                    s0.imag.astype(np.float32), interpret=True, reverse=reverse, conj=conj, save=True)
+    out_ref, final_ref, saved_ref = _carry_oracle(c, polar(c_lr, c_ph), a, polar(a_lr, a_ph), b,
+                                                  t_re + sign * 1j * t_im.astype(np.float64), s0, reverse)
+    checks = {"out": (res[0], out_ref), "final.re": (res[1], final_ref.real), "final.im": (res[2], final_ref.imag),
+              "saved.re": (res[3], saved_ref.real), "saved.im": (res[4], saved_ref.imag)}
+    errors = {name: max_rel_error(np.asarray(x), r) for name, (x, r) in checks.items()}
+    assert all(e < RTOL for e in errors.values()), (errors, f"GATELOOP_TEST_SEED={seed}")
 
 
 @needs_mosaic
