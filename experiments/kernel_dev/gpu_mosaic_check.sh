@@ -8,6 +8,7 @@
 #   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy at d = 32, 64, op benchmark
 #   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
 #   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of both variants
+#   PARTS=trace OUT=... bash ...           # device time per kernel (XLA fusions by name) from a profiler trace
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -55,6 +56,15 @@ if want profile; then
     log "profile"
     timeout 300 $PY experiments/kernel_dev/profile_mosaic_gpu.py --out "$OUT" --variants padded,padded_subblock \
         --lengths 1024,8192 --budget_s 240 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+fi
+
+# (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
+if want trace; then
+    for L in 8192 1024; do
+        log "trace L=$L"
+        timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
+            --variants padded,padded_subblock --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+    done
 fi
 
 # (2) The op, fwd+bwd, bf16, 8 heads of 64 (then 128) at 32768 tokens: mosaic_gpu beside the Triton kernel, the

@@ -7,7 +7,7 @@ per name and divided by the number of traced calls. XLA's fusions keep their HLO
 
 Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU, where the trace has no device plane):
     python experiments/kernel_dev/trace_mosaic_gpu.py --out $OUT [--variants padded_subblock] [--length 8192]
-Writes <out>/mosaic_trace.json: per variant the top kernels by time (ms per call) and the total.
+Writes <out>/<--json> (mosaic_trace.json): per variant the top kernels by time (ms per call) and the total.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def traced(variant, length, tokens, heads, d, dtype, interpret, calls):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
+    ap.add_argument("--json", default="mosaic_trace.json", help="file name under --out")
     ap.add_argument("--variants", default="padded_subblock", help=f"comma list of {pm.VARIANTS}")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
@@ -107,8 +108,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' figures
             result["records"].append({"variant": variant, "error": repr(e)[:2000]})
             print(f"  {variant}: {e!r}"[:500], flush=True)
-        bc.write_json(os.path.join(args.out, "mosaic_trace.json"), result)
-    print(f"wrote {os.path.join(args.out, 'mosaic_trace.json')}")
+        bc.write_json(os.path.join(args.out, args.json), result)
+    print(f"wrote {os.path.join(args.out, args.json)}")
 
 
 if __name__ == "__main__":
