@@ -448,39 +448,50 @@ def _carry_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, 
       then S <- T_j S + (a A)^T b (T per d_qk row; conj(T) with conj).
     Forward: (c, C, a, A, b, T) = (q, P, k, F, v, T): y's inter-chunk part and the chunk-start states. Backward: the
     state's cotangent E, run in reverse with (k, F, q, P, dy, T) conjugated: out = Re(k conj(F) E_end) is dv's
-    inter-chunk part, saved the E_end of each chunk, the final value dh0."""
+    inter-chunk part, saved the E_end of each chunk, the final value dh0.
+
+    The chain is serial, so its latency is the cost: each part's inputs (c's, then a's) are fetched while the other
+    part computes (the c part of chunk j + 1 lands during the state update of chunk j), and the outputs go from
+    registers straight to global memory, nothing waits on a store."""
     outs, refs = refs[:3 + 2 * save], refs[3 + 2 * save:]
     out_ref, fre_ref, fim_ref = outs[:3]
     staged, t_smem, ops, state, b_pair = refs[:7], refs[7:9], refs[9:13], refs[13:17], refs[17:19]
-    bar_chunk, bar_state = refs[19:21]
+    bar_c, bar_a = refs[19:21]
     c = CHUNK
     wg = plgpu.Layout.WGMMA
     pid = jax.lax.axis_index("bh")
     bi, hi = pid // h, pid % h
     kt, vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
     d0, v0 = kt * TILE, vt * TILE
+    k_cols, v_cols = pl.ds(d0, TILE), pl.ds(v0, TILE)
     sign = -1.0 if conj else 1.0
+
+    def chunk_of(i):
+        return n_chunks - 1 - i if reverse else i
+
+    def fetch(i, sources, bufs, bar):
+        rows = pl.ds(chunk_of(i) * c, c)
+        for buf, (src, cols) in zip(bufs, sources):
+            plgpu.copy_gmem_to_smem(src.at[bi, rows, hi, cols], buf, bar)
+
+    def fetch_c(i):
+        fetch(i, ((c_ref, k_cols), (cr_ref, k_cols), (cp_ref, k_cols)), staged[0:3], bar_c)
+
+    def fetch_a(i):
+        fetch(i, ((a_ref, k_cols), (ar_ref, k_cols), (ap_ref, k_cols), (b_ref, v_cols)), staged[3:7], bar_a)
+        for buf, src in zip(t_smem, (tre_ref, tim_ref)):
+            plgpu.copy_gmem_to_smem(src.at[bi, hi, chunk_of(i), k_cols], buf, bar_a)
 
     def load(ref):
         return plgpu.load(ref, layout=wg)
-
-    def stage_out(x, buf, dst):
-        plgpu.commit_smem()  # every thread is done reading buf
-        buf[...] = x
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf, dst)
-        plgpu.wait_smem_to_gmem(0)
-
-    def fetch_state(re_ref, im_ref):
-        for i, src in enumerate((re_ref, im_ref)):
-            plgpu.copy_gmem_to_smem(src.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)], staged[i], bar_state)
-        plgpu.barrier_wait(bar_state)
-        return load(staged[0]), load(staged[1])
 
     def factor_rows(x_buf, lr_buf, ph_buf):  # (Re, Im) of x e^{lr + i ph} (conjugated with conj)
         x = load(x_buf) * jnp.exp(load(lr_buf))
         ph = load(ph_buf)
         return x * jnp.cos(ph), sign * x * jnp.sin(ph)
+
+    def per_row(t_buf):
+        return jax.lax.broadcast_in_dim(plgpu.load(t_buf, layout=wg.reduce(1), optimized=False), (c, TILE), [0])
 
     def store_state(s_re, s_im):
         _store_split(state[0:2], s_re)
@@ -488,43 +499,48 @@ def _carry_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, 
 
     def step(i, carry):
         s_re, s_im = carry
-        j = n_chunks - 1 - i if reverse else i
-        rows = pl.ds(j * c, c)
-        plgpu.commit_smem()  # every thread is done reading the staging buffers
-        sources = ((c_ref, d0), (cr_ref, d0), (cp_ref, d0)) if rows_out else (None,) * 3
-        sources += ((a_ref, d0), (ar_ref, d0), (ap_ref, d0), (b_ref, v0))
-        for buf, source in zip(staged, sources):
-            if source is not None:  # static
-                plgpu.copy_gmem_to_smem(source[0].at[bi, rows, hi, pl.ds(source[1], TILE)], buf, bar_chunk)
-        for buf, src in zip(t_smem, (tre_ref, tim_ref)):
-            plgpu.copy_gmem_to_smem(src.at[bi, hi, j, pl.ds(d0, TILE)], buf, bar_chunk)
-        plgpu.barrier_wait(bar_chunk)
+        rows = pl.ds(chunk_of(i) * c, c)
+        more = i + 1 < n_chunks
         if rows_out:  # Re((c C) S) = [Re cC] S_re - [Im cC] S_im
+            plgpu.barrier_wait(bar_c)
             x_re, x_im = factor_rows(*staged[0:3])
             _store_split(ops[0:2], x_re)
             _store_split(ops[2:4], -x_im)
-            y = _mm(ops[0:2], state[0:2]) + _mm(ops[2:4], state[2:4])
-            stage_out(y, staged[0], out_ref.at[kt, bi, rows, hi, pl.ds(v0, TILE)])
+            plgpu.commit_smem()  # every thread is done reading the c part: the next chunk's may land there
+
+            @pl.when(more)
+            def _():
+                fetch_c(i + 1)
+
+            out_ref.at[kt, bi, rows, hi, v_cols][...] = _mm(ops[0:2], state[0:2]) + _mm(ops[2:4], state[2:4])
         if save:
-            for buf, x, dst in ((staged[1], s_re, outs[3]), (staged[2], s_im, outs[4])):
-                stage_out(x, buf, dst.at[bi, hi, j, pl.ds(d0, TILE), pl.ds(v0, TILE)])
+            outs[3].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_re
+            outs[4].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_im
+        plgpu.barrier_wait(bar_a)
         x_re, x_im = factor_rows(*staged[3:6])
         _store_split(ops[0:2], x_re)
         _store_split(ops[2:4], x_im)
         _store_split(b_pair, load(staged[6]))
+        t_re, t_im = per_row(t_smem[0]), sign * per_row(t_smem[1])
+        plgpu.commit_smem()  # the a part and T are read: the next chunk's may land
+
+        @pl.when(more)
+        def _():
+            fetch_a(i + 1)
+
         inc_re, inc_im = _mm(_t(ops[0:2]), b_pair), _mm(_t(ops[2:4]), b_pair)
-        t_re = jax.lax.broadcast_in_dim(plgpu.load(t_smem[0], layout=wg.reduce(1), optimized=False), (c, TILE), [0])
-        t_im = jax.lax.broadcast_in_dim(plgpu.load(t_smem[1], layout=wg.reduce(1), optimized=False), (c, TILE), [0])
-        t_im = sign * t_im
         s_re, s_im = t_re * s_re - t_im * s_im + inc_re, t_im * s_re + t_re * s_im + inc_im
         store_state(s_re, s_im)
         return s_re, s_im
 
-    s = fetch_state(s0re_ref, s0im_ref)
+    if rows_out:
+        fetch_c(0)
+    fetch_a(0)
+    s = tuple(plgpu.load(ref.at[bi, hi, k_cols, v_cols], layout=wg, optimized=False) for ref in (s0re_ref, s0im_ref))
     store_state(*s)
     s_re, s_im = jax.lax.fori_loop(0, n_chunks, step, s)
-    stage_out(s_re, staged[0], fre_ref.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)])
-    stage_out(s_im, staged[1], fim_ref.at[bi, hi, pl.ds(d0, TILE), pl.ds(v0, TILE)])
+    fre_ref.at[bi, hi, k_cols, v_cols][...] = s_re
+    fim_ref.at[bi, hi, k_cols, v_cols][...] = s_im
 
 
 def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret, reverse=False, conj=False,
@@ -544,7 +560,7 @@ def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret
     scratch = (
         *(_f32_staging() for _ in range(7)), plgpu.SMEM((TILE,), f32), plgpu.SMEM((TILE,), f32),
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(10)),
-        plgpu.Barrier(num_arrivals=9 if rows_out else 6), plgpu.Barrier(num_arrivals=2),  # a chunk's copies; S_0's
+        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=6),  # a chunk's c part; its a part and T
     )
     body = functools.partial(_carry_kernel, h=h, n_chunks=n, reverse=reverse, conj=conj, rows_out=rows_out, save=save)
     params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
