@@ -110,9 +110,9 @@ def test_subblock_mixed_widths():
     _check(args, variant="padded_subblock")
 
 
-def _carry_oracle(c, cc, a, ac, b, t, s0, reverse):
-    """float64 loop of the carry kernel's contract (complex factors given): per chunk j, in order or reversed, out =
-    Re((c C) S) and the state entering, then S <- T_j S + (a A)^T b."""
+def _state_pass_oracle(c, cc, a, ac, b, t, s0, reverse):
+    """float64 loop of pallas_mosaic_gpu._state_pass's contract (complex factors given): per chunk j, in order or
+    reversed, out = Re((c C) S) and the state entering, then S <- T_j S + (a A)^T b."""
     bsz, tp, h, _ = c.shape
     n = tp // pm.CHUNK
     s = s0.astype(np.complex128)
@@ -127,12 +127,14 @@ def _carry_oracle(c, cc, a, ac, b, t, s0, reverse):
 
 
 @needs_mosaic
+@pytest.mark.parametrize("variant", ["padded", "padded_scan"])
 @pytest.mark.parametrize("reverse,conj", [(False, False), (True, True)])
-def test_carry_kernel_matches_its_loop(reverse, conj):
-    """The serial carry kernel alone (forward: y's inter-chunk part and the states; reverse and conjugated: the
-    backward's cotangent pass) against a float64 loop over three chunks, two d_qk and two d_v tiles, factors with
-    log-magnitudes down to -30 (e^{-30} ~ 1e-13), T with phases to +-100 rad. Tolerance: the bf16-pair products
-    (~16 bits per operand) of the module docstring, relative to each output's scale."""
+def test_state_pass_matches_its_loop(reverse, conj, variant):
+    """The state pass between chunks alone (forward: y's inter-chunk part and the states; reverse and conjugated:
+    the backward's cotangent pass), as the serial kernel and as XLA's associative scan ("_scan"), against a float64
+    loop over three chunks, two d_qk and two d_v tiles, factors with log-magnitudes down to -30 (e^{-30} ~ 1e-13), T
+    with phases to +-100 rad. Tolerance: the bf16-pair products (~16 bits per operand) of the module docstring,
+    relative to each output's scale."""
     seed = int(os.environ.get("GATELOOP_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
     rng = np.random.default_rng(seed)
     bsz, tp, h, dk, dv = 2, 3 * pm.CHUNK, 2, 128, 128
@@ -150,9 +152,9 @@ def test_carry_kernel_matches_its_loop(reverse, conj):
         return np.exp(lr.astype(np.float64) + sign * 1j * ph.astype(np.float64))
 
     t_re, t_im = (np.exp(t_lr) * np.cos(t_ph)).astype(np.float32), (np.exp(t_lr) * np.sin(t_ph)).astype(np.float32)
-    res = pm._carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0.real.astype(np.float32),
-                    s0.imag.astype(np.float32), interpret=True, reverse=reverse, conj=conj, save=True)
-    out_ref, final_ref, saved_ref = _carry_oracle(c, polar(c_lr, c_ph), a, polar(a_lr, a_ph), b,
+    res = pm._state_pass(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0.real.astype(np.float32),
+                         s0.imag.astype(np.float32), opts=(True, variant), reverse=reverse, conj=conj, save=True)
+    out_ref, final_ref, saved_ref = _state_pass_oracle(c, polar(c_lr, c_ph), a, polar(a_lr, a_ph), b,
                                                   t_re + sign * 1j * t_im.astype(np.float64), s0, reverse)
     checks = {"out": (res[0], out_ref), "final.re": (res[1], final_ref.real), "final.im": (res[2], final_ref.imag),
               "saved.re": (res[3], saved_ref.real), "saved.im": (res[4], saved_ref.imag)}

@@ -58,7 +58,7 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
         timed("factors", pm._subblock_factors, lr, th)
     timed("fwd_kernel", lambda *a: pm._forward_intra(*a, opts=opts), qp, kp, vp, lr, th)
     timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
-    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, pm._gate_sums(lr, th), h0re, h0im, interpret=interpret)
+    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, pm._gate_sums(lr, th), h0re, h0im, opts=opts)
     timed("bwd_kernel", lambda *a: pm._backward_intra(*a, opts=opts), qp, kp, vp, lr, th, dyp)
     timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, s_re, s_im, dyp, h0re, h0im)
 

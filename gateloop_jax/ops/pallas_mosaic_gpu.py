@@ -13,7 +13,7 @@ chunks is the state, carried by a serial kernel. With G, Phi the cumulative log|
   That is C - 1 elementwise passes over a (C, 64) tile on the CUDA cores; y_intra = S V on the tensor cores, with
   bfloat16 operands split in two (x = hi + lo; hi*hi + hi*lo + lo*hi, float32 accumulation): ~16 significant bits
   per operand, float32-level results (~1e-5). The d_qk tiles of a head each add their share (summed in XLA).
-- Between chunks: a serial kernel (`_carry`), one program per (batch x head, d_qk tile, d_v tile) walking the
+- Between chunks: a serial kernel (`_state_pass`), one program per (batch x head, d_qk tile, d_v tile) walking the
   chunks with the state (Re, Im of a 64 x 64 tile, float32) in registers: per chunk it adds y's inter-chunk part
   Re(q e^{G + i Phi} H_start) (the rotation identity, [Re; -Im] products) and updates H <- T H + K_end^T V, K_end = k
   e^{(G_C - G_m) + i (Phi_C - Phi_m)} (every factor e^{<= 0}, formed in the kernel from the gate sums).
@@ -49,6 +49,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gateloop_jax.ops.chunked import _carry_states_associative
 from gateloop_jax.ops.common import reverse_exclusive_cumsum
 from gateloop_jax.ops.kernel_util import pad_operands
 
@@ -102,7 +103,7 @@ _TWO_PI = 2.0 * math.pi
 # products ([q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T), kept where the rows are d sub-blocks apart.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
-VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact")
+VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan")
 VARIANT = "padded"
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
 SUB = 16  # rows per sub-block ("_subblock")
@@ -438,7 +439,7 @@ def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
     return dk, yim, a_t
 
 
-def _carry_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, tim_ref, s0re_ref, s0im_ref, *refs,
+def _state_pass_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, tim_ref, s0re_ref, s0im_ref, *refs,
                   h, n_chunks, reverse, conj, rows_out, save):
     """The state between chunks, serial over the chunks of one (batch x head, d_qk tile, d_v tile), the state in
     registers (float32, Re and Im of a 64 x 64 tile). Per chunk j (in reverse order with reverse), with X = e^{x_lr + i
@@ -543,12 +544,16 @@ def _carry_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, 
     fim_ref.at[bi, hi, k_cols, v_cols][...] = s_im
 
 
-def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret, reverse=False, conj=False,
-           rows_out=True, save=False):
-    """_carry_kernel over every (batch x head, d_qk tile, d_v tile): c, a, the factors' log-magnitudes and phases
+def _state_pass(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, opts, reverse=False, conj=False,
+                rows_out=True, save=False):
+    """_state_pass_kernel over every (batch x head, d_qk tile, d_v tile): c, a, the factors' log-magnitudes and phases
     (b, t, h, k), b (b, t, h, v), T (b, h, n, k) as (Re, Im), S_0 (b, h, k, v) as (Re, Im), all float32 and padded.
     -> (out (b, t, h, v) or None, final (Re, Im), and with save the state entering each chunk (b, h, n, k, v) as (Re,
-    Im))."""
+    Im)). opts: (interpret, variant); the "_scan" variants take _state_pass_xla."""
+    interpret, variant = opts
+    if variant.endswith("_scan"):
+        return _state_pass_xla(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, reverse=reverse, conj=conj,
+                               rows_out=rows_out, save=save)
     bsz, tp, h, dkp = c.shape
     dvp = b.shape[-1]
     n = tp // CHUNK
@@ -562,7 +567,8 @@ def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret
         *(_swizzled_bf16(CHUNK, TILE) for _ in range(10)),
         plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=6),  # a chunk's c part; its a part and T
     )
-    body = functools.partial(_carry_kernel, h=h, n_chunks=n, reverse=reverse, conj=conj, rows_out=rows_out, save=save)
+    body = functools.partial(_state_pass_kernel, h=h, n_chunks=n, reverse=reverse, conj=conj, rows_out=rows_out,
+                             save=save)
     params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
     res = plgpu.kernel(body, out_type=tuple(out_type), grid=(bsz * h, dkp // TILE, dvp // TILE),
                        grid_names=("bh", "dk", "dv"), scratch_types=scratch, compiler_params=params,
@@ -570,6 +576,31 @@ def _carry(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, interpret
         c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im)
     out = jnp.sum(res[0], axis=0) if rows_out else None
     return out, res[1], res[2], *res[3:]
+
+
+def _state_pass_xla(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, reverse=False, conj=False,
+                    rows_out=True, save=False):
+    """_state_pass's contract in XLA (the "_scan" variants): every chunk's increment (a A)^T b as a batched product,
+    the states by an associative scan over chunks (depth log n), out by a batched product with the states."""
+    bsz, tp, h, _ = c.shape
+    n = tp // CHUNK
+    sign = -1.0 if conj else 1.0
+    chunks = lambda z: z.reshape(bsz, n, CHUNK, h, z.shape[-1])  # noqa: E731
+    flip = (lambda z: jnp.flip(z, axis=2)) if reverse else (lambda z: z)  # noqa: E731
+    a_re, a_im = _polar(a_lr, sign * a_ph)
+    ac, bc = chunks(a), chunks(b)
+    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", ac * chunks(a_re), bc),
+                          _einsum("bnchk,bnchv->bhnkv", ac * chunks(a_im), bc))
+    starts, final = _carry_states_associative(flip(jax.lax.complex(t_re, sign * t_im)), flip(inc),
+                                              jax.lax.complex(s0re, s0im))
+    s_re, s_im = jnp.real(flip(starts)), jnp.imag(flip(starts))
+    out = None
+    if rows_out:
+        c_re, c_im = _polar(c_lr, sign * c_ph)
+        cc = chunks(c)
+        out = (_einsum("bnchk,bhnkv->bnchv", cc * chunks(c_re), s_re)
+               - _einsum("bnchk,bhnkv->bnchv", cc * chunks(c_im), s_im)).reshape(bsz, tp, h, b.shape[-1])
+    return (out, jnp.real(final), jnp.imag(final)) + ((s_re, s_im) if save else ())
 
 
 def _subblock_factors(lr, th):
@@ -634,7 +665,7 @@ def _split_variant(variant):
     """-> (pad layout, carry, approx_math, sub-blocks)."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    return variant.split("_")[0], "_carry" in variant, not variant.endswith("_exact"), "_subblock" in variant
+    return variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant
 
 
 def _kernel_gates(lr, th, variant):
@@ -677,13 +708,13 @@ def _forward_intra(q, k, v, lr, th, *, opts):
     return jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
 
-def _chunk_starts(k, v, sums, h0re, h0im, *, interpret):
-    """Every chunk's start state (b, h, n, k, v) as (Re, Im) and the final state (Re, Im), by _carry (the backward's
-    rebuild). sums: _gate_sums of the gates."""
+def _chunk_starts(k, v, sums, h0re, h0im, *, opts):
+    """Every chunk's start state (b, h, n, k, v) as (Re, Im) and the final state (Re, Im), by _state_pass (the
+    backward's rebuild). sums: _gate_sums of the gates."""
     _, _, suf_r, suf_p, tot_r, tot_p = sums
     flat_suf = (_flat(suf_r), _flat(suf_p))
-    _, f_re, f_im, s_re, s_im = _carry(k, *flat_suf, k, *flat_suf, v, *_polar(tot_r, tot_p), h0re, h0im,
-                                       interpret=interpret, rows_out=False, save=True)
+    _, f_re, f_im, s_re, s_im = _state_pass(k, *flat_suf, k, *flat_suf, v, *_polar(tot_r, tot_p), h0re, h0im,
+                                           opts=opts, rows_out=False, save=True)
     return s_re, s_im, f_re, f_im
 
 
@@ -698,8 +729,8 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     im): the intra-chunk kernel, then the serial carry kernel (the inter-chunk part of y and the states)."""
     y = _forward_intra(q, k, v, lr, th, opts=opts)
     pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
-    y_inter, f_re, f_im = _carry(q, _flat(pre_r), _flat(pre_p), k, _flat(suf_r), _flat(suf_p), v,
-                                 *_polar(tot_r, tot_p), h0re, h0im, interpret=opts[0])
+    y_inter, f_re, f_im = _state_pass(q, _flat(pre_r), _flat(pre_p), k, _flat(suf_r), _flat(suf_p), v,
+                                      *_polar(tot_r, tot_p), h0re, h0im, opts=opts)
     return y + y_inter, f_re, f_im
 
 
@@ -735,9 +766,9 @@ def _backward(q, k, v, lr, th, s_re, s_im, dy, gf_re, gf_im, *, opts):
     p_re, p_im = _polar(pre_r, pre_p)
     f_re_, f_im_ = _polar(suf_r, suf_p)
     t_re, t_im = _polar(tot_r, tot_p)
-    dv_inter, dh0_re, dh0_im, e_re, e_im = _carry(k, _flat(suf_r), _flat(suf_p), q, _flat(pre_r), _flat(pre_p), dy,
-                                                  t_re, t_im, gf_re, gf_im, interpret=opts[0], reverse=True,
-                                                  conj=True, save=True)
+    dv_inter, dh0_re, dh0_im, e_re, e_im = _state_pass(k, _flat(suf_r), _flat(suf_p), q, _flat(pre_r), _flat(pre_p),
+                                                       dy, t_re, t_im, gf_re, gf_im, opts=opts, reverse=True,
+                                                       conj=True, save=True)
 
     # The inter-chunk coefficients: Dq += P (dy H^T), Dk_F = F (v conj(E)^T), dv += Re(k F E).
     d_re, d_im = _einsum("bnchv,bhnkv->bnchk", dyc, s_re), _einsum("bnchv,bhnkv->bnchk", dyc, s_im)
@@ -813,7 +844,7 @@ def _core_bwd(opts, res, cts):
     # rebuild them before the backward has reached this op (every layer's copies alive at once).
     res, cts = jax.lax.optimization_barrier((res, cts))
     q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
-    s_re, s_im, _, _ = _chunk_starts(k, v, _gate_sums(lr, th), h0re, h0im, interpret=opts[0])
+    s_re, s_im, _, _ = _chunk_starts(k, v, _gate_sums(lr, th), h0re, h0im, opts=opts)
     dy, gf_re, gf_im = cts
     grads = _backward(*padded[:5], s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
                       _pad_to(gf_im, h0re.shape), opts=opts)
