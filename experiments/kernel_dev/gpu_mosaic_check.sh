@@ -77,7 +77,7 @@ fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
 if want trace; then
-    for L in 8192 1024; do
+    for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
         timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
             --variants padded,padded_scan,padded_subblock --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
