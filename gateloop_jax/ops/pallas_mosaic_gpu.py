@@ -441,60 +441,46 @@ def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
     return dk, yim, a_t
 
 
-def _state_pass_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_ref, tim_ref, s0re_ref, s0im_ref, *refs,
-                  h, n_chunks, reverse, conj, rows_out, save):
-    """The state between chunks, serial over the chunks of one (batch x head, d_qk tile, d_v tile), the state in
-    registers (float32, Re and Im of a 64 x 64 tile). Per chunk j (in reverse order with reverse), with X = e^{x_lr + i
-    x_ph} (conjugated with conj) formed here from the log-magnitude and phase rows:
-      rows_out: out[j] = Re((c C) S), S the state entering the chunk (the d_qk tile's share: summed in XLA);
-      save: S itself to saved (re, im);
-      then S <- T_j S + (a A)^T b (T per d_qk row; conj(T) with conj).
-    Forward: (c, C, a, A, b, T) = (q, P, k, F, v, T): y's inter-chunk part and the chunk-start states. Backward: the
-    state's cotangent E, run in reverse with (k, F, q, P, dy, T) conjugated: out = Re(k conj(F) E_end) is dv's
-    inter-chunk part, saved the E_end of each chunk, the final value dh0.
-
-    The chain is serial, so its latency is the cost: each part's inputs (c's, then a's) are fetched while the other
-    part computes (the c part of chunk j + 1 lands during the state update of chunk j), and the outputs go from
-    registers straight to global memory, nothing waits on a store."""
-    outs, refs = refs[:3 + 2 * save], refs[3 + 2 * save:]
+def _state_pass_kernel(*refs, h, n_chunks, reverse, rows_out, save):
+    """The state between chunks, serial over the chunks of one (batch x head, d_qk tile, d_v tile), the state S in
+    registers (float32, Re and Im of a 64 x 64 tile). Per chunk j (in reverse order with reverse):
+      rows_out: out[j] = Re(R S) = [Re R] S_re + [-Im R] S_im, S the state entering the chunk (this d_qk tile's
+        share, summed in XLA);
+      save: S itself to saved (Re, Im);
+      then S <- T_j S + A^T b (T per d_qk row).
+    Every operand of a product comes as a bf16 pair (hi, lo: _state_pass_operands) and lands in shared memory by TMA,
+    two chunks in flight: the chain's cost is its latency, so nothing on it waits for memory or computes a factor.
+    Outputs go from registers straight to global memory."""
+    n_in = 4 * rows_out + 6
+    ins, refs = refs[:n_in], refs[n_in:]
+    t_re_ref, t_im_ref, s0re_ref, s0im_ref = refs[:4]
+    n_out = 3 + 2 * save
+    outs, refs = refs[4:4 + n_out], refs[4 + n_out:]
     out_ref, fre_ref, fim_ref = outs[:3]
-    staged, t_smem, ops, state, b_pair = refs[:7], refs[7:9], refs[9:13], refs[13:17], refs[17:19]
-    bar_c, bar_a = refs[19:21]
+    bufs, t_smem, state, bars = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:n_in + 6], refs[n_in + 6]
     c = CHUNK
     wg = plgpu.Layout.WGMMA
     pid = jax.lax.axis_index("bh")
     bi, hi = pid // h, pid % h
     kt, vt = jax.lax.axis_index("dk"), jax.lax.axis_index("dv")
-    d0, v0 = kt * TILE, vt * TILE
-    k_cols, v_cols = pl.ds(d0, TILE), pl.ds(v0, TILE)
-    sign = -1.0 if conj else 1.0
+    k_cols, v_cols = pl.ds(kt * TILE, TILE), pl.ds(vt * TILE, TILE)
+    cols = (k_cols,) * (n_in - 2) + (v_cols,) * 2  # the b pair is last
 
     def chunk_of(i):
         return n_chunks - 1 - i if reverse else i
 
-    def fetch(i, sources, bufs, bar):
+    def fetch(i, slot):
         rows = pl.ds(chunk_of(i) * c, c)
-        for buf, (src, cols) in zip(bufs, sources):
-            plgpu.copy_gmem_to_smem(src.at[bi, rows, hi, cols], buf, bar)
+        for src, buf, col in zip(ins, bufs, cols):
+            plgpu.copy_gmem_to_smem(src.at[bi, rows, hi, col], buf.at[slot], bars.at[slot])
+        for src, buf in zip((t_re_ref, t_im_ref), t_smem):
+            plgpu.copy_gmem_to_smem(src.at[bi, hi, chunk_of(i), k_cols], buf.at[slot], bars.at[slot])
 
-    def fetch_c(i):
-        fetch(i, ((c_ref, k_cols), (cr_ref, k_cols), (cp_ref, k_cols)), staged[0:3], bar_c)
+    def pair(first, slot):
+        return bufs[first].at[slot], bufs[first + 1].at[slot]
 
-    def fetch_a(i):
-        fetch(i, ((a_ref, k_cols), (ar_ref, k_cols), (ap_ref, k_cols), (b_ref, v_cols)), staged[3:7], bar_a)
-        for buf, src in zip(t_smem, (tre_ref, tim_ref)):
-            plgpu.copy_gmem_to_smem(src.at[bi, hi, chunk_of(i), k_cols], buf, bar_a)
-
-    def load(ref):
-        return plgpu.load(ref, layout=wg)
-
-    def factor_rows(x_buf, lr_buf, ph_buf):  # (Re, Im) of x e^{lr + i ph} (conjugated with conj)
-        x = load(x_buf) * jnp.exp(load(lr_buf))
-        ph = load(ph_buf)
-        return x * jnp.cos(ph), sign * x * jnp.sin(ph)
-
-    def per_row(t_buf):
-        return jax.lax.broadcast_in_dim(plgpu.load(t_buf, layout=wg.reduce(1), optimized=False), (c, TILE), [0])
+    def per_row(buf):
+        return jax.lax.broadcast_in_dim(plgpu.load(buf, layout=wg.reduce(1), optimized=False), (c, TILE), [0])
 
     def store_state(s_re, s_im):
         _store_split(state[0:2], s_re)
@@ -502,43 +488,28 @@ def _state_pass_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_
 
     def step(i, carry):
         s_re, s_im = carry
-        rows = pl.ds(chunk_of(i) * c, c)
-        more = i + 1 < n_chunks
-        if rows_out:  # Re((c C) S) = [Re cC] S_re - [Im cC] S_im
-            plgpu.barrier_wait(bar_c)
-            x_re, x_im = factor_rows(*staged[0:3])
-            _store_split(ops[0:2], x_re)
-            _store_split(ops[2:4], -x_im)
-            plgpu.commit_smem()  # every thread is done reading the c part: the next chunk's may land there
+        slot = jax.lax.rem(i, 2)
+        plgpu.barrier_wait(bars.at[slot])
 
-            @pl.when(more)
-            def _():
-                fetch_c(i + 1)
+        @pl.when(i + 1 < n_chunks)
+        def _():  # the other slot's operands were last read by the previous chunk's products, which are done
+            fetch(i + 1, 1 - slot)
 
-            out_ref.at[kt, bi, rows, hi, v_cols][...] = _mm(ops[0:2], state[0:2]) + _mm(ops[2:4], state[2:4])
+        if rows_out:
+            out = _mm(pair(0, slot), state[0:2]) + _mm(pair(2, slot), state[2:4])
+            out_ref.at[kt, bi, pl.ds(chunk_of(i) * c, c), hi, v_cols][...] = out
         if save:
             outs[3].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_re
             outs[4].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_im
-        plgpu.barrier_wait(bar_a)
-        x_re, x_im = factor_rows(*staged[3:6])
-        _store_split(ops[0:2], x_re)
-        _store_split(ops[2:4], x_im)
-        _store_split(b_pair, load(staged[6]))
-        t_re, t_im = per_row(t_smem[0]), sign * per_row(t_smem[1])
-        plgpu.commit_smem()  # the a part and T are read: the next chunk's may land
-
-        @pl.when(more)
-        def _():
-            fetch_a(i + 1)
-
-        inc_re, inc_im = _mm(_t(ops[0:2]), b_pair), _mm(_t(ops[2:4]), b_pair)
+        a0 = 4 * rows_out
+        b_pair = pair(a0 + 4, slot)
+        inc_re, inc_im = _mm(_t(pair(a0, slot)), b_pair), _mm(_t(pair(a0 + 2, slot)), b_pair)
+        t_re, t_im = per_row(t_smem[0].at[slot]), per_row(t_smem[1].at[slot])
         s_re, s_im = t_re * s_re - t_im * s_im + inc_re, t_im * s_re + t_re * s_im + inc_im
         store_state(s_re, s_im)
         return s_re, s_im
 
-    if rows_out:
-        fetch_c(0)
-    fetch_a(0)
+    fetch(0, 0)
     s = tuple(plgpu.load(ref.at[bi, hi, k_cols, v_cols], layout=wg, optimized=False) for ref in (s0re_ref, s0im_ref))
     store_state(*s)
     s_re, s_im = jax.lax.fori_loop(0, n_chunks, step, s)
@@ -546,62 +517,70 @@ def _state_pass_kernel(c_ref, cr_ref, cp_ref, a_ref, ar_ref, ap_ref, b_ref, tre_
     fim_ref.at[bi, hi, k_cols, v_cols][...] = s_im
 
 
-def _state_pass(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, opts, reverse=False, conj=False,
-                rows_out=True, save=False):
-    """_state_pass_kernel over every (batch x head, d_qk tile, d_v tile): c, a, the factors' log-magnitudes and phases
-    (b, t, h, k), b (b, t, h, v), T (b, h, n, k) as (Re, Im), S_0 (b, h, k, v) as (Re, Im), all float32 and padded.
-    -> (out (b, t, h, v) or None, final (Re, Im), and with save the state entering each chunk (b, h, n, k, v) as (Re,
-    Im)). opts: (interpret, variant); the "_scan" variants take _state_pass_xla."""
+def _bf16_pair(x):
+    """float32 -> (hi, lo) bfloat16 arrays, hi + lo = x to ~16 significant bits (the kernels' operand form)."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reverse=False, rows_out=True,
+                save=False):
+    """The state pass between chunks, over every (batch x head, d_qk tile, d_v tile): per chunk j (reversed with
+    reverse), out[j] = Re(R S) with S the state entering the chunk (rows_out), S saved (save), then S <- T_j S + A^T b.
+    R = r_re + i r_im and A = a_re + i a_im (b, t, h, k), b (b, t, h, v), T (b, h, n, k) as (Re, Im), S_0 (b, h, k, v)
+    as (Re, Im), all float32 and padded. -> (out (b, t, h, v) or None, the final state (Re, Im), and with save the
+    state entering each chunk (b, h, n, k, v) as (Re, Im)). opts: (interpret, variant); the "_scan" variants take
+    _state_pass_xla, the others _state_pass_kernel.
+    Forward: (R, A, b, T) = (q P, k F, v, T) gives y's inter-chunk part and the chunk-start states. Backward: the
+    state's cotangent E, in reverse with (k conj(F), q conj(P), dy, conj(T)): out is dv's inter-chunk part Re(k
+    conj(F) E_end), saved each chunk's E_end, the final value dh0."""
     interpret, variant = opts
     if variant.endswith("_scan"):
-        return _state_pass_xla(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, reverse=reverse, conj=conj,
+        return _state_pass_xla(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, reverse=reverse,
                                rows_out=rows_out, save=save)
-    bsz, tp, h, dkp = c.shape
+    bsz, tp, h, dkp = a_re.shape
     dvp = b.shape[-1]
     n = tp // CHUNK
     f32 = jnp.float32
+    operands = (*_bf16_pair(r_re), *_bf16_pair(-r_im)) if rows_out else ()
+    operands += (*_bf16_pair(a_re), *_bf16_pair(a_im), *_bf16_pair(b))
     out_type = [jax.ShapeDtypeStruct((dkp // TILE if rows_out else 1, bsz, tp if rows_out else CHUNK, h, dvp), f32),
                 *(jax.ShapeDtypeStruct((bsz, h, dkp, dvp), f32),) * 2]
     if save:
         out_type += [jax.ShapeDtypeStruct((bsz, h, n, dkp, dvp), f32)] * 2
     scratch = (
-        *(_f32_staging() for _ in range(7)), plgpu.SMEM((TILE,), f32), plgpu.SMEM((TILE,), f32),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(10)),
-        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=6),  # a chunk's c part; its a part and T
+        *(_swizzled_bf16(2, CHUNK, TILE) for _ in operands), plgpu.SMEM((2, TILE), f32), plgpu.SMEM((2, TILE), f32),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)),
+        plgpu.Barrier(num_arrivals=len(operands) + 2, num_barriers=2),  # a chunk's operands and T, per slot
     )
-    body = functools.partial(_state_pass_kernel, h=h, n_chunks=n, reverse=reverse, conj=conj, rows_out=rows_out,
-                             save=save)
+    body = functools.partial(_state_pass_kernel, h=h, n_chunks=n, reverse=reverse, rows_out=rows_out, save=save)
     params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
     res = plgpu.kernel(body, out_type=tuple(out_type), grid=(bsz * h, dkp // TILE, dvp // TILE),
                        grid_names=("bh", "dk", "dv"), scratch_types=scratch, compiler_params=params,
                        interpret=plgpu.InterpretGPUParams() if interpret else False)(
-        c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im)
+        *operands, t_re, t_im, s0re, s0im)
     out = jnp.sum(res[0], axis=0) if rows_out else None
     return out, res[1], res[2], *res[3:]
 
 
-def _state_pass_xla(c, c_lr, c_ph, a, a_lr, a_ph, b, t_re, t_im, s0re, s0im, *, reverse=False, conj=False,
-                    rows_out=True, save=False):
-    """_state_pass's contract in XLA (the "_scan" variants): every chunk's increment (a A)^T b as a batched product,
-    the states by an associative scan over chunks (depth log n), out by a batched product with the states."""
-    bsz, tp, h, _ = c.shape
+def _state_pass_xla(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, reverse=False, rows_out=True,
+                    save=False):
+    """_state_pass's contract in XLA (the "_scan" variants): every chunk's increment A^T b as a batched product, the
+    states by an associative scan over chunks (depth log n), out by a batched product with the states."""
+    bsz, tp, h, _ = a_re.shape
     n = tp // CHUNK
-    sign = -1.0 if conj else 1.0
     chunks = lambda z: z.reshape(bsz, n, CHUNK, h, z.shape[-1])  # noqa: E731
     flip = (lambda z: jnp.flip(z, axis=2)) if reverse else (lambda z: z)  # noqa: E731
-    a_re, a_im = _polar(a_lr, sign * a_ph)
-    ac, bc = chunks(a), chunks(b)
-    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", ac * chunks(a_re), bc),
-                          _einsum("bnchk,bnchv->bhnkv", ac * chunks(a_im), bc))
-    starts, final = _carry_states_associative(flip(jax.lax.complex(t_re, sign * t_im)), flip(inc),
+    bc = chunks(b)
+    inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", chunks(a_re), bc),
+                          _einsum("bnchk,bnchv->bhnkv", chunks(a_im), bc))
+    starts, final = _carry_states_associative(flip(jax.lax.complex(t_re, t_im)), flip(inc),
                                               jax.lax.complex(s0re, s0im))
     s_re, s_im = jnp.real(flip(starts)), jnp.imag(flip(starts))
     out = None
     if rows_out:
-        c_re, c_im = _polar(c_lr, sign * c_ph)
-        cc = chunks(c)
-        out = (_einsum("bnchk,bhnkv->bnchv", cc * chunks(c_re), s_re)
-               - _einsum("bnchk,bhnkv->bnchv", cc * chunks(c_im), s_im)).reshape(bsz, tp, h, b.shape[-1])
+        out = (_einsum("bnchk,bhnkv->bnchv", chunks(r_re), s_re)
+               - _einsum("bnchk,bhnkv->bnchv", chunks(r_im), s_im)).reshape(bsz, tp, h, b.shape[-1])
     return (out, jnp.real(final), jnp.imag(final)) + ((s_re, s_im) if save else ())
 
 
@@ -714,10 +693,10 @@ def _chunk_starts(k, v, sums, h0re, h0im, *, opts):
     """Every chunk's start state (b, h, n, k, v) as (Re, Im) and the final state (Re, Im), by _state_pass (the
     backward's rebuild). sums: _gate_sums of the gates."""
     _, _, suf_r, suf_p, tot_r, tot_p = sums
-    flat_suf = (_flat(suf_r), _flat(suf_p))
-    _, f_re, f_im, s_re, s_im = _state_pass(k, *flat_suf, k, *flat_suf, v, *_polar(tot_r, tot_p), h0re, h0im,
-                                           opts=opts, rows_out=False, save=True)
-    return s_re, s_im, f_re, f_im
+    f_re, f_im = _polar(_flat(suf_r), _flat(suf_p))
+    _, fin_re, fin_im, s_re, s_im = _state_pass(None, None, k * f_re, k * f_im, v, *_polar(tot_r, tot_p), h0re, h0im,
+                                                opts=opts, rows_out=False, save=True)
+    return s_re, s_im, fin_re, fin_im
 
 
 def _flat(z):
@@ -731,9 +710,11 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     im): the intra-chunk kernel, then the serial carry kernel (the inter-chunk part of y and the states)."""
     y = _forward_intra(q, k, v, lr, th, opts=opts)
     pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
-    y_inter, f_re, f_im = _state_pass(q, _flat(pre_r), _flat(pre_p), k, _flat(suf_r), _flat(suf_p), v,
-                                      *_polar(tot_r, tot_p), h0re, h0im, opts=opts)
-    return y + y_inter, f_re, f_im
+    p_re, p_im = _polar(_flat(pre_r), _flat(pre_p))
+    f_re, f_im = _polar(_flat(suf_r), _flat(suf_p))
+    y_inter, fin_re, fin_im = _state_pass(q * p_re, q * p_im, k * f_re, k * f_im, v, *_polar(tot_r, tot_p), h0re,
+                                          h0im, opts=opts)
+    return y + y_inter, fin_re, fin_im
 
 
 def _backward_intra(q, k, v, lr, th, dy, *, opts):
@@ -764,13 +745,13 @@ def _backward(q, k, v, lr, th, s_re, s_im, dy, gf_re, gf_im, *, opts):
     pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
     chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
     flat = lambda z: z.reshape(b, tp, h, z.shape[-1])  # noqa: E731
-    vc, dyc = chunks(v), chunks(dy)
+    qc, kc, vc, dyc = chunks(q), chunks(k), chunks(v), chunks(dy)
     p_re, p_im = _polar(pre_r, pre_p)
     f_re_, f_im_ = _polar(suf_r, suf_p)
     t_re, t_im = _polar(tot_r, tot_p)
-    dv_inter, dh0_re, dh0_im, e_re, e_im = _state_pass(k, _flat(suf_r), _flat(suf_p), q, _flat(pre_r), _flat(pre_p),
-                                                       dy, t_re, t_im, gf_re, gf_im, opts=opts, reverse=True,
-                                                       conj=True, save=True)
+    kf_re, kf_im, qp_re, qp_im = (flat(x * y) for x, y in ((kc, f_re_), (kc, f_im_), (qc, p_re), (qc, p_im)))
+    dv_inter, dh0_re, dh0_im, e_re, e_im = _state_pass(kf_re, -kf_im, qp_re, -qp_im, dy, t_re, -t_im, gf_re, gf_im,
+                                                       opts=opts, reverse=True, save=True)
 
     # The inter-chunk coefficients: Dq += P (dy H^T), Dk_F = F (v conj(E)^T), dv += Re(k F E).
     d_re, d_im = _einsum("bnchv,bhnkv->bnchk", dyc, s_re), _einsum("bnchv,bhnkv->bnchk", dyc, s_im)
