@@ -147,7 +147,8 @@ def _wrap(x):
 
 
 def _split(x):
-    """float32 -> (hi, lo) bfloat16 with hi + lo = x to ~16 significant bits."""
+    """float32 -> (hi, lo) bfloat16 with hi + lo = x to ~16 significant bits (registers in the kernels, arrays in
+    XLA for the state pass's operands)."""
     hi = x.astype(jnp.bfloat16)
     return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
 
@@ -517,12 +518,6 @@ def _state_pass_kernel(*refs, h, n_chunks, reverse, rows_out, save):
     fim_ref.at[bi, hi, k_cols, v_cols][...] = s_im
 
 
-def _bf16_pair(x):
-    """float32 -> (hi, lo) bfloat16 arrays, hi + lo = x to ~16 significant bits (the kernels' operand form)."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
 def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reverse=False, rows_out=True,
                 save=False):
     """The state pass between chunks, over every (batch x head, d_qk tile, d_v tile): per chunk j (reversed with
@@ -542,8 +537,8 @@ def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reve
     dvp = b.shape[-1]
     n = tp // CHUNK
     f32 = jnp.float32
-    operands = (*_bf16_pair(r_re), *_bf16_pair(-r_im)) if rows_out else ()
-    operands += (*_bf16_pair(a_re), *_bf16_pair(a_im), *_bf16_pair(b))
+    operands = (*_split(r_re), *_split(-r_im)) if rows_out else ()
+    operands += (*_split(a_re), *_split(a_im), *_split(b))
     out_type = [jax.ShapeDtypeStruct((dkp // TILE if rows_out else 1, bsz, tp if rows_out else CHUNK, h, dvp), f32),
                 *(jax.ShapeDtypeStruct((bsz, h, dkp, dvp), f32),) * 2]
     if save:
