@@ -7,7 +7,7 @@
 #   PARTS="accuracy bench" OUT=... bash ... # a subset of accuracy, bench, train, subblock (train alone: about 4 minutes)
 #   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy at d = 32, 64, op benchmark
 #   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
-#   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of both variants
+#   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of the default, the state-pass kernel and the sub-block variant
 #   PARTS=trace OUT=... bash ...           # device time per kernel (XLA fusions by name) from a profiler trace
 #   PARTS=state_pass OUT=... bash ...      # the serial state-pass kernel ("padded") beside its XLA form ("padded_scan"):
 #                                          # accuracy at every width, the op benchmark with the peers (~8 minutes)
@@ -28,7 +28,7 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 # kernel variant (check_mosaic_gpu.py --variants padded,dense,swizzled,padded_exact compares the variants).
 if want accuracy; then
     log "accuracy"
-    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded \
+    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded_scan \
         --rest "${ACCURACY_REST:-96:96,128:128,256:256,32:96,256:64}" --budget_s 120 --bench_length 0 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi
@@ -56,8 +56,8 @@ fi
 # (1c) Where the time goes: each variant's kernels and XLA parts timed alone (profile_mosaic_gpu.py).
 if want profile; then
     log "profile"
-    timeout 300 $PY experiments/kernel_dev/profile_mosaic_gpu.py --out "$OUT" --variants padded,padded_subblock \
-        --lengths 1024,8192 --budget_s 240 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+    timeout 300 $PY experiments/kernel_dev/profile_mosaic_gpu.py --out "$OUT" \
+        --variants padded_scan,padded,padded_subblock --lengths 1024,8192 --budget_s 240 2>&1 | tail -30 | tee -a "$OUT/log.txt"
 fi
 
 # (1c') The state pass between chunks as a serial kernel ("padded", "padded_subblock") against XLA's associative scan
@@ -80,7 +80,7 @@ if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
         timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
-            --variants padded,padded_scan,padded_subblock --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+            --variants padded_scan,padded,padded_subblock --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
     done
 fi
 

@@ -76,7 +76,7 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
-    ap.add_argument("--variants", default="padded,padded_subblock", help=f"comma list of {pm.VARIANTS}")
+    ap.add_argument("--variants", default="padded_scan,padded,padded_subblock", help=f"comma list of {pm.VARIANTS}")
     ap.add_argument("--lengths", default="1024,8192")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     ap.add_argument("--heads", type=int, default=8)

@@ -86,7 +86,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
     ap.add_argument("--json", default="mosaic_trace.json", help="file name under --out")
-    ap.add_argument("--variants", default="padded_subblock", help=f"comma list of {pm.VARIANTS}")
+    ap.add_argument("--variants", default="padded_scan,padded", help=f"comma list of {pm.VARIANTS}")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
     ap.add_argument("--heads", type=int, default=8)
