@@ -13,14 +13,15 @@ chunks is the state, carried by a serial kernel. With G, Phi the cumulative log|
   That is C - 1 elementwise passes over a (C, 64) tile on the CUDA cores; y_intra = S V on the tensor cores, with
   bfloat16 operands split in two (x = hi + lo; hi*hi + hi*lo + lo*hi, float32 accumulation): ~16 significant bits
   per operand, float32-level results (~1e-5). The d_qk tiles of a head each add their share (summed in XLA).
-- Between chunks: a serial kernel (`_state_pass`), one program per (batch x head, d_qk tile, d_v tile) walking the
-  chunks with the state (Re, Im of a 64 x 64 tile, float32) in registers: per chunk it adds y's inter-chunk part
-  Re(q e^{G + i Phi} H_start) (the rotation identity, [Re; -Im] products) and updates H <- T H + K_end^T V, K_end = k
-  e^{(G_C - G_m) + i (Phi_C - Phi_m)} (every factor e^{<= 0}, formed in the kernel from the gate sums).
+- Between chunks, the state pass (`_state_pass`): per chunk y's inter-chunk part Re(q e^{G + i Phi} H_start) (the
+  rotation identity, [Re; -Im] products), then H <- T H + K_end^T V, K_end = k e^{(G_C - G_m) + i (Phi_C - Phi_m)}
+  (every factor e^{<= 0}). Either a serial kernel, one program per (batch x head, d_qk tile, d_v tile) walking the
+  chunks with the state (Re, Im of a 64 x 64 tile, float32) in registers and its operands (bf16 pairs formed in XLA)
+  fetched two chunks ahead, or ("_scan" variants, the default) XLA's associative scan over chunks.
 
 Backward (custom VJP): the backward kernel, per chunk and tile pair, takes the query-row diagonals (dq and Im Dq) and
-the key-row diagonals (queries read shifted up: dk, Im Dk, and the transposed scores for dv = A^T dy). The carry
-kernel rebuilds the chunk-start states and, run in reverse with conjugated factors, carries the state's cotangent E
+the key-row diagonals (queries read shifted up: dk, Im Dk, and the transposed scores for dv = A^T dy). The state
+pass rebuilds the chunk-start states and, run in reverse with conjugated factors, carries the state's cotangent E
 (E_start = conj(T) E_end + (q conj(P))^T dy) and gives dv's inter-chunk part Re(k conj(F) E_end) on the way; the
 other inter-chunk terms are batched products in XLA. The VJP saves only the operands as the caller passed them and
 rebuilds the padded copies and the chunk-start states (t / 64 x d_qk x d_v complex per head) in the backward
@@ -28,10 +29,10 @@ rebuilds the padded copies and the chunk-start states (t / 64 x d_qk x d_v compl
 k e^{-G - i Phi} and the chunk's end factors), each term summed over the positions whose decay it crosses, so none is
 a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too.
 
-Untuned: one warpgroup per program, no TMA double buffering, every product three bf16 wgmmas, the diagonals on the
-CUDA cores (C - 1 elementwise passes per chunk and direction). The "_subblock" variants (VARIANTS) walk the diagonals
-only within 16-row sub-blocks (15 passes) and take the pairs between sub-blocks on the tensor cores, from decay
-factors formed in XLA (_subblock_factors).
+The intra-chunk kernels are untuned: one warpgroup per program, no TMA double buffering, every product three bf16
+wgmmas, the diagonals on the CUDA cores (C - 1 elementwise passes per chunk and direction). The "_subblock" variants
+(VARIANTS) walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs between sub-blocks on the
+tensor cores, from decay factors formed in XLA (_subblock_factors).
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
