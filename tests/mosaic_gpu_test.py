@@ -279,7 +279,6 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     """experiments/kernel_dev/trace_mosaic_gpu.py (device time per kernel on the GPU) runs end to end in interpret
     mode and writes its record; on CPU the trace has no device plane, so no kernel is listed."""
     import json
-    import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
@@ -297,7 +296,6 @@ def test_profile_script_times_every_stage_of_a_variant(tmp_path):
     """experiments/kernel_dev/profile_mosaic_gpu.py (run on the GPU to split the time between the kernels and XLA)
     runs end to end at its smoke size and records every stage; a variant not in VARIANTS is refused by name."""
     import json
-    import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",

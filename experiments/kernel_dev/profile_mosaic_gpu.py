@@ -35,6 +35,18 @@ import bench_common as bc  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 
 
+def op_fwd_bwd(variant, interpret):
+    """(q, k, v, log_r, theta, dy) -> y and the five input cotangents through the public op with this kernel variant.
+    y is returned too: without it XLA would drop the forward kernel."""
+
+    def fwd_bwd(q, k, v, log_r, theta, dy):
+        y, pull = jax.vjp(lambda *x: pm.gateloop_mosaic_gpu(*x, None, interpret=interpret, variant=variant)[0],
+                          q, k, v, log_r, theta)
+        return y, *pull(dy.astype(y.dtype))
+
+    return fwd_bwd
+
+
 def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
     b = max(1, tokens // length)
     q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
@@ -58,16 +70,12 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
         timed("factors", pm._subblock_factors, lr, th)
     timed("fwd_kernel", lambda *a: pm._forward_intra(*a, opts=opts), qp, kp, vp, lr, th)
     timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
-    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, pm._gate_sums(lr, th), h0re, h0im, opts=opts)
+    sums = pm._gate_sums(lr, th)
+    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, sums, h0re, h0im, opts=opts)
     timed("bwd_kernel", lambda *a: pm._backward_intra(*a, opts=opts), qp, kp, vp, lr, th, dyp)
-    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, s_re, s_im, dyp, h0re, h0im)
+    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, sums, s_re, s_im, dyp, h0re, h0im)
 
-    def fwd_bwd(q, k, v, log_r, theta, dy):  # y returned too: without it XLA would drop the forward kernel
-        y, pull = jax.vjp(lambda *x: pm.gateloop_mosaic_gpu(*x, None, interpret=interpret, variant=variant)[0],
-                          q, k, v, log_r, theta)
-        return y, *pull(dy.astype(y.dtype))
-
-    timed("fwd_bwd_total", fwd_bwd, q, k, v, log_r, theta, dy)
+    timed("fwd_bwd_total", op_fwd_bwd(variant, interpret), q, k, v, log_r, theta, dy)
     out["fwd_xla"] = out["fwd_total"] - out["fwd_kernel"]
     out["bwd_xla"] = out["bwd_total"] - out["bwd_kernel"]
     return {"variant": variant, "length": length, "batch": b, "heads": heads, "d_head": d, "dtype": dtype, "ms": out}

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 
 from bench_kernels import make_inputs  # noqa: E402, I001
+from profile_mosaic_gpu import op_fwd_bwd  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -57,12 +58,7 @@ def traced(variant, length, tokens, heads, d, dtype, interpret, calls):
     q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
     dy = dy.astype(dtype)
 
-    def fwd_bwd(q, k, v, log_r, theta, dy):
-        y, pull = jax.vjp(lambda *x: pm.gateloop_mosaic_gpu(*x, None, interpret=interpret, variant=variant)[0],
-                          q, k, v, log_r, theta)
-        return y, *pull(dy.astype(y.dtype))
-
-    f = jax.jit(fwd_bwd)
+    f = jax.jit(op_fwd_bwd(variant, interpret))
     args = (q, k, v, log_r, theta, dy)
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))

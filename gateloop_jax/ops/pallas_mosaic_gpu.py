@@ -3,7 +3,7 @@
 Per head, H_n = diag(a_n) H_{n-1} + k_n^T v_n and y_n = Re(q_n H_n), a = e^{log_r + i theta} per key channel.
 Time is cut into chunks of C = 64 rows (one wgmma M tile). The intra-chunk kernels take one program per (batch x
 head x chunk, d_qk tile of 64 channels), all independent, each walking the d_v tiles of 64; what passes between
-chunks is the state, carried by a serial kernel. With G, Phi the cumulative log|a| and phase from the chunk start:
+chunks is the state, carried by the state pass. With G, Phi the cumulative log|a| and phase from the chunk start:
 
 - Intra-chunk scores S[n, m] = sum_d q_nd k_md e^{G_nd - G_md} cos(Phi_nd - Phi_md), m <= n, by diagonals: for each
   offset delta = n - m the decay of every row is extended by one step, R <- R + log_r[n - delta + 1] (a running sum
@@ -450,15 +450,16 @@ def _state_pass_kernel(*refs, h, n_chunks, reverse, rows_out, save):
         share, summed in XLA);
       save: S itself to saved (Re, Im);
       then S <- T_j S + A^T b (T per d_qk row).
-    Every operand of a product comes as a bf16 pair (hi, lo: _state_pass_operands) and lands in shared memory by TMA,
+    Every operand of a product comes as a bf16 pair (hi, lo: _split in _state_pass) and lands in shared memory by TMA,
     two chunks in flight: the chain's cost is its latency, so nothing on it waits for memory or computes a factor.
     Outputs go from registers straight to global memory."""
     n_in = 4 * rows_out + 6
     ins, refs = refs[:n_in], refs[n_in:]
     t_re_ref, t_im_ref, s0re_ref, s0im_ref = refs[:4]
-    n_out = 3 + 2 * save
+    n_out = rows_out + 2 + 2 * save
     outs, refs = refs[4:4 + n_out], refs[4 + n_out:]
-    out_ref, fre_ref, fim_ref = outs[:3]
+    out_ref = outs[0] if rows_out else None
+    fre_ref, fim_ref, *saved = outs[rows_out:]
     bufs, t_smem, state, bars = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:n_in + 6], refs[n_in + 6]
     c = CHUNK
     wg = plgpu.Layout.WGMMA
@@ -501,8 +502,8 @@ def _state_pass_kernel(*refs, h, n_chunks, reverse, rows_out, save):
             out = _mm(pair(0, slot), state[0:2]) + _mm(pair(2, slot), state[2:4])
             out_ref.at[kt, bi, pl.ds(chunk_of(i) * c, c), hi, v_cols][...] = out
         if save:
-            outs[3].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_re
-            outs[4].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_im
+            saved[0].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_re
+            saved[1].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_im
         a0 = 4 * rows_out
         b_pair = pair(a0 + 4, slot)
         inc_re, inc_im = _mm(_t(pair(a0, slot)), b_pair), _mm(_t(pair(a0 + 2, slot)), b_pair)
@@ -540,8 +541,8 @@ def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reve
     f32 = jnp.float32
     operands = (*_split(r_re), *_split(-r_im)) if rows_out else ()
     operands += (*_split(a_re), *_split(a_im), *_split(b))
-    out_type = [jax.ShapeDtypeStruct((dkp // TILE if rows_out else 1, bsz, tp if rows_out else CHUNK, h, dvp), f32),
-                *(jax.ShapeDtypeStruct((bsz, h, dkp, dvp), f32),) * 2]
+    out_type = [jax.ShapeDtypeStruct((dkp // TILE, bsz, tp, h, dvp), f32)] if rows_out else []
+    out_type += [jax.ShapeDtypeStruct((bsz, h, dkp, dvp), f32)] * 2
     if save:
         out_type += [jax.ShapeDtypeStruct((bsz, h, n, dkp, dvp), f32)] * 2
     scratch = (
@@ -556,7 +557,7 @@ def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reve
                        interpret=plgpu.InterpretGPUParams() if interpret else False)(
         *operands, t_re, t_im, s0re, s0im)
     out = jnp.sum(res[0], axis=0) if rows_out else None
-    return out, res[1], res[2], *res[3:]
+    return out, *res[rows_out:]
 
 
 def _state_pass_xla(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, reverse=False, rows_out=True,
@@ -703,7 +704,7 @@ def _flat(z):
 
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v) and the final state (re,
-    im): the intra-chunk kernel, then the serial carry kernel (the inter-chunk part of y and the states)."""
+    im): the intra-chunk kernel, then the state pass (the inter-chunk part of y and the states)."""
     y = _forward_intra(q, k, v, lr, th, opts=opts)
     pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
     p_re, p_im = _polar(_flat(pre_r), _flat(pre_p))
@@ -728,17 +729,17 @@ def _backward_intra(q, k, v, lr, th, dy, *, opts):
     return dq_in, xim_in, dk_in, yim_in, jnp.sum(dv, axis=0)
 
 
-def _backward(q, k, v, lr, th, s_re, s_im, dy, gf_re, gf_im, *, opts):
-    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped; (s_re, s_im) the chunk-start
-    states (_chunk_starts)."""
+def _backward(q, k, v, lr, th, sums, s_re, s_im, dy, gf_re, gf_im, *, opts):
+    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped; sums: _gate_sums(lr, th); (s_re,
+    s_im) the chunk-start states (_chunk_starts)."""
     b, tp, h, _ = q.shape
     n = tp // CHUNK
     dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, opts=opts)
 
     # Between chunks: the cotangent E of each chunk's end state, E_end[n-1] = the final state's cotangent, E_start[j] =
-    # conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by the carry kernel
+    # conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by the state pass
     # run in reverse, which also gives dv's inter-chunk part Re(k conj(F) E_end) and dh0 = E_start[0].
-    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
+    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = sums
     chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
     flat = lambda z: z.reshape(b, tp, h, z.shape[-1])  # noqa: E731
     qc, kc, vc, dyc = chunks(q), chunks(k), chunks(v), chunks(dy)
@@ -823,9 +824,10 @@ def _core_bwd(opts, res, cts):
     # rebuild them before the backward has reached this op (every layer's copies alive at once).
     res, cts = jax.lax.optimization_barrier((res, cts))
     q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
-    s_re, s_im, _, _ = _chunk_starts(k, v, _gate_sums(lr, th), h0re, h0im, opts=opts)
+    sums = _gate_sums(lr, th)
+    s_re, s_im, _, _ = _chunk_starts(k, v, sums, h0re, h0im, opts=opts)
     dy, gf_re, gf_im = cts
-    grads = _backward(*padded[:5], s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
+    grads = _backward(*padded[:5], sums, s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
                       _pad_to(gf_im, h0re.shape), opts=opts)
     return tuple(_unpad_like(g, x) for g, x in zip(grads, res))
 
