@@ -7,6 +7,7 @@ Needs jax >= 0.11 (Pallas Mosaic GPU with InterpretGPUParams); on older jax only
 Interpret mode costs a few seconds per (batch x head x width tile x 64-row chunk) program, so shapes are tiny.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -96,18 +97,53 @@ def test_extreme_gates_carried_state_several_chunks():
 
 
 @needs_mosaic
-def test_subblock_extreme_gates_carried_state():
-    """The "_subblock" variant (diagonals within 16-row sub-blocks, the other pairs as products of factored decays):
-    all four gate regimes over three chunks, so every sub-block distance d = 1..3 and the carried state count."""
-    _check(_inputs(np.random.default_rng(7), 4, 131, 1, 32, 32), variant="padded_subblock")
+@pytest.mark.parametrize("variant", ["padded_subblock", "padded_subblock_stream"])
+def test_subblock_extreme_gates_carried_state(variant):
+    """The "_subblock" variants (diagonals within 16-row sub-blocks, the other pairs as products of factored decays;
+    "_stream": the fetches run ahead): all four gate regimes over three chunks, so every sub-block distance d = 1..3
+    and the carried state count."""
+    _check(_inputs(np.random.default_rng(7), 4, 131, 1, 32, 32), variant=variant)
 
 
 @needs_mosaic
-def test_subblock_mixed_widths():
-    """"_subblock" with two d_qk tiles (their partial scores and gradients summed) and two d_v tiles; t = 57 fills
-    all four sub-blocks of its one chunk. Regime 0: |a| log-uniform, so the factored decays span every scale."""
+@pytest.mark.parametrize("variant", ["padded_subblock", "padded_subblock_stream", "padded_stream"])
+def test_mixed_widths_of_a_variant(variant):
+    """Two d_qk tiles (their partial scores and gradients summed) and two d_v tiles (a streamed kernel's fetch list
+    grows with them); t = 57 fills all four sub-blocks of its one chunk. Regime 0: |a| log-uniform, so the factored
+    decays span every scale."""
     args = _inputs(np.random.default_rng(11), 1, 57, 1, 96, 128)
-    _check(args, variant="padded_subblock")
+    _check(args, variant=variant)
+
+
+@needs_mosaic
+@pytest.mark.parametrize("variant", ["padded_stream", "padded_subblock_stream"])
+def test_kernels_have_no_races(variant, monkeypatch):
+    """The interpreter's happens-before race detector over each kernel of a variant, run alone (its verdict is per
+    kernel): the forward and backward intra-chunk kernels with their fetches two ahead and their stores left in flight
+    ("_stream"), and the state pass (two chunks of operands in flight), forward and reversed. Uninitialised shared
+    memory reads as NaN. A missing wait or warpgroup barrier before a buffer is rewritten shows up here (both were
+    tried)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    monkeypatch.setattr(pm.plgpu, "InterpretGPUParams",
+                        functools.partial(pm.plgpu.InterpretGPUParams, detect_races=True))
+    q, k, v, log_r, theta, _, dy, _ = _inputs(np.random.default_rng(3), 1, 2 * pm.CHUNK, 1, 64, 64)
+    zeros = jnp.zeros((1, 1, 64, 64))
+    q, k, v, lr, th, h0re, h0im = pm._padded(q, k, v, log_r, theta, zeros, zeros)
+    t = jnp.full((1, 1, 2, 64), 0.5)
+    opts = (True, variant)
+    kernels = {
+        "forward": lambda: pm._forward_intra(q, k, v, lr, th, opts=opts),
+        "backward": lambda: pm._backward_intra(q, k, v, lr, th, jnp.asarray(dy), opts=opts),
+        "state pass": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts),
+        "state pass, reversed": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts, reverse=True,
+                                                       save=True),
+    }
+    races = {}
+    for name, kernel in kernels.items():
+        jax.block_until_ready(kernel())
+        races[name] = gpu_callbacks.get_races().races_found
+    assert not any(races.values()), races
 
 
 def _state_pass_oracle(r, a, b, t, s0, reverse):

@@ -9,8 +9,9 @@
 #   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
 #   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of the default, the state-pass kernel and the sub-block variant
 #   PARTS=trace OUT=... bash ...           # device time per kernel (XLA fusions by name) from a profiler trace
-#   PARTS=state_pass OUT=... bash ...      # the serial state-pass kernel ("padded") beside its XLA form ("padded_scan"):
-#                                          # accuracy at every width, the op benchmark with the peers (~8 minutes)
+#   PARTS=state_pass OUT=... bash ...      # the serial state-pass kernel ("padded") beside its XLA form ("padded_scan")
+#                                          # and the streamed fetches ("_stream"): accuracy, the op benchmark with the
+#                                          # peers (~7 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -61,18 +62,20 @@ if want profile; then
 fi
 
 # (1c') The state pass between chunks as a serial kernel ("padded", "padded_subblock") against XLA's associative scan
-# ("padded_scan", the default): accuracy at d = 32, 64 for all three and every width for the kernel, then the op
-# benchmark with the peers.
+# ("padded_scan", the default), and the intra-chunk kernels with their fetches streamed two ahead ("_stream"):
+# accuracy at d = 32, 64 for each and every width for the best, then the op benchmark with the peers.
 if want state_pass; then
     log "state pass accuracy"
-    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded padded_subblock padded_scan \
-        --rest 96:96,128:128,256:256,32:96,256:64 --bench_length 0 --budget_s 120 --out "$OUT/state_pass.json" 2>&1 \
+    timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 140 \
+        --variants padded_subblock_stream padded_subblock padded padded_stream padded_scan \
+        --rest 96:96,128:128,256:256,32:96,256:64 --out "$OUT/state_pass.json" 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
     log "state pass bench"
     timeout 200 $PY experiments/bench_modes.py --out "$OUT" --json modes_state_pass.json --settings multihead \
         --scopes op --passes fwdbwd,fwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 \
-        --modes mosaic_gpu,mosaic_gpu:padded,mosaic_gpu:padded_subblock,pallas,chunked --peers softmax_cudnn,jla_gla \
-        --order priority --lengths 1024,8192,32768 --budget_s 170 2>&1 | tail -40 | tee -a "$OUT/log.txt"
+        --modes mosaic_gpu,mosaic_gpu:padded_subblock_stream,mosaic_gpu:padded_subblock,mosaic_gpu:padded,mosaic_gpu:padded_stream,pallas,chunked \
+        --peers softmax_cudnn,jla_gla --order priority --lengths 8192,1024,32768 --budget_s 170 2>&1 | tail -40 \
+        | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
@@ -80,7 +83,7 @@ if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
         timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
-            --variants padded_scan,padded,padded_subblock --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+            --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock,padded_subblock_stream} --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
     done
 fi
 

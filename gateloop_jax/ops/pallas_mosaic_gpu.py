@@ -104,7 +104,8 @@ _TWO_PI = 2.0 * math.pi
 # products ([q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T), kept where the rows are d sub-blocks apart.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
-VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan")
+VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
+             "padded_stream", "padded_subblock_stream")
 # The default keeps the state pass in XLA ("_scan", the form measured on the H100 above) until the serial kernel of
 # the other variants has run on a GPU.
 VARIANT = "padded_scan"
@@ -163,6 +164,7 @@ class _Ctx:
         self.bars = bars
         self.pad = pad
         self.carry = carry
+        self.fetches = self.out_staging = None
         pid = jax.lax.axis_index("bhc")
         self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
         self.t0 = self.j * CHUNK
@@ -183,22 +185,61 @@ class _Ctx:
         plgpu.copy_gmem_to_smem(src, dst, self.bars.at[slot])
         plgpu.barrier_wait(self.bars.at[slot])
 
+    def stream(self, fetches, staging, out_staging):
+        """From here on, `get` takes the windows `fetches` lists ((ref, col0) pairs, in the order the kernel asks for
+        them) through the two buffers of `staging`, each fetch issued two windows ahead, so it lands while the kernel
+        computes; and `put` leaves its store in flight (out_staging). Barriers 0 and 1 are the stream's."""
+        self.fetches, self.staging, self.out_staging, self.next = list(fetches), staging, out_staging, 0
+        self._issue(0)
+        self._issue(1)
+
+    def _issue(self, i):
+        if i < len(self.fetches):
+            ref, col0 = self.fetches[i]
+            plgpu.commit_smem()  # every thread is done reading the slot (loaded by the window two before)
+            plgpu.copy_gmem_to_smem(self.window(ref, col0), self.staging[i % 2], self.bars.at[i % 2])
+
     def get(self, ref, col0, staging, slot=0):
         """This program's (64 rows, 64 columns) window of a (b, t, h, d) array, through SMEM, into registers."""
-        self.fetch(self.window(ref, col0), staging, slot)
-        return self.load(staging)
+        if self.fetches is None:
+            self.fetch(self.window(ref, col0), staging, slot)
+            return self.load(staging)
+        i = self.next
+        want_ref, want_col = self.fetches[i]
+        same_col = col0 is want_col or (isinstance(col0, int) and isinstance(want_col, int) and col0 == want_col)
+        if ref is not want_ref or not same_col:
+            raise AssertionError(f"fetch {i} is not the one the stream lists: the kernel and its fetch list disagree")
+        plgpu.barrier_wait(self.bars.at[i % 2])
+        value = self.load(self.staging[i % 2])
+        value = self.load(self.staging[i % 2])
+        self.next += 1
+        self._issue(i + 2)
+        return value
+
+    def finish(self):
+        """The end of a streamed kernel: every window taken, every store landed."""
+        if self.fetches is not None:
+            if self.next != len(self.fetches):
+                raise AssertionError(f"{len(self.fetches) - self.next} listed fetches were never taken")
+            plgpu.wait_smem_to_gmem(0)
 
     def window(self, ref, col0):
         return ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)]
 
     def put(self, x, staging, ref, tile, col0):
-        """A (64, 64) float32 register tile to this program's window of ref (of ref[tile]: a per-tile partial)."""
+        """A (64, 64) float32 register tile to this program's window of ref (of ref[tile]: a per-tile partial). In a
+        stream, through out_staging, the store left in flight until that buffer is next written."""
+        streamed = self.out_staging is not None
+        if streamed:
+            staging = self.out_staging
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read the buffer
         plgpu.commit_smem()  # every thread is done reading the staging buffer
         staging[...] = x
         plgpu.commit_smem()
         ref = ref if tile is None else ref.at[tile]
         plgpu.copy_smem_to_gmem(staging, ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
-        plgpu.wait_smem_to_gmem(0)
+        if not streamed:
+            plgpu.wait_smem_to_gmem(0)
 
     def window_of(self, buf, row0):
         """The (64, 64) window of a pad buffer from row row0 (static or dynamic)."""
@@ -280,14 +321,19 @@ def _t(pair):
     return pair[0].T, pair[1].T
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, stream):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
     (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes them (VARIANTS:
-    log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors."""
+    log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors; with stream,
+    the scratch has one more staging tile (the stores') and the fetches run ahead (_Ctx.stream)."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
-    y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo, bars = refs
+    y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo, *out_staging, bars = refs
     c = CHUNK
     x = _Ctx(bars, h, n_chunks, pad, carry)
+    if stream:
+        fetches = [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (q_ref, x.d0)]
+        fetches += _cross_scores_fetches(factors, x.d0) if sub else []
+        x.stream(fetches + [(v_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), *out_staging)
     # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     for buf in (kpad, lrpad, thpad):
         x.zero(buf, 0)
@@ -312,21 +358,33 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
     for vt in range(n_dv):  # static
         _store_split((b_hi, b_lo), x.get(v_ref, vt * TILE, g2, 4))
         x.put(_mm((a_hi, a_lo), (b_hi, b_lo)), g1, y_ref, x.kt, vt * TILE)
+    x.finish()
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub):
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub,
+                     stream):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
     The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on.
     With sub, refs starts with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other
-    pairs are products (_cross_query_rows, _cross_key_rows)."""
+    pairs are products (_cross_query_rows, _cross_key_rows). With stream, the scratch has two more staging tiles
+    (the stream's second, the stores') and the fetches run ahead (_Ctx.stream)."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
-    dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, g1, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, bars = refs
+    dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, g1, *bf16_tiles, bars = refs
+    a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *extra = bf16_tiles
     c = CHUNK
     n_walk = SUB if sub else c
     x = _Ctx(bars, h, n_chunks, pad, carry)
+    if stream:
+        g2, out_staging = extra
+        fetches = [w for vt in range(n_dv) for w in ((dy_ref, vt * TILE), (v_ref, vt * TILE))]
+        fetches += [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
+        fetches += _cross_query_rows_fetches(factors, x.d0) if sub else []
+        fetches += [(q_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (k_ref, x.d0)]
+        fetches += _cross_key_rows_fetches(factors, x.d0) if sub else []
+        x.stream(fetches + [(dy_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), out_staging)
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
     w = w_t = x.zeros
     for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
@@ -393,6 +451,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
         dv = _mm(tmp, dy_pair)
         x.put(dv + _mm(v_pair, dy_pair) if sub else dv, g1, dv_ref, x.kt, vt * TILE)
+    x.finish()
 
 
 def _cross_scores(x, q, k, factors, staging, qt, kt):
@@ -406,6 +465,22 @@ def _cross_scores(x, q, k, factors, staging, qt, kt):
             _store_split(kt, k * x.get(q_d[2 * (d - 1) + part], x.d0, staging))
             out = out + jnp.where(x.gap == d, _mm(qt, _t(kt)), 0.0)
     return out
+
+
+def _cross_scores_fetches(factors, d0):
+    """The windows _cross_scores reads, in its order (_Ctx.stream)."""
+    p_re, p_im, *q_d = factors
+    return [(z, d0) for part, p in enumerate((p_re, p_im)) for z in (p, *q_d[part::2])]
+
+
+def _cross_query_rows_fetches(factors, d0):
+    """The windows _cross_query_rows reads, in its order."""
+    return [(z, d0) for z in (*factors[2:], *factors[:2])]
+
+
+def _cross_key_rows_fetches(factors, d0):
+    """The windows _cross_key_rows reads, in its order."""
+    return [(z, d0) for z in factors]
 
 
 def _cross_query_rows(x, w, k, factors, staging, wp, kp):
@@ -640,26 +715,27 @@ def _pad_smem(pad):
 
 
 def _split_variant(variant):
-    """-> (pad layout, carry, approx_math, sub-blocks)."""
+    """-> (pad layout, carry, approx_math, sub-blocks, stream)."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    return variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant
+    return (variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant,
+            "_stream" in variant)
 
 
 def _kernel_gates(lr, th, variant):
     """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped), then, for
     "_subblock", the factors of _subblock_factors."""
-    _, carry, _, sub = _split_variant(variant)
+    _, carry, _, sub, _ = _split_variant(variant)
     return (*(_polar(lr, th) if carry else (lr, th)), *(_subblock_factors(lr, th) if sub else ()))
 
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, carry, approx_math, sub = _split_variant(variant)
+    pad, carry, approx_math, sub, stream = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
     body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry,
-                             sub=sub)
+                             sub=sub, stream=stream)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
@@ -676,10 +752,11 @@ def _einsum(spec, *xs):
 def _forward_intra(q, k, v, lr, th, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
-    pad = _split_variant(opts[1])[0]
+    pad, *_, stream = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad) for _ in range(3)), _f32_staging(), _f32_staging(),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), plgpu.Barrier(num_barriers=5),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), *((_f32_staging(),) if stream else ()),
+        plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
     gates = _kernel_gates(lr, th, opts[1])
@@ -717,10 +794,11 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
 def _backward_intra(q, k, v, lr, th, dy, *, opts):
     """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
-    pad = _split_variant(opts[1])[0]
+    pad, *_, stream = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad) for _ in range(3)), _f32_staging(),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), plgpu.Barrier(num_barriers=3),
+        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), *((_f32_staging(), _f32_staging()) if stream else ()),
+        plgpu.Barrier(num_barriers=3),
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32),)
