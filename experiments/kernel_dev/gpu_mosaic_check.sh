@@ -62,18 +62,19 @@ if want profile; then
 fi
 
 # (1c') The state pass between chunks as a serial kernel ("padded", "padded_subblock") against XLA's associative scan
-# ("padded_scan", the default), and the intra-chunk kernels with their fetches streamed two ahead ("_stream"):
-# accuracy at d = 32, 64 for each and every width for the best, then the op benchmark with the peers.
+# ("padded_scan", the default), and the intra-chunk kernels with their fetches streamed two ahead ("_stream") or
+# loaded and stored without staging ("_direct"): accuracy at d = 32, 64 for each and every width for the best, then
+# the op benchmark with the peers.
 if want state_pass; then
     log "state pass accuracy"
     timeout 170 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 140 \
-        --variants padded_subblock_stream padded_subblock padded padded_stream padded_scan \
+        --variants padded_subblock_direct padded_subblock_stream padded_subblock padded padded_stream padded_scan \
         --rest 96:96,128:128,256:256,32:96,256:64 --out "$OUT/state_pass.json" 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
     log "state pass bench"
     timeout 200 $PY experiments/bench_modes.py --out "$OUT" --json modes_state_pass.json --settings multihead \
         --scopes op --passes fwdbwd,fwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 \
-        --modes mosaic_gpu,mosaic_gpu:padded_subblock_stream,mosaic_gpu:padded_subblock,mosaic_gpu:padded,mosaic_gpu:padded_stream,pallas,chunked \
+        --modes mosaic_gpu,mosaic_gpu:padded_subblock_direct,mosaic_gpu:padded_subblock_stream,mosaic_gpu:padded_subblock,mosaic_gpu:padded,mosaic_gpu:padded_stream,pallas,chunked \
         --peers softmax_cudnn,jla_gla --order priority --lengths 8192,1024,32768 --budget_s 170 2>&1 | tail -40 \
         | tee -a "$OUT/log.txt"
 fi
@@ -83,7 +84,7 @@ if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
         timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
-            --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock,padded_subblock_stream} --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+            --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock_direct,padded_subblock_stream} --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
     done
 fi
 

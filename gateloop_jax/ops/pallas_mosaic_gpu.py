@@ -105,7 +105,7 @@ _TWO_PI = 2.0 * math.pi
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
-             "padded_stream", "padded_subblock_stream")
+             "padded_stream", "padded_subblock_stream", "padded_subblock_direct")
 # The default keeps the state pass in XLA ("_scan", the form measured on the H100 above) until the serial kernel of
 # the other variants has run on a GPU.
 VARIANT = "padded_scan"
@@ -159,11 +159,13 @@ class _Ctx:
     """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches, the
     pad buffers (filled and read as the variant's layout says)."""
 
-    def __init__(self, bars, h, n_chunks, pad, carry):
+    def __init__(self, bars, h, n_chunks, pad, carry, io, zero_rows):
         self.wg = plgpu.Layout.WGMMA
         self.bars = bars
         self.pad = pad
         self.carry = carry
+        self.io = io
+        self.z = zero_rows  # the pad buffers' zero rows beside the chunk's 64: one more than the walk's last offset
         self.fetches = self.out_staging = None
         pid = jax.lax.axis_index("bhc")
         self.bi, self.hi, self.j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
@@ -200,7 +202,10 @@ class _Ctx:
             plgpu.copy_gmem_to_smem(self.window(ref, col0), self.staging[i % 2], self.bars.at[i % 2])
 
     def get(self, ref, col0, staging, slot=0):
-        """This program's (64 rows, 64 columns) window of a (b, t, h, d) array, through SMEM, into registers."""
+        """This program's (64 rows, 64 columns) window of a (b, t, h, d) array, through SMEM (or, "direct", straight
+        from global memory), into registers."""
+        if self.io == "direct":
+            return plgpu.load(self.window(ref, col0), layout=self.wg, optimized=False)
         if self.fetches is None:
             self.fetch(self.window(ref, col0), staging, slot)
             return self.load(staging)
@@ -228,7 +233,12 @@ class _Ctx:
 
     def put(self, x, staging, ref, tile, col0):
         """A (64, 64) float32 register tile to this program's window of ref (of ref[tile]: a per-tile partial). In a
-        stream, through out_staging, the store left in flight until that buffer is next written."""
+        stream, through out_staging, the store left in flight until that buffer is next written; "direct", from the
+        registers straight to global memory."""
+        if self.io == "direct":
+            ref = ref if tile is None else ref.at[tile]
+            ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)][...] = x
+            return
         streamed = self.out_staging is not None
         if streamed:
             staging = self.out_staging
@@ -247,8 +257,10 @@ class _Ctx:
 
     def shifted(self, buf, row0):
         """A pad buffer's window from row row0 (any, dynamic) in registers. Unswizzled rows of TILE float32 ("dense")
-        put the 8 rows a warp reads on the same banks: Mosaic GPU refuses such a load unless told it may be slow."""
-        return plgpu.load(self.window_of(buf, row0), layout=self.wg, optimized=self.pad != "dense")
+        put the 8 rows a warp reads on the same banks, rows of TILE + 4 ("direct") two rows on each: Mosaic GPU
+        refuses such a load unless told it may be slow."""
+        conflict_free = self.pad == "padded" and self.io != "direct"
+        return plgpu.load(self.window_of(buf, row0), layout=self.wg, optimized=conflict_free)
 
     def fill(self, src, buf, row0, staging, slot):
         """This program's window of the (b, t, h, d) array src (from column d0) into rows [row0, row0 + 64) of a pad
@@ -258,8 +270,20 @@ class _Ctx:
         else:
             self.fetch(self.window(src, self.d0), buf.at[pl.ds(row0, CHUNK)], slot)
 
-    def zero(self, buf, row0):
-        self.window_of(buf, row0)[...] = self.zeros
+    def fill_pads(self, sources, bufs, data_row0, zero_row0, staging):
+        """Each pad buffer: zeros in the 64 rows from zero_row0, then this program's window of its source array in
+        the 64 rows from data_row0 (the windows overlap when the zero rows are fewer than 64). Each element is
+        stored by a different thread in the two windows, and read by others in the shifted windows, so a warpgroup
+        barrier comes before each phase: no thread still reads a buffer (the previous walk) when the zeros land, the
+        zeros land before the data, the data before any shifted read. (A fetch through shared memory happens to
+        bring such a barrier along; a "direct" load does not.)"""
+        plgpu.commit_smem()
+        for buf in bufs:
+            self.window_of(buf, zero_row0)[...] = self.zeros
+        plgpu.commit_smem()
+        for slot, (src, buf) in enumerate(zip(sources, bufs)):
+            self.fill(src, buf, data_row0, staging, slot)
+        plgpu.commit_smem()
 
     def decay_start(self):
         """The pair decay of offset 0 (e^0): (R, P) = (0, 0) in log space, z = 1 + 0i carried."""
@@ -321,38 +345,37 @@ def _t(pair):
     return pair[0].T, pair[1].T
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, stream):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (module docstring) from one d_qk tile, every d_v tile
     (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes them (VARIANTS:
-    log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors; with stream,
-    the scratch has one more staging tile (the stores') and the fetches run ahead (_Ctx.stream)."""
+    log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors. The staging
+    tiles after the bf16 ones, by io (_io_staging): "tma" two, "stream" three (the fetches run ahead, _Ctx.stream),
+    "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
-    y_ref, kpad, lrpad, thpad, g1, g2, a_hi, a_lo, b_hi, b_lo, *out_staging, bars = refs
+    y_ref, kpad, lrpad, thpad, a_hi, a_lo, b_hi, b_lo, *staging, bars = refs
+    g1, g2 = staging[:2] if staging else (None, None)
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks, pad, carry)
-    if stream:
+    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
+    z = x.z
+    if io == "stream":
         fetches = [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (q_ref, x.d0)]
         fetches += _cross_scores_fetches(factors, x.d0) if sub else []
-        x.stream(fetches + [(v_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), *out_staging)
-    # The 64 rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
-    for buf in (kpad, lrpad, thpad):
-        x.zero(buf, 0)
-    x.fill(k_ref, kpad, c, g1, 0)
-    x.fill(lr_ref, lrpad, c, g1, 1)
-    x.fill(th_ref, thpad, c, g1, 2)
+        x.stream(fetches + [(v_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), staging[2])
+    # The z rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
+    x.fill_pads((k_ref, lr_ref, th_ref), (kpad, lrpad, thpad), z, 0, g1)
     q = x.get(q_ref, x.d0, g1, 3)
-    k = x.shifted(kpad, c)
+    k = x.shifted(kpad, z)
     scores = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)
 
     def offset(delta, loop):  # row n pairs query n with key n - delta
         state, scores = loop
-        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
-        w = jnp.sum(q * x.shifted(kpad, c - delta) * x.decay(state, imag=False)[0], axis=1)
+        state = x.decay_step(state, lrpad, thpad, z + 1 - delta)
+        w = jnp.sum(q * x.shifted(kpad, z - delta) * x.decay(state, imag=False)[0], axis=1)
         return state, jnp.where(x.cols == x.rows - delta, x.bcast(w), scores)
 
     _, scores = jax.lax.fori_loop(1, SUB if sub else c, offset, (x.decay_start(), scores))
     if sub:  # the walk's pairs that cross a sub-block boundary are the products' (they read other sub-blocks' gates)
-        k = x.shifted(kpad, c)  # read again: not live through the walk
+        k = x.shifted(kpad, z)  # read again: not live through the walk
         scores = jnp.where(x.gap == 0, scores, 0.0) + _cross_scores(x, q, k, factors, g1, (a_hi, a_lo), (b_hi, b_lo))
     _store_split((a_hi, a_lo), scores)
     for vt in range(n_dv):  # static
@@ -361,30 +384,30 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
     x.finish()
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub,
-                     stream):
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
     The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on.
     With sub, refs starts with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other
-    pairs are products (_cross_query_rows, _cross_key_rows). With stream, the scratch has two more staging tiles
-    (the stream's second, the stores') and the fetches run ahead (_Ctx.stream)."""
+    pairs are products (_cross_query_rows, _cross_key_rows). The staging tiles after the bf16 ones, by io
+    (_io_staging): "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
-    dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, g1, *bf16_tiles, bars = refs
-    a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *extra = bf16_tiles
+    dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, *refs = refs
+    a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *staging, bars = refs
+    g1 = staging[0] if staging else None
     c = CHUNK
     n_walk = SUB if sub else c
-    x = _Ctx(bars, h, n_chunks, pad, carry)
-    if stream:
-        g2, out_staging = extra
+    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
+    z = x.z
+    if io == "stream":
         fetches = [w for vt in range(n_dv) for w in ((dy_ref, vt * TILE), (v_ref, vt * TILE))]
         fetches += [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
         fetches += _cross_query_rows_fetches(factors, x.d0) if sub else []
         fetches += [(q_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (k_ref, x.d0)]
         fetches += _cross_key_rows_fetches(factors, x.d0) if sub else []
-        x.stream(fetches + [(dy_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), out_staging)
+        x.stream(fetches + [(dy_ref, vt * TILE) for vt in range(n_dv)], staging[:2], staging[2])
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
     w = w_t = x.zeros
     for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
@@ -394,35 +417,28 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
         w_t = w_t + _mm(v_pair, _t(dy_pair))
 
     # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
-    for buf in (xpad, lrpad, thpad):
-        x.zero(buf, 0)
-    x.fill(k_ref, xpad, c, g1, 0)
-    x.fill(lr_ref, lrpad, c, g1, 1)
-    x.fill(th_ref, thpad, c, g1, 2)
+    x.fill_pads((k_ref, lr_ref, th_ref), (xpad, lrpad, thpad), z, 0, g1)
     # With sub-blocks the products come first and start the walk's sums, which then see W only within sub-blocks:
     # no more tiles live through the walk than without.
     dq = xim = x.zeros
     if sub:
-        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, c), factors, g1, dy_pair, v_pair)
+        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, z), factors, g1, dy_pair, v_pair)
         w = jnp.where(x.gap == 0, w, 0.0)
 
     def query_offset(delta, loop):
         state, dq, xim = loop
-        state = x.decay_step(state, lrpad, thpad, c + 1 - delta)
+        state = x.decay_step(state, lrpad, thpad, z + 1 - delta)
         z_re, z_im = x.decay(state)
-        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, c - delta)
+        f = x.bcast(x.diagonal(w, delta)) * x.shifted(xpad, z - delta)
         return state, dq + f * z_re, xim + f * z_im
 
     _, dq, xim = jax.lax.fori_loop(1, n_walk, query_offset, (x.decay_start(), dq, xim))
     x.put(dq, g1, dq_ref, None, x.d0)
     x.put(xim, g1, xim_ref, None, x.d0)
 
-    # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta.
-    for buf in (xpad, lrpad, thpad):
-        x.zero(buf, c)
-    x.fill(q_ref, xpad, 0, g1, 0)
-    x.fill(lr_ref, lrpad, 0, g1, 1)
-    x.fill(th_ref, thpad, 0, g1, 2)
+    # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta; rows [64, 64 + z) zero (the window
+    # from row z covers them, the fill then overwrites the rows before 64).
+    x.fill_pads((q_ref, lr_ref, th_ref), (xpad, lrpad, thpad), 0, z, g1)
     k = x.get(k_ref, x.d0, g1)
     q = x.shifted(xpad, 0)  # read here, not held through the query rows
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
@@ -709,17 +725,34 @@ def _f32_staging():
                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
 
 
-def _pad_smem(pad):
-    """A pad buffer: 64 zero rows beside the chunk's 64, read at every row offset (PAD_LAYOUTS)."""
-    return plgpu.SMEM((2 * CHUNK, TILE + (_PAD_GAP if pad == "padded" else 0)), jnp.float32)
+def _zero_rows(sub):
+    """The pad buffers' zero rows: one more than the walk's last row offset (63, or 15 within sub-blocks)."""
+    return SUB if sub else CHUNK
+
+
+def _pad_smem(pad, sub, io):
+    """A pad buffer: the zero rows beside the chunk's 64, read at every row offset (PAD_LAYOUTS). "direct" takes 4
+    columns of gap, not 8 (two rows of a warp's load share banks): the backward kernel's shared memory then fits
+    twice in an H100 SM's 228 KB (114.7 KB each, with sub-blocks)."""
+    gap = (_PAD_GAP // 2 if io == "direct" else _PAD_GAP) if pad == "padded" else 0
+    return plgpu.SMEM((CHUNK + _zero_rows(sub), TILE + gap), jnp.float32)
+
+
+def _io_staging(io, tma):
+    """The float32 staging tiles a kernel of this io takes (_Ctx.get, put): `tma` for the plain fetches, two more
+    for a stream (its second slot, the stores'), none when direct."""
+    return {"tma": tma, "stream": 3, "direct": 0}[io]
 
 
 def _split_variant(variant):
-    """-> (pad layout, carry, approx_math, sub-blocks, stream)."""
+    """-> (pad layout, carry, approx_math, sub-blocks, io). io: how the intra-chunk kernels move their tiles, "tma"
+    (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches issued two
+    windows ahead, stores left in flight) or "direct" ("_direct": plain loads and stores between registers and
+    global memory, no staging: less shared memory, so two programs per SM with sub-blocks)."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    return (variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant,
-            "_stream" in variant)
+    io = "stream" if "_stream" in variant else "direct" if "_direct" in variant else "tma"
+    return variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant, io
 
 
 def _kernel_gates(lr, th, variant):
@@ -731,11 +764,11 @@ def _kernel_gates(lr, th, variant):
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, carry, approx_math, sub, stream = _split_variant(variant)
+    pad, carry, approx_math, sub, io = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
     body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry,
-                             sub=sub, stream=stream)
+                             sub=sub, io=io)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
@@ -752,11 +785,10 @@ def _einsum(spec, *xs):
 def _forward_intra(q, k, v, lr, th, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
-    pad, *_, stream = _split_variant(opts[1])
+    pad, _, _, sub, io = _split_variant(opts[1])
     scratch = (
-        *(_pad_smem(pad) for _ in range(3)), _f32_staging(), _f32_staging(),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)), *((_f32_staging(),) if stream else ()),
-        plgpu.Barrier(num_barriers=5),
+        *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)),
+        *(_f32_staging() for _ in range(_io_staging(io, tma=2))), plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
     gates = _kernel_gates(lr, th, opts[1])
@@ -794,11 +826,10 @@ def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
 def _backward_intra(q, k, v, lr, th, dy, *, opts):
     """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
-    pad, *_, stream = _split_variant(opts[1])
+    pad, _, _, sub, io = _split_variant(opts[1])
     scratch = (
-        *(_pad_smem(pad) for _ in range(3)), _f32_staging(),
-        *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)), *((_f32_staging(), _f32_staging()) if stream else ()),
-        plgpu.Barrier(num_barriers=3),
+        *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)),
+        *(_f32_staging() for _ in range(_io_staging(io, tma=1))), plgpu.Barrier(num_barriers=3),
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32),)
