@@ -102,6 +102,11 @@ _TWO_PI = 2.0 * math.pi
 # neither factor overflows (an underflow to 0 stands for a product below float32 range), and no exponent is a
 # difference of prefix sums (which cancels catastrophically at |a| ~ 1e-6). Per d, Re(q P . (k Q_d)^T) is two real
 # products ([q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T), kept where the rows are d sub-blocks apart.
+# How the intra-chunk kernels move their (64, 64) tiles (the profile on the H100: each program waits on ~25 fetches in
+# turn, one warpgroup per SM): by default each through a float32 staging tile, the fetch or store waited on at once;
+# "_stream" issues every fetch two windows ahead from a list the kernel declares (_Ctx.stream) and leaves its stores in
+# flight; "_direct" loads and stores between registers and global memory with no staging at all, so that with
+# sub-blocks (16 zero pad rows, pad rows of TILE + 4) each kernel's shared memory fits twice in an SM.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
