@@ -331,19 +331,27 @@ def _store_split(pair, x):
     pair[1][...] = x_lo
 
 
-def _mm(a_pair, b_pair):
-    """a @ b for bf16-split operands in SMEM (refs, possibly transposed): hi hi + hi lo + lo hi, float32
-    accumulation. Waits for the products, so the operands may be rewritten right after."""
+def _mms(*sums):
+    """Sums of products a @ b of bf16-split operands in SMEM (refs, possibly transposed): each entry of `sums` a list
+    of (a_pair, b_pair), summed in one float32 accumulator as hi hi + hi lo + lo hi. All of them are issued under one
+    commit and waited on once, so their wgmmas overlap; the operands may be rewritten right after."""
     plgpu.commit_smem()
 
-    def body(acc):
-        plgpu.wgmma(acc, a_pair[0], b_pair[0])
-        plgpu.wgmma(acc, a_pair[0], b_pair[1])
-        plgpu.wgmma(acc, a_pair[1], b_pair[0])
+    def body(*accs):
+        for acc, terms in zip(accs, sums):
+            for a_pair, b_pair in terms:
+                plgpu.wgmma(acc, a_pair[0], b_pair[0])
+                plgpu.wgmma(acc, a_pair[0], b_pair[1])
+                plgpu.wgmma(acc, a_pair[1], b_pair[0])
         plgpu.wgmma_wait(0)
-        return acc[...]
+        return tuple(acc[...] for acc in accs)
 
-    return pl.run_scoped(body, plgpu.ACC((CHUNK, TILE), jnp.float32))
+    return pl.run_scoped(body, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in sums))
+
+
+def _mm(a_pair, b_pair):
+    """a @ b for bf16-split operands in SMEM (_mms of one product)."""
+    return _mms([(a_pair, b_pair)])[0]
 
 
 def _t(pair):
@@ -418,8 +426,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
         _store_split(v_pair, x.get(v_ref, vt * TILE, g1))
-        w = w + _mm(dy_pair, _t(v_pair))  # W[n, m] = dy_n . v_m
-        w_t = w_t + _mm(v_pair, _t(dy_pair))
+        w_part, w_t_part = _mms([(dy_pair, _t(v_pair))], [(v_pair, _t(dy_pair))])  # W[n, m] = dy_n . v_m
+        w, w_t = w + w_part, w_t + w_t_part
 
     # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
     x.fill_pads((k_ref, lr_ref, th_ref), (xpad, lrpad, thpad), z, 0, g1)
@@ -470,8 +478,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     _store_split(tmp, jnp.where(x.gap == 0, a_t, 0.0) if sub else a_t)
     for vt in range(n_dv):
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
-        dv = _mm(tmp, dy_pair)
-        x.put(dv + _mm(v_pair, dy_pair) if sub else dv, g1, dv_ref, x.kt, vt * TILE)
+        dv, = _mms([(tmp, dy_pair)] + ([(v_pair, dy_pair)] if sub else []))
+        x.put(dv, g1, dv_ref, x.kt, vt * TILE)
     x.finish()
 
 
@@ -529,7 +537,7 @@ def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
     for d in (1, 2, 3):  # static
         apart = x.gap == -d  # rows m, columns n: n's sub-block d after m's
         _store_split(tmp, jnp.where(apart, w_t, 0.0))
-        v_re, v_im = _mm(tmp, qp_re), _mm(tmp, qp_im)
+        v_re, v_im = _mms([(tmp, qp_re)], [(tmp, qp_im)])
         q_re, q_im = x.get(q_d[2 * d - 2], x.d0, staging), x.get(q_d[2 * d - 1], x.d0, staging)
         dk, yim = dk + q_re * v_re - q_im * v_im, yim + q_im * v_re + q_re * v_im
         _store_split(tmp, k * q_re)
@@ -594,15 +602,17 @@ def _state_pass_kernel(*refs, h, n_chunks, reverse, rows_out, save):
         def _():  # the other slot's operands were last read by the previous chunk's products, which are done
             fetch(i + 1, 1 - slot)
 
-        if rows_out:
-            out = _mm(pair(0, slot), state[0:2]) + _mm(pair(2, slot), state[2:4])
+        a0 = 4 * rows_out
+        b_pair = pair(a0 + 4, slot)
+        increments = [(_t(pair(a0, slot)), b_pair)], [(_t(pair(a0 + 2, slot)), b_pair)]
+        if rows_out:  # all of a chunk's products under one wait: only the rows depend on the state
+            inc_re, inc_im, out = _mms(*increments, [(pair(0, slot), state[0:2]), (pair(2, slot), state[2:4])])
             out_ref.at[kt, bi, pl.ds(chunk_of(i) * c, c), hi, v_cols][...] = out
+        else:
+            inc_re, inc_im = _mms(*increments)
         if save:
             saved[0].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_re
             saved[1].at[bi, hi, chunk_of(i), k_cols, v_cols][...] = s_im
-        a0 = 4 * rows_out
-        b_pair = pair(a0 + 4, slot)
-        inc_re, inc_im = _mm(_t(pair(a0, slot)), b_pair), _mm(_t(pair(a0 + 2, slot)), b_pair)
         t_re, t_im = per_row(t_smem[0].at[slot]), per_row(t_smem[1].at[slot])
         s_re, s_im = t_re * s_re - t_im * s_im + inc_re, t_im * s_re + t_re * s_im + inc_im
         store_state(s_re, s_im)
