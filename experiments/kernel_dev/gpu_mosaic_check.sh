@@ -12,6 +12,7 @@
 #   PARTS=state_pass OUT=... bash ...      # the serial state-pass kernel ("padded") beside its XLA form ("padded_scan")
 #                                          # and the streamed fetches ("_stream"): accuracy, the op benchmark with the
 #                                          # peers (~7 minutes)
+#   PARTS="io trace" OUT=... bash ...      # the io variants in ~6 minutes, then the kernels' device times (~8 in all)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -79,11 +80,26 @@ if want state_pass; then
         | tee -a "$OUT/log.txt"
 fi
 
+# (1c'') The same question in about 6 minutes: the io variants and the state-pass kernel beside the default, accuracy
+# at d = 32, 64 (every width for the best), the op at L = 8192 and 1024 with the peers.
+if want io; then
+    log "io accuracy"
+    timeout 120 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 95 \
+        --variants padded_subblock_direct padded_subblock_stream padded_subblock padded_scan \
+        --rest 96:96,128:128,256:256,32:96,256:64 --out "$OUT/io.json" 2>&1 | grep -v '^ ' | tail -30 \
+        | tee -a "$OUT/log.txt"
+    log "io bench"
+    timeout 160 $PY experiments/bench_modes.py --out "$OUT" --json modes_io.json --settings multihead --scopes op \
+        --passes fwdbwd,fwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority \
+        --modes mosaic_gpu,mosaic_gpu:padded_subblock_direct,mosaic_gpu:padded_subblock_stream,mosaic_gpu:padded_subblock,pallas \
+        --peers jla_gla,softmax_cudnn --lengths 8192,1024 --budget_s 135 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+fi
+
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
 if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
-        timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
+        timeout ${TRACE_TIMEOUT:-120} $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
             --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock_direct,padded_subblock_stream} --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
     done
 fi
