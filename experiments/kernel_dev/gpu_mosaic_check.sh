@@ -101,6 +101,19 @@ print("".join(f",mosaic_gpu:{v}" for v in dict.fromkeys(r["variant"] for r in d[
         | tail -30 | tee -a "$OUT/log.txt"
 fi
 
+# (1c''') The least that says whether "_direct" pays (about 2.5 minutes): its accuracy at d = 32, 64, then the op at
+# L = 8192 beside the default and jax-linear-attention's GLA.
+if want io_mini; then
+    log "io_mini accuracy"
+    timeout 60 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 45 --rest '' \
+        --variants padded_subblock_direct --out "$OUT/io_mini.json" 2>&1 | grep -v '^ ' | tail -10 | tee -a "$OUT/log.txt"
+    log "io_mini bench"
+    timeout 90 $PY experiments/bench_modes.py --out "$OUT" --json modes_io_mini.json --settings multihead --scopes op \
+        --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 \
+        --modes mosaic_gpu,mosaic_gpu:padded_subblock_direct --peers jla_gla --lengths 8192 --budget_s 75 2>&1 \
+        | tail -15 | tee -a "$OUT/log.txt"
+fi
+
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
 if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
