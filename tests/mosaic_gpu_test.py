@@ -126,8 +126,9 @@ def test_kernels_have_no_races(variant, monkeypatch):
     tried)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-    monkeypatch.setattr(pm.plgpu, "InterpretGPUParams",
-                        functools.partial(pm.plgpu.InterpretGPUParams, detect_races=True))
+    from gateloop_jax.ops.mosaic_gpu_common import plgpu
+
+    monkeypatch.setattr(plgpu, "InterpretGPUParams", functools.partial(plgpu.InterpretGPUParams, detect_races=True))
     q, k, v, log_r, theta, _, dy, _ = _inputs(np.random.default_rng(3), 1, 2 * pm.CHUNK, 1, 64, 64)
     zeros = jnp.zeros((1, 1, 64, 64))
     q, k, v, lr, th, h0re, h0im = pm._padded(q, k, v, log_r, theta, zeros, zeros)

@@ -46,19 +46,20 @@ def main():
     from pallas_test import _oracle_grads_with_final
     from reference import gateloop_forward, max_rel_error
 
+    from gateloop_jax.ops import mosaic_gpu_intra as intra
     from gateloop_jax.ops import pallas_mosaic_gpu as pm
 
     args = _inputs(np.random.default_rng(32032), 4, 131, 1, 32, 32)
     q, k, v, lr, th, h0, dy, dfinal = args
     y_ref, _ = gateloop_forward(q, k, v, lr, th, h0)
     ref = _oracle_grads_with_final(q, k, v, lr, th, h0, dy, dfinal)
-    plain = pm._Ctx.shifted
+    plain = intra._Ctx.shifted
 
     def emulated(self, buf, row0):
         return misswizzled_window(buf, row0)
 
     for name, shifted in (("interpret", plain), ("interpret + hardware swizzle addressing", emulated)):
-        pm._Ctx.shifted = shifted
+        intra._Ctx.shifted = shifted
 
         def fn(q, k, v, lr, th, h0):
             return pm.gateloop_mosaic_gpu(q, k, v, lr, th, h0, interpret=True, variant="swizzled")
@@ -69,7 +70,7 @@ def main():
         for label, x, r in [("y", y, y_ref)] + list(zip(("dq", "dk", "dv", "dlog_r", "dtheta"), grads, ref)):
             errs = [max_rel_error(np.asarray(x)[i], r[i]) for i in range(4)]
             print(f"  {label:7s}" + "".join(f" {e:9.2e}" for e in errs), flush=True)
-    pm._Ctx.shifted = plain
+    intra._Ctx.shifted = plain
 
 
 if __name__ == "__main__":

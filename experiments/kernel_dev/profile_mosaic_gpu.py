@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+from gateloop_jax.ops import mosaic_gpu_intra as intra  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
         return res
 
     if pm._split_variant(variant)[3]:
-        timed("factors", pm._subblock_factors, lr, th)
+        timed("factors", intra._subblock_factors, lr, th)
     timed("fwd_kernel", lambda *a: pm._forward_intra(*a, opts=opts), qp, kp, vp, lr, th)
     timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
     sums = pm._gate_sums(lr, th)

@@ -1,0 +1,91 @@
+"""What the Mosaic GPU kernels of mode="mosaic_gpu" share (ops/pallas_mosaic_gpu.py has the method): the Pallas Mosaic
+GPU import, the tile sizes, float32 values as bf16 pairs (hi + lo, ~16 significant bits) and their tensor-core
+products, shared-memory tile types, and the elementwise helpers of the XLA around the kernels."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _IMPORT_ERROR = None if hasattr(plgpu, "InterpretGPUParams") else "jax.experimental.pallas.mosaic_gpu lacks "
+    if _IMPORT_ERROR:
+        _IMPORT_ERROR += "InterpretGPUParams"
+except ImportError as e:  # pragma: no cover - depends on the installed jax
+    pl = plgpu = None
+    _IMPORT_ERROR = f"jax.experimental.pallas.mosaic_gpu does not import ({e})"
+
+CHUNK = 64  # rows per chunk: the wgmma M tile
+TILE = 64  # d_qk and d_v tile: 128-byte swizzled bf16 rows
+_TWO_PI = 2.0 * math.pi
+
+
+def _wrap(x):
+    """Phase mapped to [-pi, pi] (e^{i x} unchanged): sums of wrapped phases stay small, so cos/sin stay accurate."""
+    return x - _TWO_PI * jnp.round(x * (1.0 / _TWO_PI))
+
+
+def _polar(log_magnitude, phase):
+    magnitude = jnp.exp(log_magnitude)
+    return magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)
+
+
+def _einsum(spec, *xs):
+    # float32 operands and accumulation (no tf32): the inter-chunk products are part of the 1e-4 accuracy budget.
+    return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
+
+
+def _split(x):
+    """float32 -> (hi, lo) bfloat16 with hi + lo = x to ~16 significant bits (registers in the kernels, arrays in
+    XLA for the state pass's operands)."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _store_split(pair, x):
+    x_hi, x_lo = _split(x)
+    pair[0][...] = x_hi
+    pair[1][...] = x_lo
+
+
+def _mms(*sums):
+    """Sums of products a @ b of bf16-split operands in SMEM (refs, possibly transposed): each entry of `sums` a list
+    of (a_pair, b_pair), summed in one float32 accumulator as hi hi + hi lo + lo hi. All of them are issued under one
+    commit and waited on once, so their wgmmas overlap; the operands may be rewritten right after."""
+    plgpu.commit_smem()
+
+    def body(*accs):
+        for acc, terms in zip(accs, sums):
+            for a_pair, b_pair in terms:
+                plgpu.wgmma(acc, a_pair[0], b_pair[0])
+                plgpu.wgmma(acc, a_pair[0], b_pair[1])
+                plgpu.wgmma(acc, a_pair[1], b_pair[0])
+        plgpu.wgmma_wait(0)
+        return tuple(acc[...] for acc in accs)
+
+    return pl.run_scoped(body, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in sums))
+
+
+def _mm(a_pair, b_pair):
+    """a @ b for bf16-split operands in SMEM (_mms of one product)."""
+    return _mms([(a_pair, b_pair)])[0]
+
+
+def _t(pair):
+    return pair[0].T, pair[1].T
+
+
+def _swizzled_bf16(*shape):
+    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(128)))
+
+
+def _f32_staging():
+    """A (64, 64) float32 TMA staging tile, 128-byte swizzled: conflict-free loads and stores in the WGMMA layout
+    (it is only ever addressed whole, so the swizzle stays aligned)."""
+    return plgpu.SMEM((CHUNK, TILE), jnp.float32,
+                      transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
