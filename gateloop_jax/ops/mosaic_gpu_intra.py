@@ -123,7 +123,6 @@ class _Ctx:
             raise AssertionError(f"fetch {i} is not the one the stream lists: the kernel and its fetch list disagree")
         plgpu.barrier_wait(self.bars.at[i % 2])
         value = self.load(self.staging[i % 2])
-        value = self.load(self.staging[i % 2])
         self.next += 1
         self._issue(i + 2)
         return value
@@ -142,9 +141,9 @@ class _Ctx:
         """A (64, 64) float32 register tile to this program's window of ref (of ref[tile]: a per-tile partial). In a
         stream, through out_staging, the store left in flight until that buffer is next written; "direct", from the
         registers straight to global memory."""
+        dst = self.window(ref if tile is None else ref.at[tile], col0)
         if self.io == "direct":
-            ref = ref if tile is None else ref.at[tile]
-            ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)][...] = x
+            dst[...] = x
             return
         streamed = self.out_staging is not None
         if streamed:
@@ -153,8 +152,7 @@ class _Ctx:
         plgpu.commit_smem()  # every thread is done reading the staging buffer
         staging[...] = x
         plgpu.commit_smem()
-        ref = ref if tile is None else ref.at[tile]
-        plgpu.copy_smem_to_gmem(staging, ref.at[self.bi, pl.ds(self.t0, CHUNK), self.hi, pl.ds(col0, TILE)])
+        plgpu.copy_smem_to_gmem(staging, dst)
         if not streamed:
             plgpu.wait_smem_to_gmem(0)
 
@@ -459,20 +457,9 @@ def _pad_smem(pad, sub, io):
 
 
 def _io_staging(io, tma):
-    """The float32 staging tiles a kernel of this io takes (_Ctx.get, put): `tma` for the plain fetches, two more
-    for a stream (its second slot, the stores'), none when direct."""
+    """The float32 staging tiles a kernel of this io takes (_Ctx.get, put): `tma` for the plain fetches, three for a
+    stream (its two slots, the stores'), none when direct."""
     return {"tma": tma, "stream": 3, "direct": 0}[io]
-
-
-def _split_variant(variant):
-    """-> (pad layout, carry, approx_math, sub-blocks, io). io: how the intra-chunk kernels move their tiles, "tma"
-    (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches issued two
-    windows ahead, stores left in flight) or "direct" ("_direct": plain loads and stores between registers and
-    global memory, no staging: less shared memory, so two programs per SM with sub-blocks)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
-    io = "stream" if "_stream" in variant else "direct" if "_direct" in variant else "tma"
-    return variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant, io
 
 
 def _call(body, out_type, scratch, q, v, opts, *args):
