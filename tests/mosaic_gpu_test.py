@@ -140,6 +140,8 @@ def test_kernels_have_no_races(variant, monkeypatch):
         "state pass": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts),
         "state pass, reversed": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts, reverse=True,
                                                        save=True),
+        "state pass, two segments": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts, save=True,
+                                                           segments=2),
     }
     races = {}
     for name, kernel in kernels.items():
@@ -165,17 +167,18 @@ def _state_pass_oracle(r, a, b, t, s0, reverse):
 
 
 @needs_mosaic
-@pytest.mark.parametrize("variant", ["padded", "padded_scan"])
+@pytest.mark.parametrize("variant,segments", [("padded", 1), ("padded", 2), ("padded", 4), ("padded_scan", None)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_pass_matches_its_loop(reverse, variant):
+def test_state_pass_matches_its_loop(reverse, variant, segments):
     """The state pass between chunks alone (forward: y's inter-chunk part and the states; reversed: the backward's
-    cotangent pass), as the serial kernel and as XLA's associative scan ("_scan"), against a float64 loop over three
-    chunks, two d_qk and two d_v tiles, complex factors of magnitudes from e^{-30} to 1 (as the op forms them, every
-    exponent <= 0). Tolerance: the bf16-pair products (~16 bits per operand) of the module docstring, relative to each
-    output's scale."""
+    cotangent pass), as the serial kernel (its chain whole, or cut into segments of two chunks and of one, carried
+    across by XLA) and as XLA's associative scan ("_scan"), against a float64 loop over four chunks, two d_qk and two
+    d_v tiles, complex factors of magnitudes from e^{-30} to 1 (as the op forms them, every exponent <= 0).
+    Tolerance: the bf16-pair products (~16 bits per operand) of the module docstring, relative to each output's
+    scale."""
     seed = int(os.environ.get("GATELOOP_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
     rng = np.random.default_rng(seed)
-    bsz, tp, h, dk, dv = 2, 3 * pm.CHUNK, 2, 128, 128
+    bsz, tp, h, dk, dv = 2, 4 * pm.CHUNK, 2, 128, 128
 
     def real(*shape):
         return rng.standard_normal(shape).astype(np.float32)
@@ -184,11 +187,12 @@ def test_state_pass_matches_its_loop(reverse, variant):
         return real(*shape) * np.exp(rng.uniform(-30.0, 0.0, shape) + 1j * rng.uniform(-np.pi, np.pi, shape))
 
     r, a, b = factor(bsz, tp, h, dk), factor(bsz, tp, h, dk), real(bsz, tp, h, dv)
-    t = np.exp(rng.uniform(-3.0, 0.0, (bsz, h, 3, dk)) + 1j * rng.uniform(-100.0, 100.0, (bsz, h, 3, dk)))
+    t = np.exp(rng.uniform(-3.0, 0.0, (bsz, h, 4, dk)) + 1j * rng.uniform(-100.0, 100.0, (bsz, h, 4, dk)))
     s0 = real(bsz, h, dk, dv) + 1j * real(bsz, h, dk, dv)
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     res = pm._state_pass(f32(r.real), f32(r.imag), f32(a.real), f32(a.imag), b, f32(t.real), f32(t.imag),
-                         f32(s0.real), f32(s0.imag), opts=(True, variant), reverse=reverse, save=True)
+                         f32(s0.real), f32(s0.imag), opts=(True, variant), reverse=reverse, save=True,
+                         segments=segments)
     # The oracle on the float32-rounded inputs the op received.
     r, a, t = (f32(x.real) + 1j * f32(x.imag).astype(np.float64) for x in (r, a, t))
     out_ref, final_ref, saved_ref = _state_pass_oracle(r, a, b, t, s0, reverse)
@@ -196,6 +200,33 @@ def test_state_pass_matches_its_loop(reverse, variant):
               "saved.re": (res[3], saved_ref.real), "saved.im": (res[4], saved_ref.imag)}
     errors = {name: max_rel_error(np.asarray(x), ref) for name, (x, ref) in checks.items()}
     assert all(e < RTOL for e in errors.values()), (errors, f"GATELOOP_TEST_SEED={seed}")
+
+
+def test_segment_count_cuts_the_chain_where_sms_sit_idle():
+    """The state pass's segments (mosaic_gpu_state_pass._segment_count): none where the chains fill the SMs (a
+    training batch) or the length has no divisor giving segments of MIN_SEGMENT chunks; at the benchmark shape (4 x
+    8 heads, 128 chunks, 132 SMs) four segments of 32, 76 steps instead of 128; at batch 1 and 512 chunks, 16."""
+    from gateloop_jax.ops import mosaic_gpu_state_pass as sp
+
+    assert sp._segment_count(32, 16 * 8 * 4, 132) == 1
+    assert sp._segment_count(127, 8, 132) == 1
+    assert sp._segment_count(16, 32, 132) == 1
+    assert sp._segment_count(128, 32, 132) == 4
+    assert sp._segment_count(512, 8, 132) == 16
+    for n, programs in [(64, 1), (96, 8), (1024, 64), (4096, 2)]:
+        s = sp._segment_count(n, programs, 132)
+        assert n % s == 0 and (s == 1 or n // s >= sp.MIN_SEGMENT)
+
+
+@needs_mosaic
+def test_segmented_state_pass_through_the_op(monkeypatch):
+    """The whole op (y, final state, every gradient) with every state pass cut into segments of one chunk: the
+    forward, the backward's rebuild of the chunk-start states and its reversed cotangent pass each carry the state
+    across segment ends in XLA. Extreme gates, a carried state, three chunks."""
+    from gateloop_jax.ops import mosaic_gpu_state_pass as sp
+
+    monkeypatch.setattr(sp, "_default_segments", lambda n_chunks, programs, interpret: n_chunks)
+    _check(_inputs(np.random.default_rng(11), 4, 3 * pm.CHUNK - 5, 1, 32, 32), variant="padded")
 
 
 @needs_mosaic
