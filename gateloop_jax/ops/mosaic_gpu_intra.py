@@ -473,8 +473,10 @@ def _call(body, out_type, scratch, q, v, opts, *args):
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
     params = plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=semantics)
+    name = f"gateloop_{body.func.__name__.strip('_')}"  # named in profiles: gateloop_forward_kernel, ...
     return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=("bhc", "dk"), scratch_types=scratch,
-                        compiler_params=params, interpret=plgpu.InterpretGPUParams() if interpret else False)(*args)
+                        compiler_params=params, interpret=plgpu.InterpretGPUParams() if interpret else False,
+                        kernel_name=name)(*args)
 
 
 def _forward_intra(q, k, v, lr, th, *, opts):

@@ -170,7 +170,8 @@ def _state_pass_call(increments, t_re, t_im, rows, s0re, s0im, *, interpret, seg
     params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
     return plgpu.kernel(body, out_type=tuple(out_type), grid=(bsz * h * segments, dkp // TILE, dvp // TILE),
                         grid_names=("bhs", "dk", "dv"), scratch_types=scratch, compiler_params=params,
-                        interpret=plgpu.InterpretGPUParams() if interpret else False)(
+                        interpret=plgpu.InterpretGPUParams() if interpret else False,
+                        kernel_name="gateloop_state_pass" if rows or save else "gateloop_segment_increments")(
         *operands, t_re, t_im, s0re, s0im)
 
 
