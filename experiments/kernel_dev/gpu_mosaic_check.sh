@@ -13,6 +13,7 @@
 #                                          # and the streamed fetches ("_stream"): accuracy, the op benchmark with the
 #                                          # peers (~7 minutes)
 #   PARTS="io trace" OUT=... bash ...      # the io variants in ~6 minutes, then the kernels' device times (~8 in all)
+#   PARTS=long LONG_VARIANT=... OUT=... bash ... # the op at L = 32768 and 65536, batch 1 (~3 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -112,6 +113,20 @@ if want io_mini; then
         --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 \
         --modes mosaic_gpu,mosaic_gpu:padded_subblock_direct --peers jla_gla --lengths 8192 --budget_s 75 2>&1 \
         | tail -15 | tee -a "$OUT/log.txt"
+fi
+
+# (1e) Long sequences at a small batch, where the serial state pass cuts its chain into segments: the op at L = 32768
+# and 65536 (batch 1) for the default and LONG_VARIANT beside the Triton kernel and GLA (~3 minutes).
+if want long; then
+    log "long (${LONG_VARIANT:-padded_subblock_direct})"
+    timeout 100 $PY experiments/bench_modes.py --out "$OUT" --json modes_long.json --settings multihead --scopes op \
+        --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority \
+        --modes "mosaic_gpu,mosaic_gpu:${LONG_VARIANT:-padded_subblock_direct},pallas" --peers jla_gla \
+        --lengths 32768 --tokens 32768 --budget_s 80 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+    timeout 80 $PY experiments/bench_modes.py --out "$OUT" --json modes_long_L65536.json --settings multihead \
+        --scopes op --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 3 --warmup 1 --pipeline 0 \
+        --modes "mosaic_gpu,mosaic_gpu:${LONG_VARIANT:-padded_subblock_direct},pallas" --peers jla_gla \
+        --lengths 65536 --tokens 65536 --budget_s 60 2>&1 | tail -12 | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
