@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from gateloop_jax.ops.chunked import _carry_states_associative
-from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, TILE, _einsum, _mms, _split, _store_split, _swizzled_bf16, _t,
-                                               pl, plgpu)
+from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, TILE, _einsum, _mms, _split_array, _store_split,
+                                               _swizzled_bf16, _t, pl, plgpu)
 
 
 def _state_pass_kernel(*refs, h, n_chunks, segments, reverse, rows_out, save):
@@ -27,8 +27,8 @@ def _state_pass_kernel(*refs, h, n_chunks, segments, reverse, rows_out, save):
         share, summed in XLA);
       save: S itself to saved (Re, Im);
       then S <- T_j S + A^T b (T per d_qk row).
-    Every operand of a product comes as a bf16 pair (hi, lo: _split in _state_pass) and lands in shared memory by TMA,
-    two chunks in flight: the chain's cost is its latency, so nothing on it waits for memory or computes a factor.
+    Every operand of a product comes as a bf16 pair (hi, lo: _split_array in _state_pass) and lands in shared memory by
+    TMA, two chunks in flight: the chain's cost is its latency, so nothing on it waits for memory or computes a factor.
     Outputs go from registers straight to global memory."""
     n_in = 4 * rows_out + 6
     ins, refs = refs[:n_in], refs[n_in:]
@@ -125,8 +125,8 @@ def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reve
         segments = _default_segments(n, bsz * h * tiles, interpret)
     if n % segments:
         raise ValueError(f"_state_pass: segments={segments} does not divide the {n} chunks")
-    rows = (*_split(r_re), *_split(-r_im)) if rows_out else ()
-    increments = (*_split(a_re), *_split(a_im), *_split(b))
+    rows = (*_split_array(r_re), *_split_array(-r_im)) if rows_out else ()
+    increments = (*_split_array(a_re), *_split_array(a_im), *_split_array(b))
     run = functools.partial(_state_pass_call, increments, t_re, t_im, interpret=interpret, segments=segments,
                             reverse=reverse)
     s0re, s0im = s0re[:, :, None], s0im[:, :, None]  # (b, h, segments, k, v): the state entering each segment
