@@ -9,6 +9,7 @@ Interpret mode costs a few seconds per (batch x head x width tile x 64-row chunk
 
 import functools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -200,6 +201,24 @@ def test_state_pass_matches_its_loop(reverse, variant, segments):
               "saved.re": (res[3], saved_ref.real), "saved.im": (res[4], saved_ref.imag)}
     errors = {name: max_rel_error(np.asarray(x), ref) for name, (x, ref) in checks.items()}
     assert all(e < RTOL for e in errors.values()), (errors, f"GATELOOP_TEST_SEED={seed}")
+
+
+def test_state_pass_operands_keep_their_low_halves():
+    """The state pass's bf16 pairs, formed in XLA (mosaic_gpu_common._split_array): hi + lo = x to 2^-16 relative over
+    every float32 scale, lo nonzero, and no float32 -> bf16 -> float32 round trip in the program, which XLA's GPU
+    compiler may drop (it did on an H100: lo became zero, errors ~4e-3). The old split, x - f32(bf16(x)), fails the
+    last check."""
+    from gateloop_jax.ops.mosaic_gpu_common import _split_array
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(4096) * np.exp(rng.uniform(-60.0, 60.0, 4096))).astype(np.float32)
+    hi, lo = _split_array(jnp.asarray(x))
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    back = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    assert np.max(np.abs(back - x) / np.abs(x)) < 2.0**-16
+    assert np.count_nonzero(np.asarray(lo, np.float32)) > 0.9 * x.size
+    text = jax.jit(_split_array).lower(jnp.asarray(x)).as_text()
+    assert not re.search(r"stablehlo.convert %\S+ : \(tensor<4096xbf16>\) -> tensor<4096xf32>", text), text
 
 
 def test_segment_count_cuts_the_chain_where_sms_sit_idle():
