@@ -85,8 +85,8 @@ fi
 # at d = 32, 64 (every width for the best), the op at L = 8192 and 1024 with the peers.
 if want io; then
     log "io accuracy"
-    timeout 120 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 95 \
-        --variants padded_subblock_direct padded_subblock_stream padded_subblock padded_scan \
+    timeout 175 $PY experiments/kernel_dev/check_mosaic_gpu.py --bench_length 0 --budget_s 150 \
+        --variants ${IO_VARIANTS:-padded_subblock_stream padded_subblock_direct} \
         --rest 96:96,128:128,256:256,32:96,256:64 --out "$OUT/io.json" 2>&1 | grep -v '^ ' | tail -30 \
         | tee -a "$OUT/log.txt"
     # Only the variants that met the target on every width checked go on to the benchmark (a faulty one could hang it).
