@@ -31,7 +31,8 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 # kernel variant (check_mosaic_gpu.py --variants padded,dense,swizzled,padded_exact compares the variants).
 if want accuracy; then
     log "accuracy"
-    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" --variants padded_scan \
+    timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" \
+        --variants padded_subblock_stream \
         --rest "${ACCURACY_REST:-96:96,128:128,256:256,32:96,256:64}" --budget_s 120 --bench_length 0 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi

@@ -41,12 +41,13 @@ def resolve_mode(mode: str, q_shape, v_shape, platform: str | None = None, segme
     Max-headed (d_qk = d_v = 1): on GPU the Pallas kernel ("pallas": 0.56 ms vs 1.6 ms for "scan", y and the
     gradients at 32768 tokens x 512 channels on an H200); elsewhere "scan" - the states are as small as the inputs,
     and the log-depth scan is the fastest portable form (Pallas on CPU only runs in the slow interpret mode).
-    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas Triton kernel ("pallas": 5.7 ms vs 13.7 ms for
-    "chunked" and 14.3 ms for "mosaic_gpu", y and the gradients at 32768 tokens x 8 heads x 64 x 64, bf16, on an H100;
-    experiments/perf_notes.md), with a third of the memory of "chunked". Wider heads are padded to 128 there and
-    spill registers, so on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11) they get "mosaic_gpu" (every width;
-    31.7 ms vs 28.8 for "chunked" at heads of 128, but in 5.8 GiB vs 9.3: a 125M LM with heads of 96 trains at
-    L = 2048, batch 16 in 27.1 GiB with it and does not fit an 80 GB GPU with "chunked"), except for packed rows
+    Multi-head: on GPU, with d_qk and d_v <= 64, the Pallas Triton kernel ("pallas": 5.8 ms vs 12.1 ms for
+    "mosaic_gpu" in one run, 5.7 vs 13.7 for "chunked" in another, y and the gradients at 32768 tokens x 8 heads x 64
+    x 64, bf16, on an H100; experiments/perf_notes.md), with a third of the memory of "chunked". Wider heads are
+    padded to 128 there and spill registers, so on a GPU that Mosaic GPU serves (Hopper, jax >= 0.11) they get
+    "mosaic_gpu" (every width; at heads of 128 its XLA-scan form took 31.7 ms vs 28.8 for "chunked", but in 5.8 GiB
+    vs 9.3: a 125M LM with heads of 96 trains at L = 2048, batch 16 in 27.1 GiB with it and does not fit an 80 GB GPU
+    with "chunked"), except for packed rows
     (`segments`: the Mosaic GPU kernel has no state reset). Every other case gets "chunked": memory linear in
     length with matrix products inside chunks, where "scan" would store a d_qk x d_v state per position.
     TPU: "pallas" runs the Mosaic kernel (ops/pallas_tpu.py), which lowers for TPU but has never run on one here,

@@ -15,9 +15,10 @@ chunks is the state, carried by the state pass. With G, Phi the cumulative log|a
   per operand, float32-level results (~1e-5). The d_qk tiles of a head each add their share (summed in XLA).
 - Between chunks, the state pass (`_state_pass`): per chunk y's inter-chunk part Re(q e^{G + i Phi} H_start) (the
   rotation identity, [Re; -Im] products), then H <- T H + K_end^T V, K_end = k e^{(G_C - G_m) + i (Phi_C - Phi_m)}
-  (every factor e^{<= 0}). Either a serial kernel, one program per (batch x head, d_qk tile, d_v tile) walking the
-  chunks with the state (Re, Im of a 64 x 64 tile, float32) in registers and its operands (bf16 pairs formed in XLA)
-  fetched two chunks ahead, or ("_scan" variants, the default) XLA's associative scan over chunks.
+  (every factor e^{<= 0}). Either a serial kernel (the default), one program per (batch x head, segment of chunks,
+  d_qk tile, d_v tile) walking the chunks with the state (Re, Im of a 64 x 64 tile, float32) in registers and its
+  operands (bf16 pairs formed in XLA) fetched two chunks ahead, or ("_scan" variants) XLA's associative scan over
+  chunks.
 
 Backward (custom VJP): the backward kernel, per chunk and tile pair, takes the query-row diagonals (dq and Im Dq) and
 the key-row diagonals (queries read shifted up: dk, Im Dk, and the transposed scores for dv = A^T dy). The state
@@ -29,10 +30,10 @@ rebuilds the padded copies and the chunk-start states (t / 64 x d_qk x d_v compl
 k e^{-G - i Phi} and the chunk's end factors), each term summed over the positions whose decay it crosses, so none is
 a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too.
 
-The intra-chunk kernels are untuned: one warpgroup per program, no TMA double buffering, every product three bf16
-wgmmas, the diagonals on the CUDA cores (C - 1 elementwise passes per chunk and direction). The "_subblock" variants
-(VARIANTS) walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs between sub-blocks on the
-tensor cores, from decay factors formed in XLA (_subblock_factors).
+The intra-chunk kernels: one warpgroup per program, every product three bf16 wgmmas, the diagonals on the CUDA cores
+(C - 1 elementwise passes per chunk and direction); the "_stream" variants fetch their tiles two ahead. The
+"_subblock" variants (VARIANTS) walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs
+between sub-blocks on the tensor cores, from decay factors formed in XLA (_subblock_factors).
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
@@ -60,17 +61,15 @@ from gateloop_jax.ops.mosaic_gpu_intra import VARIANTS, _backward_intra, _forwar
 from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
 MIN_JAX = (0, 11)
-# On an H100 (experiments/results/mosaic_gpu_h100/, jax 0.11.2) the default variant matches the float64 oracle at
-# d_qk, d_v = 32, 64, 96, 128, 256, (32, 96) and (256, 64) in all four gate regimes (worst relative error 5.8e-5 over y,
-# the final state and every gradient). Its fwd+bwd at 32768 tokens x 8 heads (bf16) is 14.3 ms at d = 64, against
-# 5.7 for the Triton kernel and 13.7 for "chunked"; 31.7 ms at d = 128, against 28.8 for "chunked", in 5.8 GiB
-# against 9.3. So mode="auto" keeps the Triton kernel for heads up to 64 and picks this one on Hopper only for wider
-# heads, where the alternative is "chunked": gateloop:125m_multihead (heads of 96) trains at L = 2048, batch 16 in
-# 27.1 GiB with it (H100), where "chunked" needs 86 GiB (dispatch.resolve_mode).
-
-# The variants (mosaic_gpu_intra.VARIANTS): the default keeps the state pass in XLA ("_scan", the form measured on the
-# H100 above) until the serial kernel of the other variants has run on a GPU.
-VARIANT = "padded_scan"
+# The default variant: sub-blocks, tiles fetched two ahead, the serial state-pass kernel. On an H100
+# (experiments/results/mosaic_gpu_h100/io_fixed/, jax 0.11.2) it matches the float64 oracle at d_qk, d_v = 32, 64, 96,
+# 128, 256, (32, 96) and (256, 64) in all four gate regimes (worst relative error 6.3e-5 over y, the final state and
+# every gradient). Its fwd+bwd at 32768 tokens x 8 heads of 64 (bf16) is 12.1 ms at L = 8192 and 32768, 11.6 at
+# 1024, against 14.4-15.1 for the XLA-scan form of the state pass ("padded_scan"), 5.8-6.3 for the Triton kernel and
+# 1.7-1.9 for jax-linear-attention's real-gated GLA; 22.3 ms at L = 65536, batch 1 (padded_scan 27.8). So mode="auto"
+# keeps the Triton kernel for heads up to 64 and picks this one on Hopper only for wider heads, where the alternative
+# is "chunked" (dispatch.resolve_mode).
+VARIANT = "padded_subblock_stream"
 
 
 def unavailable_reason() -> str | None:
