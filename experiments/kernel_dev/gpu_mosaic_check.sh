@@ -120,14 +120,14 @@ fi
 # and 65536 (batch 1) for the default and LONG_VARIANT beside the Triton kernel and GLA (~3 minutes).
 if want long; then
     log "long (${LONG_VARIANT:-padded_subblock_direct})"
-    timeout 100 $PY experiments/bench_modes.py --out "$OUT" --json modes_long.json --settings multihead --scopes op \
-        --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority \
-        --modes "mosaic_gpu,mosaic_gpu:${LONG_VARIANT:-padded_subblock_direct},pallas" --peers jla_gla \
-        --lengths 32768 --tokens 32768 --budget_s 80 2>&1 | tail -12 | tee -a "$OUT/log.txt"
-    timeout 80 $PY experiments/bench_modes.py --out "$OUT" --json modes_long_L65536.json --settings multihead \
-        --scopes op --passes fwdbwd --dtypes bfloat16 --reference chunked --reps 3 --warmup 1 --pipeline 0 \
-        --modes "mosaic_gpu,mosaic_gpu:${LONG_VARIANT:-padded_subblock_direct},pallas" --peers jla_gla \
-        --lengths 65536 --tokens 65536 --budget_s 60 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+    # length, repetitions, timeout and budget (s), output file
+    for run in "32768 5 100 80 modes_long.json" "65536 3 80 60 modes_long_L65536.json"; do
+        read -r L reps limit budget json <<< "$run"
+        timeout "$limit" $PY experiments/bench_modes.py --out "$OUT" --json "$json" --settings multihead \
+            --scopes op --passes fwdbwd --dtypes bfloat16 --reference chunked --reps "$reps" --warmup 1 --pipeline 0 \
+            --order priority --modes "mosaic_gpu,mosaic_gpu:${LONG_VARIANT:-padded_subblock_direct},pallas" \
+            --peers jla_gla --lengths "$L" --tokens "$L" --budget_s "$budget" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+    done
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.

@@ -129,18 +129,20 @@ def _state_pass(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, opts, reve
     increments = (*_split_array(a_re), *_split_array(a_im), *_split_array(b))
     run = functools.partial(_state_pass_call, increments, t_re, t_im, interpret=interpret, segments=segments,
                             reverse=reverse)
-    s0re, s0im = s0re[:, :, None], s0im[:, :, None]  # (b, h, segments, k, v): the state entering each segment
     if segments > 1:
         # Each segment's own increment (its end state from zero), then the state entering each segment by an
         # associative scan over the segments of S <- D S + E, D the product of the segment's chunk factors T.
-        zeros = jnp.zeros(s0re.shape[:2] + (segments,) + s0re.shape[3:], jnp.float32)
+        zeros = jnp.zeros(s0re.shape[:2] + (segments,) + s0re.shape[2:], jnp.float32)
         e_re, e_im = run((), zeros, zeros)
-        flip = (lambda z: jnp.flip(z, axis=2)) if reverse else (lambda z: z)  # noqa: E731
         d = jnp.prod(jax.lax.complex(t_re, t_im).reshape(bsz, h, segments, n // segments, dkp), axis=3)
-        starts, _ = _carry_states_associative(flip(d), flip(jax.lax.complex(e_re, e_im)),
-                                              jax.lax.complex(s0re[:, :, 0], s0im[:, :, 0]))
-        s0re, s0im = jnp.real(flip(starts)), jnp.imag(flip(starts))
-    res = run(rows, s0re, s0im, save=save)
+        starts, _ = _carry_states_associative(_chain_order(d, reverse),
+                                              _chain_order(jax.lax.complex(e_re, e_im), reverse),
+                                              jax.lax.complex(s0re, s0im))
+        starts = _chain_order(starts, reverse)
+        s0re, s0im = jnp.real(starts), jnp.imag(starts)
+    else:
+        s0re, s0im = s0re[:, :, None], s0im[:, :, None]
+    res = run(rows, s0re, s0im, save=save)  # s0: (b, h, segments, k, v), the state entering each segment
     out = jnp.sum(res[0], axis=0) if rows_out else None
     last = 0 if reverse else -1  # the segment the chain ends in
     return out, res[rows_out][:, :, last], res[rows_out + 1][:, :, last], *res[rows_out + 2:]
@@ -185,6 +187,13 @@ def _multiprocessor_count():
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+# Chain steps (a few microseconds each) charged for a program's prologue and epilogue (its first fetch, the state in
+# and out), and for the XLA scan over segment ends with the second launch.
+_PROGRAM_OVERHEAD_STEPS = 2
+_SCAN_OVERHEAD_STEPS = 8
+MIN_SEGMENT = 16
+
+
 def _segment_count(n_chunks, programs, sms):
     """How many segments to cut the serial chain of n_chunks into, given `programs` chains (batch x heads x tiles)
     and `sms` SMs (one program each: the kernel's shared memory fills an SM). In chain steps: one segment costs
@@ -202,11 +211,10 @@ def _segment_count(n_chunks, programs, sms):
     return min(divisors, key=lambda s: (steps(s), s))
 
 
-# Chain steps (a few microseconds each) charged for a program's prologue and epilogue (its first fetch, the state in
-# and out), and for the XLA scan over segment ends with the second launch.
-_PROGRAM_OVERHEAD_STEPS = 2
-_SCAN_OVERHEAD_STEPS = 8
-MIN_SEGMENT = 16
+def _chain_order(z, reverse):
+    """Per-chunk (or per-segment) values along axis 2 in the order the state passes them: reversed for the
+    backward's cotangent pass. Its own inverse."""
+    return jnp.flip(z, axis=2) if reverse else z
 
 
 def _state_pass_xla(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, reverse=False, rows_out=True,
@@ -216,13 +224,13 @@ def _state_pass_xla(r_re, r_im, a_re, a_im, b, t_re, t_im, s0re, s0im, *, revers
     bsz, tp, h, _ = a_re.shape
     n = tp // CHUNK
     chunks = lambda z: z.reshape(bsz, n, CHUNK, h, z.shape[-1])  # noqa: E731
-    flip = (lambda z: jnp.flip(z, axis=2)) if reverse else (lambda z: z)  # noqa: E731
     bc = chunks(b)
     inc = jax.lax.complex(_einsum("bnchk,bnchv->bhnkv", chunks(a_re), bc),
                           _einsum("bnchk,bnchv->bhnkv", chunks(a_im), bc))
-    starts, final = _carry_states_associative(flip(jax.lax.complex(t_re, t_im)), flip(inc),
-                                              jax.lax.complex(s0re, s0im))
-    s_re, s_im = jnp.real(flip(starts)), jnp.imag(flip(starts))
+    starts, final = _carry_states_associative(_chain_order(jax.lax.complex(t_re, t_im), reverse),
+                                              _chain_order(inc, reverse), jax.lax.complex(s0re, s0im))
+    starts = _chain_order(starts, reverse)
+    s_re, s_im = jnp.real(starts), jnp.imag(starts)
     out = None
     if rows_out:
         out = (_einsum("bnchk,bhnkv->bnchv", chunks(r_re), s_re)
