@@ -221,6 +221,26 @@ def test_state_pass_operands_keep_their_low_halves():
     assert not re.search(r"stablehlo.convert %\S+ : \(tensor<4096xbf16>\) -> tensor<4096xf32>", text), text
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_window_sums_match_the_loop(reverse, inclusive):
+    """mosaic_gpu_common._window_sums (the within-chunk and within-sub-block sums as 0/1 matrix products) against a
+    float64 loop, along a middle axis, on terms that span 1e-6..1e6 with both signs: each output is a direct sum of
+    its own rows, so a sum formed as a total minus the rest (which cancels) or one that drops or repeats a row fails."""
+    from gateloop_jax.ops.mosaic_gpu_common import _window_sums
+
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((3, 64, 5)) * np.exp(rng.uniform(-14.0, 14.0, (3, 64, 5)))).astype(np.float32)
+    out = np.asarray(_window_sums(jnp.asarray(z), 1, reverse=reverse, inclusive=inclusive), np.float64)
+    ref = np.zeros_like(out)
+    for c in range(64):
+        rows = [s for s in range(64) if (s >= c if reverse else s <= c) and (inclusive or s != c)]
+        ref[:, c] = z[:, rows].astype(np.float64).sum(axis=1)
+    # float32 sums of up to 64 terms: <= 64 roundings of the largest partial sum, relative to the terms' magnitudes.
+    scale = np.abs(z).astype(np.float64).sum(axis=1, keepdims=True)
+    assert np.max(np.abs(out - ref) / scale) < 64 * 2.0**-24
+
+
 def test_segment_count_cuts_the_chain_where_sms_sit_idle():
     """The state pass's segments (mosaic_gpu_state_pass._segment_count): none where the chains fill the SMs (a
     training batch) or the length has no divisor giving segments of MIN_SEGMENT chunks; at the benchmark shape (4 x

@@ -14,6 +14,7 @@
 #                                          # peers (~7 minutes)
 #   PARTS="io trace" OUT=... bash ...      # the io variants in ~6 minutes, then the kernels' device times (~8 in all)
 #   PARTS=long LONG_VARIANT=... OUT=... bash ... # the op at L = 32768 and 65536, batch 1 (~3 minutes)
+#   PARTS=ptxas OUT=... bash ...           # registers and spills per kernel (PTXAS_VARIANTS), ~1 minute
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -130,12 +131,19 @@ if want long; then
     done
 fi
 
+# (1f) Registers and spills per kernel as ptxas reports them (ptxas_report.py; ~1 minute).
+if want ptxas; then
+    log "ptxas"
+    timeout 120 $PY experiments/kernel_dev/ptxas_report.py --out "$OUT" --variants ${PTXAS_VARIANTS:-padded_subblock_stream} \
+        --d_heads 64,128 2>&1 | grep -a "^==\|gateloop" | cut -c1-400 | tee -a "$OUT/log.txt"
+fi
+
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
 if want trace; then
     for L in ${TRACE_LENGTHS:-8192 1024}; do
         log "trace L=$L"
         timeout ${TRACE_TIMEOUT:-120} $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L$L.json" \
-            --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock_direct,padded_subblock_stream} --length $L 2>&1 | tail -60 | tee -a "$OUT/log.txt"
+            --variants ${TRACE_VARIANTS:-padded_scan,padded_subblock_direct,padded_subblock_stream} --length $L --hlo 2>&1 | tail -60 | tee -a "$OUT/log.txt"
     done
 fi
 
@@ -143,7 +151,7 @@ fi
 # pure-JAX chunked form and cuDNN causal attention (fwd alone too at d = 64: how the time splits); L = 65536 at
 # batch 1 in its own call (--tokens 65536).
 common=(--settings multihead --scopes op --passes fwdbwd --dtypes bfloat16 --modes mosaic_gpu,pallas,chunked
-        --peers softmax_cudnn --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority)
+        --peers softmax_cudnn,jla_gla --reference chunked --reps 5 --warmup 1 --pipeline 0 --order priority)
 if want bench; then
     log "bench d=64"
     timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \

@@ -53,13 +53,16 @@ def device_kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, flo
     return totals, lines
 
 
-def traced(variant, length, tokens, heads, d, dtype, interpret, calls):
+def traced(variant, length, tokens, heads, d, dtype, interpret, calls, hlo_dir=None):
     b = max(1, tokens // length)
     q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
     dy = dy.astype(dtype)
 
     f = jax.jit(op_fwd_bwd(variant, interpret))
     args = (q, k, v, log_r, theta, dy)
+    if hlo_dir:  # the compiled program: maps the fusions' names in the table to the ops they hold
+        with open(os.path.join(hlo_dir, f"hlo_{variant}_L{length}_d{d}.txt"), "w") as fh:
+            fh.write(f.lower(*args).compile().as_text())
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -89,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--d_head", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--hlo", action="store_true", help="also write each variant's compiled HLO text under --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
     args = ap.parse_args(argv)
     if pm.unavailable_reason():
@@ -100,7 +104,7 @@ def main(argv=None):
     for variant in [x for x in args.variants.split(",") if x]:
         try:
             result["records"].append(traced(variant, args.length, args.tokens, args.heads, args.d_head, args.dtype,
-                                            args.smoke, args.calls))
+                                            args.smoke, args.calls, args.out if args.hlo else None))
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' figures
             result["records"].append({"variant": variant, "error": repr(e)[:2000]})
             print(f"  {variant}: {e!r}"[:500], flush=True)

@@ -40,6 +40,22 @@ def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
 
 
+def _window_sums(z, axis, *, reverse=False, inclusive=True):
+    """Sums along a short axis (a chunk's or sub-block's rows) as a product with a 0/1 matrix: out[c] = sum of z[s]
+    over s <= c (reverse: s >= c; not inclusive: s < c, s > c). Each output is summed directly over its own rows (no
+    total-minus-prefix cancellation), in float32 (Precision.HIGHEST; products with 1 are exact). On the GPU, XLA
+    lowers jnp.cumsum to a reduce-window that reads every row once per output row, and keeps the reverse ones that
+    way: at 64 rows one such sum took 0.57 ms at 32768 tokens x 8 heads of 64 (H100), a matrix product a few passes
+    over the array."""
+    n = z.shape[axis]
+    rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    keep = cols >= rows if reverse else cols <= rows
+    if not inclusive:
+        keep = keep & (cols != rows)
+    ones = keep.astype(z.dtype)  # ones[c, s]: z[s] counts towards out[c]
+    return jnp.moveaxis(_einsum("...s,cs->...c", jnp.moveaxis(z, axis, -1), ones), -1, axis)
+
+
 def _split(x):
     """float32 -> (hi, lo) bfloat16 with hi + lo = x to ~16 significant bits, in a kernel's registers."""
     hi = x.astype(jnp.bfloat16)

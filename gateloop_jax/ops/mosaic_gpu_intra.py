@@ -9,9 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.common import reverse_exclusive_cumsum
 from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, TILE, _f32_staging, _mm, _mms, _polar, _store_split,
-                                               _swizzled_bf16, _t, _wrap, pl, plgpu)
+                                               _swizzled_bf16, _t, _window_sums, _wrap, pl, plgpu)
 
 # The diagonals read 64-row windows of three float32 "pad" buffers (keys or queries, log|a|, arg a) at every row offset
 # delta. Mosaic GPU's default (Warpgroup) lowering infers a 128-byte swizzle for such a buffer (tiles of one row of
@@ -266,40 +265,47 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
-    e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA):
+    e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA), in three phases:
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
-      key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts; and dv = A^T dy with A the scores.
-    The key-row diagonals read the queries shifted up (64 zero rows below the chunk) and the gates from m + 1 on.
-    With sub, refs starts with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other
-    pairs are products (_cross_query_rows, _cross_key_rows). The staging tiles after the bf16 ones, by io
-    (_io_staging): "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
+      key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts;
+      dv = A^T dy, A the scores (their transpose walked along the key rows).
+    Each phase holds only its own tiles in registers (W, or W^T formed again from dy and v, with the walk's sums and
+    the decay): one warpgroup's 255 registers per thread hold five (64, 64) float32 tiles and the walk's temporaries,
+    where all three phases at once spill to local memory (ptxas on the H100). The key-row diagonals read the queries
+    shifted up (zero rows below the chunk) and the gates from m + 1 on. With sub, refs starts with the 8 factors of
+    _subblock_factors: the diagonals stay within sub-blocks, the other pairs are products (_cross_query_rows,
+    _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging): "tma" one,
+    "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, *refs = refs
     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *staging, bars = refs
     g1 = staging[0] if staging else None
-    c = CHUNK
-    n_walk = SUB if sub else c
+    n_walk = SUB if sub else CHUNK
     x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
     z = x.z
     if io == "stream":
-        fetches = [w for vt in range(n_dv) for w in ((dy_ref, vt * TILE), (v_ref, vt * TILE))]
-        fetches += [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
+        w_fetches = [w for vt in range(n_dv) for w in ((dy_ref, vt * TILE), (v_ref, vt * TILE))]
+        fetches = w_fetches + [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
         fetches += _cross_query_rows_fetches(factors, x.d0) if sub else []
-        fetches += [(q_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (k_ref, x.d0)]
+        fetches += w_fetches + [(q_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
         fetches += _cross_key_rows_fetches(factors, x.d0) if sub else []
+        fetches += [(k_ref, x.d0)] + (_cross_key_scores_fetches(factors, x.d0) if sub else [])
         x.stream(fetches + [(dy_ref, vt * TILE) for vt in range(n_dv)], staging[:2], staging[2])
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
-    w = w_t = x.zeros
-    for vt in range(n_dv):  # static: W and W^T summed over the d_v tiles
-        _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
-        _store_split(v_pair, x.get(v_ref, vt * TILE, g1))
-        w_part, w_t_part = _mms([(dy_pair, _t(v_pair))], [(v_pair, _t(dy_pair))])  # W[n, m] = dy_n . v_m
-        w, w_t = w + w_part, w_t + w_t_part
 
-    # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n.
+    def pair_products(transposed):
+        """W[n, m] = dy_n . v_m summed over the d_v tiles, or its transpose."""
+        w = x.zeros
+        for vt in range(n_dv):  # static
+            _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
+            _store_split(v_pair, x.get(v_ref, vt * TILE, g1))
+            w = w + (_mm(v_pair, _t(dy_pair)) if transposed else _mm(dy_pair, _t(v_pair)))
+        return w
+
+    # Query rows: keys shifted down by delta, gates from row n - delta + 1 to n. With sub-blocks the products come
+    # first and start the walk's sums, which then see W only within sub-blocks.
+    w = pair_products(transposed=False)
     x.fill_pads((k_ref, lr_ref, th_ref), (xpad, lrpad, thpad), z, 0, g1)
-    # With sub-blocks the products come first and start the walk's sums, which then see W only within sub-blocks:
-    # no more tiles live through the walk than without.
     dq = xim = x.zeros
     if sub:
         dq, xim = _cross_query_rows(x, w, x.shifted(xpad, z), factors, g1, dy_pair, v_pair)
@@ -318,30 +324,39 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
 
     # Key rows: queries shifted up by delta, gates from row m + 1 to m + delta; rows [64, 64 + z) zero (the window
     # from row z covers them, the fill then overwrites the rows before 64).
+    w_t = pair_products(transposed=True)
     x.fill_pads((q_ref, lr_ref, th_ref), (xpad, lrpad, thpad), 0, z, g1)
-    k = x.get(k_ref, x.d0, g1)
-    q = x.shifted(xpad, 0)  # read here, not held through the query rows
-    a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(q * k, axis=1)), 0.0)  # the scores transposed, m = n
     dk = yim = x.zeros
-    if sub:  # the products' transposed scores wait in v_pair for dv
-        dk, yim, a_t_x = _cross_key_rows(x, w_t, q, k, factors, g1, dy_pair, v_pair, tmp)
-        _store_split(v_pair, a_t_x)
+    if sub:  # q P stays in dy_pair and v_pair for the scores' products
+        dk, yim = _cross_key_rows(x, w_t, x.shifted(xpad, 0), factors, g1, dy_pair, v_pair, tmp)
         w_t = jnp.where(x.gap == 0, w_t, 0.0)
 
     def key_offset(delta, loop):
-        state, dk, yim, a_t = loop
+        state, dk, yim = loop
         state = x.decay_step(state, lrpad, thpad, delta)
         z_re, z_im = x.decay(state)
-        q_shifted = x.shifted(xpad, delta)
-        qc, qs = q_shifted * z_re, q_shifted * z_im
-        wcol = x.bcast(x.diagonal(w_t, delta, upper=True))
-        a_t = jnp.where(x.cols == x.rows + delta, x.bcast(jnp.sum(qc * k, axis=1)), a_t)
-        return state, dk + wcol * qc, yim + wcol * qs, a_t
+        f = x.bcast(x.diagonal(w_t, delta, upper=True)) * x.shifted(xpad, delta)
+        return state, dk + f * z_re, yim + f * z_im
 
-    _, dk, yim, a_t = jax.lax.fori_loop(1, n_walk, key_offset, (x.decay_start(), dk, yim, a_t))
+    _, dk, yim = jax.lax.fori_loop(1, n_walk, key_offset, (x.decay_start(), dk, yim))
     x.put(dk, g1, dk_ref, None, x.d0)
     x.put(yim, g1, yim_ref, None, x.d0)
-    # With sub-blocks the walk also wrote the pairs across a boundary (from other sub-blocks' gates): dropped.
+
+    # The scores transposed, A^T[m, n] = Re(k_m . q_n Z_nm), along the same key-row diagonals (the pads still hold
+    # the queries and gates); with sub-blocks the products' part waits in v_pair for dv.
+    k = x.get(k_ref, x.d0, g1)
+    a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(x.shifted(xpad, 0) * k, axis=1)), 0.0)  # m = n
+    if sub:
+        _store_split(v_pair, _cross_key_scores(x, k, factors, g1, dy_pair, v_pair, tmp))
+
+    def score_offset(delta, loop):
+        state, a_t = loop
+        state = x.decay_step(state, lrpad, thpad, delta)
+        s = jnp.sum(x.shifted(xpad, delta) * x.decay(state, imag=False)[0] * k, axis=1)
+        return state, jnp.where(x.cols == x.rows + delta, x.bcast(s), a_t)
+
+    _, a_t = jax.lax.fori_loop(1, n_walk, score_offset, (x.decay_start(), a_t))
+    # With sub-blocks the walk also wrote the pairs across a boundary (the products' share): dropped.
     _store_split(tmp, jnp.where(x.gap == 0, a_t, 0.0) if sub else a_t)
     for vt in range(n_dv):
         _store_split(dy_pair, x.get(dy_ref, vt * TILE, g1))
@@ -379,6 +394,11 @@ def _cross_key_rows_fetches(factors, d0):
     return [(z, d0) for z in factors]
 
 
+def _cross_key_scores_fetches(factors, d0):
+    """The windows _cross_key_scores reads, in its order."""
+    return [(z, d0) for z in factors[2:]]
+
+
 def _cross_query_rows(x, w, k, factors, staging, wp, kp):
     """(Re, Im) of sum_m W[n, m] k_m Z_nm over the pairs d = 1..3 sub-blocks apart: P_n sum_d W_d (k Q_d), W_d the
     pairs d apart (two real products per d, then one complex scaling by P)."""
@@ -394,24 +414,32 @@ def _cross_query_rows(x, w, k, factors, staging, wp, kp):
     return p_re * u_re - p_im * u_im, p_im * u_re + p_re * u_im
 
 
-def _cross_key_rows(x, w_t, q, k, factors, staging, qp_re, qp_im, tmp):
+def _cross_key_rows(x, w_t, q, factors, staging, qp_re, qp_im, tmp):
     """Over the pairs d = 1..3 sub-blocks apart, for key rows m: (Re, Im) of sum_n W[n, m] q_n Z_nm = Q_{d,m} (W_d^T
-    (q P))_m, and the transposed scores A^T[m, n] = Re(k_m Q_{d,m} . q_n P_n) (for dv)."""
+    (q P))_m. Leaves q Re P and q Im P split in qp_re and qp_im (for _cross_key_scores)."""
     p_re, p_im, *q_d = factors
     _store_split(qp_re, q * x.get(p_re, x.d0, staging))
     _store_split(qp_im, q * x.get(p_im, x.d0, staging))
-    dk = yim = a_t = x.zeros
+    dk = yim = x.zeros
     for d in (1, 2, 3):  # static
-        apart = x.gap == -d  # rows m, columns n: n's sub-block d after m's
-        _store_split(tmp, jnp.where(apart, w_t, 0.0))
+        _store_split(tmp, jnp.where(x.gap == -d, w_t, 0.0))  # rows m, columns n: n's sub-block d after m's
         v_re, v_im = _mms([(tmp, qp_re)], [(tmp, qp_im)])
         q_re, q_im = x.get(q_d[2 * d - 2], x.d0, staging), x.get(q_d[2 * d - 1], x.d0, staging)
         dk, yim = dk + q_re * v_re - q_im * v_im, yim + q_im * v_re + q_re * v_im
-        _store_split(tmp, k * q_re)
+    return dk, yim
+
+
+def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp):
+    """The transposed scores A^T[m, n] = Re(k_m Q_{d,m} . q_n P_n) of the pairs d = 1..3 sub-blocks apart (for dv),
+    from q P as _cross_key_rows left it in qp_re, qp_im."""
+    _, _, *q_d = factors
+    a_t = x.zeros
+    for d in (1, 2, 3):  # static
+        _store_split(tmp, k * x.get(q_d[2 * d - 2], x.d0, staging))
         s = _mm(tmp, _t(qp_re))
-        _store_split(tmp, k * q_im)
-        a_t = a_t + jnp.where(apart, s - _mm(tmp, _t(qp_im)), 0.0)
-    return dk, yim, a_t
+        _store_split(tmp, k * x.get(q_d[2 * d - 1], x.d0, staging))
+        a_t = a_t + jnp.where(x.gap == -d, s - _mm(tmp, _t(qp_im)), 0.0)
+    return a_t
 
 
 def _subblock_factors(lr, th):
@@ -427,12 +455,12 @@ def _subblock_factors(lr, th):
     def later(z, i):  # the totals of the i-th next sub-block (zero past the end)
         return jnp.concatenate([z[:, i:], jnp.zeros_like(z[:, :i])], axis=1)
 
-    q_r = [reverse_exclusive_cumsum(lr_s, axis=2)]
-    q_p = [_wrap(reverse_exclusive_cumsum(th_s, axis=2))]
+    q_r = [_window_sums(lr_s, 2, reverse=True, inclusive=False)]
+    q_p = [_wrap(_window_sums(th_s, 2, reverse=True, inclusive=False))]
     for i in (1, 2):
         q_r.append(q_r[-1] + later(tot_r, i))
         q_p.append(_wrap(q_p[-1] + later(tot_p, i)))
-    exps = [(jnp.cumsum(lr_s, axis=2), _wrap(jnp.cumsum(th_s, axis=2)))] + list(zip(q_r, q_p))
+    exps = [(_window_sums(lr_s, 2), _wrap(_window_sums(th_s, 2)))] + list(zip(q_r, q_p))
     return tuple(z.reshape(b, tp, h, dkp) for e in exps for z in _polar(*e))
 
 

@@ -54,9 +54,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.common import reverse_exclusive_cumsum
 from gateloop_jax.ops.kernel_util import pad_operands
-from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _polar, _wrap
+from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _polar, _window_sums, _wrap
 from gateloop_jax.ops.mosaic_gpu_intra import VARIANTS, _backward_intra, _forward_intra, _split_variant
 from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
@@ -104,9 +103,9 @@ def _gate_sums(lr, th):
     n = tp // CHUNK
     lr_c = lr.reshape(b, n, CHUNK, h, dkp)
     th_c = th.reshape(b, n, CHUNK, h, dkp)
-    pre_r, pre_p = jnp.cumsum(lr_c, axis=2), _wrap(jnp.cumsum(th_c, axis=2))
-    suf_r = reverse_exclusive_cumsum(lr_c, axis=2)
-    suf_p = _wrap(reverse_exclusive_cumsum(th_c, axis=2))
+    pre_r, pre_p = _window_sums(lr_c, 2), _wrap(_window_sums(th_c, 2))
+    suf_r = _window_sums(lr_c, 2, reverse=True, inclusive=False)
+    suf_p = _wrap(_window_sums(th_c, 2, reverse=True, inclusive=False))
     tot_r = jnp.transpose(jnp.sum(lr_c, axis=2), (0, 2, 1, 3))
     tot_p = jnp.transpose(_wrap(jnp.sum(th_c, axis=2)), (0, 2, 1, 3))
     return pre_r, pre_p, suf_r, suf_p, tot_r, tot_p
@@ -179,11 +178,8 @@ def _backward(q, k, v, lr, th, sums, s_re, s_im, dy, gf_re, gf_im, *, opts):
     #   dtheta_j = sum_{n >= j} (-q Im Dq + k Im Dk_intra)_n - sum_{m < j} (k Im Dk_F)_m + Re<E_end, i T H_start>.
     # The F terms enter only for keys before j (those whose path to the chunk end crosses step j): summed that way,
     # a key's own large term (F = 1 for the chunk's last row) is never added and then cancelled.
-    suffix = lambda z: jnp.flip(jnp.cumsum(jnp.flip(chunks(z), 2), axis=2), 2)  # noqa: E731
-
-    def prefix(z):  # exclusive, summed directly (a total minus the own term would cancel)
-        z = chunks(z)
-        return jnp.concatenate([jnp.zeros_like(z[:, :, :1]), jnp.cumsum(z[:, :, :-1], axis=2)], axis=2)
+    suffix = lambda z: _window_sums(chunks(z), 2, reverse=True)  # noqa: E731
+    prefix = lambda z: _window_sums(chunks(z), 2, inclusive=False)  # noqa: E731
 
     th_re = t_re[..., None] * s_re - t_im[..., None] * s_im  # T H_start, (b, h, n, k, v)
     th_im = t_re[..., None] * s_im + t_im[..., None] * s_re
