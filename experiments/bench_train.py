@@ -128,6 +128,18 @@ def bench_model(args, spec: str) -> dict:
     return rec
 
 
+def _child_record(text: str) -> dict | None:
+    """The record a model's child process printed: its last output line that is a JSON object. (The child's stderr
+    follows its stdout in the text, and XLA may log there after the record, e.g. a slow-compile alarm.)"""
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args._model:
@@ -147,9 +159,8 @@ def main(argv=None):
                     # The matmul rate is measured once, in the first model's process.
                     argv_child += [f"--{k}", str(0 if (k == "matmul_n" and i) else v)]
             code, text = bc.run_child(argv_child, timeout_s=600)
-            try:
-                rec = json.loads(text.strip().splitlines()[-1])
-            except (ValueError, IndexError):
+            rec = _child_record(text)
+            if rec is None:
                 rec = {"model": spec, "skipped": f"child failed (exit {code}): {text.strip()[-400:]}"}
         else:
             try:

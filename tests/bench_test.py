@@ -188,6 +188,14 @@ def test_bench_train_tiny(tmp_path):
     assert "Training-step benchmark" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_train_reads_the_child_record_before_trailing_logs():
+    """A model's child prints its record on stdout; XLA may log to stderr afterwards (the text holds both): the
+    record is still found, and a child that printed none gives None."""
+    text = '{"model": "gateloop:test", "tokens_per_s": 1.0}\nE1207 slow_operation_alarm.cc:140] took 2m35s\n***\n'
+    assert bench_train._child_record(text) == {"model": "gateloop:test", "tokens_per_s": 1.0}
+    assert bench_train._child_record("Traceback ...\nModuleNotFoundError: No module named 'grain'\n") is None
+
+
 def test_profile_pallas_chunked_tiny(tmp_path):
     """Every kernel of the multi-head Pallas op timed alone (interpret mode here), plus the whole op."""
     gates = os.path.join(EXPERIMENTS, "results", "kernel_dev", "gates_memory_horizon_multihead.npz") + ":layer1"

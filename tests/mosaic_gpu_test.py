@@ -221,9 +221,10 @@ def test_state_pass_operands_keep_their_low_halves():
     assert not re.search(r"stablehlo.convert %\S+ : \(tensor<4096xbf16>\) -> tensor<4096xf32>", text), text
 
 
+@pytest.mark.parametrize("method", ["matmul", "batched_matmul", "cumsum", "associative_scan"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("inclusive", [False, True])
-def test_window_sums_match_the_loop(reverse, inclusive):
+def test_window_sums_match_the_loop(reverse, inclusive, method):
     """mosaic_gpu_common._window_sums (the within-chunk and within-sub-block sums as 0/1 matrix products) against a
     float64 loop, along a middle axis, on terms that span 1e-6..1e6 with both signs: each output is a direct sum of
     its own rows, so a sum formed as a total minus the rest (which cancels) or one that drops or repeats a row fails."""
@@ -231,7 +232,8 @@ def test_window_sums_match_the_loop(reverse, inclusive):
 
     rng = np.random.default_rng(0)
     z = (rng.standard_normal((3, 64, 5)) * np.exp(rng.uniform(-14.0, 14.0, (3, 64, 5)))).astype(np.float32)
-    out = np.asarray(_window_sums(jnp.asarray(z), 1, reverse=reverse, inclusive=inclusive), np.float64)
+    out = _window_sums(jnp.asarray(z), 1, reverse=reverse, inclusive=inclusive, method=method)
+    out = np.asarray(out, np.float64)
     ref = np.zeros_like(out)
     for c in range(64):
         rows = [s for s in range(64) if (s >= c if reverse else s <= c) and (inclusive or s != c)]
@@ -393,10 +395,29 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
                                     "kernel_dev"))
     import trace_mosaic_gpu
 
-    trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json"])
-    (record,) = json.loads((tmp_path / "t.json").read_text())["records"]
+    trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json",
+                           "--window_sums", "batched_matmul"])
+    result = json.loads((tmp_path / "t.json").read_text())
+    (record,) = result["records"]
     assert "error" not in record, record
     assert record["kernels_ms"] == [] and record["total_ms"] == 0.0
+    assert result["window_sums"] == "batched_matmul"
+
+
+def test_window_sums_bench_runs_at_its_smoke_size(tmp_path):
+    """experiments/kernel_dev/bench_window_sums.py times every method in both directions at its smoke size."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import bench_window_sums
+    from gateloop_jax.ops.mosaic_gpu_common import WINDOW_SUM_METHODS
+
+    bench_window_sums.main(["--smoke", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "window_sums.json").read_text())["records"]
+    assert {r["method"] for r in records} == set(WINDOW_SUM_METHODS) and len(records) == 8 * len(WINDOW_SUM_METHODS)
+    assert all(r["ms"] > 0 for r in records)
 
 
 @needs_mosaic

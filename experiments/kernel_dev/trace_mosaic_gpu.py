@@ -27,6 +27,7 @@ from profile_mosaic_gpu import op_fwd_bwd  # noqa: E402
 import jax  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+from gateloop_jax.ops import mosaic_gpu_common as mgc  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 
 
@@ -92,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--d_head", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--window_sums", default=None, choices=mgc.WINDOW_SUM_METHODS,
+                    help="how the within-chunk sums are formed (mosaic_gpu_common.WINDOW_SUMS)")
     ap.add_argument("--hlo", action="store_true", help="also write each variant's compiled HLO text under --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
     args = ap.parse_args(argv)
@@ -100,7 +103,9 @@ def main(argv=None):
     if args.smoke:
         args.length, args.tokens, args.heads, args.d_head, args.calls = 64, 64, 1, 32, 1
     os.makedirs(args.out, exist_ok=True)
-    result = {"env": bc.env_record(), "records": []}
+    if args.window_sums:
+        mgc.WINDOW_SUMS = args.window_sums
+    result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "records": []}
     for variant in [x for x in args.variants.split(",") if x]:
         try:
             result["records"].append(traced(variant, args.length, args.tokens, args.heads, args.d_head, args.dtype,

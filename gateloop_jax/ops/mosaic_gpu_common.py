@@ -40,20 +40,51 @@ def _einsum(spec, *xs):
     return jnp.einsum(spec, *xs, precision=jax.lax.Precision.HIGHEST)
 
 
-def _window_sums(z, axis, *, reverse=False, inclusive=True):
-    """Sums along a short axis (a chunk's or sub-block's rows) as a product with a 0/1 matrix: out[c] = sum of z[s]
-    over s <= c (reverse: s >= c; not inclusive: s < c, s > c). Each output is summed directly over its own rows (no
-    total-minus-prefix cancellation), in float32 (Precision.HIGHEST; products with 1 are exact). On the GPU, XLA
-    lowers jnp.cumsum to a reduce-window that reads every row once per output row, and keeps the reverse ones that
-    way: at 64 rows one such sum took 0.57 ms at 32768 tokens x 8 heads of 64 (H100), a matrix product a few passes
-    over the array."""
+# How _window_sums forms its sums (experiments/kernel_dev/bench_window_sums.py times each alone; trace_mosaic_gpu.py
+# --window_sums in the op). The op's fwd+bwd at 32768 tokens x 8 heads of 64, bf16, L = 8192, device time on an H100:
+# 10.75 ms with "matmul", 11.09 with "cumsum", 11.37 with "associative_scan"; "batched_matmul" not yet measured.
+WINDOW_SUM_METHODS = ("matmul", "batched_matmul", "cumsum", "associative_scan")
+WINDOW_SUMS = "matmul"
+
+
+def _window_sums(z, axis, *, reverse=False, inclusive=True, method=None):
+    """Sums along a short axis (a chunk's or sub-block's rows): out[c] = sum of z[s] over s <= c (reverse: s >= c;
+    not inclusive: s < c, s > c). Each output is summed directly over its own rows (no total-minus-prefix
+    cancellation), in float32. method (default WINDOW_SUMS):
+      "matmul": a product with a 0/1 matrix (Precision.HIGHEST; products with 1 are exact), the axis moved last;
+      "batched_matmul": the same matrix applied in place, one product per index of the leading axes (no transposes);
+      "cumsum": lax.cumsum, which XLA lowers to a reduce-window; on the GPU a reverse one, fused with its flips, read
+          every row once per output row (0.57 ms for one sum at the shape above);
+      "associative_scan": log2(n) passes of shifted adds."""
+    method = WINDOW_SUMS if method is None else method
     n = z.shape[axis]
-    rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    keep = cols >= rows if reverse else cols <= rows
-    if not inclusive:
-        keep = keep & (cols != rows)
-    ones = keep.astype(z.dtype)  # ones[c, s]: z[s] counts towards out[c]
-    return jnp.moveaxis(_einsum("...s,cs->...c", jnp.moveaxis(z, axis, -1), ones), -1, axis)
+    if method in ("matmul", "batched_matmul"):
+        rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+        keep = cols >= rows if reverse else cols <= rows
+        if not inclusive:
+            keep = keep & (cols != rows)
+        ones = keep.astype(z.dtype)  # ones[c, s]: z[s] counts towards out[c]
+        if method == "matmul":
+            return jnp.moveaxis(_einsum("...s,cs->...c", jnp.moveaxis(z, axis, -1), ones), -1, axis)
+        # The rows stay where they are: one (n, n) @ (n, rest) product per index of the leading axes (the 0/1 matrix
+        # broadcast over them), so no transpose of z or of the result.
+        lead, rest = math.prod(z.shape[:axis]), math.prod(z.shape[axis + 1:])
+        flat = z.reshape(lead, n, rest)
+        out = _einsum("bcs,bsx->bcx", jnp.broadcast_to(ones, (lead, n, n)), flat)
+        return out.reshape(z.shape)
+    if method == "cumsum":
+        out = jax.lax.cumsum(z, axis=axis, reverse=reverse)
+    elif method == "associative_scan":
+        out = jax.lax.associative_scan(jnp.add, z, reverse=reverse, axis=axis)
+    else:
+        raise ValueError(f"_window_sums: method={method!r} is not one of {WINDOW_SUM_METHODS}")
+    if inclusive:
+        return out
+    # Exclusive: the inclusive sums shifted by one row (each still a direct sum), zero at the open end.
+    widths = [(0, 0)] * z.ndim
+    widths[axis] = (0, 1) if reverse else (1, 0)
+    start = 1 if reverse else 0
+    return jax.lax.slice_in_dim(jnp.pad(out, widths), start, start + n, axis=axis)
 
 
 def _split(x):
