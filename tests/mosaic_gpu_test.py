@@ -404,6 +404,29 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     assert result["window_sums"] == "batched_matmul"
 
 
+def test_ptxas_report_reads_registers_and_spills_per_kernel(tmp_path):
+    """experiments/kernel_dev/ptxas_report.py (GPU only) reads Mosaic GPU's dumps: per kernel, the ptxas lines that
+    name registers and spills and the resource summary; the PTX and the other lines are left out."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import ptxas_report
+
+    (tmp_path / "gateloop_backward_kernel_3.ptxas").write_text(
+        "ptxas info    : Compiling entry function 'gateloop_backward_kernel_mosaic_gpu_kernel'\n"
+        "ptxas info    : Function properties for gateloop_backward_kernel_mosaic_gpu_kernel\n"
+        "    224 bytes stack frame, 512 bytes spill stores, 1280 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 2 barriers\n")
+    (tmp_path / "gateloop_backward_kernel_3.resources.txt").write_text("Resources(smem_scratch_bytes=138240)\n")
+    (tmp_path / "gateloop_backward_kernel_3.ptx").write_text(".reg .f32 %f<255>;\n")
+    report = ptxas_report.kernel_resources(str(tmp_path))
+    assert list(report) == ["gateloop_backward_kernel_3"]
+    assert report["gateloop_backward_kernel_3"] == [
+        "224 bytes stack frame, 512 bytes spill stores, 1280 bytes spill loads",
+        "ptxas info    : Used 255 registers, used 2 barriers", "Resources(smem_scratch_bytes=138240)"]
+
+
 def test_window_sums_bench_runs_at_its_smoke_size(tmp_path):
     """experiments/kernel_dev/bench_window_sums.py times every method in both directions at its smoke size."""
     import json
