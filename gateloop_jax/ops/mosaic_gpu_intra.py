@@ -269,13 +269,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
       key rows m:   sum_n W[n, m] q_n Z_nm -> real (dk) and imaginary parts;
       dv = A^T dy, A the scores (their transpose walked along the key rows).
-    Each phase holds only its own tiles in registers (W, or W^T formed again from dy and v, with the walk's sums and
-    the decay): one warpgroup's 255 registers per thread hold five (64, 64) float32 tiles and the walk's temporaries,
-    where all three phases at once spill to local memory (ptxas on the H100). The key-row diagonals read the queries
-    shifted up (zero rows below the chunk) and the gates from m + 1 on. With sub, refs starts with the 8 factors of
-    _subblock_factors: the diagonals stay within sub-blocks, the other pairs are products (_cross_query_rows,
-    _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging): "tma" one,
-    "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
+    Each phase holds only its own tiles in registers (W, or W^T formed again from dy and v, with the walk's sums and the
+    decay; a (64, 64) float32 tile is 32 of a thread's 255 registers): with all three at once ptxas spilled 1.6 KB per
+    thread to local memory on the H100, in phases about a third of that (experiments/perf_notes.md). The key-row
+    diagonals read the queries shifted up (zero rows below the chunk) and the gates from m + 1 on. With sub, refs starts
+    with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other pairs are products
+    (_cross_query_rows, _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging):
+    "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, *refs = refs
     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *staging, bars = refs
