@@ -15,6 +15,7 @@
 #   PARTS="io trace" OUT=... bash ...      # the io variants in ~6 minutes, then the kernels' device times (~8 in all)
 #   PARTS=long LONG_VARIANT=... OUT=... bash ... # the op at L = 32768 and 65536, batch 1 (~3 minutes)
 #   PARTS=ptxas OUT=... bash ...           # registers and spills per kernel (PTXAS_VARIANTS), ~1 minute
+#   PARTS=window_sums OUT=... bash ...     # the within-chunk sums by method, alone and in the op (~2 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -136,6 +137,17 @@ if want ptxas; then
     log "ptxas"
     timeout 120 $PY experiments/kernel_dev/ptxas_report.py --out "$OUT" --variants ${PTXAS_VARIANTS:-padded_subblock_stream} \
         --d_heads 64,128 2>&1 | grep -a "^==\|gateloop" | cut -c1-400 | tee -a "$OUT/log.txt"
+fi
+
+# (1g) The within-chunk sums by each method (mosaic_gpu_common.WINDOW_SUMS): alone, then the op's device time per
+# kernel with each method other than the default (~2 minutes).
+if want window_sums; then
+    log "window sums"
+    timeout 110 $PY experiments/kernel_dev/bench_window_sums.py --out "$OUT" 2>&1 | tail -33 | tee -a "$OUT/log.txt"
+    for method in ${WINDOW_SUM_TRACE:-batched_matmul}; do
+        timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L8192_$method.json" \
+            --variants padded_subblock_stream --length 8192 --window_sums "$method" 2>&1 | head -12 | tee -a "$OUT/log.txt"
+    done
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
