@@ -59,11 +59,11 @@ def traced(variant, length, tokens, heads, d, dtype, interpret, calls, hlo_dir=N
     q, k, v, log_r, theta, dy = make_inputs(jax.random.key(0), b, length, heads, d, d, dtype)
     dy = dy.astype(dtype)
 
-    f = jax.jit(op_fwd_bwd(variant, interpret))
     args = (q, k, v, log_r, theta, dy)
+    f = jax.jit(op_fwd_bwd(variant, interpret)).lower(*args).compile()  # compiled once, traced and dumped
     if hlo_dir:  # the compiled program: maps the fusions' names in the table to the ops they hold
         with open(os.path.join(hlo_dir, f"hlo_{variant}_L{length}_d{d}.txt"), "w") as fh:
-            fh.write(f.lower(*args).compile().as_text())
+            fh.write(f.as_text())
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
     with tempfile.TemporaryDirectory() as trace_dir:
