@@ -135,9 +135,11 @@ def test_kernels_have_no_races(variant, monkeypatch):
     q, k, v, lr, th, h0re, h0im = pm._padded(q, k, v, log_r, theta, zeros, zeros)
     t = jnp.full((1, 1, 2, 64), 0.5)
     opts = (True, variant)
+    sub_factors = pm._gate_factors(lr, th, opts).sub
     kernels = {
-        "forward": lambda: pm._forward_intra(q, k, v, lr, th, opts=opts),
-        "backward": lambda: pm._backward_intra(q, k, v, lr, th, jnp.asarray(dy), opts=opts),
+        "gate factors": lambda: pm._gate_factors(lr, th, opts),
+        "forward": lambda: pm._forward_intra(q, k, v, lr, th, sub_factors, opts=opts),
+        "backward": lambda: pm._backward_intra(q, k, v, lr, th, jnp.asarray(dy), sub_factors, opts=opts),
         "state pass": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts),
         "state pass, reversed": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts, reverse=True,
                                                        save=True),
@@ -241,6 +243,55 @@ def test_window_sums_match_the_loop(reverse, inclusive, method):
     # float32 sums of up to 64 terms: <= 64 roundings of the largest partial sum, relative to the terms' magnitudes.
     scale = np.abs(z).astype(np.float64).sum(axis=1, keepdims=True)
     assert np.max(np.abs(out - ref) / scale) < 64 * 2.0**-24
+
+
+def _gate_factor_oracle(lr, th):
+    """float64 exponents of mosaic_gpu_gates' windows, each summed over its own rows of a chunk: {name: (R, P, bound)}
+    with R = sum log|a|, P = sum arg a and bound the float32 error allowed on the factor e^{R + iP}."""
+    b, t, h, k = lr.shape
+    lr64 = lr.astype(np.float64).reshape(b, t // 64, 64, h, k)
+    th64 = th.astype(np.float64).reshape(b, t // 64, 64, h, k)
+    c, s = np.arange(64)[:, None], np.arange(64)[None, :]
+    windows = {"p": s <= c, "f": s > c, "p_sub": (s <= c) & (s // 16 == c // 16)}
+    windows.update({f"q{d}": (s > c) & (s // 16 <= c // 16 + d - 1) for d in (1, 2, 3)})
+    out = {}
+    for name, keep in windows.items():
+        m = keep.astype(np.float64)
+        r, p = (np.einsum("cs,bnshk->bnchk", m, z) for z in (lr64, th64))
+        # float32 sums of up to 64 terms (<= 64 roundings of the terms' magnitudes), then exp / cos / sin (a few ulp).
+        tol_r, tol_p = (64 * 2.0**-24 * np.einsum("cs,bnshk->bnchk", m, np.abs(z)) for z in (lr64, th64))
+        bound = np.exp(r) * (tol_r + tol_p) + 8 * 2.0**-24
+        out[name] = tuple(z.reshape(b, t, h, k) for z in (r, p, bound))
+    return out
+
+
+@pytest.mark.parametrize("method", ["kernel", "xla"])
+def test_gate_factors_match_float64_window_sums(method):
+    """mosaic_gpu_gates.gate_factors (the decay factors of every window: from the chunk start, to the chunk end, and
+    the sub-block ones) against float64 sums of the same float32 gates, in all four gate regimes of _inputs (|a| from
+    1e-6 to 1 - 1e-6, phases wrapped from +-100 rad). A window one row too long or short, a missing row or an exponent
+    formed as a difference of prefix sums (which cancels at |a| ~ 1e-6) is off by far more than the bound. Q_2 and Q_3
+    of rows whose window would reach past the chunk end are never used and not compared."""
+    if method == "kernel" and pm.unavailable_reason() is not None:
+        pytest.skip(str(pm.unavailable_reason()))
+    from gateloop_jax.ops.mosaic_gpu_common import _wrap
+    from gateloop_jax.ops.mosaic_gpu_gates import gate_factors
+
+    _, _, _, log_r, theta, _, _, _ = _inputs(np.random.default_rng(5), 4, 128, 1, 64, 64)
+    lr, th = jnp.asarray(log_r), _wrap(jnp.asarray(theta))
+    g = gate_factors(lr, th, sub=True, interpret=True, method=method)
+    oracle = _gate_factor_oracle(np.asarray(lr), np.asarray(th))
+    row_sub_block = (np.arange(128) % 64 // 16)[None, :, None, None]
+    got = {"p": g[0:2], "f": g[2:4], "p_sub": g.sub[0:2], "q1": g.sub[2:4], "q2": g.sub[4:6], "q3": g.sub[6:8]}
+    for name, (re, im) in got.items():
+        r, p, bound = oracle[name]
+        used = row_sub_block <= {"q2": 2, "q3": 1}.get(name, 3)
+        err = np.abs(np.asarray(re) + 1j * np.asarray(im) - np.exp(r + 1j * p))
+        assert np.all(np.where(used, err <= bound, True)), (name, np.max(np.where(used, err / bound, 0)))
+    tot = np.asarray(lr, np.float64).reshape(4, 2, 64, 1, 64).sum(2), np.asarray(th, np.float64).reshape(
+        4, 2, 64, 1, 64).sum(2)
+    want = np.transpose(np.exp(tot[0] + 1j * tot[1]), (0, 2, 1, 3))
+    assert np.max(np.abs(np.asarray(g.t_re) + 1j * np.asarray(g.t_im) - want)) < 1e-5
 
 
 def test_segment_count_cuts_the_chain_where_sms_sit_idle():
@@ -396,12 +447,16 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     import trace_mosaic_gpu
 
     trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json",
-                           "--window_sums", "batched_matmul"])
+                           "--window_sums", "batched_matmul", "--gate_factors", "xla"])
     result = json.loads((tmp_path / "t.json").read_text())
     (record,) = result["records"]
     assert "error" not in record, record
     assert record["kernels_ms"] == [] and record["total_ms"] == 0.0
-    assert result["window_sums"] == "batched_matmul"
+    assert result["window_sums"] == "batched_matmul" and result["gate_factors"] == "xla"
+    # The methods are module settings: the script hands the defaults back to the rest of this process.
+    from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
+
+    assert mosaic_gpu_common.WINDOW_SUMS == "matmul" and mosaic_gpu_gates.GATE_FACTORS == "kernel"
 
 
 def test_ptxas_report_reads_registers_and_spills_per_kernel(tmp_path):

@@ -7,11 +7,12 @@ Usage (GPU machine; --smoke runs tiny shapes in interpret mode on CPU):
         [--lengths 1024,8192] [--d_head 64]
 
 Stages (ops/pallas_mosaic_gpu.py):
-- fwd_kernel: the forward kernel (intra-chunk y), with its gate preparation (the sub-block factors for "_subblock");
+- factors: the gates' decay factors (mosaic_gpu_gates.gate_factors, the sub-block ones for "_subblock");
+- fwd_kernel: the forward kernel (intra-chunk y);
 - fwd_total: the whole forward (+ chunk increments, associative scan over chunks, inter-chunk y, in XLA);
 - bwd_kernel: the backward kernel (intra-chunk coefficients and dv);
 - bwd_total: the whole backward (+ the reversed scan, inter-chunk terms, dlog|a| and darg a sums, in XLA);
-- factors: the "_subblock" decay factors alone (XLA); fwd_bwd_total: y and the five gradients through the public op.
+- fwd_bwd_total: y and the five gradients through the public op.
 XLA's share of a pass is its total minus its kernel. Writes <out>/mosaic_profile.json as it goes.
 """
 
@@ -32,7 +33,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bench_common as bc  # noqa: E402
-from gateloop_jax.ops import mosaic_gpu_intra as intra  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 
 
@@ -67,14 +67,13 @@ def stages(variant, length, tokens, heads, d, dtype, interpret, runs):
         print(f"  {variant:>22s} L={length:<6d} {name:>14s} {out[name]:8.3f} ms", flush=True)
         return res
 
-    if pm._split_variant(variant)[3]:
-        timed("factors", intra._subblock_factors, lr, th)
-    timed("fwd_kernel", lambda *a: pm._forward_intra(*a, opts=opts), qp, kp, vp, lr, th)
+    gates = timed("factors", lambda *a: pm._gate_factors(*a, opts), lr, th)
+    timed("fwd_kernel", lambda *a: pm._forward_intra(*a, gates.sub, opts=opts), qp, kp, vp, lr, th)
     timed("fwd_total", lambda *a: pm._forward(*a, opts=opts), qp, kp, vp, lr, th, h0re, h0im)
-    sums = pm._gate_sums(lr, th)
-    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, sums, h0re, h0im, opts=opts)
-    timed("bwd_kernel", lambda *a: pm._backward_intra(*a, opts=opts), qp, kp, vp, lr, th, dyp)
-    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, sums, s_re, s_im, dyp, h0re, h0im)
+    s_re, s_im, _, _ = pm._chunk_starts(kp, vp, gates, h0re, h0im, opts=opts)
+    timed("bwd_kernel", lambda *a: pm._backward_intra(*a, gates.sub, opts=opts), qp, kp, vp, lr, th, dyp)
+    timed("bwd_total", lambda *a: pm._backward(*a, opts=opts), qp, kp, vp, lr, th, gates, s_re, s_im, dyp, h0re,
+          h0im)
 
     timed("fwd_bwd_total", op_fwd_bwd(variant, interpret), q, k, v, log_r, theta, dy)
     out["fwd_xla"] = out["fwd_total"] - out["fwd_kernel"]

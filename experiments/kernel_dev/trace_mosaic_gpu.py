@@ -28,6 +28,7 @@ import jax  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from gateloop_jax.ops import mosaic_gpu_common as mgc  # noqa: E402
+from gateloop_jax.ops import mosaic_gpu_gates as mgg  # noqa: E402
 from gateloop_jax.ops import pallas_mosaic_gpu as pm  # noqa: E402
 
 
@@ -95,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--window_sums", default=None, choices=mgc.WINDOW_SUM_METHODS,
                     help="how the within-chunk sums are formed (mosaic_gpu_common.WINDOW_SUMS)")
+    ap.add_argument("--gate_factors", default=None, choices=mgg.GATE_FACTOR_METHODS,
+                    help="how the gates' decay factors are formed (mosaic_gpu_gates.GATE_FACTORS)")
     ap.add_argument("--hlo", action="store_true", help="also write each variant's compiled HLO text under --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
     args = ap.parse_args(argv)
@@ -103,17 +106,21 @@ def main(argv=None):
     if args.smoke:
         args.length, args.tokens, args.heads, args.d_head, args.calls = 64, 64, 1, 32, 1
     os.makedirs(args.out, exist_ok=True)
-    if args.window_sums:
-        mgc.WINDOW_SUMS = args.window_sums
-    result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "records": []}
-    for variant in [x for x in args.variants.split(",") if x]:
-        try:
-            result["records"].append(traced(variant, args.length, args.tokens, args.heads, args.d_head, args.dtype,
-                                            args.smoke, args.calls, args.out if args.hlo else None))
-        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' figures
-            result["records"].append({"variant": variant, "error": repr(e)[:2000]})
-            print(f"  {variant}: {e!r}"[:500], flush=True)
-        bc.write_json(os.path.join(args.out, args.json), result)
+    defaults = mgc.WINDOW_SUMS, mgg.GATE_FACTORS
+    mgc.WINDOW_SUMS = args.window_sums or mgc.WINDOW_SUMS
+    mgg.GATE_FACTORS = args.gate_factors or mgg.GATE_FACTORS
+    result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "gate_factors": mgg.GATE_FACTORS, "records": []}
+    try:
+        for variant in [x for x in args.variants.split(",") if x]:
+            try:
+                result["records"].append(traced(variant, args.length, args.tokens, args.heads, args.d_head,
+                                                args.dtype, args.smoke, args.calls, args.out if args.hlo else None))
+            except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' figures
+                result["records"].append({"variant": variant, "error": repr(e)[:2000]})
+                print(f"  {variant}: {e!r}"[:500], flush=True)
+            bc.write_json(os.path.join(args.out, args.json), result)
+    finally:  # the methods are module settings: a caller in the same process (a test) gets its own back
+        mgc.WINDOW_SUMS, mgg.GATE_FACTORS = defaults
     print(f"wrote {os.path.join(args.out, args.json)}")
 
 

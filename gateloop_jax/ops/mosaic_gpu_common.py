@@ -22,6 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed jax
 
 CHUNK = 64  # rows per chunk: the wgmma M tile
 TILE = 64  # d_qk and d_v tile: 128-byte swizzled bf16 rows
+SUB = 16  # rows per sub-block of the "_subblock" variants
 _TWO_PI = 2.0 * math.pi
 
 

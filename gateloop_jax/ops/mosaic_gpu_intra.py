@@ -9,8 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, TILE, _f32_staging, _mm, _mms, _polar, _store_split,
-                                               _swizzled_bf16, _t, _window_sums, _wrap, pl, plgpu)
+from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, _mm, _mms, _polar, _store_split,
+                                               _swizzled_bf16, _t, _wrap, pl, plgpu)
 
 # The diagonals read 64-row windows of three float32 "pad" buffers (keys or queries, log|a|, arg a) at every row offset
 # delta. Mosaic GPU's default (Warpgroup) lowering infers a 128-byte swizzle for such a buffer (tiles of one row of
@@ -33,7 +33,7 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, TILE, _f32_staging, _mm, 
 # "_subblock" (after the decay form): the diagonals only within sub-blocks of SUB = 16 rows (15 offsets instead of
 # 63); every pair (n, m) whose rows lie d = 1..3 sub-blocks apart by tensor-core products of the factored decay
 # Z_nm = P_n Q_{d,m}, P_n = e^{sum of the gates from n's sub-block start to n}, Q_{d,m} = e^{sum from m + 1 to the
-# end of the sub-block before n's} (_subblock_factors): both exponents are sums of log|a| <= 0 over their own rows, so
+# end of the sub-block before n's} (mosaic_gpu_gates): both exponents are sums of log|a| <= 0 over their own rows, so
 # neither factor overflows (an underflow to 0 stands for a product below float32 range), and no exponent is a
 # difference of prefix sums (which cancels catastrophically at |a| ~ 1e-6). Per d, Re(q P . (k Q_d)^T) is two real
 # products ([q Re P] [k Re Q_d]^T - [q Im P] [k Im Q_d]^T), kept where the rows are d sub-blocks apart.
@@ -47,7 +47,6 @@ VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("",
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
              "padded_stream", "padded_subblock_stream", "padded_subblock_direct")
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
-SUB = 16  # rows per sub-block ("_subblock")
 
 
 def _split_variant(variant):
@@ -227,7 +226,8 @@ class _Ctx:
 def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (pallas_mosaic_gpu's docstring) from one d_qk tile,
     every d_v tile (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes
-    them (VARIANTS: log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 factors of _subblock_factors.
+    them (VARIANTS: log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 sub-block factors
+    (mosaic_gpu_gates).
     The staging tiles after the bf16 ones, by io (_io_staging): "tma" two, "stream" three (the fetches run ahead,
     _Ctx.stream), "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
@@ -273,7 +273,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     decay; a (64, 64) float32 tile is 32 of a thread's 255 registers): with all three at once ptxas spilled 1.6 KB per
     thread to local memory on the H100, in phases about a third of that (experiments/perf_notes.md). The key-row
     diagonals read the queries shifted up (zero rows below the chunk) and the gates from m + 1 on. With sub, refs starts
-    with the 8 factors of _subblock_factors: the diagonals stay within sub-blocks, the other pairs are products
+    with the 8 sub-block factors (mosaic_gpu_gates): the diagonals stay within sub-blocks, the other pairs are products
     (_cross_query_rows, _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging):
     "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
@@ -442,33 +442,11 @@ def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp):
     return a_t
 
 
-def _subblock_factors(lr, th):
-    """The factored decays of "_subblock" as (Re, Im) pairs, each (b, t, h, k): P (row n: e^{sum of the gates from
-    n's sub-block start to n}), then Q_d for d = 1, 2, 3 (row m: e^{sum from m + 1 to the end of the (d-1)-th
-    sub-block after m's}). Every exponent is summed directly over its own rows (same-sign log|a|: no cancellation); a
-    Q_d that reaches past the chunk end is never used. th wrapped."""
-    b, tp, h, dkp = lr.shape
-    lr_s = lr.reshape(b, tp // SUB, SUB, h, dkp)
-    th_s = th.reshape(b, tp // SUB, SUB, h, dkp)
-    tot_r, tot_p = jnp.sum(lr_s, axis=2, keepdims=True), _wrap(jnp.sum(th_s, axis=2, keepdims=True))
-
-    def later(z, i):  # the totals of the i-th next sub-block (zero past the end)
-        return jnp.concatenate([z[:, i:], jnp.zeros_like(z[:, :i])], axis=1)
-
-    q_r = [_window_sums(lr_s, 2, reverse=True, inclusive=False)]
-    q_p = [_wrap(_window_sums(th_s, 2, reverse=True, inclusive=False))]
-    for i in (1, 2):
-        q_r.append(q_r[-1] + later(tot_r, i))
-        q_p.append(_wrap(q_p[-1] + later(tot_p, i)))
-    exps = [(_window_sums(lr_s, 2), _wrap(_window_sums(th_s, 2)))] + list(zip(q_r, q_p))
-    return tuple(z.reshape(b, tp, h, dkp) for e in exps for z in _polar(*e))
-
-
-def _kernel_gates(lr, th, variant):
+def _kernel_gates(lr, th, sub_factors, variant):
     """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped), then, for
-    "_subblock", the factors of _subblock_factors."""
+    "_subblock", sub_factors (mosaic_gpu_gates.GateFactors.sub)."""
     _, carry, _, sub, _ = _split_variant(variant)
-    return (*(_polar(lr, th) if carry else (lr, th)), *(_subblock_factors(lr, th) if sub else ()))
+    return (*(_polar(lr, th) if carry else (lr, th)), *(sub_factors if sub else ()))
 
 
 def _zero_rows(sub):
@@ -507,7 +485,7 @@ def _call(body, out_type, scratch, q, v, opts, *args):
                         kernel_name=name)(*args)
 
 
-def _forward_intra(q, k, v, lr, th, *, opts):
+def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
     pad, _, _, sub, io = _split_variant(opts[1])
@@ -516,11 +494,11 @@ def _forward_intra(q, k, v, lr, th, *, opts):
         *(_f32_staging() for _ in range(_io_staging(io, tma=2))), plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
-    gates = _kernel_gates(lr, th, opts[1])
+    gates = _kernel_gates(lr, th, sub_factors, opts[1])
     return jnp.sum(_call(_forward_kernel, out_type, scratch, q, v, opts, q, k, v, *gates), axis=0)
 
 
-def _backward_intra(q, k, v, lr, th, dy, *, opts):
+def _backward_intra(q, k, v, lr, th, dy, sub_factors, *, opts):
     """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
     pad, _, _, sub, io = _split_variant(opts[1])
@@ -530,6 +508,6 @@ def _backward_intra(q, k, v, lr, th, dy, *, opts):
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32),)
-    gates = _kernel_gates(lr, th, opts[1])
+    gates = _kernel_gates(lr, th, sub_factors, opts[1])
     dq_in, xim_in, dk_in, yim_in, dv = _call(_backward_kernel, out_type, scratch, q, v, opts, q, k, v, dy, *gates)
     return dq_in, xim_in, dk_in, yim_in, jnp.sum(dv, axis=0)

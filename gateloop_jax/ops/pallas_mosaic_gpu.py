@@ -33,15 +33,17 @@ a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too.
 The intra-chunk kernels: one warpgroup per program, every product three bf16 wgmmas, the diagonals on the CUDA cores
 (C - 1 elementwise passes per chunk and direction); the "_stream" variants fetch their tiles two ahead. The
 "_subblock" variants (VARIANTS) walk the diagonals only within 16-row sub-blocks (15 passes) and take the pairs
-between sub-blocks on the tensor cores, from decay factors formed in XLA (_subblock_factors).
+between sub-blocks on the tensor cores, from factored decays. Every decay factor outside the walks (the chunk's
+e^{G + i Phi} from its start and to its end, the sub-block factors) comes from one more kernel, which sums the gates
+over each window on the tensor cores (mosaic_gpu_gates.py).
 
 Shapes: the mode contract of ops/ (legend b t h k v): q, k, log_r, theta (b, t, h, k), v (b, t, h, v), h0
 (b, h, k, v) complex. d_qk and d_v are padded to multiples of 64 and t to a multiple of 64 with identity steps
 (a = 1, q = k = v = 0), which change nothing.
 
-The code: this module has the op (padding, the gate sums, the custom VJP and the XLA between the kernels);
-mosaic_gpu_intra.py the intra-chunk kernels and the variants, mosaic_gpu_state_pass.py the state pass,
-mosaic_gpu_common.py what they share.
+The code: this module has the op (padding, the custom VJP and the XLA between the kernels); mosaic_gpu_gates.py the
+decay factors, mosaic_gpu_intra.py the intra-chunk kernels and the variants, mosaic_gpu_state_pass.py the state
+pass, mosaic_gpu_common.py what they share.
 
 Needs jax >= 0.11 (the Pallas Mosaic GPU API used here and its GPU interpret mode, which runs the kernel on CPU for
 tests); elsewhere `unavailable_reason()` says why and mode="auto" does not pick it.
@@ -55,7 +57,8 @@ import jax
 import jax.numpy as jnp
 
 from gateloop_jax.ops.kernel_util import pad_operands
-from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _polar, _window_sums, _wrap
+from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _window_sums, _wrap
+from gateloop_jax.ops.mosaic_gpu_gates import gate_factors
 from gateloop_jax.ops.mosaic_gpu_intra import VARIANTS, _backward_intra, _forward_intra, _split_variant
 from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
@@ -97,66 +100,45 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _gate_sums(lr, th):
-    """Chunk-relative sums of the gates, (b, n, C, h, k), each summed directly over its own segment: inclusive prefix
-    (G, Phi) from the chunk start, exclusive suffix to the chunk end; and the chunk totals (b, h, n, k). th wrapped."""
-    b, tp, h, dkp = lr.shape
-    n = tp // CHUNK
-    lr_c = lr.reshape(b, n, CHUNK, h, dkp)
-    th_c = th.reshape(b, n, CHUNK, h, dkp)
-    pre_r, pre_p = _window_sums(lr_c, 2), _wrap(_window_sums(th_c, 2))
-    suf_r = _window_sums(lr_c, 2, reverse=True, inclusive=False)
-    suf_p = _wrap(_window_sums(th_c, 2, reverse=True, inclusive=False))
-    tot_r = jnp.transpose(jnp.sum(lr_c, axis=2), (0, 2, 1, 3))
-    tot_p = jnp.transpose(_wrap(jnp.sum(th_c, axis=2)), (0, 2, 1, 3))
-    return pre_r, pre_p, suf_r, suf_p, tot_r, tot_p
+def _gate_factors(lr, th, opts):
+    """mosaic_gpu_gates.gate_factors for this variant: the sub-block factors only where its kernels take them."""
+    interpret, variant = opts
+    return gate_factors(lr, th, sub=_split_variant(variant)[3], interpret=interpret)
 
 
-def _chunk_starts(k, v, sums, h0re, h0im, *, opts):
+def _chunk_starts(k, v, gates, h0re, h0im, *, opts):
     """Every chunk's start state (b, h, n, k, v) as (Re, Im) and the final state (Re, Im), by _state_pass (the
-    backward's rebuild). sums: _gate_sums of the gates."""
-    _, _, suf_r, suf_p, tot_r, tot_p = sums
-    f_re, f_im = _polar(_flat(suf_r), _flat(suf_p))
-    _, fin_re, fin_im, s_re, s_im = _state_pass(None, None, k * f_re, k * f_im, v, *_polar(tot_r, tot_p), h0re, h0im,
-                                                opts=opts, rows_out=False, save=True)
+    backward's rebuild). gates: _gate_factors of the gates."""
+    _, fin_re, fin_im, s_re, s_im = _state_pass(None, None, k * gates.f_re, k * gates.f_im, v, gates.t_re, gates.t_im,
+                                                h0re, h0im, opts=opts, rows_out=False, save=True)
     return s_re, s_im, fin_re, fin_im
-
-
-def _flat(z):
-    """(b, n, C, h, d) chunked -> (b, t, h, d)."""
-    b, n, c, h, d = z.shape
-    return z.reshape(b, n * c, h, d)
 
 
 def _forward(q, k, v, lr, th, h0re, h0im, *, opts):
     """Padded float32 inputs (t, d_qk, d_v multiples of 64), th wrapped -> y (b, t, h, v) and the final state (re,
-    im): the intra-chunk kernel, then the state pass (the inter-chunk part of y and the states)."""
-    y = _forward_intra(q, k, v, lr, th, opts=opts)
-    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = _gate_sums(lr, th)
-    p_re, p_im = _polar(_flat(pre_r), _flat(pre_p))
-    f_re, f_im = _polar(_flat(suf_r), _flat(suf_p))
-    y_inter, fin_re, fin_im = _state_pass(q * p_re, q * p_im, k * f_re, k * f_im, v, *_polar(tot_r, tot_p), h0re,
+    im): the gate factors, the intra-chunk kernel, then the state pass (the inter-chunk part of y and the states)."""
+    g = _gate_factors(lr, th, opts)
+    y = _forward_intra(q, k, v, lr, th, g.sub, opts=opts)
+    y_inter, fin_re, fin_im = _state_pass(q * g.p_re, q * g.p_im, k * g.f_re, k * g.f_im, v, g.t_re, g.t_im, h0re,
                                           h0im, opts=opts)
     return y + y_inter, fin_re, fin_im
 
 
-def _backward(q, k, v, lr, th, sums, s_re, s_im, dy, gf_re, gf_im, *, opts):
-    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped; sums: _gate_sums(lr, th); (s_re,
-    s_im) the chunk-start states (_chunk_starts)."""
+def _backward(q, k, v, lr, th, gates, s_re, s_im, dy, gf_re, gf_im, *, opts):
+    """-> (dq, dk, dv, dlog_r, dtheta, dh0 re, dh0 im), all float32. th is wrapped; gates: _gate_factors(lr, th);
+    (s_re, s_im) the chunk-start states (_chunk_starts)."""
     b, tp, h, _ = q.shape
     n = tp // CHUNK
-    dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, opts=opts)
+    dq_in, xim_in, dk_in, yim_in, dv = _backward_intra(q, k, v, lr, th, dy, gates.sub, opts=opts)
 
     # Between chunks: the cotangent E of each chunk's end state, E_end[n-1] = the final state's cotangent, E_start[j] =
     # conj(T_j) E_end[j] + sum_n conj(P_n) q_n^T dy_n (P = e^{G + i Phi} from the chunk start), by the state pass
     # run in reverse, which also gives dv's inter-chunk part Re(k conj(F) E_end) and dh0 = E_start[0].
-    pre_r, pre_p, suf_r, suf_p, tot_r, tot_p = sums
     chunks = lambda z: z.reshape(b, n, CHUNK, h, z.shape[-1])  # noqa: E731
     flat = lambda z: z.reshape(b, tp, h, z.shape[-1])  # noqa: E731
     qc, kc, vc, dyc = chunks(q), chunks(k), chunks(v), chunks(dy)
-    p_re, p_im = _polar(pre_r, pre_p)
-    f_re_, f_im_ = _polar(suf_r, suf_p)
-    t_re, t_im = _polar(tot_r, tot_p)
+    p_re, p_im, f_re_, f_im_ = (chunks(z) for z in gates[:4])
+    t_re, t_im = gates.t_re, gates.t_im
     kf_re, kf_im, qp_re, qp_im = (flat(x * y) for x, y in ((kc, f_re_), (kc, f_im_), (qc, p_re), (qc, p_im)))
     dv_inter, dh0_re, dh0_im, e_re, e_im = _state_pass(kf_re, -kf_im, qp_re, -qp_im, dy, t_re, -t_im, gf_re, gf_im,
                                                        opts=opts, reverse=True, save=True)
@@ -232,10 +214,10 @@ def _core_bwd(opts, res, cts):
     # rebuild them before the backward has reached this op (every layer's copies alive at once).
     res, cts = jax.lax.optimization_barrier((res, cts))
     q, k, v, lr, th, h0re, h0im = padded = _padded(*res)
-    sums = _gate_sums(lr, th)
-    s_re, s_im, _, _ = _chunk_starts(k, v, sums, h0re, h0im, opts=opts)
+    gates = _gate_factors(lr, th, opts)
+    s_re, s_im, _, _ = _chunk_starts(k, v, gates, h0re, h0im, opts=opts)
     dy, gf_re, gf_im = cts
-    grads = _backward(*padded[:5], sums, s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
+    grads = _backward(*padded[:5], gates, s_re, s_im, _pad_to(dy, v.shape), _pad_to(gf_re, h0re.shape),
                       _pad_to(gf_im, h0re.shape), opts=opts)
     return tuple(_unpad_like(g, x) for g, x in zip(grads, res))
 

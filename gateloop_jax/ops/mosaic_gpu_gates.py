@@ -1,0 +1,177 @@
+"""The gates' decay factors for mode="mosaic_gpu" (ops/pallas_mosaic_gpu.py has the method): from log|a| and arg a,
+every exponent a sum of the gates over a window of a chunk's rows, and its e^{.}, in one Mosaic GPU kernel.
+
+Per chunk (rows c of the chunk's 64), as (Re, Im) of e^{sum of log|a| + i sum of arg a} over the rows s of:
+  P: s <= c (from the chunk start, inclusive), F: s > c (to the chunk end, exclusive); and for the "_subblock"
+  variants, with 16-row sub-blocks, P_sub: s <= c within c's sub-block, Q_d: s > c up to the end of the (d - 1)-th
+  sub-block after c's (d = 1, 2, 3; rows past the chunk end count for nothing: the kernels never use such a Q_d).
+And the chunk totals T (b, h, n, k), a plain reduction in XLA.
+
+Each exponent is a direct sum over its own window (no difference of prefix sums, which cancels catastrophically at
+|a| ~ 1e-6). The kernel forms all of them on the tensor cores: one (64, 64) 0/1 matrix per window times the chunk's
+gates split exactly into three bfloat16 parts (8 + 8 + 8 significant bits: every product with 1 is exact, float32
+accumulation), then e^{.} with full-precision exp / cos / sin. It replaces about 20 XLA fusions (window sums by 0/1
+products, their transposes, the polar forms) between the intra-chunk kernels: it reads the gates once and writes each
+factor once. method="xla" forms the same factors in XLA (mosaic_gpu_common._window_sums), for comparison."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gateloop_jax.ops.mosaic_gpu_common import CHUNK, SUB, TILE, _polar, _swizzled_bf16, _window_sums, _wrap, pl, plgpu
+
+GATE_FACTOR_METHODS = ("kernel", "xla")
+# How the op forms them (trace_mosaic_gpu.py --gate_factors compares the two in the op).
+GATE_FACTORS = "kernel"
+
+# The windows of the kernel's sums, in its output order: (after the row, sub-blocks reached beyond the row's own or
+# None for the whole chunk). (False, r): rows s <= c; (True, r): rows s > c.
+_CHUNK_WINDOWS = ((False, None), (True, None))  # P, F
+_SUB_WINDOWS = ((False, 0), (True, 0), (True, 1), (True, 2))  # P_sub, Q_1, Q_2, Q_3
+
+
+class GateFactors(NamedTuple):
+    """(Re, Im) pairs, float32: p (b, t, h, k) = e^{G + i Phi} summed from the chunk start (inclusive), f (b, t, h, k)
+    = e^{.} of the rows after to the chunk end, t (b, h, n, k) the chunk totals; sub the 8 sub-block factors (P_sub,
+    Q_1, Q_2, Q_3, each Re then Im; () without sub-blocks)."""
+
+    p_re: jax.Array
+    p_im: jax.Array
+    f_re: jax.Array
+    f_im: jax.Array
+    t_re: jax.Array
+    t_im: jax.Array
+    sub: tuple
+
+
+def gate_factors(lr, th, *, sub, interpret, method=None):
+    """lr = log|a|, th = arg a (wrapped), (b, t, h, k) float32, t and k multiples of 64 -> GateFactors. sub: also the
+    sub-block factors. method (default GATE_FACTORS): "kernel" (Mosaic GPU; interpret: its GPU interpret mode) or
+    "xla"."""
+    method = GATE_FACTORS if method is None else method
+    if method not in GATE_FACTOR_METHODS:
+        raise ValueError(f"gate_factors: method={method!r} is not one of {GATE_FACTOR_METHODS}")
+    b, tp, h, dkp = lr.shape
+    n = tp // CHUNK
+    chunks = lambda z: z.reshape(b, n, CHUNK, h, dkp)  # noqa: E731
+    tot_r = jnp.transpose(jnp.sum(chunks(lr), axis=2), (0, 2, 1, 3))
+    tot_p = jnp.transpose(_wrap(jnp.sum(chunks(th), axis=2)), (0, 2, 1, 3))
+    totals = _polar(tot_r, tot_p)
+    if method == "xla":
+        factors = _factors_xla(lr, th, sub)
+    else:
+        factors = _factors_kernel(lr, th, sub=sub, interpret=interpret)
+    return GateFactors(*factors[:4], *totals, tuple(factors[4:]))
+
+
+def _factors_xla(lr, th, sub):
+    """The factors of _windows (chunk ones, then sub-block ones) in XLA, by _window_sums."""
+    b, tp, h, dkp = lr.shape
+
+    def windowed(rows):
+        return lr.reshape(b, tp // rows, rows, h, dkp), th.reshape(b, tp // rows, rows, h, dkp)
+
+    def after(z):
+        return _window_sums(z, 2, reverse=True, inclusive=False)
+
+    lr_c, th_c = windowed(CHUNK)
+    exps = [(_window_sums(lr_c, 2), _wrap(_window_sums(th_c, 2))), (after(lr_c), _wrap(after(th_c)))]
+    if sub:
+        lr_s, th_s = windowed(SUB)
+        tot_r, tot_p = jnp.sum(lr_s, axis=2, keepdims=True), _wrap(jnp.sum(th_s, axis=2, keepdims=True))
+
+        def later(z, i):  # the totals of the i-th next sub-block (zero past the end)
+            return jnp.concatenate([z[:, i:], jnp.zeros_like(z[:, :i])], axis=1)
+
+        exps.append((_window_sums(lr_s, 2), _wrap(_window_sums(th_s, 2))))
+        exps.append((after(lr_s), _wrap(after(th_s))))
+        for i in (1, 2):
+            q_r, q_p = exps[-1]
+            exps.append((q_r + later(tot_r, i), _wrap(q_p + later(tot_p, i))))
+    return tuple(z.reshape(b, tp, h, dkp) for r, p in exps for z in _polar(r, p))
+
+
+def _windows(sub):
+    return _CHUNK_WINDOWS + (_SUB_WINDOWS if sub else ())
+
+
+def _window_matrix(out_row, in_row, one, zero, after, reach):
+    """The 0/1 matrix M[c, s] of a window (_windows): 1 where row s counts towards output row c."""
+    def sub_block(row):
+        return jax.lax.shift_right_arithmetic(row, SUB.bit_length() - 1)
+
+    if after:
+        keep = in_row > out_row
+        edge = None if reach is None else sub_block(in_row) <= sub_block(out_row) + reach
+    else:
+        keep = in_row <= out_row
+        edge = None if reach is None else sub_block(in_row) >= sub_block(out_row)
+    inner = one if edge is None else jnp.where(edge, one, zero)
+    return jnp.where(keep, inner, zero)
+
+
+def _store_split3(parts, x):
+    """float32 x as three bfloat16 tiles with hi + mid + lo == x exactly (8 significant bits each)."""
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(jnp.float32)
+    mid = rest.astype(jnp.bfloat16)
+    lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+    for part, value in zip(parts, (hi, mid, lo)):
+        part[...] = value
+
+
+def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub):
+    """One (batch x head x chunk, d_qk tile): each window's 0/1 matrix times the gates' three bf16 parts (log|a| and
+    arg a under one wait), e^{.} of the sums, straight from registers to the outputs."""
+    windows = _windows(sub)
+    outs, refs = refs[:2 * len(windows)], refs[2 * len(windows):]
+    ones, *parts = refs
+    wg = plgpu.Layout.WGMMA
+    pid = jax.lax.axis_index("bhc")
+    bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
+    cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
+
+    def window(ref):
+        return ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols]
+
+    for ref, dst in ((lr_ref, parts[:3]), (th_ref, parts[3:])):
+        _store_split3(dst, plgpu.load(window(ref), layout=wg, optimized=False))
+    out_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg)
+    in_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg)
+    one = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg)
+    zero = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg)
+
+    def sums(acc_r, acc_p):
+        for part in parts[:3]:
+            plgpu.wgmma(acc_r, ones, part)
+        for part in parts[3:]:
+            plgpu.wgmma(acc_p, ones, part)
+        plgpu.wgmma_wait(0)  # the products are done reading `ones`: the next window may rewrite it
+        return acc_r[...], acc_p[...]
+
+    for i, (after, reach) in enumerate(windows):  # static
+        ones[...] = _window_matrix(out_row, in_row, one, zero, after, reach).astype(jnp.bfloat16)
+        plgpu.commit_smem()  # the matrix (and, the first time, the parts) visible to the tensor cores
+        s_r, s_p = pl.run_scoped(sums, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in range(2)))
+        re, im = _polar(s_r, _wrap(s_p))
+        window(outs[2 * i])[...] = re
+        window(outs[2 * i + 1])[...] = im
+
+
+def _factors_kernel(lr, th, *, sub, interpret):
+    """The factors of _windows (Re, Im each, (b, t, h, k) float32) by _gates_kernel."""
+    b, tp, h, dkp = lr.shape
+    n = tp // CHUNK
+    out_type = (jax.ShapeDtypeStruct(lr.shape, jnp.float32),) * (2 * len(_windows(sub)))
+    scratch = tuple(_swizzled_bf16(CHUNK, TILE) for _ in range(7))  # the 0/1 matrix, 3 parts each of lr and th
+    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub)
+    # Full-precision exp / cos / sin: the kernel waits on memory, not on them.
+    params = plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane)
+    return plgpu.kernel(body, out_type=out_type, grid=(b * h * n, dkp // TILE), grid_names=("bhc", "dk"),
+                        scratch_types=scratch, compiler_params=params,
+                        interpret=plgpu.InterpretGPUParams() if interpret else False,
+                        kernel_name="gateloop_gate_factors")(lr, th)
