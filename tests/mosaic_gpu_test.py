@@ -283,10 +283,10 @@ def test_gate_factors_match_float64_window_sums(method):
     oracle = _gate_factor_oracle(np.asarray(lr), np.asarray(th))
     row_sub_block = (np.arange(128) % 64 // 16)[None, :, None, None]
     got = {"p": g[0:2], "f": g[2:4], "p_sub": g.sub[0:2], "q1": g.sub[2:4], "q2": g.sub[4:6], "q3": g.sub[6:8]}
-    for name, (re, im) in got.items():
+    for name, (real, imag) in got.items():
         r, p, bound = oracle[name]
         used = row_sub_block <= {"q2": 2, "q3": 1}.get(name, 3)
-        err = np.abs(np.asarray(re) + 1j * np.asarray(im) - np.exp(r + 1j * p))
+        err = np.abs(np.asarray(real) + 1j * np.asarray(imag) - np.exp(r + 1j * p))
         assert np.all(np.where(used, err <= bound, True)), (name, np.max(np.where(used, err / bound, 0)))
     tot = np.asarray(lr, np.float64).reshape(4, 2, 64, 1, 64).sum(2), np.asarray(th, np.float64).reshape(
         4, 2, 64, 1, 64).sum(2)

@@ -22,11 +22,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.mosaic_gpu_common import CHUNK, SUB, TILE, _polar, _swizzled_bf16, _window_sums, _wrap, pl, plgpu
+from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, _polar, _swizzled_bf16, _window_sums,
+                                               _wrap, pl, plgpu)
 
 GATE_FACTOR_METHODS = ("kernel", "xla")
 # How the op forms them (trace_mosaic_gpu.py --gate_factors compares the two in the op).
 GATE_FACTORS = "kernel"
+GATES_IO = "direct"
 
 # The windows of the kernel's sums, in its output order: (after the row, sub-blocks reached beyond the row's own or
 # None for the whole chunk). (False, r): rows s <= c; (True, r): rows s > c.
@@ -124,12 +126,15 @@ def _store_split3(parts, x):
         part[...] = value
 
 
-def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub):
+def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io):
     """One (batch x head x chunk, d_qk tile): each window's 0/1 matrix times the gates' three bf16 parts (log|a| and
-    arg a under one wait), e^{.} of the sums, straight from registers to the outputs."""
+    arg a under one wait), then e^{.} of the sums to the outputs. io: "direct" (plain loads and stores between
+    registers and global memory) or "tma" (through two float32 staging tiles, each store left in flight until its tile
+    is next written)."""
     windows = _windows(sub)
     outs, refs = refs[:2 * len(windows)], refs[2 * len(windows):]
-    ones, *parts = refs
+    ones, *parts = refs[:7]
+    staging, bars = (refs[7:9], refs[9]) if io == "tma" else ((), None)
     wg = plgpu.Layout.WGMMA
     pid = jax.lax.axis_index("bhc")
     bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
@@ -138,8 +143,28 @@ def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub):
     def window(ref):
         return ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols]
 
-    for ref, dst in ((lr_ref, parts[:3]), (th_ref, parts[3:])):
-        _store_split3(dst, plgpu.load(window(ref), layout=wg, optimized=False))
+    gates = (lr_ref, th_ref)
+    if io == "tma":
+        for slot, ref in enumerate(gates):
+            plgpu.copy_gmem_to_smem(window(ref), staging[slot], bars.at[slot])
+    for slot, (ref, dst) in enumerate(zip(gates, (parts[:3], parts[3:]))):
+        if io == "tma":
+            plgpu.barrier_wait(bars.at[slot])
+            value = plgpu.load(staging[slot], layout=wg)
+        else:
+            value = plgpu.load(window(ref), layout=wg, optimized=False)
+        _store_split3(dst, value)
+
+    def put(x, i):
+        if io != "tma":
+            window(outs[i])[...] = x
+            return
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store issued two outputs ago has read this tile
+        plgpu.commit_smem()  # every thread past that wait (and done reading the gates from the staging tiles)
+        staging[i % 2][...] = x
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(staging[i % 2], window(outs[i]))
+
     out_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg)
     in_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg)
     one = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg)
@@ -158,19 +183,24 @@ def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub):
         plgpu.commit_smem()  # the matrix (and, the first time, the parts) visible to the tensor cores
         s_r, s_p = pl.run_scoped(sums, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in range(2)))
         re, im = _polar(s_r, _wrap(s_p))
-        window(outs[2 * i])[...] = re
-        window(outs[2 * i + 1])[...] = im
+        put(re, 2 * i)
+        put(im, 2 * i + 1)
+    if io == "tma":
+        plgpu.wait_smem_to_gmem(0)
 
 
-def _factors_kernel(lr, th, *, sub, interpret):
-    """The factors of _windows (Re, Im each, (b, t, h, k) float32) by _gates_kernel."""
+def _factors_kernel(lr, th, *, sub, interpret, approx_math=False, io=None):
+    """The factors of _windows (Re, Im each, (b, t, h, k) float32) by _gates_kernel. approx_math: exp / cos / sin by
+    the special-function units; io: _gates_kernel's (default GATES_IO); both for kernel_dev/bench_gate_factors.py."""
+    io = GATES_IO if io is None else io
     b, tp, h, dkp = lr.shape
     n = tp // CHUNK
     out_type = (jax.ShapeDtypeStruct(lr.shape, jnp.float32),) * (2 * len(_windows(sub)))
     scratch = tuple(_swizzled_bf16(CHUNK, TILE) for _ in range(7))  # the 0/1 matrix, 3 parts each of lr and th
-    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub)
-    # Full-precision exp / cos / sin: the kernel waits on memory, not on them.
-    params = plgpu.CompilerParams(approx_math=False, lowering_semantics=plgpu.LoweringSemantics.Lane)
+    if io == "tma":
+        scratch += (_f32_staging(), _f32_staging(), plgpu.Barrier(num_barriers=2))
+    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub, io=io)
+    params = plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=plgpu.LoweringSemantics.Lane)
     return plgpu.kernel(body, out_type=out_type, grid=(b * h * n, dkp // TILE), grid_names=("bhc", "dk"),
                         scratch_types=scratch, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else False,

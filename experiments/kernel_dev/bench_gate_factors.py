@@ -1,0 +1,94 @@
+"""The gates' decay factors of mode="mosaic_gpu" (mosaic_gpu_gates.gate_factors) timed alone, by method, and the
+kernel with one of its stages taken out, to see which one costs the time.
+
+Forms: "xla" (window sums in XLA), "kernel" (the op's kernel, plain loads and stores), "kernel_tma" (loads and stores
+through staging tiles by TMA), "_approx" (exp / cos / sin by the special-function units), "kernel_no_polar" (the sums
+written as they are, no exp / cos / sin), "kernel_no_sums" (no tensor-core products: the factors of zero sums),
+"kernel_chunk_only" (the two chunk windows, no sub-block ones).
+Only "xla" and "kernel" give the right factors; the others exist to be timed.
+
+Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU):
+    python experiments/kernel_dev/bench_gate_factors.py --out $OUT
+Writes <out>/<--json> (gate_factors.json): per form the median ms of one call, with the bytes it reads and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+from gateloop_jax.ops import mosaic_gpu_gates as mgg  # noqa: E402
+from gateloop_jax.ops.mosaic_gpu_common import _wrap  # noqa: E402
+
+FORMS = ("xla", "kernel", "kernel_tma", "kernel_tma_approx", "kernel_approx", "kernel_no_polar", "kernel_no_sums",
+         "kernel_chunk_only")
+
+
+@contextlib.contextmanager
+def _patched(form):
+    """The module as `form` wants it while the function is traced."""
+    saved = mgg._polar, mgg.plgpu
+    if form == "kernel_no_polar":
+        mgg._polar = lambda r, p: (r, p)
+    if form == "kernel_no_sums":
+        mgg.plgpu = types.SimpleNamespace(**{n: getattr(saved[1], n) for n in dir(saved[1]) if not n.startswith("_")})
+        mgg.plgpu.wgmma = lambda acc, a, b: None
+    try:
+        yield
+    finally:
+        mgg._polar, mgg.plgpu = saved
+
+
+def factors_fn(form, interpret):
+    if form == "xla":
+        return lambda lr, th: mgg._factors_xla(lr, th, True)
+    return lambda lr, th: mgg._factors_kernel(lr, th, sub=form != "kernel_chunk_only", interpret=interpret,
+                                              approx_math=form.endswith("_approx"),
+                                              io="tma" if "_tma" in form else "direct")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
+    ap.add_argument("--json", default="gate_factors.json", help="file name under --out")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--forms", default=",".join(FORMS))
+    ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    args = ap.parse_args(argv)
+    b, t, h, d = (1, 128, 1, 64) if args.smoke else (max(1, args.tokens // args.length), args.length, 8, 64)
+    os.makedirs(args.out, exist_ok=True)
+    key_r, key_p = jax.random.split(jax.random.key(0))
+    lr = -jax.random.uniform(key_r, (b, t, h, d), jnp.float32, 0.0, 14.0)
+    th = _wrap(jax.random.uniform(key_p, (b, t, h, d), jnp.float32, -100.0, 100.0))
+    result = {"env": bc.env_record(), "shape": [b, t, h, d], "records": []}
+    for form in [f for f in args.forms.split(",") if f]:
+        try:
+            with _patched(form):
+                f = jax.jit(factors_fn(form, args.smoke))
+                outs = jax.block_until_ready(f(lr, th))
+            stats = bc.time_sync_and_pipelined(f, (lr, th), runs=2 if args.smoke else args.reps)
+            record = {"form": form, "ms": stats["ms"], "ms_sync": stats["ms_sync"],
+                      "bytes": lr.nbytes * (2 + len(outs))}
+            print(f"{form:18} {record['ms']:.3f} ms  ({record['bytes'] / 1e9:.2f} GB moved)", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing form must not lose the others' figures
+            record = {"form": form, "error": repr(e)[:2000]}
+            print(f"{form:18} {e!r}"[:400], flush=True)
+        result["records"].append(record)
+        bc.write_json(os.path.join(args.out, args.json), result)
+    print(f"wrote {os.path.join(args.out, args.json)}")
+
+
+if __name__ == "__main__":
+    main()
