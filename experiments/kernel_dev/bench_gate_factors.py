@@ -5,7 +5,7 @@ Forms: "xla" (window sums in XLA), "kernel" (the op's kernel, plain loads and st
 through staging tiles by TMA), "_approx" (exp / cos / sin by the special-function units), "kernel_no_polar" (the sums
 written as they are, no exp / cos / sin), "kernel_no_sums" (no tensor-core products: the factors of zero sums),
 "kernel_chunk_only" (the two chunk windows, no sub-block ones).
-Only "xla" and "kernel" give the right factors; the others exist to be timed.
+The "_no_" and "_chunk_only" forms exist only to be timed.
 
 Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU):
     python experiments/kernel_dev/bench_gate_factors.py --out $OUT
