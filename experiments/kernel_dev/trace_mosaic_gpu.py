@@ -23,6 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 
 from bench_kernels import make_inputs  # noqa: E402, I001
 from profile_mosaic_gpu import op_fwd_bwd  # noqa: E402
+import bench_gate_factors  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -98,6 +99,8 @@ def main(argv=None):
                     help="how the within-chunk sums are formed (mosaic_gpu_common.WINDOW_SUMS)")
     ap.add_argument("--gate_factors", default=None, choices=mgg.GATE_FACTOR_METHODS,
                     help="how the gates' decay factors are formed (mosaic_gpu_gates.GATE_FACTORS)")
+    ap.add_argument("--gates_form", default=None,
+                    help="the gate-factor kernel's settings by a form of bench_gate_factors.py (EXACT_FORMS)")
     ap.add_argument("--hlo", action="store_true", help="also write each variant's compiled HLO text under --out")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
     args = ap.parse_args(argv)
@@ -109,7 +112,9 @@ def main(argv=None):
     defaults = mgc.WINDOW_SUMS, mgg.GATE_FACTORS
     mgc.WINDOW_SUMS = args.window_sums or mgc.WINDOW_SUMS
     mgg.GATE_FACTORS = args.gate_factors or mgg.GATE_FACTORS
-    result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "gate_factors": mgg.GATE_FACTORS, "records": []}
+    gates_saved = bench_gate_factors.apply_form(args.gates_form) if args.gates_form else None
+    result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "gate_factors": mgg.GATE_FACTORS,
+              "gates_form": args.gates_form, "records": []}
     try:
         for variant in [x for x in args.variants.split(",") if x]:
             try:
@@ -121,6 +126,8 @@ def main(argv=None):
             bc.write_json(os.path.join(args.out, args.json), result)
     finally:  # the methods are module settings: a caller in the same process (a test) gets its own back
         mgc.WINDOW_SUMS, mgg.GATE_FACTORS = defaults
+        if gates_saved is not None:
+            bench_gate_factors.restore_form(gates_saved)
     print(f"wrote {os.path.join(args.out, args.json)}")
 
 

@@ -17,6 +17,7 @@ factor once. method="xla" forms the same factors in XLA (mosaic_gpu_common._wind
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,7 +29,11 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, 
 GATE_FACTOR_METHODS = ("kernel", "xla")
 # How the op forms them (trace_mosaic_gpu.py --gate_factors compares the two in the op).
 GATE_FACTORS = "kernel"
+# How the kernel runs (kernel_dev/bench_gate_factors.py times each): plain loads and stores or TMA ("direct", "tma"),
+# chunks per program, exp / cos / sin by the special-function units or in full precision.
 GATES_IO = "direct"
+GATES_PER_PROGRAM = 1
+GATES_APPROX_MATH = False
 
 # The windows of the kernel's sums, in its output order: (after the row, sub-blocks reached beyond the row's own or
 # None for the whole chunk). (False, r): rows s <= c; (True, r): rows s > c.
@@ -126,17 +131,23 @@ def _store_split3(parts, x):
         part[...] = value
 
 
-def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io):
+def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io, per_program):
     """One (batch x head x chunk, d_qk tile): each window's 0/1 matrix times the gates' three bf16 parts (log|a| and
     arg a under one wait), then e^{.} of the sums to the outputs. io: "direct" (plain loads and stores between
     registers and global memory) or "tma" (through two float32 staging tiles, each store left in flight until its tile
-    is next written)."""
+    is next written). per_program: chunks taken in turn by one program."""
     windows = _windows(sub)
     outs, refs = refs[:2 * len(windows)], refs[2 * len(windows):]
     ones, *parts = refs[:7]
     staging, bars = (refs[7:9], refs[9]) if io == "tma" else ((), None)
+    for step in range(per_program):  # static
+        _gates_chunk(jax.lax.axis_index("bhc") * per_program + step, lr_ref, th_ref, outs, ones, parts, staging, bars,
+                     h=h, n_chunks=n_chunks, windows=windows, io=io)
+
+
+def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_chunks, windows, io):
+    """_gates_kernel's work for the chunk pid (of batch x head x chunk)."""
     wg = plgpu.Layout.WGMMA
-    pid = jax.lax.axis_index("bhc")
     bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
     cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
 
@@ -189,19 +200,24 @@ def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io):
         plgpu.wait_smem_to_gmem(0)
 
 
-def _factors_kernel(lr, th, *, sub, interpret, approx_math=False, io=None):
+def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_program=None):
     """The factors of _windows (Re, Im each, (b, t, h, k) float32) by _gates_kernel. approx_math: exp / cos / sin by
-    the special-function units; io: _gates_kernel's (default GATES_IO); both for kernel_dev/bench_gate_factors.py."""
+    the special-function units; io and per_program: _gates_kernel's (fewer chunks per program where they do not
+    divide); by default the module's GATES_ settings."""
+    approx_math = GATES_APPROX_MATH if approx_math is None else approx_math
     io = GATES_IO if io is None else io
+    per_program = GATES_PER_PROGRAM if per_program is None else per_program
     b, tp, h, dkp = lr.shape
     n = tp // CHUNK
+    per_program = math.gcd(per_program, b * h * n)
     out_type = (jax.ShapeDtypeStruct(lr.shape, jnp.float32),) * (2 * len(_windows(sub)))
     scratch = tuple(_swizzled_bf16(CHUNK, TILE) for _ in range(7))  # the 0/1 matrix, 3 parts each of lr and th
     if io == "tma":
         scratch += (_f32_staging(), _f32_staging(), plgpu.Barrier(num_barriers=2))
-    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub, io=io)
+    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub, io=io, per_program=per_program)
     params = plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=plgpu.LoweringSemantics.Lane)
-    return plgpu.kernel(body, out_type=out_type, grid=(b * h * n, dkp // TILE), grid_names=("bhc", "dk"),
+    return plgpu.kernel(body, out_type=out_type, grid=(b * h * n // per_program, dkp // TILE),
+                        grid_names=("bhc", "dk"),
                         scratch_types=scratch, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else False,
                         kernel_name="gateloop_gate_factors")(lr, th)
