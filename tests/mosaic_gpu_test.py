@@ -459,6 +459,40 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     assert mosaic_gpu_common.WINDOW_SUMS == "matmul" and mosaic_gpu_gates.GATE_FACTORS == "kernel"
 
 
+@needs_mosaic
+def test_gate_factors_bench_runs_at_its_smoke_size(tmp_path):
+    """experiments/kernel_dev/bench_gate_factors.py times the gate-factor kernel by form in interpret mode, names the
+    fastest exact one, and each exact form gives the default kernel's factors."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import bench_gate_factors
+
+    from gateloop_jax.ops import mosaic_gpu_gates
+
+    bench_gate_factors.main(["--smoke", "--out", str(tmp_path), "--forms", "kernel,kernel_tma_4chunks,kernel_no_sums"])
+    result = json.loads((tmp_path / "gate_factors.json").read_text())
+    assert [r["form"] for r in result["records"] if "ms" in r] == ["kernel", "kernel_tma_4chunks", "kernel_no_sums"]
+    assert result["best_kernel_form"] in ("kernel", "kernel_tma_4chunks")
+    lr = -jnp.abs(jnp.asarray(np.random.default_rng(0).standard_normal((1, 256, 1, 64)), jnp.float32))
+    want = bench_gate_factors.factors_fn("kernel", True)(lr, lr)
+
+    def settings():
+        return mosaic_gpu_gates.GATES_IO, mosaic_gpu_gates.GATES_PER_PROGRAM, mosaic_gpu_gates.GATES_APPROX_MATH
+
+    defaults = settings()
+    saved = bench_gate_factors.apply_form("kernel_tma_4chunks")
+    try:
+        got = mosaic_gpu_gates._factors_kernel(lr, lr, sub=True, interpret=True)
+    finally:
+        bench_gate_factors.restore_form(saved)
+    assert settings() == defaults
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_ptxas_report_reads_registers_and_spills_per_kernel(tmp_path):
     """experiments/kernel_dev/ptxas_report.py (GPU only) reads Mosaic GPU's dumps: per kernel, the ptxas lines that
     name registers and spills and the resource summary; the PTX and the other lines are left out."""
