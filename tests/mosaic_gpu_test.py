@@ -92,8 +92,13 @@ def test_every_width_matches_oracle(dk, dv):
 
 
 @needs_mosaic
-def test_extreme_gates_carried_state_several_chunks():
-    """All four gate regimes, t = 131: three chunks (the state carried between them), the last one padded."""
+@pytest.mark.parametrize("gate_factors", ["kernel", "xla"])
+def test_extreme_gates_carried_state_several_chunks(gate_factors, monkeypatch):
+    """All four gate regimes, t = 131: three chunks (the state carried between them), the last one padded; the gates'
+    decay factors by either method (mosaic_gpu_gates.GATE_FACTORS)."""
+    from gateloop_jax.ops import mosaic_gpu_gates
+
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_FACTORS", gate_factors)
     _check(_inputs(np.random.default_rng(7), 4, 131, 1, 32, 32))
 
 
@@ -128,6 +133,7 @@ def test_kernels_have_no_races(variant, monkeypatch):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     from gateloop_jax.ops.mosaic_gpu_common import plgpu
+    from gateloop_jax.ops.mosaic_gpu_gates import gate_factors
 
     monkeypatch.setattr(plgpu, "InterpretGPUParams", functools.partial(plgpu.InterpretGPUParams, detect_races=True))
     q, k, v, log_r, theta, _, dy, _ = _inputs(np.random.default_rng(3), 1, 2 * pm.CHUNK, 1, 64, 64)
@@ -137,7 +143,7 @@ def test_kernels_have_no_races(variant, monkeypatch):
     opts = (True, variant)
     sub_factors = pm._gate_factors(lr, th, opts).sub
     kernels = {
-        "gate factors": lambda: pm._gate_factors(lr, th, opts),
+        "gate factors": lambda: gate_factors(lr, th, sub=True, interpret=True, method="kernel"),
         "forward": lambda: pm._forward_intra(q, k, v, lr, th, sub_factors, opts=opts),
         "backward": lambda: pm._backward_intra(q, k, v, lr, th, jnp.asarray(dy), sub_factors, opts=opts),
         "state pass": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts),
@@ -447,16 +453,16 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     import trace_mosaic_gpu
 
     trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json",
-                           "--window_sums", "batched_matmul", "--gate_factors", "xla"])
+                           "--window_sums", "batched_matmul", "--gate_factors", "kernel"])
     result = json.loads((tmp_path / "t.json").read_text())
     (record,) = result["records"]
     assert "error" not in record, record
     assert record["kernels_ms"] == [] and record["total_ms"] == 0.0
-    assert result["window_sums"] == "batched_matmul" and result["gate_factors"] == "xla"
+    assert result["window_sums"] == "batched_matmul" and result["gate_factors"] == "kernel"
     # The methods are module settings: the script hands the defaults back to the rest of this process.
     from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
 
-    assert mosaic_gpu_common.WINDOW_SUMS == "matmul" and mosaic_gpu_gates.GATE_FACTORS == "kernel"
+    assert mosaic_gpu_common.WINDOW_SUMS == "matmul" and mosaic_gpu_gates.GATE_FACTORS == "xla"
 
 
 @needs_mosaic
