@@ -16,6 +16,8 @@
 #   PARTS=long LONG_VARIANT=... OUT=... bash ... # the op at L = 32768 and 65536, batch 1 (~3 minutes)
 #   PARTS=ptxas OUT=... bash ...           # registers and spills per kernel (PTXAS_VARIANTS), ~1 minute
 #   PARTS=window_sums OUT=... bash ...     # the within-chunk sums by method, alone and in the op (~2 minutes)
+#   PARTS=gates OUT=... bash ...           # the gate-factor kernel alone by form, then the op with its fastest exact
+#                                          # form and with XLA's factors (~3 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -147,6 +149,22 @@ if want window_sums; then
     for method in ${WINDOW_SUM_TRACE:-batched_matmul}; do
         timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L8192_$method.json" \
             --variants padded_subblock_stream --length 8192 --window_sums "$method" 2>&1 | head -12 | tee -a "$OUT/log.txt"
+    done
+fi
+
+# (1h) The gates' decay factors (mosaic_gpu_gates): the kernel alone by form, each with one stage taken out or run
+# another way (bench_gate_factors.py), then the op's device time per kernel with the fastest exact form and with XLA's
+# factors (~3 minutes). Small outputs per trace: a closed pipe would stop the script before it writes its JSON.
+if want gates; then
+    log "gate factors"
+    timeout 120 $PY experiments/kernel_dev/bench_gate_factors.py --out "$OUT" 2>&1 | tail -14 | tee -a "$OUT/log.txt"
+    best=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1])).get("best_kernel_form", "kernel"))' \
+        "$OUT/gate_factors.json" 2>/dev/null || echo kernel)
+    for run in "kernel --gates_form $best" "xla"; do
+        name=$(echo "$run" | cut -d' ' -f1)
+        timeout 120 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L8192_gates_$name.json" \
+            --variants padded_subblock_stream --length 8192 --gate_factors $run > "$OUT/trace_$name.txt" 2>&1
+        head -14 "$OUT/trace_$name.txt" | tee -a "$OUT/log.txt"
     done
 fi
 

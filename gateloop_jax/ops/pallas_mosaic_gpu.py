@@ -64,14 +64,13 @@ from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
 MIN_JAX = (0, 11)
 # The default variant: sub-blocks, tiles fetched two ahead, the serial state-pass kernel. On an H100
-# (experiments/results/mosaic_gpu_h100/phases/, jax 0.11.2) it matches the float64 oracle at d_qk = d_v = 32, 64, 96,
-# 128 and 256 in all four gate regimes (worst relative error 6.3e-5 over y, the final state and every gradient); the
-# mixed pairs (32, 96) and (256, 64) are covered by the interpret-mode tests and were last run on the GPU with the
-# one-phase backward kernel (io_fixed/). Its fwd+bwd at 32768 tokens x 8 heads of 64 (bf16) is 11.4-11.8 ms at L = 1024
-# to 32768 and 22.1 at 65536 (batch 1), against 6.2-6.5 / 12.4 for the Triton kernel and 1.5-2.7 / 4.0 for
-# jax-linear-attention's real-gated GLA in the same run; at heads of 128, 23.8 ms against 38.6 for the Triton kernel.
-# So mode="auto" keeps the Triton kernel for heads up to 64 and picks this one on Hopper only for wider heads, where
-# the alternative is "chunked" (dispatch.resolve_mode).
+# (experiments/results/mosaic_gpu_h100/phases/ and gates/, jax 0.11.2) it matches the float64 oracle at d_qk = d_v =
+# 32, 64, 96, 128 and 256 and at the mixed pairs (32, 96) and (256, 64), in all four gate regimes (worst relative
+# error 6.3e-5 over y, the final state and every gradient). Its fwd+bwd at 32768 tokens x 8 heads of 64 (bf16) is
+# 11.4-11.8 ms at L = 1024 to 32768 and 22.1 at 65536 (batch 1), against 6.2-6.5 / 12.4 for the Triton kernel and
+# 1.5-2.7 / 4.0 for jax-linear-attention's real-gated GLA in the same run; at heads of 128, 23.8 ms against 38.6 for
+# the Triton kernel. So mode="auto" keeps the Triton kernel for heads up to 64 and picks this one on Hopper only for
+# wider heads, where the alternative is "chunked" (dispatch.resolve_mode).
 VARIANT = "padded_subblock_stream"
 
 
