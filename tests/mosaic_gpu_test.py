@@ -478,15 +478,17 @@ def test_gate_factors_bench_runs_at_its_smoke_size(tmp_path):
 
     from gateloop_jax.ops import mosaic_gpu_gates
 
-    bench_gate_factors.main(["--smoke", "--out", str(tmp_path), "--forms", "kernel,kernel_tma_4chunks,kernel_no_sums"])
+    timed = ["kernel", "kernel_tma_4chunks", "kernel_unrolled", "kernel_no_sums"]
+    bench_gate_factors.main(["--smoke", "--out", str(tmp_path), "--forms", ",".join(timed)])
     result = json.loads((tmp_path / "gate_factors.json").read_text())
-    assert [r["form"] for r in result["records"] if "ms" in r] == ["kernel", "kernel_tma_4chunks", "kernel_no_sums"]
-    assert result["best_kernel_form"] in ("kernel", "kernel_tma_4chunks")
+    assert [r["form"] for r in result["records"] if "ms" in r] == timed
+    assert result["best_kernel_form"] in timed[:3]
     lr = -jnp.abs(jnp.asarray(np.random.default_rng(0).standard_normal((1, 256, 1, 64)), jnp.float32))
-    want = bench_gate_factors.factors_fn("kernel", True)(lr, lr)
+    want = bench_gate_factors.factors_fn("kernel_unrolled", True)(lr, lr)
 
     def settings():
-        return mosaic_gpu_gates.GATES_IO, mosaic_gpu_gates.GATES_PER_PROGRAM, mosaic_gpu_gates.GATES_APPROX_MATH
+        return (mosaic_gpu_gates.GATES_IO, mosaic_gpu_gates.GATES_PER_PROGRAM, mosaic_gpu_gates.GATES_APPROX_MATH,
+                mosaic_gpu_gates.GATES_LOOP)
 
     defaults = settings()
     saved = bench_gate_factors.apply_form("kernel_tma_4chunks")

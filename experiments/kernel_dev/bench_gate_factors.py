@@ -1,10 +1,11 @@
 """The gates' decay factors of mode="mosaic_gpu" (mosaic_gpu_gates.gate_factors) timed alone, by method, and the
 kernel with one of its stages taken out, to see which one costs the time.
 
-Forms: "xla" (window sums in XLA), "kernel" (the op's kernel, plain loads and stores), "kernel_tma" (loads and stores
-through staging tiles by TMA), "_approx" (exp / cos / sin by the special-function units), "kernel_no_polar" (the sums
-written as they are, no exp / cos / sin), "kernel_no_sums" (no tensor-core products: the factors of zero sums),
-"kernel_chunk_only" (the two chunk windows, no sub-block ones), "_4chunks" (four chunks in turn per program).
+Forms: "xla" (window sums in XLA), "kernel" (the op's kernel, plain loads and stores, the windows in one loop body),
+"_unrolled" (the windows unrolled: six times the code, most of it inlined exp / cos / sin), "kernel_tma" (loads and
+stores through staging tiles by TMA), "_approx" (exp / cos / sin by the special-function units), "kernel_no_polar"
+(the sums written as they are, no exp / cos / sin), "kernel_no_sums" (no tensor-core products: the factors of zero
+sums), "kernel_chunk_only" (the two chunk windows, no sub-block ones), "_4chunks" (four chunks in turn per program).
 The "_no_" and "_chunk_only" forms exist only to be timed.
 
 Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU):
@@ -30,8 +31,9 @@ import bench_common as bc  # noqa: E402
 from gateloop_jax.ops import mosaic_gpu_gates as mgg  # noqa: E402
 from gateloop_jax.ops.mosaic_gpu_common import _wrap  # noqa: E402
 
-FORMS = ("kernel", "kernel_approx", "kernel_tma", "kernel_4chunks", "kernel_no_polar", "kernel_no_sums",
-         "kernel_chunk_only", "kernel_tma_approx", "kernel_tma_4chunks", "xla")
+FORMS = ("kernel", "kernel_unrolled", "kernel_approx", "kernel_tma", "kernel_4chunks", "kernel_no_polar",
+         "kernel_no_sums", "kernel_chunk_only", "kernel_tma_approx", "kernel_tma_4chunks", "kernel_unrolled_approx",
+         "xla")
 
 
 @contextlib.contextmanager
@@ -49,29 +51,31 @@ def _patched(form):
         mgg._polar, mgg.plgpu = saved
 
 
-# The forms that give the right factors, as the module's settings (GATES_IO, GATES_PER_PROGRAM, GATES_APPROX_MATH).
-EXACT_FORMS = ("kernel", "kernel_approx", "kernel_tma", "kernel_4chunks", "kernel_tma_approx", "kernel_tma_4chunks")
+# The forms that give the right factors, as the module's GATES_ settings.
+EXACT_FORMS = ("kernel", "kernel_unrolled", "kernel_approx", "kernel_tma", "kernel_4chunks", "kernel_tma_approx",
+               "kernel_tma_4chunks", "kernel_unrolled_approx")
 
 
 def kernel_settings(form):
     """A kernel form's keywords of mosaic_gpu_gates._factors_kernel."""
     return {"approx_math": form.endswith("_approx"), "io": "tma" if "_tma" in form else "direct",
-            "per_program": 4 if form.endswith("_4chunks") else 1}
+            "per_program": 4 if form.endswith("_4chunks") else 1,
+            "loop": "unrolled" if "_unrolled" in form else "rolled"}
 
 
 def apply_form(form):
     """Set mosaic_gpu_gates' GATES_ settings to an EXACT_FORMS form; returns the previous settings (restore_form)."""
     if form not in EXACT_FORMS:
         raise ValueError(f"{form!r} is not one of {EXACT_FORMS}")
-    saved = mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM
+    saved = mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM, mgg.GATES_LOOP
     settings = kernel_settings(form)
-    mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM = (settings[k] for k in ("approx_math", "io",
-                                                                                          "per_program"))
+    mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM, mgg.GATES_LOOP = (
+        settings[k] for k in ("approx_math", "io", "per_program", "loop"))
     return saved
 
 
 def restore_form(saved):
-    mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM = saved
+    mgg.GATES_APPROX_MATH, mgg.GATES_IO, mgg.GATES_PER_PROGRAM, mgg.GATES_LOOP = saved
 
 
 def factors_fn(form, interpret):

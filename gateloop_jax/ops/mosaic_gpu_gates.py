@@ -32,15 +32,17 @@ GATE_FACTOR_METHODS = ("kernel", "xla")
 # forms cost about 2.3 ms: experiments/perf_notes.md, "the gate factors in one kernel".
 GATE_FACTORS = "xla"
 # How the kernel runs (kernel_dev/bench_gate_factors.py times each): plain loads and stores or TMA ("direct", "tma"),
-# chunks per program, exp / cos / sin by the special-function units or in full precision.
+# chunks per program, exp / cos / sin by the special-function units or in full precision, the six windows in one loop
+# body or unrolled.
 GATES_IO = "direct"
 GATES_PER_PROGRAM = 1
 GATES_APPROX_MATH = False
+GATES_LOOP = "rolled"
 
-# The windows of the kernel's sums, in its output order: (after the row, sub-blocks reached beyond the row's own or
-# None for the whole chunk). (False, r): rows s <= c; (True, r): rows s > c.
-_CHUNK_WINDOWS = ((False, None), (True, None))  # P, F
-_SUB_WINDOWS = ((False, 0), (True, 0), (True, 1), (True, 2))  # P_sub, Q_1, Q_2, Q_3
+# The windows of the kernel's sums, in its output order: rows s counted towards row c when s > c ("after") or s <= c,
+# and the sub-block gap sub-block(s) - sub-block(c) in [lo, hi] (None: no bound).
+_CHUNK_WINDOWS = ((False, None, None), (True, None, None))  # P, F
+_SUB_WINDOWS = ((False, 0, None), (True, None, 0), (True, None, 1), (True, None, 2))  # P_sub, Q_1, Q_2, Q_3
 
 
 class GateFactors(NamedTuple):
@@ -108,19 +110,29 @@ def _windows(sub):
     return _CHUNK_WINDOWS + (_SUB_WINDOWS if sub else ())
 
 
-def _window_matrix(out_row, in_row, one, zero, after, reach):
-    """The 0/1 matrix M[c, s] of a window (_windows): 1 where row s counts towards output row c."""
+def _window_matrix(out_row, in_row, one, zero, after, lo, hi):
+    """The 0/1 matrix M[c, s] of a window (_windows): 1 where row s counts towards output row c. after (0 or 1), lo
+    and hi (-CHUNK, CHUNK for no bound) may be traced scalars: the kernel walks the windows in a loop."""
     def sub_block(row):
         return jax.lax.shift_right_arithmetic(row, SUB.bit_length() - 1)
 
-    if after:
-        keep = in_row > out_row
-        edge = None if reach is None else sub_block(in_row) <= sub_block(out_row) + reach
-    else:
-        keep = in_row <= out_row
-        edge = None if reach is None else sub_block(in_row) >= sub_block(out_row)
-    inner = one if edge is None else jnp.where(edge, one, zero)
-    return jnp.where(keep, inner, zero)
+    before = jnp.where(in_row <= out_row, one, zero)
+    direction = before + (one - before - before) * after  # s <= c, or s > c where after is 1
+    gap = sub_block(in_row) - sub_block(out_row)
+    return jnp.where(gap - lo >= 0, jnp.where(gap - hi <= 0, direction, zero), zero)
+
+
+def _window_bounds(windows):
+    """Per window: (after as 0.0 / 1.0, lo, hi), +-CHUNK standing for no bound (sub-block gaps are within +-3)."""
+    return [(float(after), -CHUNK if lo is None else lo, CHUNK if hi is None else hi) for after, lo, hi in windows]
+
+
+def _pick(i, values):
+    """values[i] for a traced index i (the windows' loop) as a chain of selects."""
+    out = values[-1]
+    for k in range(len(values) - 2, -1, -1):
+        out = jnp.where(i == k, values[k], out)
+    return out
 
 
 def _store_split3(parts, x):
@@ -133,21 +145,22 @@ def _store_split3(parts, x):
         part[...] = value
 
 
-def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io, per_program):
+def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io, per_program, loop):
     """One (batch x head x chunk, d_qk tile): each window's 0/1 matrix times the gates' three bf16 parts (log|a| and
     arg a under one wait), then e^{.} of the sums to the outputs. io: "direct" (plain loads and stores between
     registers and global memory) or "tma" (through two float32 staging tiles, each store left in flight until its tile
-    is next written). per_program: chunks taken in turn by one program."""
+    is next written). per_program: chunks taken in turn by one program; loop: the windows "rolled" (one loop body) or
+    "unrolled"."""
     windows = _windows(sub)
     outs, refs = refs[:2 * len(windows)], refs[2 * len(windows):]
     ones, *parts = refs[:7]
     staging, bars = (refs[7:9], refs[9]) if io == "tma" else ((), None)
     for step in range(per_program):  # static
         _gates_chunk(jax.lax.axis_index("bhc") * per_program + step, lr_ref, th_ref, outs, ones, parts, staging, bars,
-                     h=h, n_chunks=n_chunks, windows=windows, io=io)
+                     h=h, n_chunks=n_chunks, windows=windows, io=io, loop=loop)
 
 
-def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_chunks, windows, io):
+def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_chunks, windows, io, loop):
     """_gates_kernel's work for the chunk pid (of batch x head x chunk)."""
     wg = plgpu.Layout.WGMMA
     bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
@@ -191,23 +204,42 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
         plgpu.wgmma_wait(0)  # the products are done reading `ones`: the next window may rewrite it
         return acc_r[...], acc_p[...]
 
-    for i, (after, reach) in enumerate(windows):  # static
-        ones[...] = _window_matrix(out_row, in_row, one, zero, after, reach).astype(jnp.bfloat16)
+    def window_sums(i, bounds):
+        ones[...] = _window_matrix(out_row, in_row, one, zero, *bounds).astype(jnp.bfloat16)
         plgpu.commit_smem()  # the matrix (and, the first time, the parts) visible to the tensor cores
         s_r, s_p = pl.run_scoped(sums, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in range(2)))
-        re, im = _polar(s_r, _wrap(s_p))
-        put(re, 2 * i)
-        put(im, 2 * i + 1)
+        return _polar(s_r, _wrap(s_p))
+
+    bounds = _window_bounds(windows)
+    if loop == "unrolled":
+        for i in range(len(windows)):  # static
+            re, im = window_sums(i, bounds[i])
+            put(re, 2 * i)
+            put(im, 2 * i + 1)
+    else:
+        # One body for all windows (the matrix, the products and e^{.}), so the kernel's code stays small: unrolled,
+        # its full-precision exp / cos / sin alone are 288 inlined library calls.
+        def body(i, carry):
+            re, im = window_sums(i, [_pick(i, [b[f] for b in bounds]) for f in range(3)])
+            for k in range(len(windows)):  # static: the outputs are separate arrays
+                @pl.when(i == k)
+                def _():
+                    put(re, 2 * k)
+                    put(im, 2 * k + 1)
+            return carry
+
+        jax.lax.fori_loop(0, len(windows), body, 0)
     if io == "tma":
         plgpu.wait_smem_to_gmem(0)
 
 
-def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_program=None):
+def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_program=None, loop=None):
     """The factors of _windows (Re, Im each, (b, t, h, k) float32) by _gates_kernel. approx_math: exp / cos / sin by
-    the special-function units; io and per_program: _gates_kernel's (fewer chunks per program where they do not
+    the special-function units; io, per_program and loop: _gates_kernel's (fewer chunks per program where they do not
     divide); by default the module's GATES_ settings."""
     approx_math = GATES_APPROX_MATH if approx_math is None else approx_math
     io = GATES_IO if io is None else io
+    loop = GATES_LOOP if loop is None else loop
     per_program = GATES_PER_PROGRAM if per_program is None else per_program
     b, tp, h, dkp = lr.shape
     n = tp // CHUNK
@@ -216,7 +248,8 @@ def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_pr
     scratch = tuple(_swizzled_bf16(CHUNK, TILE) for _ in range(7))  # the 0/1 matrix, 3 parts each of lr and th
     if io == "tma":
         scratch += (_f32_staging(), _f32_staging(), plgpu.Barrier(num_barriers=2))
-    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub, io=io, per_program=per_program)
+    body = functools.partial(_gates_kernel, h=h, n_chunks=n, sub=sub, io=io, per_program=per_program,
+                             loop=loop)
     params = plgpu.CompilerParams(approx_math=approx_math, lowering_semantics=plgpu.LoweringSemantics.Lane)
     return plgpu.kernel(body, out_type=out_type, grid=(b * h * n // per_program, dkp // TILE),
                         grid_names=("bhc", "dk"),
