@@ -501,6 +501,30 @@ def test_gate_factors_bench_runs_at_its_smoke_size(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@needs_mosaic
+def test_kernel_code_size_counts_each_kernel(tmp_path):
+    """experiments/kernel_dev/kernel_code_size.py lowers the op's fwd+bwd for CUDA on this CPU and counts each Mosaic
+    GPU kernel's code: every kernel of the op is there, and the gate-factor kernel's windows in one loop body are less
+    code, with a sixth of the full-precision exp / sin / cos, than unrolled."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import kernel_code_size
+
+    sizes = {}
+    for form in ("kernel", "kernel_unrolled"):
+        kernel_code_size.main(["--out", str(tmp_path), "--json", f"{form}.json", "--gate_factors", "kernel",
+                               "--gates_form", form])
+        records = json.loads((tmp_path / f"{form}.json").read_text())["kernels"]
+        assert {r["kernel"].split("_mosaic")[0] for r in records} == {
+            "gateloop_gate_factors", "gateloop_forward_kernel", "gateloop_backward_kernel", "gateloop_state_pass"}
+        sizes[form] = next(r for r in records if r["kernel"].startswith("gateloop_gate_factors"))
+    assert sizes["kernel"]["mlir_lines"] < 0.7 * sizes["kernel_unrolled"]["mlir_lines"]
+    assert 6 * sizes["kernel"]["precise_transcendentals"] == sizes["kernel_unrolled"]["precise_transcendentals"] > 0
+
+
 def test_ptxas_report_reads_registers_and_spills_per_kernel(tmp_path):
     """experiments/kernel_dev/ptxas_report.py (GPU only) reads Mosaic GPU's dumps: per kernel, the ptxas lines that
     name registers and spills and the resource summary; the PTX and the other lines are left out."""
