@@ -88,10 +88,14 @@ def _window_sums(z, axis, *, reverse=False, inclusive=True, method=None):
     return jax.lax.slice_in_dim(jnp.pad(out, widths), start, start + n, axis=axis)
 
 
-def _split(x):
-    """float32 -> (hi, lo) bfloat16 with hi + lo = x to ~16 significant bits, in a kernel's registers."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+def _split(x, parts=2):
+    """float32 -> `parts` bfloat16 values summing to x, in a kernel's registers: each the rest so far rounded to bf16.
+    Two (hi, lo) hold ~16 significant bits; three all 24 (x exactly, as the 0/1 products of mosaic_gpu_gates need)."""
+    out, rest = [], x
+    for _ in range(parts - 1):
+        out.append(rest.astype(jnp.bfloat16))
+        rest = rest - out[-1].astype(jnp.float32)
+    return (*out, rest.astype(jnp.bfloat16))
 
 
 def _split_array(x):
@@ -104,10 +108,10 @@ def _split_array(x):
     return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
 
 
-def _store_split(pair, x):
-    x_hi, x_lo = _split(x)
-    pair[0][...] = x_hi
-    pair[1][...] = x_lo
+def _store_split(refs, x):
+    """x split into len(refs) bf16 parts (_split), one to each ref."""
+    for ref, part in zip(refs, _split(x, len(refs))):
+        ref[...] = part
 
 
 def _mms(*sums):

@@ -23,8 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, _polar, _swizzled_bf16, _window_sums,
-                                               _wrap, pl, plgpu)
+from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, _polar, _store_split, _swizzled_bf16,
+                                               _window_sums, _wrap, pl, plgpu)
 
 GATE_FACTOR_METHODS = ("kernel", "xla")
 # How the op forms them (trace_mosaic_gpu.py --gate_factors compares the two in the op). On an H100 (L = 8192, 32768
@@ -136,16 +136,6 @@ def _pick(i, values):
     return out
 
 
-def _store_split3(parts, x):
-    """float32 x as three bfloat16 tiles with hi + mid + lo == x exactly (8 significant bits each)."""
-    hi = x.astype(jnp.bfloat16)
-    rest = x - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    lo = (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-    for part, value in zip(parts, (hi, mid, lo)):
-        part[...] = value
-
-
 def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io, per_program, loop):
     """One (batch x head x chunk, d_qk tile): each window's 0/1 matrix times the gates' three bf16 parts (log|a| and
     arg a under one wait), then e^{.} of the sums to the outputs. io: "direct" (plain loads and stores between
@@ -180,7 +170,7 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
             value = plgpu.load(staging[slot], layout=wg)
         else:
             value = plgpu.load(window(ref), layout=wg, optimized=False)
-        _store_split3(dst, value)
+        _store_split(dst, value)  # three parts: x exactly
 
     def put(x, i):
         if io != "tma":
@@ -205,7 +195,7 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
         plgpu.wgmma_wait(0)  # the products are done reading `ones`: the next window may rewrite it
         return acc_r[...], acc_p[...]
 
-    def window_sums(i, bounds):
+    def window_factors(i, bounds):
         ones[...] = _window_matrix(out_row, in_row, one, zero, *bounds).astype(jnp.bfloat16)
         plgpu.commit_smem()  # the matrix (and, the first time, the parts) visible to the tensor cores
         s_r, s_p = pl.run_scoped(sums, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in range(2)))
@@ -214,14 +204,14 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
     bounds = _window_bounds(windows)
     if loop == "unrolled":
         for i in range(len(windows)):  # static
-            re, im = window_sums(i, bounds[i])
+            re, im = window_factors(i, bounds[i])
             put(re, 2 * i)
             put(im, 2 * i + 1)
     else:
         # One body for all windows (the matrix, the products and e^{.}), so the kernel's code stays small: unrolled,
         # its full-precision exp / cos / sin alone are 288 inlined library calls.
         def body(i, carry):
-            re, im = window_sums(i, [_pick(i, [b[f] for b in bounds]) for f in range(3)])
+            re, im = window_factors(i, [_pick(i, [b[f] for b in bounds]) for f in range(3)])
             for k in range(len(windows)):  # static: the outputs are separate arrays
                 @pl.when(i == k)
                 def _():
