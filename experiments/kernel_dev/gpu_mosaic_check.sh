@@ -18,6 +18,7 @@
 #   PARTS=window_sums OUT=... bash ...     # the within-chunk sums by method, alone and in the op (~2 minutes)
 #   PARTS=gates OUT=... bash ...           # the gate-factor kernel alone by form, then the op with its fastest exact
 #                                          # form and with XLA's factors (~3 minutes)
+#   PARTS=backward_kernel OUT=... bash ... # the backward kernel alone, whole and by part, with ptxas (~3 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -166,6 +167,14 @@ if want gates; then
             --variants padded_subblock_stream --length 8192 --gate_factors $run > "$OUT/trace_$name.txt" 2>&1
         head -14 "$OUT/trace_$name.txt" | tee -a "$OUT/log.txt"
     done
+fi
+
+# (1i) The intra-chunk backward kernel alone, whole and with one part taken out at a time, beside the forward kernel,
+# with ptxas's registers and spills per form (bench_backward_kernel.py; ~3 minutes).
+if want backward_kernel; then
+    log "backward kernel"
+    timeout 240 $PY experiments/kernel_dev/bench_backward_kernel.py --out "$OUT" > "$OUT/backward_kernel.txt" 2>&1
+    tail -30 "$OUT/backward_kernel.txt" | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
