@@ -466,6 +466,27 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
 
 
 @needs_mosaic
+def test_backward_kernel_bench_runs_at_its_smoke_size(tmp_path):
+    """experiments/kernel_dev/bench_backward_kernel.py times the backward kernel with a part taken out in interpret
+    mode, and hands mosaic_gpu_intra back as it found it (its forms patch the module while a kernel is traced)."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                    "kernel_dev"))
+    import bench_backward_kernel
+
+    from gateloop_jax.ops import mosaic_gpu_intra
+
+    before = (mosaic_gpu_intra.jax, mosaic_gpu_intra._cross_key_rows, mosaic_gpu_intra._Ctx.decay)
+    forms = ["backward_one_offset", "backward_no_cross"]
+    bench_backward_kernel.main(["--smoke", "--out", str(tmp_path), "--forms", ",".join(forms)])
+    result = json.loads((tmp_path / "backward_kernel.json").read_text())
+    assert [r["form"] for r in result["records"] if "ms" in r] == ["gate_factors", *forms], result["records"]
+    assert (mosaic_gpu_intra.jax, mosaic_gpu_intra._cross_key_rows, mosaic_gpu_intra._Ctx.decay) == before
+
+
+@needs_mosaic
 def test_gate_factors_bench_runs_at_its_smoke_size(tmp_path):
     """experiments/kernel_dev/bench_gate_factors.py times the gate-factor kernel by form in interpret mode, names the
     fastest exact one, and each exact form gives the default kernel's factors."""
