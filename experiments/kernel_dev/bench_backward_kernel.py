@@ -11,14 +11,17 @@ are wrong.
 Usage (GPU machine; --smoke: a tiny shape in interpret mode on CPU):
     python experiments/kernel_dev/bench_backward_kernel.py --out $OUT [--variant padded_subblock_stream]
 Writes <out>/<--json> (backward_kernel.json): per form the median ms of one call and, on the GPU, the ptxas lines on
-registers and spills of each kernel it compiled.
+registers and spills of each kernel it compiled, and its SASS instruction counts by opcode.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import glob
 import os
+import re
 import sys
 import tempfile
 import types
@@ -79,6 +82,28 @@ def _patched(form):
             setattr(mgi._Ctx, n, value)
 
 
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_summary(dump_dir: str) -> dict:
+    """Per SASS dump (MOSAIC_GPU_DUMP_SASS): its instruction count and the count of the opcodes that say where a
+    kernel spends its issue slots (local memory = spills, barriers, tensor-core and special-function instructions,
+    shuffles, shared-memory traffic)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*"))):
+        if "sass" not in os.path.basename(path).lower():
+            continue
+        with open(path, errors="replace") as f:
+            ops = collections.Counter(m.group(1).split(".")[0] for m in map(_SASS_LINE.search, f) if m)
+        if ops:
+            keep = ("LDL", "STL", "BAR", "HGMMA", "WARPGROUP", "MUFU", "SHFL", "LDS", "STS", "LDG", "STG", "BRA",
+                    "FFMA", "FADD", "FMUL", "FSEL", "SEL", "IMAD", "LOP3", "ISETP", "FSETP")
+            out[os.path.basename(path)] = {"instructions": sum(ops.values()), **{k: ops[k] for k in keep if ops[k]}}
+    if not out:  # the dump's naming, to read it another way
+        out["files"] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(dump_dir, "*")))[:40]
+    return out
+
+
 def kernel_fn(form, variant, interpret):
     opts = (interpret, variant)
     sub = mgi._split_variant(variant)[3]
@@ -117,7 +142,7 @@ def main(argv=None):
         record = {"form": form}
         with tempfile.TemporaryDirectory() as dump_dir:
             if on_gpu:
-                os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump_dir)
+                os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_TO=dump_dir)
             try:
                 if form == "gate_factors":
                     f = jax.jit(lambda lr, th: pm.gate_factors(lr, th, sub=True, interpret=args.smoke))
@@ -132,16 +157,20 @@ def main(argv=None):
                 if on_gpu:
                     record["ptxas"] = {n: list(dict.fromkeys(lines)) for n, lines in kernel_resources(dump_dir).items()
                                        if "gateloop" in n}
+                    record["sass"] = sass_summary(dump_dir)
             except Exception as e:  # noqa: BLE001 - one failing form must not lose the others' figures
                 record["error"] = repr(e)[:2000]
             finally:
                 os.environ.pop("MOSAIC_GPU_DUMP_PTXAS", None)
+                os.environ.pop("MOSAIC_GPU_DUMP_SASS", None)
                 os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
         result["records"].append(record)
         line = f"{form:22} " + (f"{record['ms']:.3f} ms" if "ms" in record else record["error"][:300])
         for name, lines in record.get("ptxas", {}).items():
             if "backward" in name or "forward" in name:
                 line += f"\n    {name}: " + " | ".join(lines)[:300]
+        for name, counts in record.get("sass", {}).items():
+            line += f"\n    {name[:60]}: {counts}"
         print(line, flush=True)
         bc.write_json(os.path.join(args.out, args.json), result)
     print(f"wrote {os.path.join(args.out, args.json)}")
