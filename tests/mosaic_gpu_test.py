@@ -103,7 +103,8 @@ def test_extreme_gates_carried_state_several_chunks(gate_factors, monkeypatch):
 
 
 @needs_mosaic
-@pytest.mark.parametrize("variant", ["padded_subblock", "padded_subblock_stream", "padded_subblock_direct"])
+@pytest.mark.parametrize("variant", ["padded_subblock", "padded_subblock_stream", "padded_subblock_direct",
+                                     "padded_subblock_stream_rolled"])
 def test_subblock_extreme_gates_carried_state(variant):
     """The "_subblock" variants (diagonals within 16-row sub-blocks, the other pairs as products of factored decays;
     "_stream": the fetches run ahead): all four gate regimes over three chunks, so every sub-block distance d = 1..3
@@ -113,7 +114,8 @@ def test_subblock_extreme_gates_carried_state(variant):
 
 @needs_mosaic
 @pytest.mark.parametrize(
-    "variant", ["padded_subblock", "padded_subblock_stream", "padded_stream", "padded_subblock_direct"])
+    "variant", ["padded_subblock", "padded_subblock_stream", "padded_stream", "padded_subblock_direct",
+                "padded_subblock_stream_rolled"])
 def test_mixed_widths_of_a_variant(variant):
     """Two d_qk tiles (their partial scores and gradients summed) and two d_v tiles (a streamed kernel's fetch list
     grows with them); t = 57 fills all four sub-blocks of its one chunk. Regime 0: |a| log-uniform, so the factored
@@ -123,7 +125,8 @@ def test_mixed_widths_of_a_variant(variant):
 
 
 @needs_mosaic
-@pytest.mark.parametrize("variant", ["padded_stream", "padded_subblock_stream", "padded_subblock_direct"])
+@pytest.mark.parametrize("variant", ["padded_stream", "padded_subblock_stream", "padded_subblock_direct",
+                                     "padded_subblock_stream_rolled"])
 def test_kernels_have_no_races(variant, monkeypatch):
     """The interpreter's happens-before race detector over each kernel of a variant, run alone (its verdict is per
     kernel): the forward and backward intra-chunk kernels with their fetches two ahead and their stores left in flight

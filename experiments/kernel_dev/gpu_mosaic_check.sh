@@ -18,6 +18,7 @@
 #   PARTS=window_sums OUT=... bash ...     # the within-chunk sums by method, alone and in the op (~2 minutes)
 #   PARTS=gates OUT=... bash ...           # the gate-factor kernel alone by form, then the op with its fastest exact
 #                                          # form and with XLA's factors (~3 minutes)
+#   PARTS=rolled OUT=... bash ...          # the "_rolled" variant beside the default: device time per kernel, accuracy
 #   PARTS=backward_kernel OUT=... bash ... # the backward kernel alone, whole and by part, with ptxas (~3 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
@@ -175,6 +176,19 @@ if want backward_kernel; then
     log "backward kernel"
     timeout 240 $PY experiments/kernel_dev/bench_backward_kernel.py --out "$OUT" > "$OUT/backward_kernel.txt" 2>&1
     tail -30 "$OUT/backward_kernel.txt" | tee -a "$OUT/log.txt"
+fi
+
+# (1j) The "_rolled" variant (the products across sub-blocks in a loop over d: a third less kernel code) beside the
+# default: the op's device time per kernel, then its accuracy at d = 32 and 64 (~3 minutes).
+if want rolled; then
+    log "rolled: device time per kernel"
+    timeout 150 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json mosaic_trace_L8192_rolled.json \
+        --variants padded_subblock_stream,padded_subblock_stream_rolled --length 8192 > "$OUT/trace_rolled.txt" 2>&1
+    grep -A12 "ms of device kernels" "$OUT/trace_rolled.txt" | tee -a "$OUT/log.txt"
+    log "rolled accuracy"
+    timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock_stream_rolled --rest '' \
+        --bench_length 0 --budget_s 70 --out "$OUT/rolled_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 \
+        | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.

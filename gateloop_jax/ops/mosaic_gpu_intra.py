@@ -42,31 +42,38 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, 
 # "_stream" issues every fetch two windows ahead from a list the kernel declares (_Ctx.stream) and leaves its stores in
 # flight; "_direct" loads and stores between registers and global memory with no staging at all, so that with
 # sub-blocks (16 zero pad rows, pad rows of TILE + 4) each kernel's shared memory fits twice in an SM.
+# "_rolled" (after "_stream"): the products across sub-blocks (d = 1..3) in a loop over d rather than written out
+# three times, their factor tiles fetched at the top of each pass into two tiles of their own: the products are
+# about 60% of the backward kernel's code (its lowered MLIR on CPU), and a program runs its code straight through
+# once, so less code is fewer instruction fetches from L2 per program.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
-             "padded_stream", "padded_subblock_stream", "padded_subblock_direct")
+             "padded_stream", "padded_subblock_stream", "padded_subblock_direct", "padded_subblock_stream_rolled")
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
 
 
 def _split_variant(variant):
-    """-> (pad layout, carry, approx_math, sub-blocks, io). io: how the intra-chunk kernels move their tiles, "tma"
-    (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches issued two
+    """-> (pad layout, carry, approx_math, sub-blocks, io, rolled). io: how the intra-chunk kernels move their tiles,
+    "tma" (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches issued two
     windows ahead, stores left in flight) or "direct" ("_direct": plain loads and stores between registers and
-    global memory, no staging: less shared memory, so two programs per SM with sub-blocks)."""
+    global memory, no staging: less shared memory, so two programs per SM with sub-blocks). rolled: the products
+    across sub-blocks in a loop over the distance d ("_rolled")."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
     io = "stream" if "_stream" in variant else "direct" if "_direct" in variant else "tma"
-    return variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant, io
+    return (variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant, io,
+            variant.endswith("_rolled"))
 
 
 class _Ctx:
     """Per-program helpers of the two kernels: this program's chunk and tiles, WGMMA-layout tiles, TMA fetches, the
     pad buffers (filled and read as the variant's layout says)."""
 
-    def __init__(self, bars, h, n_chunks, pad, carry, io, zero_rows):
+    def __init__(self, bars, h, n_chunks, pad, carry, io, zero_rows, loop_staging=(), loop_bar=0):
         self.wg = plgpu.Layout.WGMMA
         self.bars = bars
+        self.loop_staging, self.loop_bar = loop_staging, loop_bar  # "_rolled": the factor tiles of the loop over d
         self.pad = pad
         self.carry = carry
         self.io = io
@@ -124,6 +131,34 @@ class _Ctx:
         self.next += 1
         self._issue(i + 2)
         return value
+
+    def over_d(self, term, init):
+        """term(d, carry) for the sub-block distances d = 1, 2, 3: written out, or ("_rolled") in a loop."""
+        if self.loop_staging:
+            return jax.lax.fori_loop(1, 4, term, init)
+        for d in (1, 2, 3):  # static
+            init = term(d, init)
+        return init
+
+    def prefetch_factors(self, q_d, d, parts=(0, 1)):
+        """"_rolled": start the fetches of Q_d's parts (0: Re, 1: Im; q_d the six Q refs) into the loop's own tiles,
+        d traced; written out, the stream brings them (nothing to do here)."""
+        if not self.loop_staging:
+            return
+        plgpu.commit_smem()  # every thread is done reading the loop's tiles (the previous pass)
+        for part in parts:
+            for dd in (1, 2, 3):  # static: one branch per ref
+                @pl.when(d == dd)
+                def _():
+                    plgpu.copy_gmem_to_smem(self.window(q_d[2 * dd - 2 + part], self.d0), self.loop_staging[part],
+                                            self.bars.at[self.loop_bar + part])
+
+    def factor(self, q_d, d, part, staging):
+        """Q_d's part (0: Re, 1: Im) in registers: from the loop's tile ("_rolled", prefetch_factors), else by get."""
+        if not self.loop_staging:
+            return self.get(q_d[2 * d - 2 + part], self.d0, staging)
+        plgpu.barrier_wait(self.bars.at[self.loop_bar + part])
+        return self.load(self.loop_staging[part])
 
     def finish(self):
         """The end of a streamed kernel: every window taken, every store landed."""
@@ -223,22 +258,23 @@ class _Ctx:
         return jax.lax.shift_right_arithmetic(self.rows, 4) - jax.lax.shift_right_arithmetic(self.cols, 4)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io, rolled):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (pallas_mosaic_gpu's docstring) from one d_qk tile,
     every d_v tile (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes
     them (VARIANTS: log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 sub-block factors
     (mosaic_gpu_gates).
     The staging tiles after the bf16 ones, by io (_io_staging): "tma" two, "stream" three (the fetches run ahead,
-    _Ctx.stream), "direct" none."""
+    _Ctx.stream), "direct" none; then, rolled, the two of the loop over d."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     y_ref, kpad, lrpad, thpad, a_hi, a_lo, b_hi, b_lo, *staging, bars = refs
+    staging, loop_staging = (staging[:-2], staging[-2:]) if rolled else (staging, ())
     g1, g2 = staging[:2] if staging else (None, None)
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
+    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub), loop_staging, loop_bar=5)
     z = x.z
     if io == "stream":
         fetches = [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (q_ref, x.d0)]
-        fetches += _cross_scores_fetches(factors, x.d0) if sub else []
+        fetches += _cross_scores_fetches(factors, x.d0, rolled) if sub else []
         x.stream(fetches + [(v_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), staging[2])
     # The z rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     x.fill_pads((k_ref, lr_ref, th_ref), (kpad, lrpad, thpad), z, 0, g1)
@@ -263,7 +299,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
     x.finish()
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io):
+def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io,
+                     rolled):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA), in three phases:
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
@@ -275,21 +312,23 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     diagonals read the queries shifted up (zero rows below the chunk) and the gates from m + 1 on. With sub, refs starts
     with the 8 sub-block factors (mosaic_gpu_gates): the diagonals stay within sub-blocks, the other pairs are products
     (_cross_query_rows, _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging):
-    "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none."""
+    "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none; then, rolled, the two of the loop
+    over d."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, *refs = refs
     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *staging, bars = refs
+    staging, loop_staging = (staging[:-2], staging[-2:]) if rolled else (staging, ())
     g1 = staging[0] if staging else None
     n_walk = SUB if sub else CHUNK
-    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
+    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub), loop_staging, loop_bar=3)
     z = x.z
     if io == "stream":
         w_fetches = [w for vt in range(n_dv) for w in ((dy_ref, vt * TILE), (v_ref, vt * TILE))]
         fetches = w_fetches + [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
-        fetches += _cross_query_rows_fetches(factors, x.d0) if sub else []
+        fetches += _cross_query_rows_fetches(factors, x.d0, rolled) if sub else []
         fetches += w_fetches + [(q_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0)]
-        fetches += _cross_key_rows_fetches(factors, x.d0) if sub else []
-        fetches += [(k_ref, x.d0)] + (_cross_key_scores_fetches(factors, x.d0) if sub else [])
+        fetches += _cross_key_rows_fetches(factors, x.d0, rolled) if sub else []
+        fetches += [(k_ref, x.d0)] + (_cross_key_scores_fetches(factors, x.d0, rolled) if sub else [])
         x.stream(fetches + [(dy_ref, vt * TILE) for vt in range(n_dv)], staging[:2], staging[2])
     dy_pair, v_pair, tmp = (a_hi, a_lo), (b_hi, b_lo), (c_hi, c_lo)
 
@@ -372,44 +411,51 @@ def _cross_scores(x, q, k, factors, staging, qt, kt):
     out = x.zeros
     for part, p_ref in enumerate((p_re, p_im)):  # static
         _store_split(qt, q * x.get(p_ref, x.d0, staging) * (1.0 - 2.0 * part))
-        for d in (1, 2, 3):
-            _store_split(kt, k * x.get(q_d[2 * (d - 1) + part], x.d0, staging))
-            out = out + jnp.where(x.gap == d, _mm(qt, _t(kt)), 0.0)
+
+        def term(d, out, part=part):
+            x.prefetch_factors(q_d, d, parts=(part,))
+            _store_split(kt, k * x.factor(q_d, d, part, staging))
+            return out + jnp.where(x.gap == d, _mm(qt, _t(kt)), 0.0)
+
+        out = x.over_d(term, out)
     return out
 
 
-def _cross_scores_fetches(factors, d0):
-    """The windows _cross_scores reads, in its order (_Ctx.stream)."""
+def _cross_scores_fetches(factors, d0, rolled):
+    """The windows _cross_scores reads through the stream, in its order (_Ctx.stream); rolled, only P's."""
     p_re, p_im, *q_d = factors
-    return [(z, d0) for part, p in enumerate((p_re, p_im)) for z in (p, *q_d[part::2])]
+    return [(z, d0) for part, p in enumerate((p_re, p_im)) for z in (p, *([] if rolled else q_d[part::2]))]
 
 
-def _cross_query_rows_fetches(factors, d0):
-    """The windows _cross_query_rows reads, in its order."""
-    return [(z, d0) for z in (*factors[2:], *factors[:2])]
+def _cross_query_rows_fetches(factors, d0, rolled):
+    """The windows _cross_query_rows reads through the stream, in its order."""
+    return [(z, d0) for z in (() if rolled else factors[2:]) + tuple(factors[:2])]
 
 
-def _cross_key_rows_fetches(factors, d0):
-    """The windows _cross_key_rows reads, in its order."""
-    return [(z, d0) for z in factors]
+def _cross_key_rows_fetches(factors, d0, rolled):
+    """The windows _cross_key_rows reads through the stream, in its order."""
+    return [(z, d0) for z in (factors[:2] if rolled else factors)]
 
 
-def _cross_key_scores_fetches(factors, d0):
-    """The windows _cross_key_scores reads, in its order."""
-    return [(z, d0) for z in factors[2:]]
+def _cross_key_scores_fetches(factors, d0, rolled):
+    """The windows _cross_key_scores reads through the stream, in its order."""
+    return [] if rolled else [(z, d0) for z in factors[2:]]
 
 
 def _cross_query_rows(x, w, k, factors, staging, wp, kp):
     """(Re, Im) of sum_m W[n, m] k_m Z_nm over the pairs d = 1..3 sub-blocks apart: P_n sum_d W_d (k Q_d), W_d the
     pairs d apart (two real products per d, then one complex scaling by P)."""
     p_re, p_im, *q_d = factors
-    u_re = u_im = x.zeros
-    for d in (1, 2, 3):  # static
+
+    def term(d, u):
+        x.prefetch_factors(q_d, d)
         _store_split(wp, jnp.where(x.gap == d, w, 0.0))
-        _store_split(kp, k * x.get(q_d[2 * d - 2], x.d0, staging))
-        u_re = u_re + _mm(wp, kp)
-        _store_split(kp, k * x.get(q_d[2 * d - 1], x.d0, staging))
-        u_im = u_im + _mm(wp, kp)
+        _store_split(kp, k * x.factor(q_d, d, 0, staging))
+        u_re = u[0] + _mm(wp, kp)
+        _store_split(kp, k * x.factor(q_d, d, 1, staging))
+        return u_re, u[1] + _mm(wp, kp)
+
+    u_re, u_im = x.over_d(term, (x.zeros, x.zeros))
     p_re, p_im = x.get(p_re, x.d0, staging), x.get(p_im, x.d0, staging)
     return p_re * u_re - p_im * u_im, p_im * u_re + p_re * u_im
 
@@ -420,32 +466,37 @@ def _cross_key_rows(x, w_t, q, factors, staging, qp_re, qp_im, tmp):
     p_re, p_im, *q_d = factors
     _store_split(qp_re, q * x.get(p_re, x.d0, staging))
     _store_split(qp_im, q * x.get(p_im, x.d0, staging))
-    dk = yim = x.zeros
-    for d in (1, 2, 3):  # static
-        _store_split(tmp, jnp.where(x.gap == -d, w_t, 0.0))  # rows m, columns n: n's sub-block d after m's
+
+    def term(d, acc):
+        dk, yim = acc
+        x.prefetch_factors(q_d, d)
+        _store_split(tmp, jnp.where(x.gap + d == 0, w_t, 0.0))  # rows m, columns n: n's sub-block d after m's
         v_re, v_im = _mms([(tmp, qp_re)], [(tmp, qp_im)])
-        q_re, q_im = x.get(q_d[2 * d - 2], x.d0, staging), x.get(q_d[2 * d - 1], x.d0, staging)
-        dk, yim = dk + q_re * v_re - q_im * v_im, yim + q_im * v_re + q_re * v_im
-    return dk, yim
+        q_re, q_im = x.factor(q_d, d, 0, staging), x.factor(q_d, d, 1, staging)
+        return dk + q_re * v_re - q_im * v_im, yim + q_im * v_re + q_re * v_im
+
+    return x.over_d(term, (x.zeros, x.zeros))
 
 
 def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp):
     """The transposed scores A^T[m, n] = Re(k_m Q_{d,m} . q_n P_n) of the pairs d = 1..3 sub-blocks apart (for dv),
     from q P as _cross_key_rows left it in qp_re, qp_im."""
     _, _, *q_d = factors
-    a_t = x.zeros
-    for d in (1, 2, 3):  # static
-        _store_split(tmp, k * x.get(q_d[2 * d - 2], x.d0, staging))
+
+    def term(d, a_t):
+        x.prefetch_factors(q_d, d)
+        _store_split(tmp, k * x.factor(q_d, d, 0, staging))
         s = _mm(tmp, _t(qp_re))
-        _store_split(tmp, k * x.get(q_d[2 * d - 1], x.d0, staging))
-        a_t = a_t + jnp.where(x.gap == -d, s - _mm(tmp, _t(qp_im)), 0.0)
-    return a_t
+        _store_split(tmp, k * x.factor(q_d, d, 1, staging))
+        return a_t + jnp.where(x.gap + d == 0, s - _mm(tmp, _t(qp_im)), 0.0)
+
+    return x.over_d(term, x.zeros)
 
 
 def _kernel_gates(lr, th, sub_factors, variant):
     """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped), then, for
     "_subblock", sub_factors (mosaic_gpu_gates.GateFactors.sub)."""
-    _, carry, _, sub, _ = _split_variant(variant)
+    _, carry, _, sub, _, _ = _split_variant(variant)
     return (*(_polar(lr, th) if carry else (lr, th)), *(sub_factors if sub else ()))
 
 
@@ -470,11 +521,11 @@ def _io_staging(io, tma):
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, carry, approx_math, sub, io = _split_variant(variant)
+    pad, carry, approx_math, sub, io, rolled = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
     body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry,
-                             sub=sub, io=io)
+                             sub=sub, io=io, rolled=rolled)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
@@ -488,10 +539,11 @@ def _call(body, out_type, scratch, q, v, opts, *args):
 def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
-    pad, _, _, sub, io = _split_variant(opts[1])
+    pad, _, _, sub, io, rolled = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)),
-        *(_f32_staging() for _ in range(_io_staging(io, tma=2))), plgpu.Barrier(num_barriers=5),
+        *(_f32_staging() for _ in range(_io_staging(io, tma=2) + 2 * rolled)),
+        plgpu.Barrier(num_barriers=5 + 2 * rolled),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
     gates = _kernel_gates(lr, th, sub_factors, opts[1])
@@ -501,10 +553,11 @@ def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
 def _backward_intra(q, k, v, lr, th, dy, sub_factors, *, opts):
     """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
-    pad, _, _, sub, io = _split_variant(opts[1])
+    pad, _, _, sub, io, rolled = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)),
-        *(_f32_staging() for _ in range(_io_staging(io, tma=1))), plgpu.Barrier(num_barriers=3),
+        *(_f32_staging() for _ in range(_io_staging(io, tma=1) + 2 * rolled)),
+        plgpu.Barrier(num_barriers=3 + 2 * rolled),
     )
     per_k = jax.ShapeDtypeStruct((b, tp, h, dkp), jnp.float32)
     out_type = (per_k,) * 4 + (jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32),)
