@@ -455,17 +455,19 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
                                     "kernel_dev"))
     import trace_mosaic_gpu
 
+    from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
+
+    defaults = mosaic_gpu_common.WINDOW_SUMS, mosaic_gpu_gates.GATE_FACTORS
+    methods = "batched_matmul", next(m for m in mosaic_gpu_gates.GATE_FACTOR_METHODS if m != defaults[1])
     trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json",
-                           "--window_sums", "batched_matmul", "--gate_factors", "kernel"])
+                           "--window_sums", methods[0], "--gate_factors", methods[1]])
     result = json.loads((tmp_path / "t.json").read_text())
     (record,) = result["records"]
     assert "error" not in record, record
     assert record["kernels_ms"] == [] and record["total_ms"] == 0.0
-    assert result["window_sums"] == "batched_matmul" and result["gate_factors"] == "kernel"
+    assert (result["window_sums"], result["gate_factors"]) == methods
     # The methods are module settings: the script hands the defaults back to the rest of this process.
-    from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
-
-    assert mosaic_gpu_common.WINDOW_SUMS == "matmul" and mosaic_gpu_gates.GATE_FACTORS == "xla"
+    assert (mosaic_gpu_common.WINDOW_SUMS, mosaic_gpu_gates.GATE_FACTORS) == defaults
 
 
 @needs_mosaic

@@ -10,9 +10,11 @@ And the chunk totals T (b, h, n, k), a plain reduction in XLA.
 Each exponent is a direct sum over its own window (no difference of prefix sums, which cancels catastrophically at
 |a| ~ 1e-6). The kernel forms all of them on the tensor cores: one (64, 64) 0/1 matrix per window times the chunk's
 gates split exactly into three bfloat16 parts (8 + 8 + 8 significant bits: every product with 1 is exact, float32
-accumulation), then e^{.} with full-precision exp / cos / sin. It stands for about 20 XLA fusions (window sums by 0/1
-products, their transposes, the polar forms) between the intra-chunk kernels: it reads the gates once and writes each
-factor once. method="xla" forms the same factors in XLA (mosaic_gpu_common._window_sums); GATE_FACTORS chooses."""
+accumulation), then e^{.}, by default by the special-function units (exp2, sin, cos approximations: relative error
+~1e-7 at the exponents <= 0 and the phases in [-pi, pi] used here, as in the intra-chunk kernels). It stands for about
+20 XLA fusions (window sums by 0/1 products, their transposes, the polar forms) between the intra-chunk kernels: it
+reads the gates once and writes each factor once. method="xla" forms the same factors in XLA
+(mosaic_gpu_common._window_sums); GATE_FACTORS chooses."""
 
 from __future__ import annotations
 
@@ -28,16 +30,16 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, 
 
 GATE_FACTOR_METHODS = ("kernel", "xla")
 # How the op forms them (trace_mosaic_gpu.py --gate_factors compares the two in the op). On an H100 (L = 8192, 32768
-# tokens x 8 heads of 64, bf16, fwd+bwd) the kernel with its windows unrolled took 10.0 ms over its two launches where
-# XLA's forms cost about 2.3 ms; the rolled kernel is not yet measured (experiments/perf_notes.md, "the gate factors
-# in one kernel").
-GATE_FACTORS = "xla"
+# tokens x 8 heads of 64, bf16, fwd+bwd; experiments/perf_notes.md, "the gate factors in one kernel"): 9.17 ms of
+# device time with the kernel (0.70 ms over its two launches) against 10.74 with XLA's forms, in one call.
+GATE_FACTORS = "kernel"
 # How the kernel runs (kernel_dev/bench_gate_factors.py times each): plain loads and stores or TMA ("direct", "tma"),
 # chunks per program, exp / cos / sin by the special-function units or in full precision, the six windows in one loop
-# body or unrolled.
-GATES_IO = "direct"
+# body or unrolled. Alone, at the shape above (H100): 0.43 ms with TMA and approximate math, 0.49 direct, 1.90 in full
+# precision (its inlined library calls are the cost), XLA's forms 1.39.
+GATES_IO = "tma"
 GATES_PER_PROGRAM = 1
-GATES_APPROX_MATH = False
+GATES_APPROX_MATH = True
 GATES_LOOP = "rolled"
 
 # The windows of the kernel's sums, in its output order: rows s counted towards row c when s > c ("after") or s <= c,

@@ -42,10 +42,11 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, 
 # "_stream" issues every fetch two windows ahead from a list the kernel declares (_Ctx.stream) and leaves its stores in
 # flight; "_direct" loads and stores between registers and global memory with no staging at all, so that with
 # sub-blocks (16 zero pad rows, pad rows of TILE + 4) each kernel's shared memory fits twice in an SM.
-# "_rolled" (after "_stream"): the products across sub-blocks (d = 1..3) in a loop over d rather than written out
-# three times, their factor tiles fetched at the top of each pass into two tiles of their own: the products are
-# about 60% of the backward kernel's code (its lowered MLIR on CPU), and a program runs its code straight through
-# once, so less code is fewer instruction fetches from L2 per program.
+# "_rolled" (after "_stream"): the backward kernel's products across sub-blocks (d = 1..3) in a loop over d rather
+# than written out three times, their factor tiles fetched at the top of each pass into two tiles of their own. Those
+# products take 2.7 of the backward kernel's 4.2 ms on the H100 (bench_backward_kernel.py: the kernel without them)
+# and 60% of its code; rolled, the kernel has a third less code and took 3.58 ms against 4.19 (same call). The
+# forward kernel keeps its six products written out: rolled, it took 0.76 ms against 0.65.
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
@@ -264,17 +265,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
     them (VARIANTS: log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 sub-block factors
     (mosaic_gpu_gates).
     The staging tiles after the bf16 ones, by io (_io_staging): "tma" two, "stream" three (the fetches run ahead,
-    _Ctx.stream), "direct" none; then, rolled, the two of the loop over d."""
+    _Ctx.stream), "direct" none. rolled: the backward kernel's (VARIANTS); the products here stay written out."""
+    del rolled
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     y_ref, kpad, lrpad, thpad, a_hi, a_lo, b_hi, b_lo, *staging, bars = refs
-    staging, loop_staging = (staging[:-2], staging[-2:]) if rolled else (staging, ())
     g1, g2 = staging[:2] if staging else (None, None)
     c = CHUNK
-    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub), loop_staging, loop_bar=5)
+    x = _Ctx(bars, h, n_chunks, pad, carry, io, _zero_rows(sub))
     z = x.z
     if io == "stream":
         fetches = [(k_ref, x.d0), (lr_ref, x.d0), (th_ref, x.d0), (q_ref, x.d0)]
-        fetches += _cross_scores_fetches(factors, x.d0, rolled) if sub else []
+        fetches += _cross_scores_fetches(factors, x.d0) if sub else []
         x.stream(fetches + [(v_ref, vt * TILE) for vt in range(n_dv)], (g1, g2), staging[2])
     # The z rows above the chunk stay zero: the shifted reads of the diagonals land there for rows n < delta.
     x.fill_pads((k_ref, lr_ref, th_ref), (kpad, lrpad, thpad), z, 0, g1)
@@ -421,10 +422,10 @@ def _cross_scores(x, q, k, factors, staging, qt, kt):
     return out
 
 
-def _cross_scores_fetches(factors, d0, rolled):
-    """The windows _cross_scores reads through the stream, in its order (_Ctx.stream); rolled, only P's."""
+def _cross_scores_fetches(factors, d0):
+    """The windows _cross_scores reads, in its order (_Ctx.stream)."""
     p_re, p_im, *q_d = factors
-    return [(z, d0) for part, p in enumerate((p_re, p_im)) for z in (p, *([] if rolled else q_d[part::2]))]
+    return [(z, d0) for part, p in enumerate((p_re, p_im)) for z in (p, *q_d[part::2])]
 
 
 def _cross_query_rows_fetches(factors, d0, rolled):
@@ -539,11 +540,10 @@ def _call(body, out_type, scratch, q, v, opts, *args):
 def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
-    pad, _, _, sub, io, rolled = _split_variant(opts[1])
+    pad, _, _, sub, io, _ = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)),
-        *(_f32_staging() for _ in range(_io_staging(io, tma=2) + 2 * rolled)),
-        plgpu.Barrier(num_barriers=5 + 2 * rolled),
+        *(_f32_staging() for _ in range(_io_staging(io, tma=2))), plgpu.Barrier(num_barriers=5),
     )
     out_type = jax.ShapeDtypeStruct((dkp // TILE, b, tp, h, v.shape[-1]), jnp.float32)
     gates = _kernel_gates(lr, th, sub_factors, opts[1])
