@@ -104,7 +104,7 @@ def test_extreme_gates_carried_state_several_chunks(gate_factors, monkeypatch):
 
 @needs_mosaic
 @pytest.mark.parametrize("variant", ["padded_subblock", "padded_subblock_stream", "padded_subblock_direct",
-                                     "padded_subblock_stream_rolled"])
+                                     "padded_subblock_stream_rolled", "padded_subblock_stream_rolled_paired"])
 def test_subblock_extreme_gates_carried_state(variant):
     """The "_subblock" variants (diagonals within 16-row sub-blocks, the other pairs as products of factored decays;
     "_stream": the fetches run ahead): all four gate regimes over three chunks, so every sub-block distance d = 1..3
@@ -126,7 +126,7 @@ def test_mixed_widths_of_a_variant(variant):
 
 @needs_mosaic
 @pytest.mark.parametrize("variant", ["padded_stream", "padded_subblock_stream", "padded_subblock_direct",
-                                     "padded_subblock_stream_rolled"])
+                                     "padded_subblock_stream_rolled", "padded_subblock_stream_rolled_paired"])
 def test_kernels_have_no_races(variant, monkeypatch):
     """The interpreter's happens-before race detector over each kernel of a variant, run alone (its verdict is per
     kernel): the forward and backward intra-chunk kernels with their fetches two ahead and their stores left in flight

@@ -46,25 +46,31 @@ from gateloop_jax.ops.mosaic_gpu_common import (CHUNK, SUB, TILE, _f32_staging, 
 # than written out three times, their factor tiles fetched at the top of each pass into two tiles of their own. Those
 # products take 2.7 of the backward kernel's 4.2 ms on the H100 (bench_backward_kernel.py: the kernel without them)
 # and 60% of its code; rolled, the kernel has a third less code and took 3.58 ms against 4.19 (same call). The
-# forward kernel keeps its six products written out: rolled, it took 0.76 ms against 0.65.
+# forward kernel keeps its six products written out: rolled, it took 0.76 ms against 0.65. "_paired" (after
+# "_rolled"): the two products of each pass that the code issued one after the other, each waited on, issued under
+# one wait: in the query rows W_d (k Re Q_d) and W_d (k Im Q_d) (k Im Q_d split into the third bf16 pair, free then),
+# in the transposed scores (k Re Q_d)(q Re P)^T - (k Im Q_d)(q Im P)^T as one sum (a fourth pair, 16 KB more shared
+# memory).
 PAD_LAYOUTS = ("padded", "dense", "swizzled")
 VARIANTS = tuple(f"{pad}{carry}{exact}" for pad in PAD_LAYOUTS for carry in ("", "_carry") for exact in ("", "_exact"))
 VARIANTS += ("padded_subblock", "padded_carry_subblock", "padded_subblock_exact", "padded_scan", "padded_subblock_scan",
-             "padded_stream", "padded_subblock_stream", "padded_subblock_direct", "padded_subblock_stream_rolled")
+             "padded_stream", "padded_subblock_stream", "padded_subblock_direct", "padded_subblock_stream_rolled",
+             "padded_subblock_stream_rolled_paired")
 _PAD_GAP = 8  # float32 columns after each pad row ("padded")
 
 
 def _split_variant(variant):
-    """-> (pad layout, carry, approx_math, sub-blocks, io, rolled). io: how the intra-chunk kernels move their tiles,
-    "tma" (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches issued two
-    windows ahead, stores left in flight) or "direct" ("_direct": plain loads and stores between registers and
-    global memory, no staging: less shared memory, so two programs per SM with sub-blocks). rolled: the products
-    across sub-blocks in a loop over the distance d ("_rolled")."""
+    """-> (pad layout, carry, approx_math, sub-blocks, io, rolled, paired). io: how the intra-chunk kernels move their
+    tiles, "tma" (each fetch and store through a staging tile, waited on at once), "stream" ("_stream": fetches
+    issued two windows ahead, stores left in flight) or "direct" ("_direct": plain loads and stores between registers
+    and global memory, no staging: less shared memory, so two programs per SM with sub-blocks). rolled: the
+    backward's products across sub-blocks in a loop over the distance d ("_rolled"); paired: two of them under one
+    wait ("_paired")."""
     if variant not in VARIANTS:
         raise ValueError(f"gateloop_mosaic_gpu: variant={variant!r} is not one of {VARIANTS}")
     io = "stream" if "_stream" in variant else "direct" if "_direct" in variant else "tma"
     return (variant.split("_")[0], "_carry" in variant, "_exact" not in variant, "_subblock" in variant, io,
-            variant.endswith("_rolled"))
+            "_rolled" in variant, "_paired" in variant)
 
 
 class _Ctx:
@@ -259,14 +265,16 @@ class _Ctx:
         return jax.lax.shift_right_arithmetic(self.rows, 4) - jax.lax.shift_right_arithmetic(self.cols, 4)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io, rolled):
+def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io, rolled,
+                    paired):
     """One chunk's intra-chunk output sum_{m <= n} S[n, m] v_m (pallas_mosaic_gpu's docstring) from one d_qk tile,
     every d_v tile (the scores, the costly part, are formed once). lr_ref, th_ref: the gates as the decay form takes
     them (VARIANTS: log|a| and arg a, or Re a and Im a); with sub, refs starts with the 8 sub-block factors
     (mosaic_gpu_gates).
     The staging tiles after the bf16 ones, by io (_io_staging): "tma" two, "stream" three (the fetches run ahead,
-    _Ctx.stream), "direct" none. rolled: the backward kernel's (VARIANTS); the products here stay written out."""
-    del rolled
+    _Ctx.stream), "direct" none. rolled, paired: the backward kernel's (VARIANTS); the products here stay as they
+    are."""
+    del rolled, paired
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     y_ref, kpad, lrpad, thpad, a_hi, a_lo, b_hi, b_lo, *staging, bars = refs
     g1, g2 = staging[:2] if staging else (None, None)
@@ -301,7 +309,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, lr_ref, th_ref, *refs, h, n_chunks, n_d
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_chunks, n_dv, pad, carry, sub, io,
-                     rolled):
+                     rolled, paired):
     """One chunk's intra-chunk terms of the backward from one d_qk tile (W = dy v^T over all of d_v, Z_nm =
     e^{(G_n - G_m) + i(Phi_n - Phi_m)}, m < n; the m = n terms are added in XLA), in three phases:
       query rows n: sum_m W[n, m] k_m Z_nm -> its real part (dq) and imaginary part;
@@ -314,10 +322,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     with the 8 sub-block factors (mosaic_gpu_gates): the diagonals stay within sub-blocks, the other pairs are products
     (_cross_query_rows, _cross_key_rows, _cross_key_scores). The staging tiles after the bf16 ones, by io (_io_staging):
     "tma" one, "stream" three (the fetches run ahead, _Ctx.stream), "direct" none; then, rolled, the two of the loop
-    over d."""
+    over d. paired: a fourth bf16 pair after the three."""
     factors, refs = (refs[:8], refs[8:]) if sub else ((), refs)
     dq_ref, xim_ref, dk_ref, yim_ref, dv_ref, xpad, lrpad, thpad, *refs = refs
     a_hi, a_lo, b_hi, b_lo, c_hi, c_lo, *staging, bars = refs
+    fourth, staging = (tuple(staging[:2]), staging[2:]) if paired else (None, staging)
     staging, loop_staging = (staging[:-2], staging[-2:]) if rolled else (staging, ())
     g1 = staging[0] if staging else None
     n_walk = SUB if sub else CHUNK
@@ -348,7 +357,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     x.fill_pads((k_ref, lr_ref, th_ref), (xpad, lrpad, thpad), z, 0, g1)
     dq = xim = x.zeros
     if sub:
-        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, z), factors, g1, dy_pair, v_pair)
+        dq, xim = _cross_query_rows(x, w, x.shifted(xpad, z), factors, g1, dy_pair, v_pair, tmp if paired else None)
         w = jnp.where(x.gap == 0, w, 0.0)
 
     def query_offset(delta, loop):
@@ -387,7 +396,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, dy_ref, lr_ref, th_ref, *refs, h, n_ch
     k = x.get(k_ref, x.d0, g1)
     a_t = jnp.where(x.rows == x.cols, x.bcast(jnp.sum(x.shifted(xpad, 0) * k, axis=1)), 0.0)  # m = n
     if sub:
-        _store_split(v_pair, _cross_key_scores(x, k, factors, g1, dy_pair, v_pair, tmp))
+        _store_split(v_pair, _cross_key_scores(x, k, factors, g1, dy_pair, v_pair, tmp, fourth))
 
     def score_offset(delta, loop):
         state, a_t = loop
@@ -443,15 +452,20 @@ def _cross_key_scores_fetches(factors, d0, rolled):
     return [] if rolled else [(z, d0) for z in factors[2:]]
 
 
-def _cross_query_rows(x, w, k, factors, staging, wp, kp):
+def _cross_query_rows(x, w, k, factors, staging, wp, kp, kp_im=None):
     """(Re, Im) of sum_m W[n, m] k_m Z_nm over the pairs d = 1..3 sub-blocks apart: P_n sum_d W_d (k Q_d), W_d the
-    pairs d apart (two real products per d, then one complex scaling by P)."""
+    pairs d apart (two real products per d, then one complex scaling by P). kp_im: a pair for k Im Q_d, so the two
+    products go under one wait ("_paired")."""
     p_re, p_im, *q_d = factors
 
     def term(d, u):
         x.prefetch_factors(q_d, d)
         _store_split(wp, jnp.where(x.gap == d, w, 0.0))
         _store_split(kp, k * x.factor(q_d, d, 0, staging))
+        if kp_im is not None:
+            _store_split(kp_im, k * x.factor(q_d, d, 1, staging))
+            u_re, u_im = _mms([(wp, kp)], [(wp, kp_im)])
+            return u[0] + u_re, u[1] + u_im
         u_re = u[0] + _mm(wp, kp)
         _store_split(kp, k * x.factor(q_d, d, 1, staging))
         return u_re, u[1] + _mm(wp, kp)
@@ -479,14 +493,19 @@ def _cross_key_rows(x, w_t, q, factors, staging, qp_re, qp_im, tmp):
     return x.over_d(term, (x.zeros, x.zeros))
 
 
-def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp):
+def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp, tmp_im=None):
     """The transposed scores A^T[m, n] = Re(k_m Q_{d,m} . q_n P_n) of the pairs d = 1..3 sub-blocks apart (for dv),
-    from q P as _cross_key_rows left it in qp_re, qp_im."""
+    from q P as _cross_key_rows left it in qp_re, qp_im. tmp_im: a pair for -k Im Q_d, so the two products are one
+    sum under one wait ("_paired")."""
     _, _, *q_d = factors
 
     def term(d, a_t):
         x.prefetch_factors(q_d, d)
         _store_split(tmp, k * x.factor(q_d, d, 0, staging))
+        if tmp_im is not None:
+            _store_split(tmp_im, -k * x.factor(q_d, d, 1, staging))
+            s, = _mms([(tmp, _t(qp_re)), (tmp_im, _t(qp_im))])
+            return a_t + jnp.where(x.gap + d == 0, s, 0.0)
         s = _mm(tmp, _t(qp_re))
         _store_split(tmp, k * x.factor(q_d, d, 1, staging))
         return a_t + jnp.where(x.gap + d == 0, s - _mm(tmp, _t(qp_im)), 0.0)
@@ -497,7 +516,7 @@ def _cross_key_scores(x, k, factors, staging, qp_re, qp_im, tmp):
 def _kernel_gates(lr, th, sub_factors, variant):
     """The gates as the kernels' decay form takes them (VARIANTS: "_carry" wants Re a, Im a; th wrapped), then, for
     "_subblock", sub_factors (mosaic_gpu_gates.GateFactors.sub)."""
-    _, carry, _, sub, _, _ = _split_variant(variant)
+    _, carry, _, sub, _, _, _ = _split_variant(variant)
     return (*(_polar(lr, th) if carry else (lr, th)), *(sub_factors if sub else ()))
 
 
@@ -522,11 +541,11 @@ def _io_staging(io, tma):
 
 def _call(body, out_type, scratch, q, v, opts, *args):
     interpret, variant = opts
-    pad, carry, approx_math, sub, io, rolled = _split_variant(variant)
+    pad, carry, approx_math, sub, io, rolled, paired = _split_variant(variant)
     b, tp, h, dkp = q.shape
     grid = (b * h * (tp // CHUNK), dkp // TILE)
     body = functools.partial(body, h=h, n_chunks=tp // CHUNK, n_dv=v.shape[-1] // TILE, pad=pad, carry=carry,
-                             sub=sub, io=io, rolled=rolled)
+                             sub=sub, io=io, rolled=rolled, paired=paired)
     # approx_math: exp2 / sin / cos by the special-function units (relative error ~1e-7 at the [-pi, pi] phases and
     # exponents <= 0 used here); the interpreter computes them exactly.
     semantics = plgpu.LoweringSemantics.Warpgroup if pad == "swizzled" else plgpu.LoweringSemantics.Lane
@@ -540,7 +559,7 @@ def _call(body, out_type, scratch, q, v, opts, *args):
 def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
     """The forward kernel: the intra-chunk part of y (b, t, h, v), every (chunk, tile) an independent program."""
     b, tp, h, dkp = q.shape
-    pad, _, _, sub, io, _ = _split_variant(opts[1])
+    pad, _, _, sub, io, _, _ = _split_variant(opts[1])
     scratch = (
         *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(4)),
         *(_f32_staging() for _ in range(_io_staging(io, tma=2))), plgpu.Barrier(num_barriers=5),
@@ -553,9 +572,9 @@ def _forward_intra(q, k, v, lr, th, sub_factors, *, opts):
 def _backward_intra(q, k, v, lr, th, dy, sub_factors, *, opts):
     """The backward kernel: the intra-chunk coefficients dq, Im Dq, dk, Im Dk (b, t, h, k) and dv (b, t, h, v)."""
     b, tp, h, dkp = q.shape
-    pad, _, _, sub, io, rolled = _split_variant(opts[1])
+    pad, _, _, sub, io, rolled, paired = _split_variant(opts[1])
     scratch = (
-        *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(6)),
+        *(_pad_smem(pad, sub, io) for _ in range(3)), *(_swizzled_bf16(CHUNK, TILE) for _ in range(6 + 2 * paired)),
         *(_f32_staging() for _ in range(_io_staging(io, tma=1) + 2 * rolled)),
         plgpu.Barrier(num_barriers=3 + 2 * rolled),
     )
