@@ -136,7 +136,7 @@ def test_kernels_have_no_races(variant, monkeypatch):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     from gateloop_jax.ops.mosaic_gpu_common import plgpu
-    from gateloop_jax.ops.mosaic_gpu_gates import gate_factors
+    from gateloop_jax.ops.mosaic_gpu_gates import gate_factors, gate_grad_sums
 
     monkeypatch.setattr(plgpu, "InterpretGPUParams", functools.partial(plgpu.InterpretGPUParams, detect_races=True))
     q, k, v, log_r, theta, _, dy, _ = _inputs(np.random.default_rng(3), 1, 2 * pm.CHUNK, 1, 64, 64)
@@ -147,6 +147,7 @@ def test_kernels_have_no_races(variant, monkeypatch):
     sub_factors = pm._gate_factors(lr, th, opts).sub
     kernels = {
         "gate factors": lambda: gate_factors(lr, th, sub=True, interpret=True, method="kernel"),
+        "gate-gradient sums": lambda: gate_grad_sums(q, k, q, k, q, k, q, k, interpret=True, method="kernel"),
         "forward": lambda: pm._forward_intra(q, k, v, lr, th, sub_factors, opts=opts),
         "backward": lambda: pm._backward_intra(q, k, v, lr, th, jnp.asarray(dy), sub_factors, opts=opts),
         "state pass": lambda: pm._state_pass(q, k, k, q, v, t, t, h0re, h0im, opts=opts),
@@ -303,6 +304,56 @@ def test_gate_factors_match_float64_window_sums(method):
     assert np.max(np.abs(np.asarray(g.t_re) + 1j * np.asarray(g.t_im) - want)) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["kernel", "xla"])
+def test_gate_grad_sums_match_float64(method):
+    """mosaic_gpu_gates.gate_grad_sums (the backward's per-row sums of the gate gradients' terms: from the row to the
+    chunk end for the query side, before the row for the key side) against float64 sums of the same float32 inputs,
+    which span 1e-6 to 1e3 in magnitude with both signs, over two chunks. Each output is a direct float32 sum over its
+    own rows (the kernel splits each term exactly into three bf16 parts), so the error is the float32 rounding of the
+    terms and of at most 64 additions: 3 * 64 roundings of the absolute terms' sum bound it. A window one row too long
+    or short is off by about one term, far above the bound."""
+    if method == "kernel" and pm.unavailable_reason() is not None:
+        pytest.skip(str(pm.unavailable_reason()))
+    from gateloop_jax.ops.mosaic_gpu_gates import gate_grad_sums
+
+    rng = np.random.default_rng(13)
+    shape = (2, 128, 1, 64)
+    arrays = [(rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 3, shape)).astype(np.float32) for _ in range(8)]
+    got = gate_grad_sums(*(jnp.asarray(x) for x in arrays), interpret=True, method=method)
+    q, k, dq, dk_in, dk_f, xim, yim_in, yim_f = (x.astype(np.float64).reshape(2, 2, 64, 1, 64) for x in arrays)
+    rows = np.arange(64)
+    from_row = (rows[None, :] >= rows[:, None]).astype(np.float64)  # [c, s]: s >= c
+    before_row = (rows[None, :] < rows[:, None]).astype(np.float64)  # s < c
+
+    def window(m, z):
+        return np.einsum("cs,bnshk->bnchk", m, z)
+
+    terms = {"dlog_r": (q * dq - k * dk_in, k * dk_f), "dtheta": (k * yim_in - q * xim, -k * yim_f)}
+    for (name, (after, before)), out in zip(terms.items(), got):
+        want = window(from_row, after) + window(before_row, before)
+        bound = 3 * 64 * 2.0**-24 * (window(from_row, np.abs(after)) + window(before_row, np.abs(before)))
+        err = np.abs(np.asarray(out, np.float64).reshape(want.shape) - want)
+        assert np.all(err <= bound), (name, np.max(err / bound))
+
+
+@needs_mosaic
+def test_op_with_gate_grad_sums_kernel(monkeypatch):
+    """The op (y, final state, every gradient) against the float64 oracle with the gate-gradient sums by the kernel
+    (mosaic_gpu_gates.GATE_GRAD_SUMS): all four gate regimes, three chunks, a carried state; and it lowers for CUDA."""
+    from gateloop_jax.ops import mosaic_gpu_gates
+
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "kernel")
+    _check(_inputs(np.random.default_rng(17), 4, 131, 1, 32, 32))
+    q = jnp.zeros((1, 64, 1, 32), jnp.float32)
+
+    def grads(q, lr):
+        return jax.grad(lambda q, lr: jnp.sum(pm.gateloop_mosaic_gpu(q, q, q, lr, lr, None, interpret=False)[0]),
+                        argnums=(0, 1))(q, lr)
+
+    text = jax.jit(grads).trace(q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gateloop_gate_grad_sums" in text
+
+
 def test_segment_count_cuts_the_chain_where_sms_sit_idle():
     """The state pass's segments (mosaic_gpu_state_pass._segment_count): none where the chains fill the SMs (a
     training batch) or the length has no divisor giving segments of MIN_SEGMENT chunks; at the benchmark shape (4 x
@@ -457,17 +508,21 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
 
     from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
 
-    defaults = mosaic_gpu_common.WINDOW_SUMS, mosaic_gpu_gates.GATE_FACTORS
-    methods = "batched_matmul", next(m for m in mosaic_gpu_gates.GATE_FACTOR_METHODS if m != defaults[1])
+    def settings():
+        return mosaic_gpu_common.WINDOW_SUMS, mosaic_gpu_gates.GATE_FACTORS, mosaic_gpu_gates.GATE_GRAD_SUMS
+
+    defaults = settings()
+    methods = ("batched_matmul", *(next(m for m in choices if m != default) for choices, default in zip(
+        (mosaic_gpu_gates.GATE_FACTOR_METHODS, mosaic_gpu_gates.GATE_GRAD_SUM_METHODS), defaults[1:])))
     trace_mosaic_gpu.main(["--smoke", "--variants", "padded", "--out", str(tmp_path), "--json", "t.json",
-                           "--window_sums", methods[0], "--gate_factors", methods[1]])
+                           "--window_sums", methods[0], "--gate_factors", methods[1], "--gate_grad_sums", methods[2]])
     result = json.loads((tmp_path / "t.json").read_text())
     (record,) = result["records"]
     assert "error" not in record, record
     assert record["kernels_ms"] == [] and record["total_ms"] == 0.0
-    assert (result["window_sums"], result["gate_factors"]) == methods
+    assert (result["window_sums"], result["gate_factors"], result["gate_grad_sums"]) == methods
     # The methods are module settings: the script hands the defaults back to the rest of this process.
-    assert (mosaic_gpu_common.WINDOW_SUMS, mosaic_gpu_gates.GATE_FACTORS) == defaults
+    assert settings() == defaults
 
 
 @needs_mosaic

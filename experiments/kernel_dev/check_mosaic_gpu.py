@@ -49,6 +49,8 @@ def main(argv=None):
                    help="fwd+bwd timing: 4 x L tokens, 8 heads of 64, bf16 (0: none)")
     p.add_argument("--racecheck", action="store_true", help="one tiny fwd+bwd per variant, no checks")
     p.add_argument("--interpret", action="store_true", help="Mosaic GPU's interpret mode (CPU smoke test)")
+    p.add_argument("--gate_grad_sums", default=None, choices=("kernel", "xla"),
+                   help="how the backward's gate-gradient sums are formed (mosaic_gpu_gates.GATE_GRAD_SUMS)")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -56,7 +58,11 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
+    from gateloop_jax.ops import mosaic_gpu_gates
     from gateloop_jax.ops import pallas_mosaic_gpu as pm
+
+    # A module setting for the rest of this process (the script runs alone).
+    mosaic_gpu_gates.GATE_GRAD_SUMS = args.gate_grad_sums or mosaic_gpu_gates.GATE_GRAD_SUMS
 
     variants = [v for arg in args.variants for v in arg.split(",") if v]
     for v in variants:

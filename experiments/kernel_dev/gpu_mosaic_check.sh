@@ -19,6 +19,8 @@
 #   PARTS=gates OUT=... bash ...           # the gate-factor kernel alone by form, then the op with its fastest exact
 #                                          # form and with XLA's factors (~3 minutes)
 #   PARTS=rolled OUT=... bash ...          # the "_rolled" variant beside the default: device time per kernel, accuracy
+#   PARTS=gate_grads OUT=... bash ...      # the backward's gate-gradient sums by kernel and by XLA in the op, then the
+#                                          # op's accuracy with the kernel (~3 minutes)
 #   PARTS=backward_kernel OUT=... bash ... # the backward kernel alone, whole and by part, with ptxas (~3 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
@@ -189,6 +191,22 @@ if want rolled; then
     timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --variants padded_subblock_stream_rolled --rest '' \
         --bench_length 0 --budget_s 70 --out "$OUT/rolled_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 \
         | tee -a "$OUT/log.txt"
+fi
+
+# (1k) The backward's gate-gradient sums by the kernel (mosaic_gpu_gates.GATE_GRAD_SUMS) beside XLA's: the op's
+# device time per kernel with each, then the op's accuracy with the kernel at d = 32 and 64 (~3 minutes).
+if want gate_grads; then
+    for method in kernel xla; do
+        log "gate-gradient sums: $method"
+        timeout 100 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L8192_grads_$method.json" \
+            --variants "$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')" --length 8192 \
+            --gate_grad_sums $method > "$OUT/trace_grads_$method.txt" 2>&1
+        grep -A10 "ms of device" "$OUT/trace_grads_$method.txt" | tee -a "$OUT/log.txt"
+    done
+    log "gate-gradient sums: accuracy with the kernel"
+    timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
+        --variants padded_subblock_stream_rolled --rest '' --bench_length 0 --budget_s 70 \
+        --out "$OUT/gate_grads_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.

@@ -99,6 +99,8 @@ def main(argv=None):
                     help="how the within-chunk sums are formed (mosaic_gpu_common.WINDOW_SUMS)")
     ap.add_argument("--gate_factors", default=None, choices=mgg.GATE_FACTOR_METHODS,
                     help="how the gates' decay factors are formed (mosaic_gpu_gates.GATE_FACTORS)")
+    ap.add_argument("--gate_grad_sums", default=None, choices=mgg.GATE_GRAD_SUM_METHODS,
+                    help="how the backward's gate-gradient sums are formed (mosaic_gpu_gates.GATE_GRAD_SUMS)")
     ap.add_argument("--gates_form", default=None,
                     help="the gate-factor kernel's settings by a form of bench_gate_factors.py (EXACT_FORMS)")
     ap.add_argument("--hlo", action="store_true", help="also write each variant's compiled HLO text under --out")
@@ -109,12 +111,13 @@ def main(argv=None):
     if args.smoke:
         args.length, args.tokens, args.heads, args.d_head, args.calls = 64, 64, 1, 32, 1
     os.makedirs(args.out, exist_ok=True)
-    defaults = mgc.WINDOW_SUMS, mgg.GATE_FACTORS
+    defaults = mgc.WINDOW_SUMS, mgg.GATE_FACTORS, mgg.GATE_GRAD_SUMS
     mgc.WINDOW_SUMS = args.window_sums or mgc.WINDOW_SUMS
     mgg.GATE_FACTORS = args.gate_factors or mgg.GATE_FACTORS
+    mgg.GATE_GRAD_SUMS = args.gate_grad_sums or mgg.GATE_GRAD_SUMS
     gates_saved = bench_gate_factors.apply_form(args.gates_form) if args.gates_form else None
     result = {"env": bc.env_record(), "window_sums": mgc.WINDOW_SUMS, "gate_factors": mgg.GATE_FACTORS,
-              "gates_form": args.gates_form, "records": []}
+              "gate_grad_sums": mgg.GATE_GRAD_SUMS, "gates_form": args.gates_form, "records": []}
     try:
         for variant in [x for x in args.variants.split(",") if x]:
             try:
@@ -125,7 +128,7 @@ def main(argv=None):
                 print(f"  {variant}: {e!r}"[:500], flush=True)
             bc.write_json(os.path.join(args.out, args.json), result)
     finally:  # the methods are module settings: a caller in the same process (a test) gets its own back
-        mgc.WINDOW_SUMS, mgg.GATE_FACTORS = defaults
+        mgc.WINDOW_SUMS, mgg.GATE_FACTORS, mgg.GATE_GRAD_SUMS = defaults
         if gates_saved is not None:
             bench_gate_factors.restore_form(gates_saved)
     print(f"wrote {os.path.join(args.out, args.json)}")

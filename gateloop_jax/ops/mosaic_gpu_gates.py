@@ -249,3 +249,91 @@ def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_pr
                         scratch_types=scratch, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else False,
                         kernel_name="gateloop_gate_factors")(lr, th)
+
+
+# The backward's gate-gradient sums (pallas_mosaic_gpu._backward): per chunk, each row j's dlog|a| and darg a are sums
+# over the rows whose decay crosses step j, from at or after j for the query-side terms and before j for the
+# key-side ones (so no term is added and later cancelled). "xla" forms them by _window_sums (each a transpose, a 0/1
+# gemm and a transpose back around its producers); "kernel" (_gate_grad_sums_kernel) reads the eight arrays they are
+# made of once and sums on the tensor cores as above. Timed in the op by trace_mosaic_gpu.py --gate_grad_sums.
+GATE_GRAD_SUM_METHODS = ("kernel", "xla")
+GATE_GRAD_SUMS = "xla"
+
+
+def gate_grad_sums(q, k, dq, dk_in, dk_f, xim, yim_in, yim_f, *, interpret, method=None):
+    """-> (dlog_r, dtheta) without the chunk-start terms, float32 (b, t, h, k), every array (b, t, h, k) float32 with t
+    and k multiples of 64:
+      dlog_r_j = sum_{n >= j} (q dq - k dk_in)_n + sum_{m < j} (k dk_f)_m,
+      dtheta_j = sum_{n >= j} (k yim_in - q xim)_n - sum_{m < j} (k yim_f)_m,
+    each sum within j's chunk. method (default GATE_GRAD_SUMS): "kernel" (Mosaic GPU; interpret: its GPU interpret
+    mode) or "xla"."""
+    method = GATE_GRAD_SUMS if method is None else method
+    if method not in GATE_GRAD_SUM_METHODS:
+        raise ValueError(f"gate_grad_sums: method={method!r} is not one of {GATE_GRAD_SUM_METHODS}")
+    if method == "kernel":
+        return _gate_grad_sums_kernel(q, k, dq, dk_in, dk_f, xim, yim_in, yim_f, interpret=interpret)
+    b, tp, h, dkp = q.shape
+
+    def sums(z, reverse):
+        z = _window_sums(z.reshape(b, tp // CHUNK, CHUNK, h, dkp), 2, reverse=reverse, inclusive=reverse)
+        return z.reshape(b, tp, h, dkp)
+
+    dlr = sums(q * dq - k * dk_in, True) + sums(k * dk_f, False)
+    dth = sums(k * yim_in - q * xim, True) - sums(k * yim_f, False)
+    return dlr, dth
+
+
+def _gate_grads_kernel(q_ref, k_ref, dq_ref, dkin_ref, dkf_ref, xim_ref, yimin_ref, yimf_ref, dlr_ref, dth_ref, *refs,
+                       h, n_chunks):
+    """One (batch x head x chunk, d_qk tile): the suffix and prefix windows' 0/1 matrices times the three exact bf16
+    parts of each sum's terms, dlog|a| then darg a, one accumulator each."""
+    suffix, prefix, *parts = refs
+    wg = plgpu.Layout.WGMMA
+    pid = jax.lax.axis_index("bhc")
+    bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
+    cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
+
+    def tile(ref):
+        return plgpu.load(ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols], layout=wg, optimized=False)
+
+    out_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg)
+    in_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg)
+    one = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg)
+    zero = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg)
+    # s >= c (from the row on) and s < c (the rows before): the windows of the query-side and key-side terms.
+    suffix[...] = jnp.where(in_row >= out_row, one, zero).astype(jnp.bfloat16)
+    prefix[...] = jnp.where(in_row < out_row, one, zero).astype(jnp.bfloat16)
+    q, k = tile(q_ref), tile(k_ref)
+    terms = ((dlr_ref, lambda: (q * tile(dq_ref) - k * tile(dkin_ref), k * tile(dkf_ref))),
+             (dth_ref, lambda: (k * tile(yimin_ref) - q * tile(xim_ref), -(k * tile(yimf_ref)))))
+    for out_ref, make in terms:  # static: dlog|a|, then darg a
+        after, before = make()
+        plgpu.commit_smem()  # every thread is done with the parts' last products (wgmma_wait below)
+        _store_split(parts[:3], after)
+        _store_split(parts[3:], before)
+        plgpu.commit_smem()  # the parts (and, the first time, the matrices) visible to the tensor cores
+
+        def sums(acc):
+            for part in parts[:3]:
+                plgpu.wgmma(acc, suffix, part)
+            for part in parts[3:]:
+                plgpu.wgmma(acc, prefix, part)
+            plgpu.wgmma_wait(0)
+            return acc[...]
+
+        out_ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols][...] = pl.run_scoped(
+            sums, plgpu.ACC((CHUNK, TILE), jnp.float32))
+
+
+def _gate_grad_sums_kernel(*arrays, interpret):
+    """gate_grad_sums by _gate_grads_kernel: one program per (batch x head x chunk, d_qk tile), plain loads and
+    stores, approximate nothing (sums only)."""
+    b, tp, h, dkp = arrays[0].shape
+    n = tp // CHUNK
+    out_type = (jax.ShapeDtypeStruct(arrays[0].shape, jnp.float32),) * 2
+    scratch = tuple(_swizzled_bf16(CHUNK, TILE) for _ in range(8))  # two 0/1 matrices, 3 parts of each window's terms
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+    return plgpu.kernel(functools.partial(_gate_grads_kernel, h=h, n_chunks=n), out_type=out_type,
+                        grid=(b * h * n, dkp // TILE), grid_names=("bhc", "dk"), scratch_types=scratch,
+                        compiler_params=params, interpret=plgpu.InterpretGPUParams() if interpret else False,
+                        kernel_name="gateloop_gate_grad_sums")(*arrays)

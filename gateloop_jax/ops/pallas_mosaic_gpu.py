@@ -28,7 +28,8 @@ other inter-chunk terms are batched products in XLA. The VJP saves only the oper
 rebuilds the padded copies and the chunk-start states (t / 64 x d_qk x d_v complex per head) in the backward
 (`_core_bwd`). dlog|a| and darg a follow from those coefficients (y depends on the gates only through q e^{G + i Phi},
 k e^{-G - i Phi} and the chunk's end factors), each term summed over the positions whose decay it crosses, so none is
-a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too.
+a difference of large numbers: float32-level accuracy for |a| ~ 1e-6 too (those sums: mosaic_gpu_gates.gate_grad_sums,
+in XLA or one kernel).
 
 The intra-chunk kernels: one warpgroup per program, every product three bf16 wgmmas, the diagonals on the CUDA cores
 (C - 1 elementwise passes per chunk and direction); the "_stream" variants fetch their tiles two ahead. The
@@ -57,8 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from gateloop_jax.ops.kernel_util import pad_operands
-from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _window_sums, _wrap
-from gateloop_jax.ops.mosaic_gpu_gates import gate_factors
+from gateloop_jax.ops.mosaic_gpu_common import _IMPORT_ERROR, CHUNK, TILE, _einsum, _wrap
+from gateloop_jax.ops.mosaic_gpu_gates import gate_factors, gate_grad_sums
 from gateloop_jax.ops.mosaic_gpu_intra import VARIANTS, _backward_intra, _forward_intra, _split_variant
 from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
@@ -162,16 +163,13 @@ def _backward(q, k, v, lr, th, gates, s_re, s_im, dy, gf_re, gf_im, *, opts):
     #   dtheta_j = sum_{n >= j} (-q Im Dq + k Im Dk_intra)_n - sum_{m < j} (k Im Dk_F)_m + Re<E_end, i T H_start>.
     # The F terms enter only for keys before j (those whose path to the chunk end crosses step j): summed that way,
     # a key's own large term (F = 1 for the chunk's last row) is never added and then cancelled.
-    suffix = lambda z: _window_sums(chunks(z), 2, reverse=True)  # noqa: E731
-    prefix = lambda z: _window_sums(chunks(z), 2, inclusive=False)  # noqa: E731
-
+    # (gate_grad_sums: in XLA or one kernel.)
     th_re = t_re[..., None] * s_re - t_im[..., None] * s_im  # T H_start, (b, h, n, k, v)
     th_im = t_re[..., None] * s_im + t_im[..., None] * s_re
     start_g = jnp.transpose(jnp.sum(e_re * th_re + e_im * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
     start_p = jnp.transpose(jnp.sum(e_im * th_re - e_re * th_im, axis=-1), (0, 2, 1, 3))[:, :, None]
-    dlr = suffix(q * dq_off - k * dk_in) + prefix(k * dk_f) + start_g
-    dth = suffix(-q * xim + k * yim_in) - prefix(k * yim_f) + start_p
-    return dq, dk, dv, flat(dlr), flat(dth), dh0_re, dh0_im
+    dlr, dth = gate_grad_sums(q, k, dq_off, dk_in, dk_f, xim, yim_in, yim_f, interpret=opts[0])
+    return dq, dk, dv, flat(chunks(dlr) + start_g), flat(chunks(dth) + start_p), dh0_re, dh0_im
 
 
 def _padded(q, k, v, log_r, theta, h0re, h0im):
