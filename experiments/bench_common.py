@@ -363,6 +363,26 @@ def model_bench_parser(doc: str, *, json_name: str, dtype_help: str) -> argparse
     return p
 
 
+def kernel_part_parser(doc: str, *, json_name: str, forms: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags of the kernel_dev benches that time one part of mode mosaic_gpu by form (bench_gate_factors.py,
+    bench_backward_kernel.py): output, the shape (tokens, length; 8 heads of 64), repetitions, forms, --smoke."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
+    p.add_argument("--json", default=json_name, help="file name under --out")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--forms", default=",".join(forms))
+    p.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    return p
+
+
+def kernel_part_shape(args) -> tuple[int, int, int, int]:
+    """(batch, length, heads, d) of kernel_part_parser's flags: batch x length = tokens, 8 heads of 64; --smoke one
+    head, two chunks."""
+    return (1, 128, 1, 64) if args.smoke else (max(1, args.tokens // args.length), args.length, 8, 64)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Learned gates (kernel_dev/tame_fraction.py --save_gates) as benchmark inputs: --gates_file path.npz:layerN
 

@@ -16,7 +16,6 @@ registers and spills of each kernel it compiled, and its SASS instruction counts
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import glob
@@ -124,17 +123,10 @@ def kernel_fn(form, variant, interpret):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
-    ap.add_argument("--json", default="backward_kernel.json", help="file name under --out")
+    ap = bc.kernel_part_parser(__doc__, json_name="backward_kernel.json", forms=FORMS)
     ap.add_argument("--variant", default=pm.VARIANT)
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--forms", default=",".join(FORMS))
-    ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
     args = ap.parse_args(argv)
-    b, t, h, d = (1, 128, 1, 64) if args.smoke else (max(1, args.tokens // args.length), args.length, 8, 64)
+    b, t, h, d = bc.kernel_part_shape(args)
     os.makedirs(args.out, exist_ok=True)
     keys = jax.random.split(jax.random.key(0), 6)
     q, k, v, dy = (jax.random.normal(key, (b, t, h, d), jnp.float32) for key in keys[:4])

@@ -15,7 +15,6 @@ Writes <out>/<--json> (gate_factors.json): per form the median ms of one call, w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -86,16 +85,9 @@ def factors_fn(form, interpret):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernel_dev"))
-    ap.add_argument("--json", default="gate_factors.json", help="file name under --out")
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--forms", default=",".join(FORMS))
-    ap.add_argument("--smoke", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    ap = bc.kernel_part_parser(__doc__, json_name="gate_factors.json", forms=FORMS)
     args = ap.parse_args(argv)
-    b, t, h, d = (1, 128, 1, 64) if args.smoke else (max(1, args.tokens // args.length), args.length, 8, 64)
+    b, t, h, d = bc.kernel_part_shape(args)
     os.makedirs(args.out, exist_ok=True)
     key_r, key_p = jax.random.split(jax.random.key(0))
     lr = -jax.random.uniform(key_r, (b, t, h, d), jnp.float32, 0.0, 14.0)

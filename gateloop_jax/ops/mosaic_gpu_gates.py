@@ -130,6 +130,23 @@ def _window_bounds(windows):
     return [(float(after), -CHUNK if lo is None else lo, CHUNK if hi is None else hi) for after, lo, hi in windows]
 
 
+def _chunk_window(pid, h, n_chunks):
+    """window(ref): the (64 rows, 64 columns) window of a (b, t, h, d) array for program pid (of batch x head x chunk)
+    and this program's d_qk tile."""
+    bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
+    cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
+    return lambda ref: ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols]
+
+
+def _row_indices(wg):
+    """(out_row, in_row, one, zero): a window matrix's row and column indices and its two values, in the WGMMA
+    layout."""
+    return (plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg),
+            plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg),
+            plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg),
+            plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg))
+
+
 def _pick(i, values):
     """values[i] for a traced index i (the windows' loop) as a chain of selects."""
     out = values[-1]
@@ -156,12 +173,7 @@ def _gates_kernel(lr_ref, th_ref, *refs, h, n_chunks, sub, io, per_program, loop
 def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_chunks, windows, io, loop):
     """_gates_kernel's work for the chunk pid (of batch x head x chunk)."""
     wg = plgpu.Layout.WGMMA
-    bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
-    cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
-
-    def window(ref):
-        return ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols]
-
+    window = _chunk_window(pid, h, n_chunks)
     gates = (lr_ref, th_ref)
     if io == "tma":
         for slot, ref in enumerate(gates):
@@ -184,10 +196,7 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(staging[i % 2], window(outs[i]))
 
-    out_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg)
-    in_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg)
-    one = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg)
-    zero = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg)
+    out_row, in_row, one, zero = _row_indices(wg)
 
     def sums(acc_r, acc_p):
         for part in parts[:3]:
@@ -289,17 +298,12 @@ def _gate_grads_kernel(q_ref, k_ref, dq_ref, dkin_ref, dkf_ref, xim_ref, yimin_r
     parts of each sum's terms, dlog|a| then darg a, one accumulator each."""
     suffix, prefix, *parts = refs
     wg = plgpu.Layout.WGMMA
-    pid = jax.lax.axis_index("bhc")
-    bi, hi, j = pid // (h * n_chunks), (pid // n_chunks) % h, pid % n_chunks
-    cols = pl.ds(jax.lax.axis_index("dk") * TILE, TILE)
+    window = _chunk_window(jax.lax.axis_index("bhc"), h, n_chunks)
 
     def tile(ref):
-        return plgpu.load(ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols], layout=wg, optimized=False)
+        return plgpu.load(window(ref), layout=wg, optimized=False)
 
-    out_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wg)
-    in_row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wg)
-    one = plgpu.layout_cast(jnp.ones((CHUNK, CHUNK), jnp.float32), wg)
-    zero = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg)
+    out_row, in_row, one, zero = _row_indices(wg)
     # s >= c (from the row on) and s < c (the rows before): the windows of the query-side and key-side terms.
     suffix[...] = jnp.where(in_row >= out_row, one, zero).astype(jnp.bfloat16)
     prefix[...] = jnp.where(in_row < out_row, one, zero).astype(jnp.bfloat16)
@@ -321,7 +325,7 @@ def _gate_grads_kernel(q_ref, k_ref, dq_ref, dkin_ref, dkf_ref, xim_ref, yimin_r
             plgpu.wgmma_wait(0)
             return acc[...]
 
-        out_ref.at[bi, pl.ds(j * CHUNK, CHUNK), hi, cols][...] = pl.run_scoped(
+        window(out_ref)[...] = pl.run_scoped(
             sums, plgpu.ACC((CHUNK, TILE), jnp.float32))
 
 
