@@ -40,7 +40,7 @@ $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/l
 if want accuracy; then
     log "accuracy"
     timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" \
-        --variants padded_subblock_stream \
+        --variants "$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')" \
         --rest "${ACCURACY_REST:-32:96,256:64,96:96,128:128,256:256}" --budget_s 120 --bench_length 0 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi
