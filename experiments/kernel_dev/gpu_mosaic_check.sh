@@ -22,6 +22,8 @@
 #   PARTS=gate_grads OUT=... bash ...      # the backward's gate-gradient sums by kernel and by XLA in the op, then the
 #                                          # op's accuracy with the kernel (~3 minutes)
 #   PARTS=backward_kernel OUT=... bash ... # the backward kernel alone, whole and by part, with ptxas (~3 minutes)
+#   PARTS=opt_in OUT=... bash ...          # the "_paired" variant and the gate-gradient-sums kernel beside the default:
+#                                          # device time per kernel, then their accuracy (~6 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench train}
@@ -207,6 +209,25 @@ if want gate_grads; then
     timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
         --variants padded_subblock_stream_rolled --rest '' --bench_length 0 --budget_s 70 \
         --out "$OUT/gate_grads_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 | tee -a "$OUT/log.txt"
+fi
+
+# (1l) The opt-in forms beside the default in one call (~6 minutes): the "_paired" variant's device time per kernel
+# (with the compiled HLO, which names XLA's fusions), the default with the gate-gradient-sums kernel, then the
+# paired variant's accuracy with that kernel at d = 32 and 64.
+if want opt_in; then
+    default=$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')
+    log "opt-in: $default beside ${default}_paired, device time per kernel"
+    timeout 170 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json mosaic_trace_L8192_paired.json \
+        --variants "$default,${default}_paired" --length 8192 --hlo > "$OUT/trace_paired.txt" 2>&1
+    grep -A14 "ms of device" "$OUT/trace_paired.txt" | tee -a "$OUT/log.txt"
+    log "opt-in: $default with the gate-gradient-sums kernel"
+    timeout 100 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json mosaic_trace_L8192_grads_kernel.json \
+        --variants "$default" --length 8192 --gate_grad_sums kernel > "$OUT/trace_grads_kernel.txt" 2>&1
+    grep -A14 "ms of device" "$OUT/trace_grads_kernel.txt" | tee -a "$OUT/log.txt"
+    log "opt-in: accuracy of ${default}_paired with the gate-gradient-sums kernel"
+    timeout 100 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel --variants "${default}_paired" \
+        --rest '' --bench_length 0 --budget_s 80 --out "$OUT/opt_in_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 \
+        | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
