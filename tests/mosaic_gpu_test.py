@@ -337,13 +337,16 @@ def test_gate_grad_sums_match_float64(method):
 
 
 @needs_mosaic
-def test_op_with_gate_grad_sums_kernel(monkeypatch):
-    """The op (y, final state, every gradient) against the float64 oracle with the gate-gradient sums by the kernel
-    (mosaic_gpu_gates.GATE_GRAD_SUMS): all four gate regimes, three chunks, a carried state; and it lowers for CUDA."""
+def test_op_with_gate_grad_sums_by_each_method(monkeypatch):
+    """The op (y, final state, every gradient) against the float64 oracle with the gate-gradient sums by XLA (the
+    kernel is the default, which the other op tests cover): all four gate regimes, three chunks, a carried state; and
+    with the default, the kernel is in what the op lowers to for CUDA."""
     from gateloop_jax.ops import mosaic_gpu_gates
 
-    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "kernel")
+    assert mosaic_gpu_gates.GATE_GRAD_SUMS == "kernel"
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "xla")
     _check(_inputs(np.random.default_rng(17), 4, 131, 1, 32, 32))
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "kernel")
     q = jnp.zeros((1, 64, 1, 32), jnp.float32)
 
     def grads(q, lr):

@@ -4,7 +4,8 @@
 # part does not stop the next. accuracy + bench take about 8 minutes; give "train" a call of its own.
 #
 #   OUT=/tmp/out bash experiments/kernel_dev/gpu_mosaic_check.sh        # on the device: run(command=..., timeout_s=600)
-#   PARTS="accuracy bench" OUT=... bash ... # a subset of accuracy, bench, train, subblock (train alone: about 7 minutes)
+#   PARTS="accuracy bench" OUT=... bash ... # a subset of accuracy, bench (d = 64, L <= 32768), bench_more (L = 65536,
+#                                          # d = 128), train (alone: about 7 minutes), ...
 #   PARTS=subblock OUT=... bash ...        # the "_subblock" variant beside "padded": accuracy at d = 32, 64, op benchmark
 #   PARTS=subblock_widths OUT=... bash ... # the "_subblock" variant's accuracy at the other widths
 #   PARTS=profile OUT=... bash ...         # per-stage times (kernels vs XLA) of the default, the state-pass kernel and the sub-block variant
@@ -26,7 +27,7 @@
 #                                          # device time per kernel, then their accuracy (~6 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
-PARTS=${PARTS:-accuracy bench train}
+PARTS=${PARTS:-accuracy bench bench_more train}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT=${OUT:-experiments/results/mosaic_gpu}
 PY=${PY:-python3}
@@ -205,8 +206,9 @@ if want gate_grads; then
             --gate_grad_sums $method > "$OUT/trace_grads_$method.txt" 2>&1
         grep -A10 "ms of device" "$OUT/trace_grads_$method.txt" | tee -a "$OUT/log.txt"
     done
-    log "gate-gradient sums: accuracy with the kernel"
-    timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
+    # The accuracy part checks the default (the kernel) at every width; otherwise d = 32 and 64 here.
+    want accuracy || log "gate-gradient sums: accuracy with the kernel"
+    want accuracy || timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
         --variants padded_subblock_stream_rolled --rest '' --bench_length 0 --budget_s 70 \
         --out "$OUT/gate_grads_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 | tee -a "$OUT/log.txt"
 fi
@@ -248,6 +250,9 @@ if want bench; then
     log "bench d=64"
     timeout 120 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64.json "${common[@]}" --passes fwdbwd,fwd \
         --lengths 1024,8192,32768 --budget_s 100 2>&1 | tail -30 | tee -a "$OUT/log.txt"
+fi
+# (2') The op at L = 65536 (batch 1) and at heads of 128.
+if want bench_more; then
     log "bench d=64 L=65536"
     timeout 55 $PY experiments/bench_modes.py --out "$OUT" --json modes_d64_L65536.json "${common[@]}" \
         --lengths 65536 --tokens 65536 --budget_s 40 2>&1 | tail -15 | tee -a "$OUT/log.txt"
