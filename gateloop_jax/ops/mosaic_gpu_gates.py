@@ -266,7 +266,7 @@ def _factors_kernel(lr, th, *, sub, interpret, approx_math=None, io=None, per_pr
 # gemm and a transpose back around its producers); "kernel" (_gate_grad_sums_kernel) reads the eight arrays they are
 # made of once and sums on the tensor cores as above. Timed in the op by trace_mosaic_gpu.py --gate_grad_sums.
 GATE_GRAD_SUM_METHODS = ("kernel", "xla")
-GATE_GRAD_SUMS = "kernel"
+GATE_GRAD_SUMS = "xla"
 
 
 def gate_grad_sums(q, k, dq, dk_in, dk_f, xim, yim_in, yim_f, *, interpret, method=None):
