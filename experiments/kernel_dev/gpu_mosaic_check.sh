@@ -23,8 +23,8 @@
 #   PARTS=gate_grads OUT=... bash ...      # the backward's gate-gradient sums by kernel and by XLA in the op, then the
 #                                          # op's accuracy with the kernel (~3 minutes)
 #   PARTS=backward_kernel OUT=... bash ... # the backward kernel alone, whole and by part, with ptxas (~3 minutes)
-#   PARTS=opt_in OUT=... bash ...          # the "_paired" variant and the gate-gradient-sums kernel beside the default:
-#                                          # device time per kernel, then their accuracy (~6 minutes)
+#   PARTS=opt_in OUT=... bash ...          # the "_paired" variant beside the default: device time per kernel, with the
+#                                          # HLO, then its accuracy with the gate-gradient-sums kernel (~5 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
 set -u
 PARTS=${PARTS:-accuracy bench bench_more train}
@@ -37,13 +37,14 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
 
 log "device"; nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee -a "$OUT/log.txt"
 $PY -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee -a "$OUT/log.txt"
+DEFAULT_VARIANT=$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')
 
 # (1) y, final state and every gradient against the float64 oracle at every width, real GPU lowering, the default
 # kernel variant (check_mosaic_gpu.py --variants padded,dense,swizzled,padded_exact compares the variants).
 if want accuracy; then
     log "accuracy"
     timeout 150 $PY experiments/kernel_dev/check_mosaic_gpu.py --out "$OUT/mosaic_accuracy.json" \
-        --variants "$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')" \
+        --variants "$DEFAULT_VARIANT" \
         --rest "${ACCURACY_REST:-32:96,256:64,96:96,128:128,256:256}" --budget_s 120 --bench_length 0 2>&1 \
         | grep -v '^ ' | tail -40 | tee -a "$OUT/log.txt"
 fi
@@ -202,33 +203,28 @@ if want gate_grads; then
     for method in kernel xla; do
         log "gate-gradient sums: $method"
         timeout 100 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json "mosaic_trace_L8192_grads_$method.json" \
-            --variants "$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')" --length 8192 \
+            --variants "$DEFAULT_VARIANT" --length 8192 \
             --gate_grad_sums $method > "$OUT/trace_grads_$method.txt" 2>&1
         grep -A10 "ms of device" "$OUT/trace_grads_$method.txt" | tee -a "$OUT/log.txt"
     done
     log "gate-gradient sums: accuracy with the kernel"
     timeout 90 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
-        --variants padded_subblock_stream_rolled --rest '' --bench_length 0 --budget_s 70 \
+        --variants "$DEFAULT_VARIANT" --rest '' --bench_length 0 --budget_s 70 \
         --out "$OUT/gate_grads_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 | tee -a "$OUT/log.txt"
 fi
 
-# (1l) The opt-in forms beside the default in one call (~6 minutes): the "_paired" variant's device time per kernel
-# (with the compiled HLO, which names XLA's fusions), the default with the gate-gradient-sums kernel, then the
-# paired variant's accuracy with that kernel at d = 32 and 64.
+# (1l) The opt-in "_paired" variant beside the default (~5 minutes): device time per kernel (with the compiled HLO,
+# which names XLA's fusions), then its accuracy with the gate-gradient-sums kernel (timed by the gate_grads part) at
+# d = 32 and 64.
 if want opt_in; then
-    default=$($PY -c 'from gateloop_jax.ops import pallas_mosaic_gpu as p; print(p.VARIANT)')
-    log "opt-in: $default beside ${default}_paired, device time per kernel"
+    log "opt-in: $DEFAULT_VARIANT beside ${DEFAULT_VARIANT}_paired, device time per kernel"
     timeout 170 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json mosaic_trace_L8192_paired.json \
-        --variants "$default,${default}_paired" --length 8192 --hlo > "$OUT/trace_paired.txt" 2>&1
+        --variants "$DEFAULT_VARIANT,${DEFAULT_VARIANT}_paired" --length 8192 --hlo > "$OUT/trace_paired.txt" 2>&1
     grep -A14 "ms of device" "$OUT/trace_paired.txt" | tee -a "$OUT/log.txt"
-    log "opt-in: $default with the gate-gradient-sums kernel"
-    timeout 100 $PY experiments/kernel_dev/trace_mosaic_gpu.py --out "$OUT" --json mosaic_trace_L8192_grads_kernel.json \
-        --variants "$default" --length 8192 --gate_grad_sums kernel > "$OUT/trace_grads_kernel.txt" 2>&1
-    grep -A14 "ms of device" "$OUT/trace_grads_kernel.txt" | tee -a "$OUT/log.txt"
-    log "opt-in: accuracy of ${default}_paired with the gate-gradient-sums kernel"
-    timeout 100 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel --variants "${default}_paired" \
-        --rest '' --bench_length 0 --budget_s 80 --out "$OUT/opt_in_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 \
-        | tee -a "$OUT/log.txt"
+    log "opt-in: accuracy of ${DEFAULT_VARIANT}_paired with the gate-gradient-sums kernel"
+    timeout 100 $PY experiments/kernel_dev/check_mosaic_gpu.py --gate_grad_sums kernel \
+        --variants "${DEFAULT_VARIANT}_paired" --rest '' --bench_length 0 --budget_s 80 \
+        --out "$OUT/opt_in_accuracy.json" 2>&1 | grep -v '^ ' | tail -12 | tee -a "$OUT/log.txt"
 fi
 
 # (1d) Device time per kernel, fwd+bwd through the public op (trace_mosaic_gpu.py), at L = 1024 and 8192.
