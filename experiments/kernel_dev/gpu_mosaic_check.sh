@@ -26,6 +26,8 @@
 #   PARTS=opt_in OUT=... bash ...          # the "_paired" variant beside the default: device time per kernel, with the
 #                                          # HLO, then its accuracy with the gate-gradient-sums kernel (~5 minutes)
 #   ACCURACY_REST=256:256,32:96 ...          # the widths checked after d = 32 and 64 (check_mosaic_gpu.py --rest)
+#   PACK=1 ...                             # at the end, everything the parts wrote as one $OUT/results.tgz (the
+#                                          # device returns at most 8 files from $OUT; the parts write more)
 set -u
 PARTS=${PARTS:-accuracy bench bench_more train}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -269,3 +271,7 @@ if want train; then
         --matmul_n 0 2>&1 | tail -20 | tee -a "$OUT/log.txt"
 fi
 log "done"
+if [[ "${PACK:-0}" == 1 ]]; then
+    tar czf /tmp/gpu_mosaic_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+        && mv /tmp/gpu_mosaic_results.tgz "$OUT/results.tgz" && echo "packed into $OUT/results.tgz"
+fi
