@@ -23,6 +23,8 @@ from pallas_test import _oracle_grads_with_final
 from gateloop_jax import ops
 from gateloop_jax.ops import pallas_mosaic_gpu as pm
 
+_KERNEL_DEV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "kernel_dev")
+
 needs_mosaic = pytest.mark.skipif(pm.unavailable_reason() is not None, reason=str(pm.unavailable_reason()))
 
 # The issue's accuracy target (float32 inputs): relative error < 1e-4 for y, the final state and every gradient. The
@@ -304,6 +306,34 @@ def test_gate_factors_match_float64_window_sums(method):
     assert np.max(np.abs(np.asarray(g.t_re) + 1j * np.asarray(g.t_im) - want)) < 1e-5
 
 
+def test_gate_factor_kernel_is_exact_on_empty_windows(monkeypatch):
+    """An empty window (F at a chunk's last row, Q_1 at a sub-block's last row) carries a whole k^T v term undecayed,
+    so its factor must be exactly 1 + 0i: with |a| ~ 1e-6 the end state's imaginary part is itself ~1e-6 and an
+    approximate sin(0) would be a relative error of ~0.2 there. Checked with the special-function units' documented
+    error (experiments/kernel_dev/approx_math_model.py) put into the kernel's e^{.}, cos and sin: every empty window
+    exact, every other factor within the model's error (so the error really is in place)."""
+    if pm.unavailable_reason() is not None:
+        pytest.skip(str(pm.unavailable_reason()))
+    monkeypatch.syspath_prepend(_KERNEL_DEV)
+    import approx_math_model
+    from gateloop_jax.ops import mosaic_gpu_gates
+    from gateloop_jax.ops.mosaic_gpu_common import _wrap
+
+    monkeypatch.setattr(mosaic_gpu_gates, "_polar", functools.partial(approx_math_model.polar_with_unit_errors,
+                                                                      scale=1.0))
+    _, _, _, log_r, theta, _, _, _ = _inputs(np.random.default_rng(6), 2, 64, 1, 64, 64)
+    lr, th = jnp.asarray(log_r), _wrap(jnp.asarray(theta))
+    g = mosaic_gpu_gates.gate_factors(lr, th, sub=True, interpret=True, method="kernel")
+    last_row, last_of_sub_block = np.arange(64) == 63, np.arange(64) % 16 == 15
+    for (real, imag), empty in ((g[2:4], last_row), (g.sub[2:4], last_of_sub_block)):
+        real, imag = np.asarray(real), np.asarray(imag)
+        np.testing.assert_array_equal(real[:, empty], 1.0)
+        np.testing.assert_array_equal(imag[:, empty], 0.0)
+    p_err = np.abs(np.asarray(g.p_re) + 1j * np.asarray(g.p_im) - np.exp(
+        np.cumsum(np.asarray(lr, np.float64), 1) + 1j * np.cumsum(np.asarray(th, np.float64), 1)))
+    assert 0 < np.max(p_err) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["kernel", "xla"])
 def test_gate_grad_sums_match_float64(method):
     """mosaic_gpu_gates.gate_grad_sums (the backward's per-row sums of the gate gradients' terms: from the row to the
@@ -502,8 +532,7 @@ def test_trace_script_runs_at_its_smoke_size(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import trace_mosaic_gpu
 
     from gateloop_jax.ops import mosaic_gpu_common, mosaic_gpu_gates
@@ -532,8 +561,7 @@ def test_backward_kernel_bench_runs_at_its_smoke_size(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import bench_backward_kernel
 
     from gateloop_jax.ops import mosaic_gpu_intra
@@ -553,8 +581,7 @@ def test_gate_factors_bench_runs_at_its_smoke_size(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import bench_gate_factors
 
     from gateloop_jax.ops import mosaic_gpu_gates
@@ -590,8 +617,7 @@ def test_kernel_code_size_counts_each_kernel(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import kernel_code_size
 
     sizes = {}
@@ -611,8 +637,7 @@ def test_ptxas_report_reads_registers_and_spills_per_kernel(tmp_path):
     name registers and spills and the resource summary; the PTX and the other lines are left out."""
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import ptxas_report
 
     (tmp_path / "gateloop_backward_kernel_3.ptxas").write_text(
@@ -634,8 +659,7 @@ def test_window_sums_bench_runs_at_its_smoke_size(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import bench_window_sums
     from gateloop_jax.ops.mosaic_gpu_common import WINDOW_SUM_METHODS
 
@@ -652,8 +676,7 @@ def test_profile_script_times_every_stage_of_a_variant(tmp_path):
     import json
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                    "kernel_dev"))
+    sys.path.insert(0, _KERNEL_DEV)
     import profile_mosaic_gpu
 
     profile_mosaic_gpu.main(["--smoke", "--variants", "padded_subblock", "--out", str(tmp_path)])

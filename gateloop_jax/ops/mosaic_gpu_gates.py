@@ -147,6 +147,18 @@ def _row_indices(wg):
             plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), wg))
 
 
+def _polar_exact_at_zero(log_magnitude, phase, one, zero):
+    """_polar, with exactly 1 + 0i where both sums are 0 (an empty window: F at a chunk's last row, Q_d at a sub-block's
+    last rows). The special-function units promise only ~1e-6 absolute for cos and sin, and that error would multiply
+    a whole undecayed k^T v term: with |a| ~ 1e-6 the imaginary part of the end state is itself ~1e-6, so an
+    approximate sin(0) alone would be a relative error of ~0.2 there (an error model of the units on CPU, experiments/
+    kernel_dev/approx_math_model.py)."""
+    re, im = _polar(log_magnitude, phase)
+    at_zero = log_magnitude == 0
+    return (jnp.where(at_zero, jnp.where(phase == 0, one, re), re),
+            jnp.where(at_zero, jnp.where(phase == 0, zero, im), im))
+
+
 def _pick(i, values):
     """values[i] for a traced index i (the windows' loop) as a chain of selects."""
     out = values[-1]
@@ -210,7 +222,7 @@ def _gates_chunk(pid, lr_ref, th_ref, outs, ones, parts, staging, bars, *, h, n_
         ones[...] = _window_matrix(out_row, in_row, one, zero, *bounds).astype(jnp.bfloat16)
         plgpu.commit_smem()  # the matrix (and, the first time, the parts) visible to the tensor cores
         s_r, s_p = pl.run_scoped(sums, *(plgpu.ACC((CHUNK, TILE), jnp.float32) for _ in range(2)))
-        return _polar(s_r, _wrap(s_p))
+        return _polar_exact_at_zero(s_r, _wrap(s_p), one, zero)
 
     bounds = _window_bounds(windows)
     if loop == "unrolled":
