@@ -367,13 +367,16 @@ def test_gate_grad_sums_match_float64(method):
 
 
 @needs_mosaic
-def test_op_with_gate_grad_sums_kernel(monkeypatch):
-    """The op (y, final state, every gradient) against the float64 oracle with the gate-gradient sums by the kernel
-    (mosaic_gpu_gates.GATE_GRAD_SUMS): all four gate regimes, three chunks, a carried state; and it lowers for CUDA."""
+def test_op_with_gate_grad_sums_by_each_method(monkeypatch):
+    """The op (y, final state, every gradient) against the float64 oracle with the gate-gradient sums by XLA (the
+    kernel is the default, which the other op tests cover): all four gate regimes, three chunks, a carried state; and
+    with the default, the kernel is in what the op lowers to for CUDA."""
     from gateloop_jax.ops import mosaic_gpu_gates
 
-    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "kernel")
+    assert mosaic_gpu_gates.GATE_GRAD_SUMS == "kernel"
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "xla")
     _check(_inputs(np.random.default_rng(17), 4, 131, 1, 32, 32))
+    monkeypatch.setattr(mosaic_gpu_gates, "GATE_GRAD_SUMS", "kernel")
     q = jnp.zeros((1, 64, 1, 32), jnp.float32)
 
     def grads(q, lr):
@@ -626,7 +629,8 @@ def test_kernel_code_size_counts_each_kernel(tmp_path):
                                "--gates_form", form])
         records = json.loads((tmp_path / f"{form}.json").read_text())["kernels"]
         assert {r["kernel"].split("_mosaic")[0] for r in records} == {
-            "gateloop_gate_factors", "gateloop_forward_kernel", "gateloop_backward_kernel", "gateloop_state_pass"}
+            "gateloop_gate_factors", "gateloop_forward_kernel", "gateloop_backward_kernel", "gateloop_state_pass",
+            "gateloop_gate_grad_sums"}
         sizes[form] = next(r for r in records if r["kernel"].startswith("gateloop_gate_factors"))
     assert sizes["kernel"]["mlir_lines"] < 0.7 * sizes["kernel_unrolled"]["mlir_lines"]
     assert 6 * sizes["kernel"]["precise_transcendentals"] == sizes["kernel_unrolled"]["precise_transcendentals"] > 0

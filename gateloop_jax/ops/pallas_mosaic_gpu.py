@@ -65,15 +65,15 @@ from gateloop_jax.ops.mosaic_gpu_state_pass import _state_pass
 
 MIN_JAX = (0, 11)
 # The default variant: sub-blocks, tiles fetched two ahead, the serial state-pass kernel, the backward's products
-# across sub-blocks in a loop. On an H100 (experiments/results/mosaic_gpu_h100/, jax 0.11.2) the same kernels with the
-# products written out and XLA's gate factors matched the float64 oracle at d_qk = d_v = 32, 64, 96, 128 and 256 and
-# at the mixed pairs (32, 96) and (256, 64), in all four gate regimes (worst relative error 6.3e-5 over y, the final
-# state and every gradient); the rolled products at 32 and 64 (4.8e-5). Their fwd+bwd at 32768 tokens x 8 heads of 64
-# (bf16) was 11.4-11.8 ms at L = 1024 to 32768 and 22.1 at 65536 (batch 1), against 6.2-6.5 / 12.4 for the Triton
-# kernel and 1.5-2.7 / 4.0 for jax-linear-attention's real-gated GLA in the same run; at heads of 128, 23.8 ms against
-# 38.6 for the Triton kernel. The rolled products and the gate-factor kernel (mosaic_gpu_gates) each cut the device
-# time at L = 8192 (10.74 ms) by 0.61 and 1.57 ms. So mode="auto" keeps the Triton kernel for heads up to 64 and picks
-# this one on Hopper only for wider heads, where the alternative is "chunked" (dispatch.resolve_mode).
+# across sub-blocks in a loop. On an H100 (experiments/results/mosaic_gpu_h100/gate_kernels/, jax 0.11.2), with the
+# gate-factor kernel, it matched the float64 oracle at d_qk = d_v = 32, 64, 96, 128 and 256 and at the mixed pairs
+# (32, 96) and (256, 64), in all four gate regimes: worst relative error 6.2e-5 over y, the final state and every
+# gradient (with the gate-gradient-sums kernel too, checked at 32 and 64: 4.8e-5). Its fwd+bwd at 32768 tokens x 8
+# heads of 64 (bf16) was 8.65, 9.14 and 9.29 ms at L = 1024, 8192 and 32768, against 5.53-6.27 for the Triton kernel
+# and 1.31-2.03 for jax-linear-attention's real-gated GLA in the same run. So mode="auto" keeps the Triton kernel for
+# heads up to 64 and picks this one on Hopper only for wider heads, where it was faster than the Triton kernel (23.8
+# ms against 38.6 at heads of 128, an earlier form of these kernels) and the alternative is "chunked"
+# (dispatch.resolve_mode).
 VARIANT = "padded_subblock_stream_rolled"
 
 
