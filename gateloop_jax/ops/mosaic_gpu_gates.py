@@ -148,8 +148,8 @@ def _row_indices(wg):
 
 
 def _polar_exact_at_zero(log_magnitude, phase, one, zero):
-    """_polar, with exactly 1 + 0i where both sums are 0 (an empty window: F at a chunk's last row, Q_d at a sub-block's
-    last rows). The special-function units promise only ~1e-6 absolute for cos and sin, and that error would multiply
+    """_polar, with exactly 1 + 0i where both sums are 0 (an empty window: F at a chunk's last row, Q_1 at a sub-block's
+    last row). The special-function units promise only ~1e-6 absolute for cos and sin, and that error would multiply
     a whole undecayed k^T v term: with |a| ~ 1e-6 the imaginary part of the end state is itself ~1e-6, so an
     approximate sin(0) alone would be a relative error of ~0.2 there (an error model of the units on CPU, experiments/
     kernel_dev/approx_math_model.py)."""
