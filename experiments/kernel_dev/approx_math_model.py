@@ -8,9 +8,9 @@ for ex2.approx / sin.approx / cos.approx, in Mosaic GPU's interpret mode (which 
 The arguments are check_mosaic_gpu.py's. The model: e^x with relative error 2^-22 (ex2.approx) plus |x| 2^-24 (x
 rounded when scaled by log2 e), cos and sin with absolute error 2^-20.9 on [-pi, pi], each of either sign by a
 deterministic hash of its argument, at every argument (0 included: PTX promises no exact values). The chunk totals,
-which XLA forms exactly on the GPU, take the same error here: the model is the stricter for it. ERROR_SCALE
-multiplies both bounds. The interpret mode also computes the intra-chunk kernels' transcendentals exactly; their
-approximations were measured on the H100 (experiments/perf_notes.md), the gate factors' are what this models.
+which XLA forms exactly on the GPU, take the same error here: the model is the stricter for it. The interpret mode
+also computes the intra-chunk kernels' transcendentals exactly; their approximations were measured on the H100
+(experiments/perf_notes.md), the gate factors' are what this models.
 """
 
 from __future__ import annotations
@@ -20,20 +20,17 @@ import sys
 
 import jax.numpy as jnp
 
-ERROR_SCALE = float(os.environ.get("ERROR_SCALE", "1"))
-
 
 def _sign(x, salt):
     """+-1 per element, a deterministic hash of x."""
     return jnp.where(jnp.sin(x * 12345.678 + salt) >= 0, 1.0, -1.0)
 
 
-def polar_with_unit_errors(log_magnitude, phase, scale=None):
+def polar_with_unit_errors(log_magnitude, phase):
     """mosaic_gpu_common._polar with the special-function units' documented worst-case error added."""
-    scale = ERROR_SCALE if scale is None else scale
-    rel = (2.0 ** -22 + jnp.abs(log_magnitude) * 2.0 ** -24) * scale
+    rel = 2.0 ** -22 + jnp.abs(log_magnitude) * 2.0 ** -24
     magnitude = jnp.exp(log_magnitude) * (1 + rel * _sign(log_magnitude, 0.3))
-    err = 2.0 ** -20.9 * scale
+    err = 2.0 ** -20.9
     return (magnitude * (jnp.cos(phase) + err * _sign(phase, 1.7)),
             magnitude * (jnp.sin(phase) + err * _sign(phase, 2.9)))
 
